@@ -1,0 +1,46 @@
+# bmi: two commands do everything on a fresh Debian 12 machine (as root):
+#   make demo   - install what is missing, build, and show a measured PD run
+#   make test   - the same set-up, then the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DEB_PACKAGES := gcc make pkg-config python3-venv python3-dev libssl-dev \
+	libtss2-dev swtpm swtpm-tools tpm2-tools busybox-static cpio bubblewrap openssl
+STAMP  := $(VENV)/.installed
+
+.PHONY: all deps venv demo test bench clean
+
+all: venv
+
+# Install only the Debian packages that are missing (apt is slow even when
+# there is nothing to do).
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		if [ "$$(id -u)" != 0 ]; then echo "run as root (or install: $$missing)" >&2; exit 1; fi; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h bmi/_build/*.py) | deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: deps $(STAMP)
+
+demo: venv
+	$(VENV)/bin/bmi info
+	$(PY) examples/demo.py
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) bench/spawn.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info bmi/*.so bmi/_*_cffi.c tests/.build

@@ -1,0 +1,1 @@
+"""Linux driver: a PD is an isolated process tree."""

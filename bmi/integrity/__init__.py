@@ -1,0 +1,1 @@
+"""Integrity: measurement, TPM link, quotes, verification, sealing, event log."""
