@@ -1,0 +1,588 @@
+"""cgroups for PDs: one group per PD in every hierarchy that carries a
+controller we need, on cgroup v1 (legacy or hybrid) and v2 (unified).
+
+Groups are nested under the cgroup *this process* is in (read from
+/proc/self/cgroup for each hierarchy), so limits stack under whatever the
+manager itself is confined to and a delegated subtree is enough.
+
+Layouts handled:
+- v1 / hybrid: a group in each v1 hierarchy carrying cpu, cpuset, memory,
+  freezer or pids, plus one in the v2 tree when it is mounted and writable,
+  because v2's cgroup.freeze and cgroup.kill are race-free even without
+  controllers.
+- v2: one group `<own>/<name>`; the controllers it needs are enabled in
+  `<own>/cgroup.subtree_control`.  The kernel refuses that (EBUSY) while
+  `<own>` holds processes and is not the root; an intermediate level would
+  not help, so that case is a ResourceError that explains delegation.
+
+A controller that is not available (not mounted on v1, not delegated on v2)
+makes only the calls that need it fail, with NotSupported saying why.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+
+from bmi.errors import (DriverUnavailable, InvalidArgument, InvalidState,
+                        NotSupported, ResourceError)
+
+__all__ = ["cgroup_version", "describe", "PDCgroups", "UNLIMITED"]
+
+UNLIMITED = 2**63 - 1
+"""What memory_max() returns when no limit is set."""
+
+_V1_CONTROLLERS = frozenset({"cpu", "cpuset", "memory", "freezer", "pids"})
+_V2_CONTROLLERS = frozenset({"cpu", "cpuset", "memory", "pids"})
+_V1_UNLIMITED = 2**63 - 4096      # v1 shows "no limit" as LONG_MAX rounded to pages
+_CFS_PERIOD_US = 100_000
+_CFS_MIN_QUOTA_US = 1_000         # the kernel refuses smaller quotas
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+
+
+@dataclass(frozen=True)
+class _Tree:
+    """One mounted cgroup hierarchy as this process sees it."""
+    version: int
+    mount: str
+    own: str                        # absolute path of this process's cgroup in it
+    controllers: frozenset[str]     # the ones PD groups get from this tree
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One directory made for a PD."""
+    version: int
+    path: str
+    controllers: frozenset[str]
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path: str, value: str) -> None:
+    """One write(2), so the kernel's errno reaches the caller unbuffered."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _keyed(text: str) -> dict[str, str]:
+    """Parse 'key value' lines (memory.events, cgroup.events, oom_control)."""
+    return dict(line.split(None, 1) for line in text.splitlines() if " " in line)
+
+
+def _cpu_list(text: str) -> list[int]:
+    """'0-2,5' -> [0, 1, 2, 5]."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def _own_dir(mount: str, mount_root: str, path: str) -> str | None:
+    """Where this process's cgroup `path` is under a mount of `mount_root`,
+    or None when that mount does not show it (bind of another subtree, or a
+    cgroup namespace we are outside of)."""
+    if mount_root != "/":
+        if path != mount_root and not path.startswith(mount_root + "/"):
+            return None
+        path = path[len(mount_root):]
+    if path.startswith("/.."):
+        return None
+    return os.path.join(mount, path.lstrip("/"))
+
+
+def _layout() -> list[_Tree]:
+    """The hierarchies PD groups go into: v1 ones first, then v2."""
+    try:
+        own_v1: dict[str, str] = {}
+        own_v2: str | None = None
+        for line in _read("/proc/self/cgroup").splitlines():
+            hid, ctls, path = line.split(":", 2)
+            if hid == "0" and not ctls:
+                own_v2 = path
+            else:
+                own_v1.update(dict.fromkeys(ctls.split(","), path))
+        mountinfo = _read("/proc/self/mountinfo").splitlines()
+    except OSError as e:
+        raise DriverUnavailable(f"find this process's cgroups: {e}") from e
+    trees: list[_Tree] = []
+    v2: _Tree | None = None
+    seen: set[frozenset[str]] = set()
+    for line in mountinfo:
+        fields = line.split()
+        sep = fields.index("-")
+        fstype, root, mount = fields[sep + 1], _unescape(fields[3]), _unescape(fields[4])
+        if fstype == "cgroup":
+            ctls = frozenset(fields[sep + 3].split(",")) & _V1_CONTROLLERS
+            path = own_v1.get(next(iter(ctls))) if ctls else None
+            own = _own_dir(mount, root, path) if path is not None else None
+            if own and ctls not in seen:
+                seen.add(ctls)
+                trees.append(_Tree(1, mount, own, ctls))
+        elif fstype == "cgroup2" and v2 is None and own_v2 is not None:
+            own = _own_dir(mount, root, own_v2)
+            if own:
+                try:
+                    offered = frozenset(_read(os.path.join(own, "cgroup.controllers")).split())
+                except OSError:
+                    offered = frozenset()
+                v2 = _Tree(2, mount, own, offered & _V2_CONTROLLERS)
+    return trees + ([v2] if v2 else [])
+
+
+def cgroup_version() -> int:
+    """1 when any controller we use lives in a v1 hierarchy (legacy or
+    hybrid), 2 on a unified-only host."""
+    trees = _layout()
+    if any(t.version == 1 for t in trees):
+        return 1
+    if trees:
+        return 2
+    raise DriverUnavailable("cgroups: no cgroup or cgroup2 filesystem is mounted "
+                            "where this process's cgroups are visible")
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    nums = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return bool(nums) and (int(nums[1]), int(nums[2])) >= (major, minor)
+
+
+def describe() -> dict[str, str]:
+    """What `bmi info` shows about cgroups on this host."""
+    trees = _layout()
+    v1 = [t for t in trees if t.version == 1]
+    v2 = next((t for t in trees if t.version == 2), None)
+    ctls = sorted(set().union(*(t.controllers for t in trees))) if trees else []
+    v2_usable = v2 is not None and os.access(v2.own, os.W_OK)
+    return {
+        "version": str(cgroup_version()),
+        "mode": "hybrid" if v1 and v2 else "legacy" if v1 else "unified",
+        "mounts": " ".join(f"{','.join(sorted(t.controllers)) or 'none'}={t.mount}" for t in trees),
+        "parent": " ".join(t.own for t in trees),
+        "controllers": " ".join(ctls),
+        # cgroup.freeze appeared in Linux 5.2, cgroup.kill in 5.14
+        "freeze": "cgroup.freeze (v2)" if v2_usable and _kernel_at_least(5, 2)
+                  else "freezer.state (v1)" if "freezer" in ctls else "none",
+        "kill": "cgroup.kill (v2)" if v2_usable and _kernel_at_least(5, 14)
+                else "freeze + SIGKILL each process",
+    }
+
+
+class PDCgroups:
+    """The cgroups of one PD.  Make it with create(); destroy() removes it."""
+
+    FREEZE_TIMEOUT = 5.0
+    KILL_TIMEOUT = 10.0
+
+    procs_files: tuple[str, ...]
+
+    def __init__(self, name: str, pd_id: int | None, groups: list[_Group]):
+        self.name = name
+        self.pd_id = pd_id
+        self._groups = groups
+        self._destroyed = False
+        self.procs_files = tuple(os.path.join(g.path, "cgroup.procs") for g in groups)
+        self._ctl = {c: g for g in groups for c in g.controllers}
+        v2 = next((g for g in groups if g.version == 2), None)
+        # the v2 group whose cgroup.kill kills its whole subtree at once
+        self._killer: _Group | None = v2 if v2 and os.path.exists(os.path.join(v2.path, "cgroup.kill")) else None
+        if v2 and os.path.exists(os.path.join(v2.path, "cgroup.freeze")):
+            self._freezer: _Group | None = v2
+        else:
+            self._freezer = self._ctl.get("freezer")
+
+    # --- creation -------------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str, *, pd_id: int | None = None) -> "PDCgroups":
+        """Make the PD's group in every hierarchy; on failure remove what
+        was made and raise ResourceError."""
+        label = _label(name, pd_id)
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InvalidArgument(f"create cgroups for {label}: bad group name {name!r}: "
+                                  "want 1 to 64 of A-Z a-z 0-9 _ -", pd_id=pd_id)
+        trees = _layout()
+        if not trees:
+            raise DriverUnavailable(f"create cgroups for {label}: no cgroup filesystem is mounted",
+                                    pd_id=pd_id)
+        has_v1 = any(t.version == 1 for t in trees)
+        made: list[_Group] = []
+        try:
+            for tree in trees:
+                # on hybrid hosts a v2 tree without controllers is only a bonus
+                optional = tree.version == 2 and has_v1 and not tree.controllers
+                group = _make(tree, name, label, pd_id, optional)
+                if group:
+                    made.append(group)
+        except BaseException:
+            for group in reversed(made):
+                _remove_tree(group.path)
+            raise
+        return cls(name, pd_id, made)
+
+    # --- helpers ----------------------------------------------------------
+
+    def _live(self, what: str) -> None:
+        if self._destroyed:
+            raise InvalidState(f"{what} of {_label(self.name, self.pd_id)}: its cgroups are destroyed",
+                               pd_id=self.pd_id)
+
+    def _group(self, controller: str, what: str) -> _Group:
+        self._live(what)
+        group = self._ctl.get(controller)
+        if group is None:
+            raise NotSupported(
+                f"{what} of {_label(self.name, self.pd_id)}: the {controller} cgroup controller is "
+                "not available to this process (not mounted on cgroup v1, or not listed in its "
+                "cgroup's cgroup.controllers on v2, i.e. not delegated)", pd_id=self.pd_id)
+        return group
+
+    def _fail(self, what: str, path: str, err: OSError, doing: str) -> ResourceError:
+        return ResourceError(f"{what} of {_label(self.name, self.pd_id)}: {doing} {path} failed: "
+                             f"{errno.errorcode.get(err.errno or 0, '?')} {err.strerror}",
+                             pd_id=self.pd_id)
+
+    def _set(self, path: str, value: str, what: str) -> None:
+        try:
+            _write(path, value)
+        except OSError as e:
+            raise self._fail(what, path, e, f"writing {value!r} to") from e
+
+    def _get(self, path: str, what: str) -> str:
+        try:
+            return _read(path)
+        except OSError as e:
+            raise self._fail(what, path, e, "reading") from e
+
+    def _int(self, value: object, lo: int, hi: int, what: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise InvalidArgument(f"{what} of {_label(self.name, self.pd_id)}: {value!r} is not an "
+                                  f"integer in {lo}..{hi}", pd_id=self.pd_id)
+        return value
+
+    # --- memory -----------------------------------------------------------
+
+    def set_memory_max(self, nbytes: int) -> None:
+        """Hard limit on RAM + swap: past it the kernel OOM-kills in the PD."""
+        what = "set memory limit"
+        g = self._group("memory", what)
+        nbytes = self._int(nbytes, os.sysconf("SC_PAGE_SIZE"), UNLIMITED, what)
+        if g.version == 2:
+            self._set(os.path.join(g.path, "memory.max"), str(nbytes), what)
+            swap = os.path.join(g.path, "memory.swap.max")
+            if os.path.exists(swap):
+                self._set(swap, "0", what)
+            return
+        files = [os.path.join(g.path, "memory.limit_in_bytes")]
+        memsw = os.path.join(g.path, "memory.memsw.limit_in_bytes")
+        if os.path.exists(memsw):
+            # the kernel keeps memsw >= limit: raise memsw first, lower it last
+            grow = nbytes > int(self._get(memsw, what))
+            files.insert(0, memsw) if grow else files.append(memsw)
+        for path in files:
+            self._set(path, str(nbytes), what)
+
+    def memory_current(self) -> int:
+        g = self._group("memory", "read memory use")
+        name = "memory.current" if g.version == 2 else "memory.usage_in_bytes"
+        return int(self._get(os.path.join(g.path, name), "read memory use"))
+
+    def memory_max(self) -> int:
+        """The limit in bytes, UNLIMITED when none is set."""
+        g = self._group("memory", "read memory limit")
+        name = "memory.max" if g.version == 2 else "memory.limit_in_bytes"
+        text = self._get(os.path.join(g.path, name), "read memory limit").strip()
+        if text == "max" or int(text) >= _V1_UNLIMITED:
+            return UNLIMITED
+        return int(text)
+
+    def oom_kills(self) -> int:
+        """How many processes the OOM killer took in this PD."""
+        g = self._group("memory", "count OOM kills")
+        name = "memory.events" if g.version == 2 else "memory.oom_control"
+        return int(_keyed(self._get(os.path.join(g.path, name), "count OOM kills")).get("oom_kill", 0))
+
+    # --- CPU --------------------------------------------------------------
+
+    def _cpuset_file(self, g: _Group) -> str:
+        return "cpuset.cpus.effective" if g.version == 2 else "cpuset.effective_cpus"
+
+    def set_cpus(self, n: int) -> int:
+        """Pin the PD to n CPUs of the manager's own cpuset (fewer if it has
+        fewer); the start rotates with pd_id so PDs spread over the CPUs."""
+        what = "set CPUs"
+        g = self._group("cpuset", what)
+        n = self._int(n, 1, 1 << 16, what)
+        parent = os.path.dirname(g.path)
+        avail = _cpu_list(self._get(os.path.join(parent, self._cpuset_file(g)), what))
+        if not avail:
+            raise ResourceError(f"{what} of {_label(self.name, self.pd_id)}: the parent cgroup "
+                                f"{parent} has no CPUs", pd_id=self.pd_id)
+        start = (self.pd_id or 0) % len(avail)
+        chosen = sorted((avail[start:] + avail[:start])[:n])
+        self._set(os.path.join(g.path, "cpuset.cpus"), ",".join(map(str, chosen)), what)
+        return len(chosen)
+
+    def cpus(self) -> int:
+        g = self._group("cpuset", "count CPUs")
+        return len(_cpu_list(self._get(os.path.join(g.path, self._cpuset_file(g)), "count CPUs")))
+
+    def set_cpu_share(self, performance: int, ncpus: int) -> None:
+        """Cap CPU time at `performance` percent of `ncpus` CPUs (CFS bandwidth)."""
+        what = "set CPU share"
+        g = self._group("cpu", what)
+        performance = self._int(performance, 1, 100, what + " (performance %)")
+        ncpus = self._int(ncpus, 1, 1 << 16, what + " (CPUs)")
+        quota = max(_CFS_MIN_QUOTA_US, _CFS_PERIOD_US * ncpus * performance // 100)
+        if g.version == 2:
+            self._set(os.path.join(g.path, "cpu.max"), f"{quota} {_CFS_PERIOD_US}", what)
+        else:
+            self._set(os.path.join(g.path, "cpu.cfs_period_us"), str(_CFS_PERIOD_US), what)
+            self._set(os.path.join(g.path, "cpu.cfs_quota_us"), str(quota), what)
+
+    def set_weight(self, priority: int) -> None:
+        """Priority -10..+10 (0 default, higher gets more CPU) -> CPU weight
+        default * 1.25**priority, the same 1.25 step per level as nice:
+        v1 cpu.shares 1024 (110..9537), v2 cpu.weight 100 (11..931)."""
+        what = "set priority"
+        g = self._group("cpu", what)
+        priority = self._int(priority, -10, 10, what)
+        name, default = ("cpu.weight", 100) if g.version == 2 else ("cpu.shares", 1024)
+        self._set(os.path.join(g.path, name), str(round(default * 1.25**priority)), what)
+
+    # --- processes ----------------------------------------------------------
+
+    def set_pids_max(self, n: int | None) -> None:
+        """At most n processes (threads count) in the PD; None lifts the cap."""
+        what = "set process limit"
+        g = self._group("pids", what)
+        value = "max" if n is None else str(self._int(n, 1, 1 << 22, what))
+        self._set(os.path.join(g.path, "pids.max"), value, what)
+
+    def pids(self) -> list[int]:
+        """Every process in the PD's groups, including sub-groups it made."""
+        self._live("list processes")
+        return sorted(self._pids())
+
+    def _pids(self, groups: list[_Group] | None = None) -> set[int]:
+        found: set[int] = set()
+        for g in self._groups if groups is None else groups:
+            for directory, _, _ in os.walk(g.path):
+                try:
+                    found.update(int(p) for p in _read(os.path.join(directory, "cgroup.procs")).split())
+                except FileNotFoundError:
+                    pass        # a sub-group went away while we walked
+                except OSError as e:
+                    raise self._fail("list processes", directory, e, "reading cgroup.procs in") from e
+        return found
+
+    # --- freezing -----------------------------------------------------------
+
+    def _freezer_group(self, what: str) -> _Group:
+        self._live(what)
+        if self._freezer is None:
+            raise NotSupported(f"{what} {_label(self.name, self.pd_id)}: neither v2 cgroup.freeze "
+                               "nor the v1 freezer controller is available", pd_id=self.pd_id)
+        return self._freezer
+
+    def _set_frozen(self, frozen: bool, what: str) -> None:
+        g = self._freezer_group(what)
+        if g.version == 2:
+            self._set(os.path.join(g.path, "cgroup.freeze"), "1" if frozen else "0", what)
+        else:
+            self._set(os.path.join(g.path, "freezer.state"), "FROZEN" if frozen else "THAWED", what)
+
+    def _is_frozen(self, g: _Group, what: str) -> bool:
+        if g.version == 2:
+            events = _keyed(self._get(os.path.join(g.path, "cgroup.events"), what))
+            return events.get("frozen", "").strip() == "1"
+        return self._get(os.path.join(g.path, "freezer.state"), what).strip() == "FROZEN"
+
+    def freeze(self) -> None:
+        """Stop every process of the PD; return once the kernel says FROZEN."""
+        what = "freeze"
+        g = self._freezer_group(what)
+        self._set_frozen(True, what)
+        if not _wait(lambda: self._is_frozen(g, what), self.FREEZE_TIMEOUT):
+            self._set_frozen(False, what)
+            raise ResourceError(f"{what} {_label(self.name, self.pd_id)}: not frozen after "
+                                f"{self.FREEZE_TIMEOUT} s (a process stuck in the kernel?); thawed it "
+                                "again", pd_id=self.pd_id)
+
+    def thaw(self) -> None:
+        what = "thaw"
+        g = self._freezer_group(what)
+        self._set_frozen(False, what)
+        if not _wait(lambda: not self._is_frozen(g, what), self.FREEZE_TIMEOUT):
+            raise ResourceError(f"{what} {_label(self.name, self.pd_id)}: still frozen after "
+                                f"{self.FREEZE_TIMEOUT} s", pd_id=self.pd_id)
+
+    def frozen(self) -> bool:
+        what = "read freezer state"
+        return self._is_frozen(self._freezer_group(what), what)
+
+    # --- killing ------------------------------------------------------------
+
+    def kill_all(self) -> None:
+        """SIGKILL every process of the PD and return once none is left."""
+        self._live("kill all processes")
+        self._kill_all()
+
+    def _kill_all(self) -> None:
+        what = "kill all processes"
+        deadline = time.monotonic() + self.KILL_TIMEOUT
+        delay = 0.0005
+        while left := self._pids():
+            if time.monotonic() > deadline:
+                raise ResourceError(f"{what} of {_label(self.name, self.pd_id)}: {len(left)} "
+                                    f"processes survive SIGKILL after {self.KILL_TIMEOUT} s: "
+                                    f"{sorted(left)[:10]}", pd_id=self.pd_id)
+            if self._killer:
+                self._set(os.path.join(self._killer.path, "cgroup.kill"), "1", what)
+            if not self._killer or left - self._pids([self._killer]):
+                self._signal_all(what)   # no cgroup.kill, or a process left the v2 group
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _signal_all(self, what: str) -> None:
+        """SIGKILL by pidfd, so a recycled pid can never be hit: the pidfd is
+        opened first and used only if the pid is still in our groups after.
+        Frozen meanwhile (when we can) so nothing forks away; v1-frozen
+        processes act on SIGKILL only once thawed, hence the thaw."""
+        freezer = self._freezer
+        if freezer:
+            self._set_frozen(True, what)
+            _wait(lambda: self._is_frozen(freezer, what), self.FREEZE_TIMEOUT)
+        try:
+            fds = {}
+            for pid in self._pids():
+                try:
+                    fds[pid] = os.pidfd_open(pid)
+                except ProcessLookupError:
+                    pass
+            still = self._pids()
+            for pid, fd in fds.items():
+                try:
+                    if pid in still:
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                finally:
+                    os.close(fd)
+        finally:
+            if freezer:
+                self._set_frozen(False, what)
+
+    # --- teardown -----------------------------------------------------------
+
+    def destroy(self) -> None:
+        """Kill everything, then remove every directory made (sub-groups
+        first).  Idempotent; if it raises, calling it again retries."""
+        if self._destroyed:
+            return
+        self._kill_all()
+        failures = []
+        for g in reversed(self._groups):
+            try:
+                _remove_tree(g.path)
+            except OSError as e:
+                failures.append(f"{e.filename}: {errno.errorcode.get(e.errno or 0, '?')} {e.strerror}")
+        if failures:
+            raise ResourceError(f"destroy cgroups of {_label(self.name, self.pd_id)}: cannot remove "
+                                + "; ".join(failures), pd_id=self.pd_id)
+        self._destroyed = True
+
+
+def _label(name: object, pd_id: int | None) -> str:
+    return f"PD {pd_id} (cgroup {name!r})" if pd_id is not None else f"cgroup {name!r}"
+
+
+def _wait(done, timeout: float) -> bool:
+    """Poll `done` with a short backoff; freezing usually takes < 1 ms."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0002
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    return True
+
+
+def _make(tree: _Tree, name: str, label: str, pd_id: int | None, optional: bool) -> _Group | None:
+    """mkdir the PD's group in one tree and prepare it; None if an optional
+    tree is not writable."""
+    path = os.path.join(tree.own, name)
+    doing = f"create cgroups for {label}"
+    if tree.version == 2 and tree.controllers:
+        _enable_controllers(tree, doing, pd_id)
+    try:
+        os.mkdir(path)
+    except OSError as e:
+        if optional and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return None
+        why = ("it already exists (a PD of that name, or left by a manager that died)"
+               if e.errno == errno.EEXIST else f"{errno.errorcode.get(e.errno or 0, '?')} {e.strerror}")
+        raise ResourceError(f"{doing}: mkdir {path}: {why}", pd_id=pd_id) from e
+    group = _Group(tree.version, path, tree.controllers)
+    if tree.version == 1 and "cpuset" in tree.controllers:
+        # a new v1 cpuset starts empty and refuses processes until filled
+        try:
+            for f in ("cpuset.cpus", "cpuset.mems"):
+                _write(os.path.join(path, f), _read(os.path.join(tree.own, f)).strip())
+        except OSError as e:
+            _remove_tree(path)
+            raise ResourceError(f"{doing}: copying {f} into {path}: {e.strerror}", pd_id=pd_id) from e
+    return group
+
+
+def _enable_controllers(tree: _Tree, doing: str, pd_id: int | None) -> None:
+    """Let children of our own v2 cgroup have the controllers PDs need."""
+    control = os.path.join(tree.own, "cgroup.subtree_control")
+    try:
+        missing = tree.controllers - set(_read(control).split())
+        if missing:
+            _write(control, " ".join("+" + c for c in sorted(missing)))
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise ResourceError(
+                f"{doing}: cannot enable the {', '.join(sorted(missing))} controller(s) for child "
+                f"groups of {tree.own}: that cgroup holds processes and cgroup v2 lets only a group "
+                "without processes hand controllers down (EBUSY). Run the manager in a delegated "
+                "cgroup whose processes sit in a leaf, e.g. `systemd-run -p Delegate=yes ...` and "
+                "move the manager into <its cgroup>/manager first.", pd_id=pd_id) from e
+        raise ResourceError(f"{doing}: enabling controllers in {control}: {e.strerror}",
+                            pd_id=pd_id) from e
+
+
+def _remove_tree(path: str) -> None:
+    """rmdir a group and any sub-groups, deepest first; a group that just
+    emptied can stay busy for a moment, so EBUSY is retried briefly."""
+    for directory, _, _ in os.walk(path, topdown=False):
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                os.rmdir(directory)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
