@@ -1,0 +1,637 @@
+"""PDManagement / PDController: the BMI v0.1 semantics, written once.
+
+Every driver gets the same state machine, argument checks, parameter tree,
+connection policy and integrity calls from here; a driver only supplies
+mechanisms (bmi/drivers/base.py).  The spec's NULL returns become typed
+exceptions whose messages say what was asked, of which PD, and why.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from .drivers.base import Driver, ExitInfo, Progress
+from .errors import (BMIError, InvalidArgument, InvalidState, NoSuchDomain, NotSupported,
+                     PermissionDenied, ResourceError)
+from .params import Leaf, ParamTree, const, normalize, parse_int
+from .types import (ConnectionIntegrityPolicy, ConnectionPolicy, ConnectionType, IntegrityPolicy,
+                    IntegrityReport, PDDescription, PDStatus, RuntimeCapability)
+
+log = logging.getLogger("bmi")
+
+VERSION = 0x00000001
+MANAGER_PD = 0
+MIN_MEMORY = 4 * 1024 * 1024          # below this not even a static binary's stack fits
+MAX_NONCE = 64
+DEFAULT_SHUTDOWN_GRACE = 5.0
+_ENDED = (PDStatus.SHUTDOWN, PDStatus.CRASHED)
+_LIVE = (PDStatus.RUNNING, PDStatus.PAUSED)
+_CAPABILITY_PARAMS = {
+    PDStatus.PAUSED: ("pause",),
+    PDStatus.RESTARTING: ("restart",),
+    PDStatus.SUSPENDED: ("suspend", "resume"),
+}
+
+
+def _check_int(value: object, what: str, pd_id: int | None) -> int:
+    # bool is an int subclass; True as a priority or size is a bug, not a 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"{what}: expected an int, got {type(value).__name__}", pd_id=pd_id)
+    return value
+
+
+def _check_bytes(value: object, what: str, pd_id: int | None) -> bytes:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"{what}: expected bytes, got {type(value).__name__}", pd_id=pd_id)
+    return bytes(value)
+
+
+def _coerce_status(status: object, pd_id: int) -> PDStatus:
+    """Accept a PDStatus, its int value, or its name (the /capability/... values)."""
+    try:
+        if isinstance(status, PDStatus):
+            return status
+        if isinstance(status, str):
+            return PDStatus[status.strip().upper()]
+        if isinstance(status, int) and not isinstance(status, bool):
+            return PDStatus(status)
+    except (KeyError, ValueError):
+        pass
+    raise InvalidArgument(f"request_status_change of PD {pd_id}: {status!r} is not a PDStatus", pd_id=pd_id)
+
+
+def _check_policies(policies: object, what: str, pd_id: int) -> list[ConnectionPolicy]:
+    if not isinstance(policies, (list, tuple)):
+        raise InvalidArgument(f"{what} of PD {pd_id}: policies must be a list of ConnectionPolicy", pd_id=pd_id)
+    checked = []
+    for policy in policies:
+        if not isinstance(policy, ConnectionPolicy):
+            raise InvalidArgument(f"{what} of PD {pd_id}: {policy!r} is not a ConnectionPolicy", pd_id=pd_id)
+        if not isinstance(policy.con_type, ConnectionType):
+            raise InvalidArgument(f"{what} of PD {pd_id}: con_type {policy.con_type!r} is not a ConnectionType",
+                                  pd_id=pd_id)
+        if isinstance(policy.mode, bool) or policy.mode not in (1, 2, 3):
+            raise InvalidArgument(f"{what} of PD {pd_id}: mode {policy.mode!r} is not READ (1), WRITE (2) "
+                                  f"or RW (3)", pd_id=pd_id)
+        checked.append(policy)
+    return checked
+
+
+@dataclass
+class _PD:
+    """What the layer knows of one PD; only api.py changes it."""
+
+    pd_id: int
+    desc: PDDescription
+    cpus_max: int
+    handle: Any
+    status: PDStatus = PDStatus.ALLOCATED
+    priority: int = 0
+    config: dict[str, str] = field(default_factory=dict)
+    policies: dict[int, list[ConnectionPolicy]] = field(default_factory=dict)
+    measurement: dict[str, bytes] = field(default_factory=dict)
+    performance: int = 100
+    ended: ExitInfo | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
+class PDManagement:
+    """Spec 7.1: the manager of protection domains (usable as a context manager)."""
+
+    def __init__(self, driver: Driver, uri: str, *, integrity: Callable[[], Any] | None = None):
+        self._driver = driver
+        self.uri = uri
+        self._pds: dict[int, _PD] = {}
+        self._destroyed: set[int] = set()
+        self._next_id = 1
+        self._lock = threading.RLock()
+        self._closed = False
+        self._integrity_factory = integrity
+        self._integrity_service: Any = None
+        self._integrity_error: BaseException | None = None
+        #: Seconds a PD gets to end after SHUTDOWN/RESTARTING before it is killed.
+        self.shutdown_grace = DEFAULT_SHUTDOWN_GRACE
+        self._finalizer = weakref.finalize(self, PDManagement._release, driver, self._pds)
+
+    # -- spec 7.1 -------------------------------------------------------------------------
+    def get_version(self) -> int:
+        return VERSION
+
+    def allocate_pd(self, desc: PDDescription) -> "PDController":
+        self._check_open("allocate_pd")
+        if not isinstance(desc, PDDescription):
+            raise InvalidArgument(f"allocate_pd: expected a PDDescription, got {type(desc).__name__}")
+        mem = _check_int(desc.mem, "allocate_pd: PDDescription.mem", None)
+        cpu = _check_int(desc.cpu, "allocate_pd: PDDescription.cpu", None)
+        perf = _check_int(desc.performance, "allocate_pd: PDDescription.performance", None)
+        host = self._driver.host_resources()
+        if mem < MIN_MEMORY:
+            raise InvalidArgument(f"allocate_pd: mem={mem} bytes is below the minimum of {MIN_MEMORY}")
+        if mem > host.memory:
+            raise ResourceError(f"allocate_pd: mem={mem} bytes is more than the host can give ({host.memory})")
+        if cpu < 1:
+            raise InvalidArgument(f"allocate_pd: cpu={cpu}: a PD needs at least one CPU")
+        if not 1 <= perf <= 100:
+            raise InvalidArgument(f"allocate_pd: performance={perf} is outside 1..100 (percent of its CPUs)")
+        # Spec 7.5.6: no guarantee on the CPU count; we clamp to what the host has.
+        cpus_max = min(cpu, host.cpus)
+        with self._lock:
+            pd_id = self._next_id
+            self._next_id += 1
+        handle = self._driver.allocate(pd_id, PDDescription(mem, cpus_max, perf))
+        with self._lock:
+            self._pds[pd_id] = _PD(pd_id, desc, cpus_max, handle, performance=perf)
+        return PDController(self, pd_id)
+
+    def get_controller(self, pd_id: int | None = None) -> "PDController":
+        self._check_open("get_controller")
+        if pd_id is None:
+            return PDController(self, MANAGER_PD)
+        pd_id = _check_int(pd_id, "get_controller: pd_id", None)
+        if pd_id != MANAGER_PD:
+            self._pd(pd_id, "get_controller")
+        return PDController(self, pd_id)
+
+    def list_pd(self) -> list[int]:
+        self._check_open("list_pd")
+        with self._lock:
+            return [MANAGER_PD, *sorted(self._pds)]
+
+    def get_device_manager(self) -> "DeviceManager":
+        self._check_open("get_device_manager")
+        return DeviceManager(self)
+
+    # -- integrity on the manager (design.md) -------------------------------------------------
+    def seal_credentials(self, policy: IntegrityPolicy, secret: bytes) -> bytes:
+        """Seal `secret` for PDs meeting `policy` on this machine's TPM."""
+        _check_policy(policy, "seal_credentials", None)
+        return self._integrity("seal_credentials").seal(policy, _check_bytes(secret, "seal_credentials: secret", None))
+
+    def get_storage_public(self) -> bytes:
+        """The TPM storage key's public part, for bmi.wrap_credentials off the machine."""
+        return self._integrity("get_storage_public").storage_public()
+
+    def integrity_service(self) -> Any:
+        """The TPM-backed service (for the CLI's `bmi tpm` / `bmi eventlog`)."""
+        return self._integrity("integrity_service")
+
+    # -- life time --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Destroy every PD this manager owns and release the layer."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        errors = []
+        for pd_id in sorted(self._pds):
+            try:
+                self._destroy(pd_id)
+            except BMIError as e:       # keep going: leave nothing behind
+                errors.append(e)
+        self._finalizer.detach()
+        self._driver.close()
+        if self._integrity_service is not None:
+            self._integrity_service.close()
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> "PDManagement":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _release(driver: Driver, pds: dict[int, _PD]) -> None:
+        """Last resort when a manager is dropped without close()."""
+        for pd in list(pds.values()):
+            driver.destroy(pd.handle)
+        driver.close()
+
+    # -- internals --------------------------------------------------------------------------
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise InvalidState(f"{what}: the manager ({self.uri}) is closed")
+
+    def _pd(self, pd_id: int, what: str) -> _PD:
+        self._check_open(what)
+        with self._lock:
+            pd = self._pds.get(pd_id)
+        if pd is None:
+            why = "it was destroyed" if pd_id in self._destroyed else "no PD has that id"
+            raise NoSuchDomain(f"{what}: PD {pd_id} does not exist ({why})", pd_id=pd_id)
+        return pd
+
+    def _destroy(self, pd_id: int) -> None:
+        pd = self._pd(pd_id, "destroy")
+        with pd.lock:
+            self._driver.destroy(pd.handle)
+            with self._lock:
+                self._pds.pop(pd_id, None)
+                self._destroyed.add(pd_id)
+                for other in self._pds.values():
+                    other.policies.pop(pd_id, None)
+            pd.status = PDStatus.DESTROYED
+
+    def _integrity(self, what: str) -> Any:
+        self._check_open(what)
+        with self._lock:
+            if self._integrity_service is None and self._integrity_error is None:
+                if self._integrity_factory is None:
+                    self._integrity_error = NotSupported("no integrity service configured")
+                else:
+                    try:
+                        self._integrity_service = self._integrity_factory()
+                    except BMIError as e:
+                        self._integrity_error = e
+            if self._integrity_service is None:
+                raise NotSupported(f"{what}: the TPM link is unavailable: {self._integrity_error}")
+            return self._integrity_service
+
+    def _refresh(self, pd: _PD) -> None:
+        """Pick up an exit the driver saw since we last looked."""
+        if pd.status in _LIVE:
+            ended = self._driver.exit_info(pd.handle)
+            if ended is not None:
+                pd.status, pd.ended = ended.status, ended
+
+
+def _check_policy(policy: object, what: str, pd_id: int | None) -> IntegrityPolicy:
+    if not isinstance(policy, IntegrityPolicy):
+        raise InvalidArgument(f"{what}: expected an IntegrityPolicy, got {type(policy).__name__}", pd_id=pd_id)
+    _check_bytes(policy.pd_integrity, f"{what}: policy.pd_integrity", pd_id)
+    for cip in policy.pd_connections:
+        if not isinstance(cip, ConnectionIntegrityPolicy):
+            raise InvalidArgument(f"{what}: {cip!r} is not a ConnectionIntegrityPolicy", pd_id=pd_id)
+        _check_policies([cip], what, pd_id if pd_id is not None else -1)
+        _check_bytes(cip.dest, f"{what}: ConnectionIntegrityPolicy.dest", pd_id)
+    return policy
+
+
+class PDController:
+    """Spec 7.2 and 7.4: control (and integrity) of one PD."""
+
+    def __init__(self, mgr: PDManagement, pd_id: int):
+        self._mgr = mgr
+        self._id = pd_id
+
+    def __repr__(self) -> str:
+        return f"<PDController pd={self._id} {self._mgr.uri}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PDController) and other._mgr is self._mgr and other._id == self._id
+
+    def __hash__(self) -> int:
+        return hash((id(self._mgr), self._id))
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _pd(self, what: str) -> _PD:
+        if self._id == MANAGER_PD:
+            raise PermissionDenied(f"{what} of PD 0: PD 0 is the manager itself and cannot be changed "
+                                   f"through the BMI", pd_id=MANAGER_PD)
+        return self._mgr._pd(self._id, what)
+
+    @property
+    def _driver(self) -> Driver:
+        return self._mgr._driver
+
+    # -- spec 7.2 ---------------------------------------------------------------------------
+    def get_pd_id(self) -> int:
+        return self._id
+
+    def set_priority(self, priority: int) -> None:
+        priority = _check_int(priority, f"set_priority of PD {self._id}", self._id)
+        if not -10 <= priority <= 10:
+            raise InvalidArgument(f"set_priority of PD {self._id}: {priority} is outside -10..+10", pd_id=self._id)
+        pd = self._pd("set_priority")
+        with pd.lock:
+            self._driver.set_priority(pd.handle, priority)
+            pd.priority = priority
+
+    def get_priority(self) -> int:
+        if self._id == MANAGER_PD:
+            self._mgr._check_open("get_priority")
+            return 0
+        return self._pd("get_priority").priority
+
+    def get_current_status(self) -> PDStatus:
+        if self._id == MANAGER_PD:
+            self._mgr._check_open("get_current_status")
+            return PDStatus.RUNNING
+        if self._id in self._mgr._destroyed:
+            return PDStatus.DESTROYED
+        pd = self._pd("get_current_status")
+        with pd.lock:
+            self._mgr._refresh(pd)
+            return pd.status
+
+    def request_status_change(self, status: PDStatus | str | int) -> None:
+        target = _coerce_status(status, self._id)
+        if target is PDStatus.DESTROYED:
+            self.destroy()
+            return
+        pd = self._pd("request_status_change")
+        what = f"request_status_change({target.name}) of PD {self._id}"
+        if target in (PDStatus.ALLOCATED, PDStatus.READY, PDStatus.CRASHED):
+            raise InvalidArgument(f"{what}: {target.name} is a state the layer reports, not one to request",
+                                  pd_id=self._id)
+        if target in _CAPABILITY_PARAMS and target not in self._driver.capabilities:
+            reason = self._driver.unsupported_reasons.get(target, "the driver lacks it")
+            raise NotSupported(f"{what}: not supported by the {self._driver.name} driver: {reason}", pd_id=self._id)
+        with pd.lock:
+            self._mgr._refresh(pd)
+            current = pd.status
+            if current is PDStatus.ALLOCATED:
+                raise InvalidState(f"{what}: the PD has no image yet; call setup_pd first", pd_id=self._id)
+            if target is current and target in _LIVE:
+                return
+            if target is PDStatus.RUNNING:
+                if current is PDStatus.PAUSED:
+                    self._driver.resume(pd.handle)
+                    pd.status = PDStatus.RUNNING
+                else:
+                    self._start(pd)
+            elif target is PDStatus.PAUSED:
+                if current is not PDStatus.RUNNING:
+                    raise InvalidState(f"{what}: only a RUNNING PD can be paused (it is {current.name})",
+                                       pd_id=self._id)
+                self._driver.pause(pd.handle)
+                pd.status = PDStatus.PAUSED
+            elif target is PDStatus.SHUTDOWN:
+                if current in _LIVE:
+                    pd.ended = self._driver.stop(pd.handle, self._mgr.shutdown_grace)
+                    pd.status = PDStatus.SHUTDOWN
+                elif current is PDStatus.READY:
+                    raise InvalidState(f"{what}: the PD has not been started", pd_id=self._id)
+            elif target is PDStatus.RESTARTING:
+                if current in _LIVE:
+                    pd.status = PDStatus.RESTARTING
+                    self._driver.stop(pd.handle, self._mgr.shutdown_grace)
+                self._start(pd)
+            elif target is PDStatus.SUSPENDED:
+                self._driver.suspend(pd.handle)
+                pd.status = PDStatus.SUSPENDED
+
+    def _start(self, pd: _PD) -> None:
+        previous = pd.status
+        try:
+            self._driver.start(pd.handle, dict(pd.config), pd.priority)
+        except BaseException:
+            pd.status = previous if previous is not PDStatus.RESTARTING else PDStatus.CRASHED
+            raise
+        pd.status, pd.ended = PDStatus.RUNNING, None
+
+    def destroy(self) -> None:
+        self._pd("destroy")
+        self._mgr._destroy(self._id)
+
+    def setup_pd(self, image: Any, *, banks: Sequence[str] = ("sha256",),
+                 progress: Progress | None = None) -> None:
+        """Pull the image, copy it into the PD and measure it in the same pass (spec 7.2.7, 6.5)."""
+        what = f"setup_pd of PD {self._id}"
+        for method in ("get_image_size", "get_data"):
+            if not callable(getattr(image, method, None)):
+                raise InvalidArgument(f"{what}: {type(image).__name__} is not a PDImage (no {method}())",
+                                      pd_id=self._id)
+        if isinstance(banks, str) or not all(isinstance(b, str) for b in banks):
+            raise InvalidArgument(f"{what}: banks must be a sequence of names like ('sha256', 'sha384')",
+                                  pd_id=self._id)
+        if progress is not None and not callable(progress):
+            raise InvalidArgument(f"{what}: progress must be callable(done, total)", pd_id=self._id)
+        pd = self._pd("setup_pd")
+        with pd.lock:
+            self._mgr._refresh(pd)
+            if pd.status in _LIVE or pd.status is PDStatus.SUSPENDED:
+                raise InvalidState(f"{what}: the PD is {pd.status.name}; shut it down before loading a new image",
+                                   pd_id=self._id)
+            measurement = self._driver.load(pd.handle, image, tuple(banks), progress)
+            pd.measurement = measurement
+            pd.status = PDStatus.READY
+            pd.ended = None
+        service = self._mgr._integrity_service
+        if service is not None:
+            service.record_pd(self._id, f"pd{self._id}", measurement)
+
+    def set_allowed_connections(self, tid: int, policies: list[ConnectionPolicy],
+                                disable_existing: bool = False) -> None:
+        what = "set_allowed_connections"
+        tid = _check_int(tid, f"{what} of PD {self._id}: tid", self._id)
+        checked = _check_policies(policies, what, self._id)
+        if not isinstance(disable_existing, bool):
+            raise InvalidArgument(f"{what} of PD {self._id}: disable_existing must be a bool", pd_id=self._id)
+        pd = self._pd(what)
+        if tid == self._id:
+            raise InvalidArgument(f"{what} of PD {self._id}: a PD needs no connection to itself", pd_id=self._id)
+        if tid != MANAGER_PD:
+            self._mgr._pd(tid, f"{what} of PD {self._id} towards tid")
+        with pd.lock:
+            pd.policies[tid] = checked
+
+    def get_allowed_connections(self, tid: int) -> list[ConnectionPolicy]:
+        tid = _check_int(tid, f"get_allowed_connections of PD {self._id}: tid", self._id)
+        pd = self._pd("get_allowed_connections")
+        if tid != MANAGER_PD:
+            self._mgr._pd(tid, f"get_allowed_connections of PD {self._id} towards tid")
+        with pd.lock:
+            return list(pd.policies.get(tid, []))
+
+    def set_config_param(self, name: str, value: str) -> None:
+        path = normalize(name, what="set_config_param", pd_id=self._id)
+        if not isinstance(value, str) or "\0" in value:
+            raise InvalidArgument(f"set_config_param {path!r} of PD {self._id}: value must be a str without NUL",
+                                  pd_id=self._id)
+        pd = self._pd("set_config_param")
+        with pd.lock:
+            self._driver.check_config(pd.handle, path, value)
+            pd.config[path] = value
+
+    def get_config_param(self, name: str) -> str:
+        path = normalize(name, what="get_config_param", pd_id=self._id)
+        if self._id == MANAGER_PD:
+            self._mgr._check_open("get_config_param")
+            config: dict[str, str] = {}
+        else:
+            config = self._pd("get_config_param").config
+        try:
+            return config[path]
+        except KeyError:
+            raise InvalidArgument(f"get_config_param {path!r} of PD {self._id}: not set", pd_id=self._id) from None
+
+    def set_runtime_param(self, name: str, value: str) -> None:
+        self._tree().set(name, value)
+
+    def get_runtime_param(self, name: str) -> str:
+        return self._tree().get(name)
+
+    def list_runtime_params(self, root: str = "/") -> list[RuntimeCapability]:
+        return self._tree().list(root)
+
+    # -- spec 7.4 ---------------------------------------------------------------------------
+    def get_integrity_link(self, nonce: bytes) -> IntegrityReport:
+        what = f"get_integrity_link of PD {self._id}"
+        nonce = _check_bytes(nonce, what + ": nonce", self._id)
+        if not 1 <= len(nonce) <= MAX_NONCE:
+            raise InvalidArgument(f"{what}: the nonce must be 1..{MAX_NONCE} bytes, got {len(nonce)}",
+                                  pd_id=self._id)
+        measurement = self._measurement(what)
+        return self._mgr._integrity(what).integrity_link(nonce, measurement, pd_id=self._id)
+
+    def get_protected_credentials(self, policy: IntegrityPolicy, protected_credentials: bytes) -> bytes:
+        """The secret inside the blob if this PD meets the policy, else b"" (spec 7.4.2)."""
+        what = f"get_protected_credentials of PD {self._id}"
+        _check_policy(policy, what, self._id)
+        blob = _check_bytes(protected_credentials, what + ": protected_credentials", self._id)
+        measurement = self._measurement(what)
+        from .integrity.service import policy_digest
+        service = self._mgr._integrity(what)
+        try:
+            creds = service.unseal(blob, pd_id=self._id)
+        except BMIError as e:
+            log.warning("%s: refused: the TPM did not release the blob: %s", what, e)
+            return b""
+        refusal = self._policy_refusal(policy, measurement, creds.policy_validation, policy_digest(policy))
+        if refusal:
+            log.warning("%s: refused: %s", what, refusal)
+            return b""
+        return creds.secret
+
+    def _policy_refusal(self, policy: IntegrityPolicy, measurement: bytes, validation: bytes,
+                        expected_validation: bytes) -> str:
+        if not hmac.compare_digest(validation, expected_validation):
+            return "policy_validation does not match the hash of the policy given"
+        if not hmac.compare_digest(bytes(policy.pd_integrity), measurement):
+            return "the PD's measurement is not policy.pd_integrity"
+        pd = self._pd("get_protected_credentials")
+        for cip in policy.pd_connections:
+            if not any(self._allows(pd, tid, cip) for tid in pd.policies):
+                return (f"no allowed {cip.con_type.name} connection (mode {cip.mode}) towards a PD "
+                        f"measured {bytes(cip.dest).hex()}")
+        return ""
+
+    def _allows(self, pd: _PD, tid: int, cip: ConnectionIntegrityPolicy) -> bool:
+        target = self._mgr._pds.get(tid)
+        if target is None or target.measurement.get("sha256") != bytes(cip.dest):
+            return False
+        return any(p.con_type == cip.con_type and p.mode & cip.mode == cip.mode for p in pd.policies[tid])
+
+    def _measurement(self, what: str) -> bytes:
+        if self._id == MANAGER_PD:
+            raise InvalidState(f"{what}: PD 0 is the manager; its integrity is the TVL PCR in every report",
+                               pd_id=MANAGER_PD)
+        pd = self._pd(what)
+        if "sha256" not in pd.measurement:
+            raise InvalidState(f"{what}: the PD has no image yet; call setup_pd first", pd_id=self._id)
+        return pd.measurement["sha256"]
+
+    # -- extensions used by the CLI -------------------------------------------------------------
+    def wait(self, timeout: float | None = None) -> PDStatus:
+        """Block until the PD's program ends (or timeout); return the status then."""
+        pd = self._pd("wait")
+        if pd.status in _LIVE:
+            self._driver.wait(pd.handle, timeout)
+        return self.get_current_status()
+
+    def read_console(self, since: int = 0, timeout: float | None = None) -> tuple[int, bytes]:
+        """Console output after byte offset `since`; returns (new offset, data)."""
+        since = _check_int(since, f"read_console of PD {self._id}: since", self._id)
+        pd = self._pd("read_console")
+        return self._driver.read_console(pd.handle, since, timeout)
+
+    def measurement(self) -> dict[str, bytes]:
+        """The image measurement in every bank that was asked for ({} before setup_pd)."""
+        return dict(self._pd("measurement").measurement)
+
+    # -- the parameter tree -------------------------------------------------------------------
+    def _tree(self) -> ParamTree:
+        if self._id == MANAGER_PD:
+            self._mgr._check_open("runtime parameters")
+            return ParamTree(MANAGER_PD, self._host_leaves())
+        pd = self._pd("runtime parameters")
+        with pd.lock:
+            self._mgr._refresh(pd)
+            return ParamTree(self._id, self._pd_leaves(pd))
+
+    def _host_leaves(self) -> dict[str, Leaf]:
+        host = self._driver.host_resources()
+        return {
+            "/system/status": const(PDStatus.RUNNING.name),
+            "/system/driver": const(self._driver.name),
+            "/system/memory/max": const(str(host.memory)),
+            "/system/memory/min": const(str(host.memory)),
+            "/system/memory/current": const(str(host.memory)),
+            "/system/cpu/max": const(str(host.cpus)),
+            "/system/cpu/min": const(str(host.cpus)),
+            "/system/cpu/current": const(str(host.cpus)),
+            "/system/pds": Leaf(get=lambda: " ".join(map(str, self._mgr.list_pd()[1:]))),
+        }
+
+    def _pd_leaves(self, pd: _PD) -> dict[str, Leaf]:
+        drv, handle, pid = self._driver, pd.handle, pd.pd_id
+
+        def set_memory(value: str) -> None:
+            drv.set_memory(handle, parse_int(value, what="/system/memory/current", pd_id=pid,
+                                             lo=MIN_MEMORY, hi=pd.desc.mem, unit_suffixes=True))
+
+        def set_cpus(value: str) -> None:
+            drv.set_cpus(handle, parse_int(value, what="/system/cpu/current", pd_id=pid, lo=1, hi=pd.cpus_max))
+
+        def set_performance(value: str) -> None:
+            percent = parse_int(value, what="/system/cpu/performance", pd_id=pid, lo=1, hi=100)
+            drv.set_performance(handle, percent)
+            pd.performance = percent
+
+        leaves = {
+            "/system/status": const(pd.status.name),
+            "/system/priority": const(str(pd.priority)),
+            "/system/memory/max": const(str(pd.desc.mem)),
+            "/system/memory/min": const(str(MIN_MEMORY)),
+            "/system/memory/current": Leaf(get=lambda: str(drv.memory_limit(handle)), set=set_memory),
+            "/system/memory/used": Leaf(get=lambda: str(drv.memory_used(handle))),
+            "/system/cpu/max": const(str(pd.cpus_max)),
+            "/system/cpu/min": const("1"),
+            "/system/cpu/current": Leaf(get=lambda: str(drv.cpus(handle)), set=set_cpus),
+            "/system/cpu/performance": Leaf(get=lambda: str(pd.performance), set=set_performance),
+            "/console/log": Leaf(get=lambda: drv.console_log(handle).decode("utf-8", "replace")),
+        }
+        leaves.update(drv.extra_params(handle))
+        if pd.ended is not None:
+            if pd.ended.exit_status is not None:
+                leaves["/system/exit-status"] = const(str(pd.ended.exit_status))
+            leaves["/system/exit-reason"] = const(pd.ended.reason)
+        for bank, digest in pd.measurement.items():
+            leaves[f"/system/measurement/{bank}"] = const(digest.hex())
+        for status, names in _CAPABILITY_PARAMS.items():
+            if status in drv.capabilities:
+                for name in names:
+                    value = PDStatus.RUNNING.name if name == "resume" else status.name
+                    leaves[f"/capability/{name}"] = const(value)
+        return leaves
+
+
+class DeviceManager:
+    """Spec 7.1.6 (left open there): which host devices a PD gets."""
+
+    def __init__(self, mgr: PDManagement):
+        self._mgr = mgr
+
+    def list_devices(self) -> list[str]:
+        self._mgr._check_open("list_devices")
+        return self._mgr._driver.list_devices()
+
+    def assigned(self, pd_id: int) -> list[str]:
+        pd = self._mgr._pd(_check_int(pd_id, "assigned: pd_id", None), "assigned")
+        return self._mgr._driver.assigned_devices(pd.handle)
+
+    def assign(self, device: str, pd_id: int) -> None:
+        pd = self._mgr._pd(_check_int(pd_id, "assign: pd_id", None), "assign")
+        with pd.lock:
+            self._mgr._driver.assign_device(pd.handle, device)
+
+    def unassign(self, device: str, pd_id: int) -> None:
+        pd = self._mgr._pd(_check_int(pd_id, "unassign: pd_id", None), "unassign")
+        with pd.lock:
+            self._mgr._driver.unassign_device(pd.handle, device)

@@ -1,0 +1,365 @@
+"""Linux driver: a PD is an isolated process tree started from a sealed memfd.
+
+Mechanisms only: cgroups for resources (cgroups.py), the C spawn path for
+namespaces and exec (spawn.py), the measurement hot path for images
+(bmi/integrity/measure.py), and one monitor thread for consoles and exits.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shlex
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from ...errors import InvalidArgument, InvalidState, NotSupported, ResourceError
+from ...image import PDImage
+from ...integrity.measure import measure_into
+from ...params import Leaf, const, parse_int
+from ...types import PDDescription, PDStatus
+from ..base import Driver, ExitInfo, HostResources, Progress
+from . import cgroups, formats, spawn
+from .monitor import Console, Monitor
+
+MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_EXEC = 0x1, 0x2, 0x10
+SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+KILL_TIMEOUT = 10.0
+DEFAULT_PIDS_MAX = 1024
+PD_DEVICES = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"]
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+NO_SUSPEND = ("no working checkpointer here: Debian's CRIU 3.17 fails on kernels >= 6.13 (vDSO bounds) "
+              "and no CRIU can restore a process whose executable is a memfd")
+
+
+@dataclass
+class Run:
+    """One start of a PD's image, until its init ends."""
+
+    pid: int
+    pidfd: int
+    status_r: int
+    oom_base: int
+    stop_requested: bool = False
+    forced: bool = False
+    ended: ExitInfo | None = None
+    exited: threading.Event = field(default_factory=threading.Event)
+    console_closed: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class LinuxPD:
+    pd_id: int
+    desc: PDDescription
+    groups: cgroups.PDCgroups
+    console: Console = field(default_factory=Console)
+    image_fd: int | None = None
+    archive: bool = False
+    run: Run | None = None
+    pids_max: int = DEFAULT_PIDS_MAX
+    destroyed: bool = False
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+class LinuxDriver(Driver):
+    name = "linux"
+    capabilities = frozenset({PDStatus.PAUSED, PDStatus.RESTARTING})
+    unsupported_reasons = {PDStatus.SUSPENDED: NO_SUSPEND}
+
+    def __init__(self, *, lifeline: bool = True):
+        # Session mode: PDs die with the manager process.  The init of each
+        # PD watches the read end; only this process holds the write end.
+        self._lifeline_r, self._lifeline_w = os.pipe2(os.O_CLOEXEC) if lifeline else (-1, -1)
+        self._monitor = Monitor()
+        self._outer_ids = spawn.default_outer_ids()
+
+    # -- facts ------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        namespaces = sorted(os.listdir("/proc/self/ns"))
+        return {
+            "driver": self.name,
+            "kernel": os.uname().release,
+            "cgroup": cgroups.describe(),
+            "namespaces": ", ".join(n for n in namespaces if not n.endswith("_for_children")),
+            "landlock_abi": spawn.landlock_abi(),
+            "seccomp": spawn.seccomp_available(),
+            "pd_uid_outside": self._outer_ids[0],
+            "capabilities": ", ".join(s.name for s in sorted(self.capabilities)),
+            "not_supported": {s.name: why for s, why in self.unsupported_reasons.items()},
+        }
+
+    def host_resources(self) -> HostResources:
+        with open("/proc/meminfo") as f:
+            total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+        return HostResources(cpus=len(os.sched_getaffinity(0)), memory=total)
+
+    # -- allocation and images ----------------------------------------------------------------
+    def allocate(self, pd_id: int, desc: PDDescription) -> LinuxPD:
+        groups = cgroups.PDCgroups.create(f"bmi-{os.getpid()}-pd{pd_id}", pd_id=pd_id)
+        try:
+            groups.set_memory_max(desc.mem)
+            ncpus = groups.set_cpus(desc.cpu)
+            groups.set_cpu_share(desc.performance, ncpus)
+            groups.set_weight(0)
+            groups.set_pids_max(DEFAULT_PIDS_MAX)
+        except BaseException:
+            groups.destroy()
+            raise
+        return LinuxPD(pd_id, desc, groups)
+
+    def check_config(self, pd: LinuxPD, name: str, value: str) -> None:
+        if name == "/boot/cmdline":
+            try:
+                shlex.split(value)
+            except ValueError as e:
+                raise InvalidArgument(f"set_config_param /boot/cmdline of PD {pd.pd_id}: cannot split "
+                                      f"{value!r} shell-style: {e}", pd_id=pd.pd_id) from None
+        elif name.startswith("/boot/env/") and not _ENV_NAME.match(name[len("/boot/env/"):]):
+            raise InvalidArgument(f"set_config_param {name} of PD {pd.pd_id}: not a valid environment "
+                                  f"variable name", pd_id=pd.pd_id)
+
+    def load(self, pd: LinuxPD, image: PDImage, banks: Sequence[str],
+             progress: Progress | None) -> dict[str, bytes]:
+        what = f"setup_pd of PD {pd.pd_id}"
+        fd = self._memfd(f"bmi-pd{pd.pd_id}", pd.pd_id)
+        try:
+            digests = measure_into(image, fd, banks=banks, progress=progress, pd_id=pd.pd_id)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+            archive = formats.classify(fd, os.fstat(fd).st_size, what=what)
+        except BaseException:
+            os.close(fd)
+            raise
+        old, pd.image_fd, pd.archive = pd.image_fd, fd, archive
+        if old is not None:
+            os.close(old)
+        return digests
+
+    @staticmethod
+    def _memfd(name: str, pd_id: int) -> int:
+        # MFD_EXEC: where vm.memfd_noexec is 1 a memfd without it cannot be executed.
+        for flags in (MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_EXEC, MFD_CLOEXEC | MFD_ALLOW_SEALING):
+            try:
+                return os.memfd_create(name, flags)
+            except OSError as e:
+                error = e
+        raise ResourceError(f"setup_pd of PD {pd_id}: memfd_create failed: {error.strerror}", pd_id=pd_id)
+
+    # -- running ----------------------------------------------------------------------------
+    def start(self, pd: LinuxPD, config: Mapping[str, str], priority: int) -> None:
+        if pd.image_fd is None:
+            raise InvalidState(f"start of PD {pd.pd_id}: no image loaded", pd_id=pd.pd_id)
+        self._discard_run(pd)
+        argv = shlex.split(config.get("/boot/cmdline", "")) or ["init"]
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/", "BMI_PD_ID": str(pd.pd_id)}
+        env.update({k[len("/boot/env/"):]: v for k, v in config.items() if k.startswith("/boot/env/")})
+        console_r, console_w = os.pipe2(os.O_CLOEXEC)
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            oom_base = pd.groups.oom_kills()
+            child = spawn.spawn(pd.image_fd, archive=pd.archive, argv=argv, env=env, console_fd=console_w,
+                                status_fd=status_w, lifeline_fd=self._lifeline_r,
+                                cgroup_procs=pd.groups.procs_files, outer_uid=self._outer_ids[0],
+                                outer_gid=self._outer_ids[1], hostname=f"pd{pd.pd_id}",
+                                tmpfs_bytes=pd.desc.mem, pd_id=pd.pd_id)
+        except BaseException:
+            os.close(console_r)
+            os.close(status_r)
+            raise
+        finally:
+            os.close(console_w)
+            os.close(status_w)
+        run = Run(child.pid, child.pidfd, status_r, oom_base)
+        pd.run = run
+        self._renice(pd, priority)
+
+        def on_console(data: bytes) -> None:
+            if data:
+                pd.console.append(data)
+            else:
+                run.console_closed.set()
+                pd.console.poke()
+
+        self._monitor.watch_console(console_r, on_console)
+        self._monitor.watch_exit(child.pidfd, lambda: self._on_exit(pd, run))
+
+    def _on_exit(self, pd: LinuxPD, run: Run) -> None:
+        """Runs on the monitor thread: reap the PD's init and say how the run ended."""
+        try:
+            waited = os.waitid(os.P_PIDFD, run.pidfd, os.WEXITED)
+        except ChildProcessError:
+            waited = None
+        record = spawn.read_exit(run.status_r)
+        oom = pd.groups.oom_kills() > run.oom_base
+        run.ended = self._classify(run, record, waited, oom)
+        run.exited.set()
+        pd.console.poke()
+
+    @staticmethod
+    def _classify(run: Run, record: tuple[str, int] | None, waited: Any, oom: bool) -> ExitInfo:
+        code = record[1] if record and record[0] == "exit" else None
+        if record is None:
+            init_signal = waited.si_status if waited is not None else signal.SIGKILL
+            how = f"the PD's init was killed by {_signal_name(init_signal)}"
+        elif record[0] == "signal":
+            how = f"killed by {_signal_name(record[1])}"
+        else:
+            how = f"exited with status {record[1]}"
+        if oom:
+            return ExitInfo(PDStatus.CRASHED, code, "oom")
+        if run.forced:
+            return ExitInfo(PDStatus.SHUTDOWN, code, "shutdown requested; killed after the grace period")
+        if run.stop_requested:
+            return ExitInfo(PDStatus.SHUTDOWN, code, f"shutdown requested; {how}")
+        if record is not None and record[0] == "exit":
+            return ExitInfo(PDStatus.SHUTDOWN, code, how)
+        return ExitInfo(PDStatus.CRASHED, code, how)
+
+    def exit_info(self, pd: LinuxPD) -> ExitInfo | None:
+        return pd.run.ended if pd.run is not None else None
+
+    def wait(self, pd: LinuxPD, timeout: float | None) -> ExitInfo | None:
+        if pd.run is None:
+            return None
+        pd.run.exited.wait(timeout)
+        return pd.run.ended
+
+    def stop(self, pd: LinuxPD, grace: float) -> ExitInfo:
+        run = pd.run
+        if run is None:
+            raise InvalidState(f"shutdown of PD {pd.pd_id}: not running", pd_id=pd.pd_id)
+        run.stop_requested = True
+        if not run.exited.is_set():
+            if pd.groups.frozen():
+                pd.groups.thaw()
+            try:
+                signal.pidfd_send_signal(run.pidfd, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            if not run.exited.wait(grace):
+                run.forced = True
+                self._kill(pd, run)
+        assert run.ended is not None
+        return run.ended
+
+    def _kill(self, pd: LinuxPD, run: Run) -> None:
+        pd.groups.kill_all()
+        if not run.exited.wait(KILL_TIMEOUT):
+            raise ResourceError(f"PD {pd.pd_id}: its init (pid {run.pid}) did not end {KILL_TIMEOUT}s after "
+                                f"SIGKILL", pd_id=pd.pd_id)
+        run.console_closed.wait(KILL_TIMEOUT)
+
+    def _discard_run(self, pd: LinuxPD) -> None:
+        run, pd.run = pd.run, None
+        if run is None:
+            return
+        if not run.exited.is_set():
+            run.forced = True
+            self._kill(pd, run)
+        run.console_closed.wait(KILL_TIMEOUT)
+        os.close(run.pidfd)
+        os.close(run.status_r)
+
+    def pause(self, pd: LinuxPD) -> None:
+        pd.groups.freeze()
+
+    def resume(self, pd: LinuxPD) -> None:
+        pd.groups.thaw()
+
+    def destroy(self, pd: LinuxPD) -> None:
+        if pd.destroyed:
+            return
+        if pd.run is not None and pd.groups.frozen():
+            pd.groups.thaw()
+        self._discard_run(pd)
+        pd.groups.destroy()
+        if pd.image_fd is not None:
+            os.close(pd.image_fd)
+            pd.image_fd = None
+        pd.destroyed = True
+
+    # -- resources --------------------------------------------------------------------------
+    def set_priority(self, pd: LinuxPD, priority: int) -> None:
+        pd.groups.set_weight(priority)
+        self._renice(pd, priority)
+
+    def _renice(self, pd: LinuxPD, priority: int) -> None:
+        """nice = -priority for every process of the PD (children inherit it)."""
+        if pd.run is None or pd.run.exited.is_set():
+            return
+        for pid in pd.groups.pids():
+            try:
+                os.setpriority(os.PRIO_PROCESS, pid, -priority)
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                # Raising priority needs CAP_SYS_NICE; the CPU weight still applies.
+                break
+
+    def set_memory(self, pd: LinuxPD, nbytes: int) -> None:
+        pd.groups.set_memory_max(nbytes)
+
+    def memory_limit(self, pd: LinuxPD) -> int:
+        return pd.groups.memory_max()
+
+    def memory_used(self, pd: LinuxPD) -> int:
+        return pd.groups.memory_current()
+
+    def set_cpus(self, pd: LinuxPD, count: int) -> int:
+        actual = pd.groups.set_cpus(count)
+        pd.groups.set_cpu_share(pd.desc.performance, actual)
+        return actual
+
+    def cpus(self, pd: LinuxPD) -> int:
+        return pd.groups.cpus()
+
+    def set_performance(self, pd: LinuxPD, percent: int) -> None:
+        pd.groups.set_cpu_share(percent, pd.groups.cpus())
+
+    def extra_params(self, pd: LinuxPD) -> dict[str, Leaf]:
+        def set_pids_max(value: str) -> None:
+            limit = parse_int(value, what="/system/pids/max", pd_id=pd.pd_id, lo=1, hi=4194304)
+            pd.groups.set_pids_max(limit)
+            pd.pids_max = limit
+
+        return {
+            "/system/pids/current": Leaf(get=lambda: str(len(pd.groups.pids()))),
+            "/system/pids/max": Leaf(get=lambda: str(pd.pids_max), set=set_pids_max),
+            "/system/image/format": const("archive" if pd.archive else "elf") if pd.image_fd is not None
+            else const("none"),
+        }
+
+    # -- console ----------------------------------------------------------------------------
+    def read_console(self, pd: LinuxPD, since: int, timeout: float | None) -> tuple[int, bytes]:
+        run = pd.run
+        return pd.console.read(since, timeout, lambda: run is None or run.console_closed.is_set())
+
+    def console_log(self, pd: LinuxPD) -> bytes:
+        return pd.console.tail()
+
+    # -- devices ----------------------------------------------------------------------------
+    def list_devices(self) -> list[str]:
+        return list(PD_DEVICES)
+
+    def assigned_devices(self, pd: LinuxPD) -> list[str]:
+        return list(PD_DEVICES)
+
+    def assign_device(self, pd: LinuxPD, device: str) -> None:
+        raise NotSupported(f"assign {device!r} to PD {pd.pd_id}: the Linux driver gives every PD "
+                           f"{', '.join(PD_DEVICES)} and cannot pass other host devices yet", pd_id=pd.pd_id)
+
+    unassign_device = assign_device
+
+    def close(self) -> None:
+        self._monitor.close()
+        if self._lifeline_w >= 0:
+            os.close(self._lifeline_w)
+            os.close(self._lifeline_r)
+            self._lifeline_w = self._lifeline_r = -1

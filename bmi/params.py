@@ -1,0 +1,133 @@
+"""The '/'-hierarchical runtime parameter tree (spec 7.2.12-7.2.14, 7.6).
+
+A tree is a flat map of full names to leaves, each with an optional getter
+and setter; directories are implied by the names.  The tree is rebuilt
+from the PD's state on each call, so a parameter exists exactly while its
+mechanism does (e.g. `/system/exit-status` only after the PD ended).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from .errors import InvalidArgument, PermissionDenied
+from .types import RuntimeCapability
+
+Getter = Callable[[], str]
+Setter = Callable[[str], None]
+
+MAX_NAME = 4096
+
+
+def normalize(name: object, *, what: str, pd_id: int | None, allow_root: bool = False) -> str:
+    """Return the canonical form of a parameter path ('/a/b'), or raise."""
+    if not isinstance(name, str):
+        raise InvalidArgument(f"{what} of PD {pd_id}: name must be a str, got {type(name).__name__}",
+                              pd_id=pd_id)
+    if len(name) > MAX_NAME or "\0" in name:
+        raise InvalidArgument(f"{what} of PD {pd_id}: name too long or contains NUL", pd_id=pd_id)
+    parts = [p for p in name.strip().split("/")]
+    # A leading '/' is the root; a trailing '/' is ignored (spec 7.2.14).
+    if parts and parts[0] == "":
+        parts = parts[1:]
+    while parts and parts[-1] == "":
+        parts.pop()
+    if not parts:
+        if allow_root:
+            return "/"
+        raise InvalidArgument(f"{what} of PD {pd_id}: empty parameter name", pd_id=pd_id)
+    if any(p in ("", ".", "..") for p in parts):
+        raise InvalidArgument(f"{what} of PD {pd_id}: malformed parameter name {name!r}", pd_id=pd_id)
+    return "/" + "/".join(parts)
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One parameter: readable when it has a getter, writable with a setter."""
+
+    get: Getter | None = None
+    set: Setter | None = None
+
+
+class ParamTree:
+    """A PD's runtime parameters at one moment."""
+
+    def __init__(self, pd_id: int, leaves: dict[str, Leaf]):
+        self.pd_id = pd_id
+        self.leaves = leaves
+
+    def _leaf(self, name: str, what: str) -> tuple[str, Leaf]:
+        path = normalize(name, what=what, pd_id=self.pd_id)
+        leaf = self.leaves.get(path)
+        if leaf is None:
+            if any(k.startswith(path + "/") for k in self.leaves):
+                raise InvalidArgument(
+                    f"{what} {path!r} of PD {self.pd_id}: it is a directory; list it with "
+                    f"list_runtime_params({path!r})", pd_id=self.pd_id)
+            raise InvalidArgument(
+                f"{what} {path!r} of PD {self.pd_id}: no such parameter "
+                f"(list_runtime_params() shows what exists)", pd_id=self.pd_id)
+        return path, leaf
+
+    def get(self, name: str) -> str:
+        path, leaf = self._leaf(name, "get_runtime_param")
+        if leaf.get is None:
+            raise PermissionDenied(f"get_runtime_param {path!r} of PD {self.pd_id}: write-only parameter",
+                                   pd_id=self.pd_id)
+        return leaf.get()
+
+    def set(self, name: str, value: str) -> None:
+        path, leaf = self._leaf(name, "set_runtime_param")
+        if not isinstance(value, str):
+            raise InvalidArgument(f"set_runtime_param {path!r} of PD {self.pd_id}: value must be a str, "
+                                  f"got {type(value).__name__}", pd_id=self.pd_id)
+        if leaf.set is None:
+            raise PermissionDenied(f"set_runtime_param {path!r} of PD {self.pd_id}: read-only parameter",
+                                   pd_id=self.pd_id)
+        leaf.set(value)
+
+    def list(self, root: str = "/") -> list[RuntimeCapability]:
+        base = normalize(root, what="list_runtime_params", pd_id=self.pd_id, allow_root=True)
+        prefix = "/" if base == "/" else base + "/"
+        if base != "/" and base not in self.leaves and not any(k.startswith(prefix) for k in self.leaves):
+            raise InvalidArgument(f"list_runtime_params {base!r} of PD {self.pd_id}: no such parameter",
+                                  pd_id=self.pd_id)
+        children: dict[str, RuntimeCapability] = {}
+        for name, leaf in self.leaves.items():
+            if not name.startswith(prefix):
+                continue
+            child = prefix + name[len(prefix):].split("/", 1)[0]
+            if child == name:
+                children[child] = RuntimeCapability(child, leaf.get is not None, leaf.set is not None)
+            else:
+                children.setdefault(child, RuntimeCapability(child, False, False))
+        return [children[k] for k in sorted(children)]
+
+
+def parse_int(value: str, *, what: str, pd_id: int, lo: int, hi: int, unit_suffixes: bool = False) -> int:
+    """Parse a decimal parameter value (optionally with K/M/G) within [lo, hi]."""
+    text = value.strip()
+    mult = 1
+    if unit_suffixes and text[-1:].upper() in ("K", "M", "G"):
+        mult = 1024 ** ("KMG".index(text[-1].upper()) + 1)
+        text = text[:-1]
+    try:
+        number = int(text, 10) * mult
+    except ValueError:
+        raise InvalidArgument(f"{what} of PD {pd_id}: {value!r} is not a whole number", pd_id=pd_id) from None
+    if not lo <= number <= hi:
+        raise InvalidArgument(f"{what} of PD {pd_id}: {number} is outside [{lo}, {hi}]", pd_id=pd_id)
+    return number
+
+
+def const(value: str) -> Leaf:
+    """A read-only parameter with a fixed value."""
+    return Leaf(get=lambda: value)
+
+
+def merge(*groups: Iterable[tuple[str, Leaf]]) -> dict[str, Leaf]:
+    """Join groups of (name, leaf) pairs into one leaf map."""
+    out: dict[str, Leaf] = {}
+    for group in groups:
+        out.update(group)
+    return out

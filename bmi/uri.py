@@ -1,0 +1,45 @@
+"""Connection URIs, libvirt's model: the URI picks the driver and the mode."""
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit
+
+from .api import PDManagement
+from .errors import DriverUnavailable, InvalidArgument
+
+DEFAULT_URI = "linux:///session"
+KNOWN = {
+    ("linux", "/session"): "the embedded Linux driver, PDs live while this process lives",
+    ("linux", "/system"): "PDs owned by bmid over /run/bmi/bmid.sock",
+    ("xen", "/system"): "Xen domains through libxl, owned by bmid",
+    ("pd", "/"): "inside a PD: the channel named by BMI_CHANNEL_FD",
+}
+
+
+def open(uri: str | None = None, *, integrity: bool = True) -> PDManagement:  # noqa: A001 (spec name)
+    """Open a manager; None means $BMI_URI or linux:///session.
+
+    integrity=False skips the TPM link (integrity calls then raise NotSupported).
+    """
+    if uri is None:
+        uri = os.environ.get("BMI_URI") or DEFAULT_URI
+    if not isinstance(uri, str):
+        raise InvalidArgument(f"open: the URI must be a str, got {type(uri).__name__}")
+    parts = urlsplit(uri)
+    key = (parts.scheme, parts.path or "/")
+    if parts.netloc or key not in KNOWN:
+        known = ", ".join(f"{s}://{p}" for s, p in KNOWN)
+        raise InvalidArgument(f"open: unknown URI {uri!r}; known: {known}")
+    if key == ("linux", "/session"):
+        from .drivers.linux.driver import LinuxDriver
+        factory = _integrity_factory() if integrity else None
+        return PDManagement(LinuxDriver(), uri, integrity=factory)
+    raise DriverUnavailable(f"open {uri!r} ({KNOWN[key]}): not available in this version of bmi; "
+                            f"use {DEFAULT_URI}")
+
+
+def _integrity_factory():
+    def factory():
+        from .integrity.service import IntegrityService
+        return IntegrityService.open()
+    return factory
