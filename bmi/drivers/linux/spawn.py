@@ -1,0 +1,166 @@
+"""Start a PD's process tree: the only wrapper of the C shim bmi._spawn.
+
+Everything from fork to exec happens in C (csrc/spawn.c): a copy of a
+Python process must not run Python, and the PD must be mapped, placed in
+its cgroups and confined before any byte of its image runs.  This module
+checks arguments, marshals them and turns the shim's error codes into bmi
+exceptions.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+from dataclasses import dataclass
+from typing import Sequence
+
+from ...errors import ImageError, InvalidArgument, ResourceError
+
+try:
+    from ..._spawn import ffi as _ffi, lib as _lib
+except ImportError:  # pragma: no cover - only when the package was never built
+    _ffi = _lib = None
+
+_NOBODY = 65534
+_MAX_HOSTNAME = 64
+_REQUIRED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
+@dataclass(frozen=True)
+class Spawned:
+    pid: int      # host pid of the PD's init (pid 1 inside the PD)
+    pidfd: int    # pidfd of that process (caller owns it and closes it)
+
+
+def _shim():
+    if _lib is None:
+        raise ResourceError("the Linux spawn shim bmi._spawn is not built (run the package build)")
+    return _lib
+
+
+def _who(pd_id: int | None) -> str:
+    return "a PD" if pd_id is None else f"PD {pd_id}"
+
+
+def _cstrings(items: Sequence[str], what: str, pd_id: int | None):
+    """NUL-terminated char*[] plus the buffers that keep it alive."""
+    bufs = []
+    for s in items:
+        if not isinstance(s, str) or "\0" in s:
+            raise InvalidArgument(f"spawn of {_who(pd_id)}: {what} entry {s!r} is not a string without NUL",
+                                  pd_id=pd_id)
+        bufs.append(_ffi.new("char[]", os.fsencode(s)))
+    return _ffi.new("char *[]", bufs + [_ffi.NULL]), bufs
+
+
+def _check_fd(fd: int, name: str, pd_id: int | None, optional: bool = False) -> None:
+    if not isinstance(fd, int) or isinstance(fd, bool):
+        raise InvalidArgument(f"spawn of {_who(pd_id)}: {name} must be an int, got {fd!r}", pd_id=pd_id)
+    if optional and fd == -1:
+        return
+    try:
+        os.fstat(fd)
+    except OSError as e:
+        raise InvalidArgument(f"spawn of {_who(pd_id)}: {name}={fd} is not an open fd ({e.strerror})",
+                              pd_id=pd_id) from None
+
+
+def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
+          console_fd: int, status_fd: int, lifeline_fd: int = -1, channel_fd: int = -1,
+          cgroup_procs: Sequence[str] = (), outer_uid: int | None = None, outer_gid: int | None = None,
+          hostname: str = "pd", tmpfs_bytes: int = 0, seccomp: bool = True, landlock: bool = True,
+          pd_id: int | None = None) -> Spawned:
+    """Run the sealed memfd `exec_fd` (static ELF, or newc cpio root with /init) as a new PD.
+
+    Returns once the program has been exec'd (or raises, leaving no process
+    and no fd behind).  An empty argv becomes ["/init"].  The PD's init
+    writes "exit N" / "signal N" to status_fd when the program ends; the
+    caller should close its own copy of that pipe's write end (and of the
+    lifeline's read end) after this returns.
+    """
+    who = _who(pd_id)
+    for fd, name, optional in ((exec_fd, "exec_fd", False), (console_fd, "console_fd", False),
+                               (status_fd, "status_fd", False), (lifeline_fd, "lifeline_fd", True),
+                               (channel_fd, "channel_fd", True)):
+        _check_fd(fd, name, pd_id, optional)
+    try:
+        seals = fcntl.fcntl(exec_fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0
+    if seals & _REQUIRED_SEALS != _REQUIRED_SEALS:
+        # what runs must be exactly what was measured
+        raise InvalidArgument(f"spawn of {who}: exec_fd {exec_fd} is not a memfd sealed against write, "
+                              "shrink and grow", pd_id=pd_id)
+    encoded_host = hostname.encode() if isinstance(hostname, str) else b""
+    if not encoded_host or len(encoded_host) > _MAX_HOSTNAME or b"\0" in encoded_host:
+        raise InvalidArgument(f"spawn of {who}: hostname {hostname!r} must be 1-{_MAX_HOSTNAME} bytes",
+                              pd_id=pd_id)
+    if not isinstance(tmpfs_bytes, int) or tmpfs_bytes < 0:
+        raise InvalidArgument(f"spawn of {who}: tmpfs_bytes must be an int >= 0, got {tmpfs_bytes!r}",
+                              pd_id=pd_id)
+    for key in env:
+        if not isinstance(key, str) or not key or "=" in key:
+            raise InvalidArgument(f"spawn of {who}: environment name {key!r} is empty or has '='", pd_id=pd_id)
+    default_uid, default_gid = default_outer_ids()
+    uid = default_uid if outer_uid is None else outer_uid
+    gid = default_gid if outer_gid is None else outer_gid
+    for value, name in ((uid, "outer_uid"), (gid, "outer_gid")):
+        if not isinstance(value, int) or not 0 <= value < 2**32 - 1:
+            raise InvalidArgument(f"spawn of {who}: {name} {value!r} is not a valid id", pd_id=pd_id)
+
+    lib = _shim()
+    c_argv, keep_argv = _cstrings(list(argv) or ["/init"], "argv", pd_id)
+    c_env, keep_env = _cstrings([f"{k}={v}" for k, v in env.items()], "env", pd_id)
+    c_cg, keep_cg = _cstrings(list(cgroup_procs), "cgroup_procs", pd_id)
+    pid = _ffi.new("int *")
+    pidfd = _ffi.new("int *")
+    err = _ffi.new("char[]", 512)
+    flags = (lib.BMI_SPAWN_SECCOMP if seccomp else 0) | (lib.BMI_SPAWN_LANDLOCK if landlock else 0)
+    rc = lib.bmi_spawn(exec_fd, int(bool(archive)), c_argv, c_env, console_fd, status_fd, lifeline_fd,
+                       channel_fd, c_cg, uid, gid, encoded_host, tmpfs_bytes, flags, pid, pidfd, err, len(err))
+    del keep_argv, keep_env, keep_cg
+    if rc == lib.BMI_SPAWN_OK:
+        return Spawned(pid=pid[0], pidfd=pidfd[0])
+    reason = _ffi.string(err).decode(errors="backslashreplace")
+    what = "an archive root" if archive else "an ELF image"
+    message = f"spawn of {who} from {what}: {reason}"
+    if rc == lib.BMI_SPAWN_EIMAGE:
+        raise ImageError(message, pd_id=pd_id)
+    if rc == lib.BMI_SPAWN_EINVAL:
+        raise InvalidArgument(message, pd_id=pd_id)
+    raise ResourceError(message, pd_id=pd_id)
+
+
+def read_exit(status_fd: int) -> tuple[str, int] | None:
+    """Parse what the PD's init wrote: ("exit", code), ("signal", signo), or None if nothing yet.
+
+    Never blocks (poll with timeout 0), so it does not change the fd's flags.
+    """
+    poller = select.poll()
+    poller.register(status_fd, select.POLLIN)
+    if not poller.poll(0):
+        return None
+    line = os.read(status_fd, 64)
+    if not line:
+        return None  # init was killed before the program ended: nothing to report
+    kind, _, number = line.decode("ascii", "replace").strip().partition(" ")
+    if kind not in ("exit", "signal") or not number.isdigit():
+        raise ResourceError(f"reading a PD's exit status: malformed status line {line!r}")
+    return kind, int(number)
+
+
+def landlock_abi() -> int:
+    """The kernel's landlock ABI version; 0 when landlock is unavailable."""
+    return int(_shim().bmi_landlock_abi())
+
+
+def seccomp_available() -> bool:
+    """Whether seccomp filters can be installed here."""
+    return bool(_shim().bmi_seccomp_available())
+
+
+def default_outer_ids() -> tuple[int, int]:
+    """Who the PD's root is outside: nobody when we are root, else the caller (the only id it may map)."""
+    if os.getuid() == 0:
+        return _NOBODY, _NOBODY
+    return os.getuid(), os.getgid()

@@ -1,0 +1,20 @@
+/* Flat C API of the Linux PD spawn path (cffi cdef is this file minus #include lines). */
+#include <stddef.h>
+
+/* flags */
+#define BMI_SPAWN_SECCOMP 1
+#define BMI_SPAWN_LANDLOCK 2
+
+/* return codes: 0 = started; otherwise err holds "stage: reason" */
+#define BMI_SPAWN_OK 0
+#define BMI_SPAWN_EIMAGE 1
+#define BMI_SPAWN_ERESOURCE 2
+#define BMI_SPAWN_EINVAL 3
+
+int bmi_spawn(int exec_fd, int archive, char *argv[], char *envp[],
+              int console_fd, int status_fd, int lifeline_fd, int channel_fd,
+              char *cgroup_procs[], int outer_uid, int outer_gid,
+              const char *hostname, unsigned long long tmpfs_bytes, int flags,
+              int *pid_out, int *pidfd_out, char *err, size_t errlen);
+int bmi_landlock_abi(void);
+int bmi_seccomp_available(void);
