@@ -1,0 +1,28 @@
+/* measure.h: copy an image into a PD's memfd and hash it in one pass.
+ * Flat API for cffi; the handle is opaque.  Errors are negative errnos
+ * (-ENODATA: the input file ended before the length asked). */
+#include <stddef.h>
+#include <stdint.h>
+
+#define BMI_BANK_SHA256 1
+#define BMI_BANK_SHA384 2
+#define BMI_BANK_SHA512 4
+#define BMI_MEAS_DEPTH 4
+#define BMI_MEAS_CHUNK 1048576
+#define BMI_MEAS_DIGESTS 144
+
+/* mode: how the bytes reach the memfd */
+#define BMI_MEAS_FEED 0
+#define BMI_MEAS_FILE 1
+
+/* flags */
+#define BMI_MEAS_SERIAL_BANKS 1
+
+typedef struct bmi_meas bmi_meas;
+
+int bmi_meas_new(int out_fd, unsigned banks, int mode, int flags, bmi_meas **out);
+int bmi_meas_feed(bmi_meas *m, const unsigned char *buf, size_t len);
+int bmi_meas_file(bmi_meas *m, int in_fd, uint64_t in_off, uint64_t len);
+int bmi_meas_finish(bmi_meas *m, unsigned char *digests);
+void bmi_meas_abort(bmi_meas *m);
+int bmi_hash_fd(int fd, unsigned bank, uint64_t len, unsigned char *digest);
