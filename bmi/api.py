@@ -187,9 +187,9 @@ class PDManagement:
                 return
             self._closed = True
         errors = []
-        for pd_id in sorted(self._pds):
+        for pd in sorted(self._pds.values(), key=lambda p: p.pd_id):
             try:
-                self._destroy(pd_id)
+                self._destroy(pd)
             except BMIError as e:       # keep going: leave nothing behind
                 errors.append(e)
         self._finalizer.detach()
@@ -226,8 +226,8 @@ class PDManagement:
             raise NoSuchDomain(f"{what}: PD {pd_id} does not exist ({why})", pd_id=pd_id)
         return pd
 
-    def _destroy(self, pd_id: int) -> None:
-        pd = self._pd(pd_id, "destroy")
+    def _destroy(self, pd: _PD) -> None:
+        pd_id = pd.pd_id
         with pd.lock:
             self._driver.destroy(pd.handle)
             with self._lock:
@@ -319,8 +319,8 @@ class PDController:
         return self._pd("get_priority").priority
 
     def get_current_status(self) -> PDStatus:
+        self._mgr._check_open("get_current_status")
         if self._id == MANAGER_PD:
-            self._mgr._check_open("get_current_status")
             return PDStatus.RUNNING
         if self._id in self._mgr._destroyed:
             return PDStatus.DESTROYED
@@ -386,8 +386,7 @@ class PDController:
         pd.status, pd.ended = PDStatus.RUNNING, None
 
     def destroy(self) -> None:
-        self._pd("destroy")
-        self._mgr._destroy(self._id)
+        self._mgr._destroy(self._pd("destroy"))
 
     def setup_pd(self, image: Any, *, banks: Sequence[str] = ("sha256",),
                  progress: Progress | None = None) -> None:

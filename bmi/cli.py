@@ -1,0 +1,231 @@
+"""The `bmi` command: run measured, isolated PDs and inspect the layer.
+
+Human output by default, `--json` for scripts.  Exit status of `bmi run` is
+the PD's: its exit status, 128+N when killed by signal N (137 for oom).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import sys
+from typing import Any, Sequence
+
+from . import (BMIError, FileImage, PDDescription, PDStatus, errors)
+from .uri import open as bmi_open
+
+PROGRESS_THRESHOLD = 64 * 1024 * 1024
+EPILOG_RUN = """\
+examples:
+  bmi run /bin/busybox -- busybox sh -c 'echo hello from $(hostname); ip link'
+  bmi run --mem 32M --cpus 1 --performance 50 ./static-prog -- prog --flag
+  bmi bundle /usr/bin/python3 -o py.cpio && bmi run py.cpio -- python3 -c 'print(1)'
+  bmi run --attest --nonce 0011 ./static-prog > out.txt 2> report.json
+"""
+
+
+def parse_size(text: str) -> int:
+    """'64M' -> 67108864; plain numbers are bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 64M or 1G") from None
+
+
+def _print(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+        return
+    width = max(len(k) for k in data)
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        print(f"{key:<{width}}  {value}")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with bmi_open(args.uri, integrity=False) as mgr:
+        info = dict(mgr._driver.info())
+        info["uri"] = mgr.uri
+        info["api_version"] = f"{mgr.get_version() >> 16}.{mgr.get_version() & 0xffff}"
+        host = mgr.get_controller()
+        info["host_cpus"] = host.get_runtime_param("/system/cpu/max")
+        info["host_memory"] = host.get_runtime_param("/system/memory/max")
+    try:
+        from .integrity.service import IntegrityService
+        service = IntegrityService.open()
+        try:
+            info["tpm"] = service.tpm_kind
+        finally:
+            service.close()
+    except (BMIError, ImportError) as e:
+        info["tpm"] = f"unavailable ({e})"
+    _print(info, args.json)
+    return 0
+
+
+def _progress_bar(total: int):
+    if total < PROGRESS_THRESHOLD or not sys.stderr.isatty():
+        return None, None
+    from tqdm import tqdm
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="measuring", file=sys.stderr)
+
+    def update(done: int, _total: int) -> None:
+        bar.update(done - bar.n)
+
+    return bar, update
+
+
+def _exit_code(status: PDStatus, exit_status: str | None, reason: str) -> int:
+    if status is PDStatus.SHUTDOWN and exit_status is not None:
+        return int(exit_status)
+    if reason == "oom":
+        return 128 + signal.SIGKILL
+    for sig in signal.Signals:
+        if sig.name in reason:
+            return 128 + sig.value
+    return 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    image = FileImage(args.image)
+    argv = args.args[1:] if args.args[:1] == ["--"] else args.args
+    cmdline = shlex.join(argv or [os.path.basename(args.image)])
+    banks = [b.strip() for b in args.banks.split(",") if b.strip()]
+    with bmi_open(args.uri, integrity=args.attest) as mgr:
+        pd = mgr.allocate_pd(PDDescription(mem=args.mem, cpu=args.cpus, performance=args.performance))
+        pid = pd.get_pd_id()
+        bar, update = _progress_bar(image.get_image_size())
+        try:
+            pd.setup_pd(image, banks=banks, progress=update)
+        finally:
+            if bar is not None:
+                bar.close()
+        measurement = pd.measurement()
+        for bank, digest in measurement.items():
+            print(f"bmi: PD {pid} measured {bank}:{digest.hex()}", file=sys.stderr)
+        pd.set_priority(args.priority)
+        pd.set_config_param("/boot/cmdline", cmdline)
+        for item in args.env:
+            name, _, value = item.partition("=")
+            pd.set_config_param(f"/boot/env/{name}", value)
+        pd.request_status_change(PDStatus.RUNNING)
+        if args.attest:
+            nonce = bytes.fromhex(args.nonce) if args.nonce else os.urandom(32)
+            report = pd.get_integrity_link(nonce)
+            print(report.to_json(), file=sys.stderr, flush=True)
+        try:
+            offset = 0
+            while True:
+                offset, data = pd.read_console(offset, timeout=0.5)
+                if data:
+                    sys.stdout.buffer.write(data)
+                    sys.stdout.buffer.flush()
+                if pd.get_current_status() not in (PDStatus.RUNNING, PDStatus.PAUSED) and not data:
+                    offset, data = pd.read_console(offset, timeout=2.0)
+                    sys.stdout.buffer.write(data)
+                    sys.stdout.buffer.flush()
+                    break
+        except KeyboardInterrupt:
+            print(f"\nbmi: interrupted; destroying PD {pid}", file=sys.stderr)
+            pd.destroy()
+            return 130
+        status = pd.get_current_status()
+        params = {c.name for c in pd.list_runtime_params("/system")}
+        exit_status = pd.get_runtime_param("/system/exit-status") if "/system/exit-status" in params else None
+        reason = pd.get_runtime_param("/system/exit-reason")
+        summary = {"pd": pid, "status": status.name, "exit_status": exit_status, "reason": reason,
+                   "measurement": {b: d.hex() for b, d in measurement.items()}}
+        if args.json:
+            print(json.dumps(summary, sort_keys=True))
+        else:
+            print(f"bmi: PD {pid} {status.name}: {reason}", file=sys.stderr)
+        return _exit_code(status, exit_status, reason)
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from .drivers.linux.bundle import bundle
+    tmp = args.output + ".tmp"
+    try:
+        with open(tmp, "wb") as out:
+            paths = bundle(args.executable, out, extra=args.add)
+        os.replace(tmp, args.output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    if args.json:
+        print(json.dumps({"output": args.output, "files": paths}))
+    else:
+        print(f"bmi: wrote {args.output}: {len(paths)} paths, /init -> {os.path.abspath(args.executable)}",
+              file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bmi", description="Create, measure, run and attest isolated protection domains (OpenTC BMI v0.1).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="URIs: linux:///session (default, in-process). Set BMI_URI or --uri.\n"
+               "Run `bmi COMMAND --help` for examples.")
+    parser.add_argument("--uri", default=None, help="connection URI (default: $BMI_URI or linux:///session)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = sub.add_parser("info", help="what the layer is and can do (driver, cgroups, namespaces, TPM)")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
+
+    run = sub.add_parser("run", help="measure and run an image as a PD, streaming its console",
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_RUN,
+                         description="Allocate a PD, measure IMAGE into it (SHA-256 printed on stderr), start "
+                                     "it, stream its console, and exit with its status. Ctrl-C destroys it.")
+    run.add_argument("image", metavar="IMAGE", help="a static ELF, or a newc cpio root with /init (bmi bundle)")
+    run.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS",
+                     help="the PD's argv (argv[0] first); default: the image's file name")
+    run.add_argument("--mem", type=parse_size, default=64 << 20, help="hard memory limit (default 64M)")
+    run.add_argument("--cpus", type=int, default=1, help="number of CPUs (clamped to the host; default 1)")
+    run.add_argument("--performance", type=int, default=100, help="share of those CPUs in percent (1-100)")
+    run.add_argument("--priority", type=int, default=0, help="-10..+10 (nice and CPU weight; default 0)")
+    run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment (repeatable)")
+    run.add_argument("--banks", default="sha256", help="digest banks, e.g. sha256,sha384 (default sha256)")
+    run.add_argument("--attest", action="store_true", help="print an integrity report (JSON) on stderr")
+    run.add_argument("--nonce", help="hex nonce for --attest (default: 32 random bytes)")
+    run.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
+    run.set_defaults(func=cmd_run)
+
+    bundle = sub.add_parser("bundle", help="make a root archive so a dynamically linked program can run as a PD",
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="example:\n  bmi bundle /bin/sh --add /bin/ls --add /etc/passwd -o root.cpio\n"
+                                   "  bmi run root.cpio -- sh -c 'ls -l /'")
+    bundle.add_argument("executable", metavar="EXE", help="the program; /init points at it")
+    bundle.add_argument("--add", action="append", default=[], metavar="PATH",
+                        help="also include PATH (file or directory, at the same path; repeatable)")
+    bundle.add_argument("-o", "--output", required=True, metavar="FILE", help="the archive to write")
+    bundle.add_argument("--json", action="store_true", help="list the archived paths as JSON")
+    bundle.set_defaults(func=cmd_bundle)
+
+    try:
+        from .integrity import cli as integrity_cli
+    except ImportError:
+        integrity_cli = None
+    if integrity_cli is not None:
+        integrity_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except errors.BMIError as e:
+        print(f"bmi: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Fixtures shared by every layer's tests: a leak check after each test."""
+from __future__ import annotations
+
+import glob
+import os
+import threading
+import time
+
+import pytest
+
+
+def _children() -> set[int]:
+    pids: set[int] = set()
+    for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        try:
+            with open(path) as f:
+                pids.update(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return pids
+
+
+def _fds() -> dict[int, str]:
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+    return out
+
+
+def _our_cgroups() -> set[str]:
+    from bmi.drivers.linux import cgroups
+    found: set[str] = set()
+    for tree in cgroups._layout():
+        found.update(glob.glob(os.path.join(tree.own, f"bmi-{os.getpid()}-*")))
+    return found
+
+
+def _settle(check, before, timeout: float = 3.0):
+    """Give exiting processes and closing threads a moment; return what is still extra."""
+    deadline = time.monotonic() + timeout
+    while True:
+        extra = check() - before if isinstance(before, set) else None
+        if not extra or time.monotonic() > deadline:
+            return extra
+        time.sleep(0.02)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    """Fail a test that leaves a process, fd, thread or cgroup of ours behind."""
+    if request.node.get_closest_marker("allow_leaks"):
+        yield
+        return
+    children, fds, threads, groups = _children(), _fds(), set(threading.enumerate()), _our_cgroups()
+    yield
+    leaked_children = _settle(_children, children)
+    leaked_threads = _settle(lambda: set(threading.enumerate()), threads)
+    leaked_groups = _settle(_our_cgroups, groups)
+    now = _fds()
+    leaked_fds = {fd: target for fd, target in now.items() if fds.get(fd) != target}
+    problems = []
+    if leaked_children:
+        problems.append(f"child processes left: {sorted(leaked_children)}")
+    if leaked_threads:
+        problems.append(f"threads left: {sorted(t.name for t in leaked_threads)}")
+    if leaked_groups:
+        problems.append(f"cgroups left: {sorted(leaked_groups)}")
+    if leaked_fds:
+        problems.append(f"fds left: {leaked_fds}")
+    if problems:
+        pytest.fail("leak check: " + "; ".join(problems), pytrace=False)
