@@ -104,7 +104,7 @@ def _own_dir(mount: str, mount_root: str, path: str) -> str | None:
         path = path[len(mount_root):]
     if path.startswith("/.."):
         return None
-    return os.path.join(mount, path.lstrip("/"))
+    return os.path.normpath(os.path.join(mount, path.lstrip("/")))
 
 
 def _layout() -> list[_Tree]:
@@ -201,7 +201,8 @@ class PDCgroups:
         self._ctl = {c: g for g in groups for c in g.controllers}
         v2 = next((g for g in groups if g.version == 2), None)
         # the v2 group whose cgroup.kill kills its whole subtree at once
-        self._killer: _Group | None = v2 if v2 and os.path.exists(os.path.join(v2.path, "cgroup.kill")) else None
+        self._killer: _Group | None = (
+            v2 if v2 and os.path.exists(os.path.join(v2.path, "cgroup.kill")) else None)
         if v2 and os.path.exists(os.path.join(v2.path, "cgroup.freeze")):
             self._freezer: _Group | None = v2
         else:
