@@ -1,0 +1,80 @@
+"""The `bmi` command, run as a user would (a real subprocess)."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import busybox_path
+
+BMI = [sys.executable, "-m", "bmi.cli"]
+
+
+def run(*args, **kw):
+    return subprocess.run([*BMI, *args], capture_output=True, text=True, timeout=60, **kw)
+
+
+def test_help_teaches():
+    done = run("--help")
+    assert done.returncode == 0
+    for command in ("info", "run", "bundle"):
+        assert command in done.stdout
+    run_help = run("run", "--help").stdout
+    assert "examples:" in run_help and "--mem" in run_help
+
+
+def test_info_json():
+    done = run("info", "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["driver"] == "linux"
+    assert info["cgroup"]["version"] in ("1", "2", 1, 2)
+    assert "user" in info["namespaces"] and "net" in info["namespaces"]
+    assert info["api_version"] == "0.1"
+
+
+def test_run_streams_console_and_exits_with_pd_status():
+    done = run("run", busybox_path(), "--", "busybox", "sh", "-c", "echo out-line; exit 7")
+    assert done.returncode == 7, done.stderr
+    assert done.stdout == "out-line\n"
+    digest = hashlib.sha256(open(busybox_path(), "rb").read()).hexdigest()
+    assert f"sha256:{digest}" in done.stderr
+
+
+def test_run_json_summary_and_signal_exit():
+    done = run("run", "--json", "--mem", "32M", busybox_path(), "--", "busybox", "sh", "-c", "kill -KILL $$")
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "CRASHED" and "SIGKILL" in summary["reason"]
+    assert done.returncode == 128 + 9
+
+
+def test_run_bad_image_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"not an image")
+    done = run("run", str(bad))
+    assert done.returncode == 2
+    assert "ImageError" in done.stderr and "unknown image format" in done.stderr
+
+
+def test_run_rejects_bad_sizes():
+    done = run("run", "--mem", "lots", busybox_path())
+    assert done.returncode == 2 and "size" in done.stderr
+
+
+def test_bundle_then_run(tmp_path):
+    out = tmp_path / "root.cpio"
+    done = run("bundle", "/bin/sh", "--add", "/bin/echo", "-o", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    assert "/bin/sh" in json.loads(done.stdout)["files"] or "/usr/bin/sh" in json.loads(done.stdout)["files"]
+    done = run("run", str(out), "--", "sh", "-c", "echo bundled; exit 0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "bundled\n"
+    assert not os.path.exists(str(out) + ".tmp")
+
+
+def test_bundle_missing_program(tmp_path):
+    done = run("bundle", "/no/such/prog", "-o", str(tmp_path / "x.cpio"))
+    assert done.returncode == 2 and "not an executable" in done.stderr
+    assert not (tmp_path / "x.cpio").exists()
