@@ -86,8 +86,8 @@ struct bmi_ll_path_beneath {
 /* One failure record, written with a single write() (< PIPE_BUF, so atomic). */
 struct rec {
     int kind, err;
-    char stage[56];
-    char detail[192];
+    char stage[120];
+    char detail[128];
 };
 
 struct cfg {
@@ -302,15 +302,15 @@ static int hex8(const char *p, unsigned long *out)
 static const char *clean_name(int ef, const char *name)
 {
     while (name[0] == '.' && name[1] == '/') name += 2;
-    if (name[0] == '/') fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive entry has an absolute path", name, 160);
+    if (name[0] == '/') fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive entry has an absolute path", name, 120);
     if (name[0] == 0 || (name[0] == '.' && name[1] == 0)) return NULL;
     const char *c = name;
     for (;;) {
         const char *s = strchr(c, '/');
         size_t len = s ? (size_t)(s - c) : strlen(c);
         if (len == 0 || (len == 1 && c[0] == '.') || (len == 2 && c[0] == '.' && c[1] == '.'))
-            fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive entry has an empty, '.' or '..' component", name, 160);
-        if (len > NAME_MAX) fail_n(ef, BMI_SPAWN_EIMAGE, ENAMETOOLONG, "archive entry", name, 160);
+            fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive entry has an empty, '.' or '..' component", name, 120);
+        if (len > NAME_MAX) fail_n(ef, BMI_SPAWN_EIMAGE, ENAMETOOLONG, "archive entry", name, 120);
         if (!s) return name;
         c = s + 1;
     }
@@ -340,7 +340,7 @@ static int open_parent(int ef, int root, const char *name, const char **base)
 static void make_room(int ef, int pfd, const char *base, const char *name)
 {
     if (unlinkat(pfd, base, 0) == 0 || errno == ENOENT) return;
-    if (errno == EISDIR) fail_n(ef, BMI_SPAWN_EIMAGE, EISDIR, "archive entry would replace a directory", name, 160);
+    if (errno == EISDIR) fail_n(ef, BMI_SPAWN_EIMAGE, EISDIR, "archive entry would replace a directory", name, 120);
     fail(ef, fs_kind(errno), "archive entry", name);
 }
 
@@ -366,7 +366,7 @@ static void extract_entry(int ef, int root, const char *name, unsigned long mode
             fail(ef, fs_kind(errno), "creating archive directory", name);
         struct stat st;
         if (fstatat(pfd, base, &st, AT_SYMLINK_NOFOLLOW) || !S_ISDIR(st.st_mode))
-            fail_n(ef, BMI_SPAWN_EIMAGE, EEXIST, "archive directory clashes with a non-directory", name, 160);
+            fail_n(ef, BMI_SPAWN_EIMAGE, EEXIST, "archive directory clashes with a non-directory", name, 120);
     } else if (type == S_IFREG) {
         int i = 0;
         if (nlink > 1)
@@ -383,14 +383,14 @@ static void extract_entry(int ef, int root, const char *name, unsigned long mode
             write_file(ef, pfd, base, name, mode, data, size, 1);
             if (nlink > 1) {
                 if (*nlinks == MAX_HARDLINKS)
-                    fail_n(ef, BMI_SPAWN_EIMAGE, E2BIG, "archive has too many hard-linked files", name, 160);
+                    fail_n(ef, BMI_SPAWN_EIMAGE, E2BIG, "archive has too many hard-linked files", name, 120);
                 g_links[(*nlinks)++] = (struct link){ino, maj, min, name};
             }
         }
     } else if (type == S_IFLNK) {
         char target[PATH_MAX];
         if (size == 0 || size >= sizeof target || memchr(data, 0, size))
-            fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive symlink target is empty, too long or has NUL", name, 160);
+            fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive symlink target is empty, too long or has NUL", name, 120);
         memcpy(target, data, size);
         target[size] = 0;
         make_room(ef, pfd, base, name);
@@ -398,7 +398,7 @@ static void extract_entry(int ef, int root, const char *name, unsigned long mode
     } else {
         fail_n(ef, BMI_SPAWN_EIMAGE, EPERM,
                "archive entry is a device node, fifo or socket (only files, directories and symlinks are allowed)",
-               name, 160);
+               name, 120);
     }
     if (pfd != root) close(pfd);
 }
@@ -436,13 +436,13 @@ static void extract(int ef, int root, int exec_fd)
             fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive entry name is not NUL-terminated", NULL, 0);
         size_t doff = (off + 110 + namesize + 3) & ~(size_t)3;
         if (doff > size || size - doff < fsize)
-            fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive truncated inside entry data", name, 160);
+            fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive truncated inside entry data", name, 120);
         if (strcmp(name, "TRAILER!!!") == 0) break;
         if (crc) {
             unsigned long sum = 0;
             for (size_t i = 0; i < fsize; i++) sum += (unsigned char)a[doff + i];
             if ((sum & 0xffffffffu) != check)
-                fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive entry checksum mismatch", name, 160);
+                fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive entry checksum mismatch", name, 120);
         }
         const char *clean = clean_name(ef, name);
         if (clean)
@@ -541,7 +541,7 @@ static __attribute__((noreturn)) void run_program(struct cfg *c, int pipe_fd)
     }
     syscall(SYS_execveat, exec_fd, "", c->argv, c->envp, AT_EMPTY_PATH);
     fail(ef, BMI_SPAWN_EIMAGE, "exec of the ELF image",
-         errno == ENOENT ? "is it dynamically linked? a PD has no loader or libraries" : NULL);
+         errno == ENOENT ? "(dynamically linked? a PD has no loader or libraries)" : NULL);
 }
 
 /* ---------------------------------------------------------------- pid 1: the PD's init */
