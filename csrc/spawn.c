@@ -541,7 +541,7 @@ static __attribute__((noreturn)) void run_program(struct cfg *c, int pipe_fd)
     }
     syscall(SYS_execveat, exec_fd, "", c->argv, c->envp, AT_EMPTY_PATH);
     fail(ef, BMI_SPAWN_EIMAGE, "exec of the ELF image",
-         errno == ENOENT ? "(dynamically linked? a PD has no loader or libraries)" : NULL);
+         errno == ENOENT ? "(dynamically linked, or a #! script? a PD has no loader, libraries or interpreter)" : NULL);
 }
 
 /* ---------------------------------------------------------------- pid 1: the PD's init */

@@ -77,6 +77,12 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
     writes "exit N" / "signal N" to status_fd when the program ends; the
     caller should close its own copy of that pipe's write end (and of the
     lifeline's read end) after this returns.
+
+    Archives may hold regular files (hard links too), directories and
+    symlinks, by relative names without '..'; device nodes, fifos and
+    sockets are refused (ImageError), not skipped, so the PD's root is
+    exactly the measured archive plus proc, dev (null, zero, full, random,
+    urandom bound from the host) and a tmpfs on tmp.
     """
     who = _who(pd_id)
     for fd, name, optional in ((exec_fd, "exec_fd", False), (console_fd, "console_fd", False),
@@ -109,6 +115,7 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
             raise InvalidArgument(f"spawn of {who}: {name} {value!r} is not a valid id", pd_id=pd_id)
 
     lib = _shim()
+    # the keep_* lists hold the strings the char*[] arrays point to until the call returns
     c_argv, keep_argv = _cstrings(list(argv) or ["/init"], "argv", pd_id)
     c_env, keep_env = _cstrings([f"{k}={v}" for k, v in env.items()], "env", pd_id)
     c_cg, keep_cg = _cstrings(list(cgroup_procs), "cgroup_procs", pd_id)
@@ -118,7 +125,6 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
     flags = (lib.BMI_SPAWN_SECCOMP if seccomp else 0) | (lib.BMI_SPAWN_LANDLOCK if landlock else 0)
     rc = lib.bmi_spawn(exec_fd, int(bool(archive)), c_argv, c_env, console_fd, status_fd, lifeline_fd,
                        channel_fd, c_cg, uid, gid, encoded_host, tmpfs_bytes, flags, pid, pidfd, err, len(err))
-    del keep_argv, keep_env, keep_cg
     if rc == lib.BMI_SPAWN_OK:
         return Spawned(pid=pid[0], pidfd=pidfd[0])
     reason = _ffi.string(err).decode(errors="backslashreplace")

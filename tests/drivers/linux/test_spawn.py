@@ -175,6 +175,28 @@ def test_root_inside_is_the_outer_uid_outside(probe):
         assert uids == [str(uid)] * 4
 
 
+def test_explicit_outer_ids_are_mapped(probe):
+    with PD(probe, ["probe", "uid", "+", "sleep", "30"], outer_uid=4321, outer_gid=4322) as pd:
+        assert pd.line() == "uid: 0 0"
+        status = pathlib.Path(f"/proc/{pd.spawned.pid}/status").read_text().splitlines()
+        assert next(x for x in status if x.startswith("Uid:")).split()[1:] == ["4321"] * 4
+        assert next(x for x in status if x.startswith("Gid:")).split()[1:] == ["4322"] * 4
+
+
+def test_concurrent_spawns_from_threads_do_not_leak_into_each_other(probe):
+    """Each PD's init closes the fds it inherited from spawns racing in other threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> tuple:
+        return run(probe, ["probe", "fds", "+", "echo", str(i), "+", "exit", str(i)])
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(one, range(12)))
+    for i, (out, status, code) in enumerate(results):
+        assert sorted(out["fds"].split()) == ["0", "1", "2"]
+        assert str(i) in out and status == ("exit", i) and code == i
+
+
 def test_only_stdio_fds_and_the_channel_reach_the_program(probe):
     out, _, _ = run(probe, ["probe", "fds"])
     assert sorted(out["fds"].split()) == ["0", "1", "2"]
