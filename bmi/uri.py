@@ -40,6 +40,9 @@ def open(uri: str | None = None, *, integrity: bool = True) -> PDManagement:  # 
 
 def _integrity_factory():
     def factory():
-        from .integrity.service import IntegrityService
+        try:
+            from .integrity.service import IntegrityService
+        except ImportError as e:
+            raise DriverUnavailable(f"the integrity module cannot be loaded: {e}") from e
         return IntegrityService.open()
     return factory

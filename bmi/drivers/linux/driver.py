@@ -294,6 +294,8 @@ class LinuxDriver(Driver):
         """nice = -priority for every process of the PD (children inherit it)."""
         if pd.run is None or pd.run.exited.is_set():
             return
+        if priority == 0 and os.getpriority(os.PRIO_PROCESS, 0) == 0:
+            return      # the PD inherited nice 0 from us: nothing to change
         for pid in pd.groups.pids():
             try:
                 os.setpriority(os.PRIO_PROCESS, pid, -priority)
