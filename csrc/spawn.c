@@ -555,9 +555,43 @@ static void put_status(int fd, int st)
     write_all(fd, line, (size_t)(p - line));
 }
 
+/* The PD's init is a fork of the manager: its memory holds the manager's.
+ * Non-dumpable keeps /proc/1/{mem,environ,maps} closed to the PD (the mm
+ * belongs to the host's user namespace); the argv and environment strings,
+ * which /proc/1/cmdline shows to anyone, are overwritten. */
+static void hide_manager(void)
+{
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    char buf[2048];
+    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    if (!p) return;
+    unsigned long long v[52] = {0};
+    int field = 2; /* p points at the end of field 2 (comm) */
+    for (p++; *p && field < 51; ) {
+        while (*p == ' ') p++;
+        field++;
+        unsigned long long x = 0;
+        while (*p >= '0' && *p <= '9') x = x * 10 + (unsigned long long)(*p++ - '0');
+        while (*p && *p != ' ') p++;
+        v[field] = x;
+    }
+    /* fields 48..51: arg_start arg_end env_start env_end */
+    if (field < 51 || v[48] == 0 || v[49] <= v[48]) return;
+    memset((void *)(uintptr_t)v[48], 0, (size_t)(v[49] - v[48]));
+    memcpy((void *)(uintptr_t)v[48], "bmi-init", v[49] - v[48] > 9 ? 9 : 0);
+    if (v[50] && v[51] > v[50]) memset((void *)(uintptr_t)v[50], 0, (size_t)(v[51] - v[50]));
+}
+
 static __attribute__((noreturn)) void pd_init(struct cfg *c)
 {
     int ef = c->err_wr;
+    hide_manager();
     reset_signals();
     umask(0);
     int keep[] = {c->exec_fd, c->console_fd, c->status_fd, c->lifeline_fd, c->channel_fd, c->release_rd, ef};
