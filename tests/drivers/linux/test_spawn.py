@@ -19,22 +19,6 @@ pytestmark = pytest.mark.skipif(os.uname().machine != "x86_64", reason="the secc
 S_DIR, S_REG, S_LNK = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o755, stat.S_IFLNK | 0o777
 
 
-def _children() -> set[int]:
-    kids: set[int] = set()
-    for task in pathlib.Path("/proc/self/task").iterdir():
-        kids.update(int(p) for p in (task / "children").read_text().split())
-    return kids
-
-
-@pytest.fixture(autouse=True)
-def no_leaks():
-    """Every test must leave no child process and no fd behind, on success and on failure."""
-    fds, kids = set(os.listdir("/proc/self/fd")), _children()
-    yield
-    assert _children() == kids, "a PD process was left behind"
-    assert set(os.listdir("/proc/self/fd")) == fds, "an fd was leaked"
-
-
 @pytest.fixture(scope="module")
 def probe() -> bytes:
     return build("probe").read_bytes()
