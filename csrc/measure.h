@@ -11,7 +11,7 @@
 #define BMI_MEAS_CHUNK 1048576
 #define BMI_MEAS_DIGESTS 144
 
-/* mode: how the bytes reach the memfd */
+/* mode: who produces the chunks: the caller (bmi_meas_feed) or pread of a file */
 #define BMI_MEAS_FEED 0
 #define BMI_MEAS_FILE 1
 

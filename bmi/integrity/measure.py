@@ -1,11 +1,11 @@
 """Copy a PDImage into a PD's memfd and measure it in the same pass (spec 6.5).
 
 The bytes that run are exactly the bytes hashed.  The work happens in
-csrc/measure.c with the GIL released: a FileImage is copied by the kernel
-(sendfile) and hashed from the memfd's own pages, with no Python call per
-chunk; any other PDImage is double-buffered - Python pulls chunk n+1 through
-get_data while C threads hash and write chunk n.  Several banks hash on
-separate threads when there is more than one CPU to run them.
+csrc/measure.c with the GIL released: C reads a FileImage itself (pread),
+with no Python call per chunk; any other PDImage is double-buffered - Python
+pulls chunk n+1 through get_data while C threads hash and write chunk n.
+Each chunk goes to one hashing thread per bank (one thread for all banks
+when only one CPU is ours) and to a writer thread that fills the memfd.
 
 A failing progress callback aborts the load with InvalidArgument (the
 callback is the caller's argument; the original exception is chained), so
