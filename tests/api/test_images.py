@@ -137,3 +137,14 @@ def test_bytes_image_runs(mgr):
 def test_file_image_must_exist():
     with pytest.raises(bmi.InvalidArgument):
         bmi.FileImage("/nonexistent/image")
+
+
+def test_image_size_bound_from_the_environment(mgr, monkeypatch):
+    monkeypatch.setenv("BMI_MAX_IMAGE", "1M")
+    pd = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
+    with pytest.raises(bmi.ImageError, match="1048576|1 MiB|BMI_MAX_IMAGE"):
+        pd.setup_pd(bmi.FileImage(busybox_path()))
+    assert pd.get_current_status() is bmi.PDStatus.ALLOCATED
+    monkeypatch.setenv("BMI_MAX_IMAGE", "lots")
+    with pytest.raises(bmi.InvalidArgument):
+        pd.setup_pd(bmi.FileImage(busybox_path()))
