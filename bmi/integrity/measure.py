@@ -58,6 +58,11 @@ def max_image_size() -> int:
 def _check_banks(banks: Sequence[str], pd_id: int | None) -> tuple[str, ...]:
     if isinstance(banks, str):
         banks = (banks,)
+    try:
+        banks = list(banks)
+    except TypeError:
+        raise InvalidArgument(f"measure image{_of(pd_id)}: banks must be a sequence of bank names, "
+                              f"got {banks!r}", pd_id=pd_id) from None
     wanted = ["sha256"]
     for b in banks:
         if not isinstance(b, str) or b.lower() not in SUPPORTED_BANKS:
@@ -79,7 +84,7 @@ def _limit(max_size: int | None, pd_id: int | None) -> int:
 
 
 def _check_fd(fd: int, pd_id: int | None) -> None:
-    """The memfd must be open for writing before any thread starts."""
+    """The memfd must be empty and open for writing: bytes beyond the image would run unmeasured."""
     if isinstance(fd, bool) or not isinstance(fd, int):
         raise InvalidArgument(f"measure image{_of(pd_id)}: fd must be an int, got {fd!r}", pd_id=pd_id)
     try:
@@ -89,6 +94,10 @@ def _check_fd(fd: int, pd_id: int | None) -> None:
                               pd_id=pd_id) from e
     if flags & os.O_ACCMODE == os.O_RDONLY:
         raise InvalidArgument(f"measure image{_of(pd_id)}: fd {fd} is not open for writing", pd_id=pd_id)
+    held = os.fstat(fd).st_size
+    if held:
+        raise InvalidArgument(f"measure image{_of(pd_id)}: fd {fd} already holds {held} bytes; "
+                              f"the image must go into an empty file", pd_id=pd_id)
 
 
 def _image_size(image: Any, limit: int, pd_id: int | None) -> int:

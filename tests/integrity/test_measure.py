@@ -189,6 +189,7 @@ def test_a_file_over_the_bound_fails_before_any_copy(memfd, tmp_path):
     ({"max_size": 0}, "max_size must be a positive int"),
     ({"max_size": "1G"}, "max_size must be a positive int"),
     ({"progress": 5}, "progress must be callable"),
+    ({"banks": None}, "banks must be a sequence"),
 ])
 def test_bad_arguments(kwargs, match, memfd):
     image = Counting(10)
@@ -208,6 +209,14 @@ def test_bad_fds(tmp_path):
     finally:
         os.close(ro)
     assert image.calls == 0
+
+
+def test_a_memfd_that_already_holds_bytes_is_refused(memfd):
+    os.write(memfd, b"left over")
+    image = Counting(3)
+    with pytest.raises(InvalidArgument, match=f"PD 5: fd {memfd} already holds 9 bytes"):
+        measure_into(image, memfd, pd_id=5)
+    assert image.calls == 0 and _contents(memfd) == b"left over"
 
 
 @pytest.mark.parametrize("kind", ["bytes", "file"])
