@@ -18,10 +18,8 @@
 #include "measure.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <pthread.h>
 #include <stdlib.h>
-#include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -57,7 +55,7 @@ struct bmi_meas {
     struct slot ring[BMI_MEAS_DEPTH];
     uint64_t produced;          /* chunks published */
     uint64_t out_off;           /* bytes published */
-    int out_fd, mode, nworkers, closing, err;
+    int out_fd, nworkers, closing, err;
     struct worker w[MAXW];
     unsigned char *bufs;        /* FILE mode: the chunk buffers */
 };
@@ -185,7 +183,6 @@ int bmi_meas_new(int out_fd, unsigned banks, int mode, int flags, bmi_meas **out
     pthread_cond_init(&m->work, NULL);
     pthread_cond_init(&m->freed, NULL);
     m->out_fd = out_fd;
-    m->mode = mode;
     int rc = 0;
     if (mode == BMI_MEAS_FILE && !(m->bufs = malloc((size_t)BMI_MEAS_DEPTH * BMI_MEAS_CHUNK)))
         rc = -ENOMEM;

@@ -1,6 +1,10 @@
 /* measure.h: copy an image into a PD's memfd and hash it in one pass.
- * Flat API for cffi; the handle is opaque.  Errors are negative errnos
- * (-ENODATA: the input file ended before the length asked). */
+ * Flat API for cffi; the handle is opaque and driven by one thread at a
+ * time: new, then feed or file as often as needed, then finish or abort
+ * (both join the threads and free the handle).  A fed buffer must stay
+ * valid until BMI_MEAS_DEPTH later feeds have returned, or finish/abort.
+ * Errors are negative errnos (-ENODATA: the file ended before the length
+ * asked). */
 #include <stddef.h>
 #include <stdint.h>
 
