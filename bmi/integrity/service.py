@@ -10,6 +10,7 @@ Configuration keys (all strings, all measured into the TVL digest):
   pd_pcr     PCR that record_pd(extend=True) extends (default: tvl_pcr).
   state_dir  where TPM state, locks and the event log live.
   tcti       force a TCTI (else /dev/tpmrm0, $BMI_TPM_TCTI, our swtpm).
+  tpm        "swtpm": always our own swtpm, even where a hardware TPM exists.
 
 The self-measurement is extended once per TPM boot and TVL digest: the
 same TVL opened again adds nothing a verifier could use, and re-extending

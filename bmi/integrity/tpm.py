@@ -44,7 +44,7 @@ _TEMPLATES = {
 }
 _SOCKET_MAX = 100          # sun_path is 108 bytes including ".ctrl" suffix room
 T = TypeVar("T")
-_CHILDREN: list[subprocess.Popen] = []     # swtpm processes this process started
+_CHILDREN: dict[int, subprocess.Popen] = {}    # swtpm processes this process started, by pid
 
 
 def state_dir(config: Mapping[str, str]) -> Path:
@@ -127,14 +127,14 @@ class Swtpm:
                                     stderr=subprocess.DEVNULL, start_new_session=True)
         except OSError as e:
             raise ResourceError(f"open TPM: cannot start swtpm in {self.dir}: {e}") from None
-        _CHILDREN.append(proc)
+        _CHILDREN[proc.pid] = proc
         deadline = time.monotonic() + 5
         while not (self.sock.exists() and self.pid()):
             if proc.poll() is not None or time.monotonic() > deadline:
                 if proc.poll() is None:
                     proc.kill()
                 proc.wait()
-                _CHILDREN.remove(proc)
+                del _CHILDREN[proc.pid]
                 raise ResourceError(f"open TPM: swtpm in {self.dir} did not come up (exit status "
                                     f"{proc.returncode}); try by hand: {' '.join(cmd[:-2])}")
             time.sleep(0.002)
@@ -162,9 +162,16 @@ class Swtpm:
         pid = self.pid()
         if pid is None:
             return
-        for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
+        child = _CHILDREN.pop(pid, None)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             os.kill(pid, sig)
-            deadline = time.monotonic() + wait
+            if child is not None:       # ours: wait() also reaps it
+                try:
+                    child.wait(timeout=2)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            deadline = time.monotonic() + 2
             while _alive(pid, str(self.dir)) and time.monotonic() < deadline:
                 time.sleep(0.002)
             if not _alive(pid, str(self.dir)):
@@ -175,9 +182,9 @@ class Swtpm:
 
 def _reap() -> None:
     """Collect swtpm children that exited (stopped by whichever process closed last)."""
-    for proc in list(_CHILDREN):
+    for pid, proc in list(_CHILDREN.items()):
         if proc.poll() is not None:
-            _CHILDREN.remove(proc)
+            del _CHILDREN[pid]
 
 
 class TPM:
@@ -197,7 +204,10 @@ class TPM:
     def open(cls, config: Mapping[str, str]) -> "TPM":
         base = state_dir(config)
         swtpm = None
-        if config.get("tcti"):
+        if config.get("tpm") == "swtpm":          # force our own swtpm (tests, benches)
+            swtpm = Swtpm.attach(base / "tpm")
+            tcti = f"swtpm:path={swtpm.sock}"
+        elif config.get("tcti"):
             tcti = config["tcti"]
         elif os.path.exists("/dev/tpmrm0"):
             tcti = "device:/dev/tpmrm0"
