@@ -26,7 +26,7 @@ deps:
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h bmi/_build/*.py) | deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip "setuptools>=77"
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
