@@ -1,0 +1,1 @@
+"""The Xen driver: PDs are PV/PVH domains built through libxl (see driver.py)."""
