@@ -10,7 +10,8 @@ Configuration keys (all strings, all measured into the TVL digest):
   pd_pcr     PCR that record_pd(extend=True) extends (default: tvl_pcr).
   state_dir  where TPM state, locks and the event log live.
   tcti       force a TCTI (else /dev/tpmrm0, $BMI_TPM_TCTI, our swtpm).
-  tpm        "swtpm": always our own swtpm, even where a hardware TPM exists.
+  tpm        "swtpm" (or $BMI_TPM=swtpm): always our own swtpm, even where a
+             hardware TPM exists (tests, benches).
 
 The self-measurement is extended once per TPM boot and TVL digest: the
 same TVL opened again adds nothing a verifier could use, and re-extending
@@ -48,6 +49,10 @@ def _pcr_index(config: Mapping[str, str], key: str, default: int) -> int:
         raise InvalidArgument(f"IntegrityService.open: config {key}={raw!r} must be a PCR in 8..22 other "
                               "than 16 (0-7 are the boot chain, 16 and 23 can be reset)")
     return value
+
+
+def _of(pd_id: int | None) -> str:
+    return "" if pd_id is None else f" of PD {pd_id}"
 
 
 class IntegrityService:
@@ -133,11 +138,11 @@ class IntegrityService:
     def integrity_link(self, nonce: bytes, pd_integrity: bytes, *, pd_id: int | None = None) -> IntegrityReport:
         """A quote over the TVL PCRs with qualifyingData = SHA-256(nonce || pd_integrity)."""
         if not isinstance(nonce, bytes) or not 0 < len(nonce) <= MAX_NONCE:
-            raise InvalidArgument(f"get_integrity_link of PD {pd_id}: the nonce must be 1..{MAX_NONCE} bytes, "
+            raise InvalidArgument(f"get_integrity_link{_of(pd_id)}: the nonce must be 1..{MAX_NONCE} bytes, "
                                   f"got {len(nonce) if isinstance(nonce, bytes) else type(nonce).__name__}",
                                   pd_id=pd_id)
         if not isinstance(pd_integrity, bytes) or not 0 < len(pd_integrity) <= 64:
-            raise InvalidArgument(f"get_integrity_link of PD {pd_id}: pd_integrity must be a digest of 1..64 bytes",
+            raise InvalidArgument(f"get_integrity_link{_of(pd_id)}: pd_integrity must be a digest of 1..64 bytes",
                                   pd_id=pd_id)
         qualifying = hashlib.sha256(nonce + pd_integrity).digest()
         for _ in range(3):     # the PCR values we report must be the quoted ones
@@ -152,7 +157,7 @@ class IntegrityService:
             return IntegrityReport(pd_integrity=pd_integrity, pubkey=self._tpm.ak_pem, signature=sig,
                                    attestation=attest, pcr_selection=self.selection, pcr_values=dict(values),
                                    hash_alg="sha256", tpm=self.tpm_kind, pd_id=pd_id, tvl_pcr=self.tvl_pcr)
-        raise IntegrityError(f"get_integrity_link of PD {pd_id}: the TVL PCRs kept changing during the quote",
+        raise IntegrityError(f"get_integrity_link{_of(pd_id)}: the TVL PCRs kept changing during the quote",
                              pd_id=pd_id)
 
     def seal(self, policy: IntegrityPolicy, secret: bytes) -> bytes:
@@ -176,19 +181,19 @@ class IntegrityService:
         try:
             parsed = credentials.parse_blob(blob)
         except ValueError as e:
-            raise IntegrityError(f"get_protected_credentials of PD {pd_id}: malformed blob: {e}",
+            raise IntegrityError(f"get_protected_credentials{_of(pd_id)}: malformed blob: {e}",
                                  pd_id=pd_id) from None
         if parsed.selection != self.selection:
-            raise IntegrityError(f"get_protected_credentials of PD {pd_id}: the blob is sealed to "
+            raise IntegrityError(f"get_protected_credentials{_of(pd_id)}: the blob is sealed to "
                                  f"{parsed.selection}, not to this TVL's PCRs {self.selection}", pd_id=pd_id)
         seed = parsed.seed if parsed.kind == credentials.KIND_DUPLICATED else None
         try:
             key = self._tpm.unseal(parsed.selection, parsed.public, parsed.private, seed)
             return credentials.open_payload(parsed, key)
         except IntegrityError as e:
-            raise IntegrityError(f"get_protected_credentials of PD {pd_id}: {e}", pd_id=pd_id) from None
+            raise IntegrityError(f"get_protected_credentials{_of(pd_id)}: {e}", pd_id=pd_id) from None
         except (InvalidTag, ValueError) as e:
-            raise IntegrityError(f"get_protected_credentials of PD {pd_id}: the blob's encrypted part was "
+            raise IntegrityError(f"get_protected_credentials{_of(pd_id)}: the blob's encrypted part was "
                                  f"altered or does not belong to its sealed key ({type(e).__name__})",
                                  pd_id=pd_id) from None
 

@@ -204,7 +204,7 @@ class TPM:
     def open(cls, config: Mapping[str, str]) -> "TPM":
         base = state_dir(config)
         swtpm = None
-        if config.get("tpm") == "swtpm":          # force our own swtpm (tests, benches)
+        if (config.get("tpm") or os.environ.get("BMI_TPM")) == "swtpm":   # force our own swtpm
             swtpm = Swtpm.attach(base / "tpm")
             tcti = f"swtpm:path={swtpm.sock}"
         elif config.get("tcti"):
@@ -291,7 +291,7 @@ class TPM:
                 os.close(fd)
 
     def transient_handles(self) -> list[int]:
-        more, data = self._call("list handles", self._esys.get_capability, TPM2_CAP.HANDLES,
+        _, data = self._call("list handles", self._esys.get_capability, TPM2_CAP.HANDLES,
                                 TPM2_HC.TRANSIENT_FIRST, 64)
         return [int(h) for h in data.data.handles]
 

@@ -41,6 +41,11 @@ def _swtpms_for(state_dir: Path) -> list[int]:
     return pids
 
 
+def _policy():
+    from bmi.types import IntegrityPolicy
+    return IntegrityPolicy(PD)
+
+
 def test_keys_persist_across_opens(state_dir):
     with _open(state_dir) as a:
         ak = a.describe()["ak_public_pem"]
@@ -55,7 +60,7 @@ def test_close_leaves_no_transient_handle_and_no_swtpm(state_dir):
     from tpm2_pytss import ESAPI, TCTILdr, TPM2_CAP, TPM2_HC
     holder = _open(state_dir)                          # keeps the swtpm up while we look
     svc = _open(state_dir)
-    svc.seal(hashlib_policy(), b"x")
+    svc.seal(_policy(), b"x")
     with pytest.raises(IntegrityError):
         svc.unseal(b"BMICRED1" + b"\x01" * 200)
     svc.integrity_link(b"n", PD)
@@ -73,11 +78,6 @@ def test_close_leaves_no_transient_handle_and_no_swtpm(state_dir):
     assert len(_swtpms_for(state_dir)) == 1
     holder.close()
     assert _swtpms_for(state_dir) == []
-
-
-def hashlib_policy():
-    from bmi.types import IntegrityPolicy
-    return IntegrityPolicy(PD)
 
 
 _WORKER = textwrap.dedent("""
