@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from .channel.connections import Registry, lines as connection_lines
 from .drivers.base import Driver, ExitInfo, Progress
 from .errors import (BMIError, InvalidArgument, InvalidState, NoSuchDomain, NotSupported,
                      PermissionDenied, ResourceError)
@@ -97,6 +99,8 @@ class _PD:
     performance: int = 100
     ended: ExitInfo | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
+    parent: int = 0             # the PD that created it (0: the manager)
+    lent: int = 0               # memory (bytes) handed to its child PDs
 
 
 class PDManagement:
@@ -110,18 +114,31 @@ class PDManagement:
         self._next_id = 1
         self._lock = threading.RLock()
         self._closed = False
-        self._integrity_factory = integrity
         self._integrity_service: Any = None
         self._integrity_error: BaseException | None = None
+        self._registry = Registry(on_incoming=lambda pd_id: self._channel_server and
+                                  self._channel_server.incoming(pd_id))
+        self._channel_server: Any = None
         #: Seconds a PD gets to end after SHUTDOWN/RESTARTING before it is killed.
         self.shutdown_grace = DEFAULT_SHUTDOWN_GRACE
         self._finalizer = weakref.finalize(self, PDManagement._release, driver, self._pds)
+        if integrity is not None:
+            # Spec 6.3.1: the layer measures itself into the TVL PCR when it starts.
+            # Without a TPM the manager still works; integrity calls then say why not.
+            try:
+                self._integrity_service = integrity()
+            except BMIError as e:
+                self._integrity_error = e
 
     # -- spec 7.1 -------------------------------------------------------------------------
     def get_version(self) -> int:
         return VERSION
 
     def allocate_pd(self, desc: PDDescription) -> "PDController":
+        return PDController(self, self._allocate(desc, MANAGER_PD))
+
+    def _allocate(self, desc: PDDescription, parent: int) -> int:
+        """A new PD; one created by a PD (parent != 0) takes its memory out of the parent's."""
         self._check_open("allocate_pd")
         if not isinstance(desc, PDDescription):
             raise InvalidArgument(f"allocate_pd: expected a PDDescription, got {type(desc).__name__}")
@@ -139,13 +156,67 @@ class PDManagement:
             raise InvalidArgument(f"allocate_pd: performance={perf} is outside 1..100 (percent of its CPUs)")
         # Spec 7.5.6: no guarantee on the CPU count; we clamp to what the host has.
         cpus_max = min(cpu, host.cpus)
+        if parent != MANAGER_PD:
+            return self._allocate_child(desc, PDDescription(mem, cpus_max, perf), self._pd(parent, "allocate_pd"))
+        return self._allocate_with(desc, PDDescription(mem, cpus_max, perf), MANAGER_PD)
+
+    def _allocate_with(self, desc: PDDescription, actual: PDDescription, parent: int) -> int:
         with self._lock:
             pd_id = self._next_id
             self._next_id += 1
-        handle = self._driver.allocate(pd_id, PDDescription(mem, cpus_max, perf))
+        handle = self._driver.allocate(pd_id, actual)
         with self._lock:
-            self._pds[pd_id] = _PD(pd_id, desc, cpus_max, handle, performance=perf)
-        return PDController(self, pd_id)
+            self._pds[pd_id] = _PD(pd_id, desc, actual.cpu, handle, performance=actual.performance, parent=parent)
+        return pd_id
+
+    def _allocate_child(self, desc: PDDescription, actual: PDDescription, parent: _PD) -> int:
+        """A task tree as on L4: the child's memory leaves the parent's limit until the child is destroyed."""
+        what = f"allocate_pd by PD {parent.pd_id}"
+        with parent.lock:
+            if actual.cpu > parent.cpus_max or actual.performance > parent.performance:
+                raise ResourceError(f"{what}: cpu={actual.cpu}, performance={actual.performance} exceeds the "
+                                    f"parent's own (cpu={parent.cpus_max}, performance={parent.performance})",
+                                    pd_id=parent.pd_id)
+            left = self._driver.memory_limit(parent.handle)
+            if actual.mem > left - MIN_MEMORY:
+                raise ResourceError(f"{what}: mem={actual.mem} bytes is more than the parent has left to give "
+                                    f"({max(0, left - MIN_MEMORY)} of its {left}, keeping {MIN_MEMORY} for "
+                                    f"itself)", pd_id=parent.pd_id)
+            self._driver.set_memory(parent.handle, left - actual.mem)
+            try:
+                pd_id = self._allocate_with(desc, actual, parent.pd_id)
+            except BaseException:
+                self._driver.set_memory(parent.handle, left)
+                raise
+            parent.lent += actual.mem
+        return pd_id
+
+    def scoped(self, caller: int) -> "CallerScope":
+        """The manager as PD `caller` sees it over its channel (every call runs as that PD)."""
+        return CallerScope(self, caller)
+
+    def _controls(self, caller: int, pd_id: int) -> bool:
+        """Whether `caller` may control pd_id: the manager all, a PD itself and its descendants."""
+        if caller == MANAGER_PD:
+            return True
+        with self._lock:
+            while pd_id != MANAGER_PD:
+                if pd_id == caller:
+                    return True
+                pd = self._pds.get(pd_id)
+                if pd is None:
+                    return False
+                pd_id = pd.parent
+        return False
+
+    def _channels(self) -> Any:
+        """The server of the PD channels, started with the first PD that runs."""
+        with self._lock:
+            if self._channel_server is None:
+                from .channel.dispatch import Dispatcher
+                from .channel.server import ChannelServer
+                self._channel_server = ChannelServer(Dispatcher(self.scoped), self._registry)
+            return self._channel_server
 
     def get_controller(self, pd_id: int | None = None) -> "PDController":
         self._check_open("get_controller")
@@ -188,10 +259,15 @@ class PDManagement:
             self._closed = True
         errors = []
         for pd in sorted(self._pds.values(), key=lambda p: p.pd_id):
+            if pd.pd_id not in self._pds:
+                continue                # went with its parent
             try:
                 self._destroy(pd)
             except BMIError as e:       # keep going: leave nothing behind
                 errors.append(e)
+        if self._channel_server is not None:
+            self._channel_server.close()
+        self._registry.close()
         self._finalizer.detach()
         self._driver.close()
         if self._integrity_service is not None:
@@ -227,30 +303,36 @@ class PDManagement:
         return pd
 
     def _destroy(self, pd: _PD) -> None:
+        """Children first; then the PD's channel, connections and resources; memory back to its parent."""
         pd_id = pd.pd_id
+        with self._lock:
+            children = [c for c in self._pds.values() if c.parent == pd_id]
+        for child in children:
+            self._destroy(child)
         with pd.lock:
+            if self._channel_server is not None:
+                self._channel_server.drop(pd_id)
+            self._registry.cut(pd_id=pd_id)
             self._driver.destroy(pd.handle)
             with self._lock:
                 self._pds.pop(pd_id, None)
                 self._destroyed.add(pd_id)
                 for other in self._pds.values():
                     other.policies.pop(pd_id, None)
+                parent = self._pds.get(pd.parent)
             pd.status = PDStatus.DESTROYED
+        if parent is not None:
+            with parent.lock:
+                parent.lent -= pd.desc.mem
+                limit = self._driver.memory_limit(parent.handle) + pd.desc.mem
+                self._driver.set_memory(parent.handle, min(limit, parent.desc.mem - parent.lent))
 
     def _integrity(self, what: str) -> Any:
         self._check_open(what)
-        with self._lock:
-            if self._integrity_service is None and self._integrity_error is None:
-                if self._integrity_factory is None:
-                    self._integrity_error = NotSupported("no integrity service configured")
-                else:
-                    try:
-                        self._integrity_service = self._integrity_factory()
-                    except BMIError as e:
-                        self._integrity_error = e
-            if self._integrity_service is None:
-                raise NotSupported(f"{what}: the TPM link is unavailable: {self._integrity_error}")
-            return self._integrity_service
+        if self._integrity_service is None:
+            why = self._integrity_error or "the manager was opened with integrity=False"
+            raise NotSupported(f"{what}: the TPM link is unavailable: {why}")
+        return self._integrity_service
 
     def _refresh(self, pd: _PD) -> None:
         """Pick up an exit the driver saw since we last looked."""
@@ -275,9 +357,10 @@ def _check_policy(policy: object, what: str, pd_id: int | None) -> IntegrityPoli
 class PDController:
     """Spec 7.2 and 7.4: control (and integrity) of one PD."""
 
-    def __init__(self, mgr: PDManagement, pd_id: int):
+    def __init__(self, mgr: PDManagement, pd_id: int, caller: int = MANAGER_PD):
         self._mgr = mgr
         self._id = pd_id
+        self._caller = caller       # who calls through this object (a PD over its channel, or 0)
 
     def __repr__(self) -> str:
         return f"<PDController pd={self._id} {self._mgr.uri}>"
@@ -295,6 +378,13 @@ class PDController:
                                    f"through the BMI", pd_id=MANAGER_PD)
         return self._mgr._pd(self._id, what)
 
+    def _owned(self, what: str) -> _PD:
+        """_pd() for calls that change the PD: a PD may read itself but only its controller changes it."""
+        if self._caller != MANAGER_PD and self._caller == self._id:
+            raise PermissionDenied(f"{what} of PD {self._id}: a PD cannot change itself over its channel "
+                                   f"(only read it); its controller can", pd_id=self._id)
+        return self._pd(what)
+
     @property
     def _driver(self) -> Driver:
         return self._mgr._driver
@@ -307,7 +397,7 @@ class PDController:
         priority = _check_int(priority, f"set_priority of PD {self._id}", self._id)
         if not -10 <= priority <= 10:
             raise InvalidArgument(f"set_priority of PD {self._id}: {priority} is outside -10..+10", pd_id=self._id)
-        pd = self._pd("set_priority")
+        pd = self._owned("set_priority")
         with pd.lock:
             self._driver.set_priority(pd.handle, priority)
             pd.priority = priority
@@ -334,7 +424,7 @@ class PDController:
         if target is PDStatus.DESTROYED:
             self.destroy()
             return
-        pd = self._pd("request_status_change")
+        pd = self._owned("request_status_change")
         what = f"request_status_change({target.name}) of PD {self._id}"
         if target in (PDStatus.ALLOCATED, PDStatus.READY, PDStatus.CRASHED):
             raise InvalidArgument(f"{what}: {target.name} is a state the layer reports, not one to request",
@@ -377,16 +467,24 @@ class PDController:
                 pd.status = PDStatus.SUSPENDED
 
     def _start(self, pd: _PD) -> None:
+        """Run the image with a fresh channel to the layer (connections of an earlier run are cut)."""
         previous = pd.status
+        channels = self._mgr._channels() if self._driver.channels else None
+        extra = {"channel_fd": channels.open(pd.pd_id)} if channels is not None else {}
         try:
-            self._driver.start(pd.handle, dict(pd.config), pd.priority)
+            self._driver.start(pd.handle, dict(pd.config), pd.priority, **extra)
         except BaseException:
+            if channels is not None:
+                channels.drop(pd.pd_id)
             pd.status = previous if previous is not PDStatus.RESTARTING else PDStatus.CRASHED
             raise
+        finally:
+            if extra:
+                os.close(extra["channel_fd"])
         pd.status, pd.ended = PDStatus.RUNNING, None
 
     def destroy(self) -> None:
-        self._mgr._destroy(self._pd("destroy"))
+        self._mgr._destroy(self._owned("destroy"))
 
     def setup_pd(self, image: Any, *, banks: Sequence[str] = ("sha256",),
                  progress: Progress | None = None) -> None:
@@ -401,7 +499,7 @@ class PDController:
                                   pd_id=self._id)
         if progress is not None and not callable(progress):
             raise InvalidArgument(f"{what}: progress must be callable(done, total)", pd_id=self._id)
-        pd = self._pd("setup_pd")
+        pd = self._owned("setup_pd")
         with pd.lock:
             self._mgr._refresh(pd)
             if pd.status in _LIVE or pd.status is PDStatus.SUSPENDED:
@@ -422,13 +520,30 @@ class PDController:
         checked = _check_policies(policies, what, self._id)
         if not isinstance(disable_existing, bool):
             raise InvalidArgument(f"{what} of PD {self._id}: disable_existing must be a bool", pd_id=self._id)
-        pd = self._pd(what)
+        pd = self._owned(what)
         if tid == self._id:
             raise InvalidArgument(f"{what} of PD {self._id}: a PD needs no connection to itself", pd_id=self._id)
         if tid != MANAGER_PD:
             self._mgr._pd(tid, f"{what} of PD {self._id} towards tid")
+        self._check_grant(tid, checked, what)
         with pd.lock:
             pd.policies[tid] = checked
+        if disable_existing:
+            self._mgr._registry.cut(lambda c: c.source != self._id or c.dest != tid or _allowed(checked, c.con_type,
+                                                                                                 c.mode),
+                                    pd_id=self._id)
+
+    def _check_grant(self, tid: int, policies: list[ConnectionPolicy], what: str) -> None:
+        """A PD grants its descendants anything within its own subtree, elsewhere only what it has itself."""
+        caller = self._caller
+        if caller == MANAGER_PD or self._mgr._controls(caller, tid):
+            return
+        own = self._mgr._pd(caller, what).policies.get(tid, [])
+        for policy in policies:
+            if not _allowed(own, policy.con_type, policy.mode):
+                raise PermissionDenied(f"{what} of PD {self._id} towards PD {tid}: PD {caller} cannot grant "
+                                       f"{policy.con_type.name} mode {policy.mode}, it is not allowed that itself",
+                                       pd_id=self._id)
 
     def get_allowed_connections(self, tid: int) -> list[ConnectionPolicy]:
         tid = _check_int(tid, f"get_allowed_connections of PD {self._id}: tid", self._id)
@@ -443,7 +558,7 @@ class PDController:
         if not isinstance(value, str) or "\0" in value:
             raise InvalidArgument(f"set_config_param {path!r} of PD {self._id}: value must be a str without NUL",
                                   pd_id=self._id)
-        pd = self._pd("set_config_param")
+        pd = self._owned("set_config_param")
         with pd.lock:
             self._driver.check_config(pd.handle, path, value)
             pd.config[path] = value
@@ -461,6 +576,8 @@ class PDController:
             raise InvalidArgument(f"get_config_param {path!r} of PD {self._id}: not set", pd_id=self._id) from None
 
     def set_runtime_param(self, name: str, value: str) -> None:
+        if self._id != MANAGER_PD:
+            self._owned("set_runtime_param")
         self._tree().set(name, value)
 
     def get_runtime_param(self, name: str) -> str:
@@ -573,7 +690,7 @@ class PDController:
 
         def set_memory(value: str) -> None:
             drv.set_memory(handle, parse_int(value, what="/system/memory/current", pd_id=pid,
-                                             lo=MIN_MEMORY, hi=pd.desc.mem, unit_suffixes=True))
+                                             lo=MIN_MEMORY, hi=pd.desc.mem - pd.lent, unit_suffixes=True))
 
         def set_cpus(value: str) -> None:
             drv.set_cpus(handle, parse_int(value, what="/system/cpu/current", pd_id=pid, lo=1, hi=pd.cpus_max))
@@ -603,12 +720,87 @@ class PDController:
             leaves["/system/exit-reason"] = const(pd.ended.reason)
         for bank, digest in pd.measurement.items():
             leaves[f"/system/measurement/{bank}"] = const(digest.hex())
+        registry = self._mgr._registry
+        leaves["/interfaces/connections"] = Leaf(get=lambda: connection_lines(registry.live(pid), pid))
+        leaves["/system/parent"] = const(str(pd.parent))
+        leaves.update(_CONNECTION_CAPABILITIES)
         for status, names in _CAPABILITY_PARAMS.items():
             if status in drv.capabilities:
                 for name in names:
                     value = PDStatus.RUNNING.name if name == "resume" else status.name
                     leaves[f"/capability/{name}"] = const(value)
         return leaves
+
+
+def _allowed(policies: Sequence[ConnectionPolicy], con_type: ConnectionType, mode: int) -> bool:
+    """A connection of this type and mode is covered by one of the policies."""
+    return any(p.con_type == con_type and p.mode & mode == mode for p in policies)
+
+
+_CONNECTION_CAPABILITIES = {
+    "/system/connections/types": const("IPC STREAM SHM EVENT"),
+    "/system/connections/revocable": const("IPC STREAM EVENT"),
+    "/system/connections/shm-revocable": const(
+        "no: revoking an SHM connection stops nothing already mapped or held; only new connections are refused"),
+}
+
+
+class CallerScope:
+    """The manager as one PD sees it over its channel: every call runs as that PD (spec 4.3, 7.1.4).
+
+    The caller is the PD the channel belongs to (the layer knows it by the
+    socket).  It may control itself (read only) and the PDs it created.
+    """
+
+    def __init__(self, mgr: PDManagement, caller: int):
+        self._mgr = mgr
+        self._caller = caller
+
+    def get_version(self) -> int:
+        return VERSION
+
+    def allocate_pd(self, desc: PDDescription) -> PDController:
+        return PDController(self._mgr, self._mgr._allocate(desc, self._caller), self._caller)
+
+    def get_controller(self, pd_id: int | None = None) -> PDController:
+        """None: the caller's own controller; otherwise itself or a descendant, else PermissionDenied."""
+        self._mgr._check_open("get_controller")
+        if pd_id is None:
+            pd_id = self._caller
+        pd_id = _check_int(pd_id, f"get_controller by PD {self._caller}: pd_id", self._caller)
+        if not self._mgr._controls(self._caller, pd_id):
+            raise PermissionDenied(f"get_controller({pd_id}) by PD {self._caller}: a PD may control only itself "
+                                   f"and the PDs it created", pd_id=pd_id)
+        return PDController(self._mgr, pd_id, self._caller)
+
+    def list_pd(self) -> list[int]:
+        """The caller and its descendants (a PD learns nothing of other PDs)."""
+        return [i for i in self._mgr.list_pd() if i != MANAGER_PD and self._mgr._controls(self._caller, i)]
+
+    def get_device_manager(self) -> DeviceManager:
+        raise PermissionDenied(f"get_device_manager by PD {self._caller}: only the manager assigns devices",
+                               pd_id=self._caller)
+
+    def connect(self, tid: int, con_type: ConnectionType, mode: int, size: int = 0) -> tuple[dict, int]:
+        """Open a connection to tid if the caller's policy allows it; returns its description and the fd."""
+        source = self._caller
+        what = f"connect from PD {source} to PD {tid}"
+        tid = _check_int(tid, what + ": tid", source)
+        _check_policies([ConnectionPolicy(con_type, mode)], what, source)
+        pd = self._mgr._pd(source, what)
+        if tid == source or tid == MANAGER_PD:
+            raise InvalidArgument(f"{what}: a PD connects to another PD, not to itself or the manager", pd_id=source)
+        with pd.lock:
+            allowed = _allowed(pd.policies.get(tid, []), con_type, mode)
+        if not allowed:
+            raise PermissionDenied(f"{what}: no policy of PD {source} allows {con_type.name} mode {mode} "
+                                   f"towards PD {tid}", pd_id=source)
+        if not self._mgr._channels().has_channel(tid):
+            raise InvalidState(f"{what}: PD {tid} is not running (no channel to accept on)", pd_id=tid)
+        if con_type is ConnectionType.SHM and isinstance(size, int) and size > pd.desc.mem:
+            raise ResourceError(f"{what}: SHM of {size} bytes is more than PD {source}'s memory", pd_id=source)
+        conn, fd = self._mgr._registry.make(source, tid, con_type, mode, size)
+        return conn.describe(), fd
 
 
 class DeviceManager:

@@ -34,7 +34,7 @@ def main() -> int:
         pd.request_status_change(bmi.PDStatus.RUNNING)
         try:
             report = pd.get_integrity_link(os.urandom(32))
-            print(f"integrity report from a {report.tpm or 'TPM'}: quote over {report.pcr_selection}")
+            print(f"integrity report from a {report.tpm} TPM: quote over PCRs {report.pcr_selection}")
         except bmi.NotSupported as e:
             print("integrity:", e)
         pd.request_status_change(bmi.PDStatus.SHUTDOWN)
