@@ -22,7 +22,8 @@ examples:
   bmi run /bin/busybox -- busybox sh -c 'echo hello from $(hostname); ip link'
   bmi run --mem 32M --cpus 1 --performance 50 ./static-prog -- prog --flag
   bmi bundle /usr/bin/python3 -o py.cpio && bmi run py.cpio -- python3 -c 'print(1)'
-  bmi run --attest --nonce 0011 ./static-prog > out.txt 2> report.json
+  bmi run --attest --nonce 0011 --attest-out report.json ./static-prog
+  bmi verify report.json --nonce 0011 --expect-image ./static-prog
 """
 
 
@@ -119,7 +120,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.attest:
             nonce = bytes.fromhex(args.nonce) if args.nonce else os.urandom(32)
             report = pd.get_integrity_link(nonce)
-            print(report.to_json(), file=sys.stderr, flush=True)
+            if args.attest_out:
+                with open(args.attest_out, "w") as f:
+                    f.write(report.to_json() + "\n")
+            else:
+                print(report.to_json(), file=sys.stderr, flush=True)
         try:
             offset = 0
             while True:
@@ -195,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--banks", default="sha256", help="digest banks, e.g. sha256,sha384 (default sha256)")
     run.add_argument("--attest", action="store_true", help="print an integrity report (JSON) on stderr")
     run.add_argument("--nonce", help="hex nonce for --attest (default: 32 random bytes)")
+    run.add_argument("--attest-out", metavar="FILE", help="write the --attest report to FILE instead of stderr")
     run.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
     run.set_defaults(func=cmd_run)
 

@@ -78,3 +78,16 @@ def test_bundle_missing_program(tmp_path):
     done = run("bundle", "/no/such/prog", "-o", str(tmp_path / "x.cpio"))
     assert done.returncode == 2 and "not an executable" in done.stderr
     assert not (tmp_path / "x.cpio").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/swtpm"), reason="swtpm is not installed")
+def test_run_attest_then_verify(tmp_path):
+    env = {**os.environ, "BMI_STATE_DIR": str(tmp_path / "state"), "BMI_TPM": "swtpm"}
+    report = tmp_path / "report.json"
+    done = run("run", "--attest", "--nonce", "00ff", "--attest-out", str(report), busybox_path(), "--",
+               "busybox", "true", env=env)
+    assert done.returncode == 0, done.stderr
+    done = run("verify", str(report), "--nonce", "00ff", "--expect-image", busybox_path(), env=env)
+    assert done.returncode == 0, done.stderr + done.stdout
+    done = run("verify", str(report), "--nonce", "00fe", "--expect-image", busybox_path(), env=env)
+    assert done.returncode != 0 and "nonce" in (done.stderr + done.stdout).lower()
