@@ -43,10 +43,14 @@ def _print(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(data, indent=2, sort_keys=True, default=str))
         return
-    width = max(len(k) for k in data)
+    flat = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items())
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    width = max(len(k) for k in flat)
+    for key, value in flat.items():
         print(f"{key:<{width}}  {value}")
 
 
