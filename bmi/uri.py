@@ -34,6 +34,9 @@ def open(uri: str | None = None, *, integrity: bool = True) -> PDManagement:  # 
         from .drivers.linux.driver import LinuxDriver
         factory = _integrity_factory() if integrity else None
         return PDManagement(LinuxDriver(), uri, integrity=factory)
+    if key == ("pd", "/"):
+        from .pd import PDClient
+        return PDClient()  # type: ignore[return-value]  (PDManagement-compatible, over the channel)
     raise DriverUnavailable(f"open {uri!r} ({KNOWN[key]}): not available in this version of bmi; "
                             f"use {DEFAULT_URI}")
 

@@ -43,6 +43,8 @@ class Driver(abc.ABC):
     capabilities: frozenset[PDStatus] = frozenset()
     #: Why SUSPENDED (etc.) is missing, for the NotSupported message.
     unsupported_reasons: Mapping[PDStatus, str] = {}
+    #: Whether start() can hand the PD a channel fd (an AF_UNIX socket) to the layer.
+    channels: bool = False
 
     @abc.abstractmethod
     def info(self) -> dict[str, Any]:
@@ -65,8 +67,8 @@ class Driver(abc.ABC):
         """Copy the image into the PD's memory, measuring it in the same pass."""
 
     @abc.abstractmethod
-    def start(self, handle: Any, config: Mapping[str, str], priority: int) -> None:
-        """Run exactly the measured image."""
+    def start(self, handle: Any, config: Mapping[str, str], priority: int, **channel: int) -> None:
+        """Run exactly the measured image; drivers with `channels` take channel_fd=, the PD's end of its channel."""
 
     @abc.abstractmethod
     def stop(self, handle: Any, grace: float) -> ExitInfo:

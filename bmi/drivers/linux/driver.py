@@ -73,6 +73,7 @@ class LinuxDriver(Driver):
     name = "linux"
     capabilities = frozenset({PDStatus.PAUSED, PDStatus.RESTARTING})
     unsupported_reasons = {PDStatus.SUSPENDED: NO_SUSPEND}
+    channels = True
 
     def __init__(self, *, lifeline: bool = True):
         # Session mode: PDs die with the manager process.  The init of each
@@ -153,19 +154,21 @@ class LinuxDriver(Driver):
         raise ResourceError(f"setup_pd of PD {pd_id}: memfd_create failed: {error.strerror}", pd_id=pd_id)
 
     # -- running ----------------------------------------------------------------------------
-    def start(self, pd: LinuxPD, config: Mapping[str, str], priority: int) -> None:
+    def start(self, pd: LinuxPD, config: Mapping[str, str], priority: int, *, channel_fd: int = -1) -> None:
         if pd.image_fd is None:
             raise InvalidState(f"start of PD {pd.pd_id}: no image loaded", pd_id=pd.pd_id)
         self._discard_run(pd)
         argv = shlex.split(config.get("/boot/cmdline", "")) or ["init"]
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/", "BMI_PD_ID": str(pd.pd_id)}
         env.update({k[len("/boot/env/"):]: v for k, v in config.items() if k.startswith("/boot/env/")})
+        if channel_fd >= 0:
+            env["BMI_CHANNEL_FD"] = "3"     # spawn makes the channel fd 3 in the PD's program
         console_r, console_w = os.pipe2(os.O_CLOEXEC)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         try:
             oom_base = pd.groups.oom_kills()
             child = spawn.spawn(pd.image_fd, archive=pd.archive, argv=argv, env=env, console_fd=console_w,
-                                status_fd=status_w, lifeline_fd=self._lifeline_r,
+                                status_fd=status_w, lifeline_fd=self._lifeline_r, channel_fd=channel_fd,
                                 cgroup_procs=pd.groups.procs_files, outer_uid=self._outer_ids[0],
                                 outer_gid=self._outer_ids[1], hostname=f"pd{pd.pd_id}",
                                 tmpfs_bytes=pd.desc.mem, pd_id=pd.pd_id)

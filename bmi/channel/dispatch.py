@@ -1,0 +1,163 @@
+"""Requests arriving on a PD's channel -> calls on the caller-scoped API (bmi.api.CallerScope).
+
+Only translation lives here: JSON params to Python values and results back.
+Who may do what is decided in bmi/api.py, as for every other caller.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from ..errors import ImageError, InvalidArgument
+from ..types import PDDescription
+from . import protocol as p
+
+MAX_BANKS = 4
+
+
+class FdImage:
+    """A PDImage read from a file a PD passed with SCM_RIGHTS (setup_pd of a child)."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        try:
+            self._size = os.fstat(fd).st_size
+        except OSError as e:
+            raise ImageError(f"setup_pd: the image fd cannot be stat'ed: {e.strerror}") from None
+
+    def get_image_size(self) -> int:
+        return self._size
+
+    def get_data(self, offset: int, length: int) -> bytes:
+        try:
+            return os.pread(self._fd, length, offset)
+        except OSError as e:
+            raise ImageError(f"setup_pd: reading the image fd failed: {e.strerror}") from None
+
+
+def _names(params: dict, required: tuple[str, ...], optional: tuple[str, ...] = (), *,
+           manager: bool = False) -> None:
+    """Exactly these names; every controller method also takes "pd" (default: the caller)."""
+    missing = [n for n in required if n not in params]
+    extra = sorted(set(params) - set(required) - set(optional) - (set() if manager else {"pd"}))
+    if missing or extra:
+        raise p.ProtocolError(p.INVALID_PARAMS, f"missing {missing}, unexpected {extra}"[:300])
+
+
+class Dispatcher:
+    """The server's handler: (caller, method, params, fd) -> (result, fd or None)."""
+
+    def __init__(self, scope_of: Callable[[int], Any]):
+        self._scope_of = scope_of
+
+    def __call__(self, caller: int, method: str, params: dict, fd: int | None) -> tuple[Any, int | None]:
+        call = getattr(self, "m_" + method, None) if method.isidentifier() else None
+        if call is None:
+            raise p.ProtocolError(p.METHOD_NOT_FOUND, f"no method {method[:64]!r} on the PD channel")
+        if fd is not None and method != "setup_pd":
+            raise p.ProtocolError(p.INVALID_PARAMS, f"{method} takes no fd")
+        value = call(self._scope_of(caller), params, fd)
+        return value if method == "connect" else (value, None)
+
+    @staticmethod
+    def _ctl(scope: Any, params: dict) -> Any:
+        return scope.get_controller(params.get("pd"))
+
+    # -- the manager --------------------------------------------------------------------------
+    def m_get_version(self, scope: Any, params: dict, fd: None) -> int:
+        _names(params, (), manager=True)
+        return scope.get_version()
+
+    def m_list_pd(self, scope: Any, params: dict, fd: None) -> list[int]:
+        _names(params, (), manager=True)
+        return scope.list_pd()
+
+    def m_get_controller(self, scope: Any, params: dict, fd: None) -> int:
+        _names(params, ())
+        return self._ctl(scope, params).get_pd_id()
+
+    def m_allocate_pd(self, scope: Any, params: dict, fd: None) -> int:
+        _names(params, ("mem",), ("cpu", "performance"), manager=True)
+        desc = PDDescription(params["mem"], params.get("cpu", 1), params.get("performance", 100))
+        return scope.allocate_pd(desc).get_pd_id()
+
+    def m_connect(self, scope: Any, params: dict, fd: None) -> tuple[dict, int]:
+        """The one call that passes an fd back: the source's end of the new connection."""
+        _names(params, ("tid", "con_type", "mode"), ("size",), manager=True)
+        return scope.connect(params["tid"], p.con_type(params["con_type"]), params["mode"], params.get("size", 0))
+
+    # -- a controller -------------------------------------------------------------------------
+    def m_get_priority(self, scope: Any, params: dict, fd: None) -> int:
+        _names(params, ())
+        return self._ctl(scope, params).get_priority()
+
+    def m_set_priority(self, scope: Any, params: dict, fd: None) -> None:
+        _names(params, ("priority",))
+        self._ctl(scope, params).set_priority(params["priority"])
+
+    def m_get_current_status(self, scope: Any, params: dict, fd: None) -> str:
+        _names(params, ())
+        return self._ctl(scope, params).get_current_status().name
+
+    def m_request_status_change(self, scope: Any, params: dict, fd: None) -> None:
+        _names(params, ("status",))
+        if not isinstance(params["status"], str):
+            raise p.ProtocolError(p.INVALID_PARAMS, "status is a PDStatus name, e.g. \"RUNNING\"")
+        self._ctl(scope, params).request_status_change(params["status"])
+
+    def m_destroy(self, scope: Any, params: dict, fd: None) -> None:
+        _names(params, ())
+        self._ctl(scope, params).destroy()
+
+    def m_setup_pd(self, scope: Any, params: dict, fd: int | None) -> None:
+        _names(params, (), ("banks",))
+        if fd is None:
+            raise p.ProtocolError(p.INVALID_PARAMS, "setup_pd needs the image as one fd (SCM_RIGHTS)")
+        banks = params.get("banks", ["sha256"])
+        if not isinstance(banks, list) or not 1 <= len(banks) <= MAX_BANKS:
+            raise InvalidArgument(f"setup_pd: banks must be a list of 1..{MAX_BANKS} names")
+        self._ctl(scope, params).setup_pd(FdImage(fd), banks=banks)
+
+    def m_set_allowed_connections(self, scope: Any, params: dict, fd: None) -> None:
+        _names(params, ("tid", "policies"), ("disable_existing",))
+        if not isinstance(params["policies"], list):
+            raise p.ProtocolError(p.INVALID_PARAMS, "policies must be a list")
+        policies = [p.policy_from_wire(x) for x in params["policies"]]
+        self._ctl(scope, params).set_allowed_connections(params["tid"], policies,
+                                                         params.get("disable_existing", False))
+
+    def m_get_allowed_connections(self, scope: Any, params: dict, fd: None) -> list[dict]:
+        _names(params, ("tid",))
+        return [p.policy_to_wire(x) for x in self._ctl(scope, params).get_allowed_connections(params["tid"])]
+
+    def m_set_config_param(self, scope: Any, params: dict, fd: None) -> None:
+        _names(params, ("name", "value"))
+        self._ctl(scope, params).set_config_param(params["name"], params["value"])
+
+    def m_get_config_param(self, scope: Any, params: dict, fd: None) -> str:
+        _names(params, ("name",))
+        return self._ctl(scope, params).get_config_param(params["name"])
+
+    def m_set_runtime_param(self, scope: Any, params: dict, fd: None) -> None:
+        _names(params, ("name", "value"))
+        self._ctl(scope, params).set_runtime_param(params["name"], params["value"])
+
+    def m_get_runtime_param(self, scope: Any, params: dict, fd: None) -> str:
+        _names(params, ("name",))
+        return self._ctl(scope, params).get_runtime_param(params["name"])
+
+    def m_list_runtime_params(self, scope: Any, params: dict, fd: None) -> list[dict]:
+        _names(params, (), ("root",))
+        caps = self._ctl(scope, params).list_runtime_params(params.get("root", "/"))
+        return [p.capability_to_wire(c) for c in caps]
+
+    def m_get_integrity_link(self, scope: Any, params: dict, fd: None) -> dict:
+        _names(params, ("nonce",))
+        report = self._ctl(scope, params).get_integrity_link(p.hex_bytes(params["nonce"], "nonce"))
+        return p.report_to_wire(report)
+
+    def m_get_protected_credentials(self, scope: Any, params: dict, fd: None) -> str:
+        _names(params, ("policy", "protected_credentials"))
+        policy = p.integrity_policy_from_wire(params["policy"])
+        blob = p.hex_bytes(params["protected_credentials"], "protected_credentials")
+        return self._ctl(scope, params).get_protected_credentials(policy, blob).hex()

@@ -1,0 +1,343 @@
+"""The layer's side of every PD channel: framing, per-PD queues, fairness, accept.
+
+One selector thread reads all channels and never runs a request itself;
+requests go to a small worker pool, at most one at a time per PD, in order.
+Nothing a PD does can block the layer for other PDs:
+
+- each PD has a bounded queue (QUEUE_LIMIT); beyond it the request gets a
+  BUSY error at once;
+- at most READ_BUDGET records are read from one PD per round;
+- replies are sent without blocking; a PD that does not read its replies
+  (the send would block) has its channel dropped;
+- a PD that keeps sending malformed records (STRIKE_LIMIT) has its channel
+  dropped.
+
+The caller of a request is the PD the channel was opened for: the socket,
+never the message, says who is asking.  When a channel ends (the PD's
+programs all exited, it closed fd 3, or it was dropped), every connection
+of that PD is cut.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import protocol as p
+from .connections import Registry
+
+log = logging.getLogger("bmi.channel")
+
+QUEUE_LIMIT = 16          # requests queued or running per PD
+READ_BUDGET = 16          # records read from one PD before serving the others
+STRIKE_LIMIT = 64         # malformed records before the channel is dropped
+ACCEPT_LIMIT = 4          # accept calls waiting at once per PD
+MAX_ACCEPT_WAIT = 24 * 3600.0
+WORKERS = 4
+
+#: (caller, method, params, fd) -> (result, fd to pass back or None); raises BMIError/ProtocolError.
+Handler = Callable[[int, str, dict, "int | None"], "tuple[Any, int | None]"]
+
+
+@dataclass
+class _Channel:
+    pd_id: int
+    sock: socket.socket
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    queue: deque = field(default_factory=deque)
+    running: bool = False
+    accepts: dict = field(default_factory=dict)      # request id -> deadline (monotonic) or None
+    strikes: int = 0
+    closed: bool = False
+
+
+class ChannelServer:
+    """Serves the channels of one manager's PDs."""
+
+    def __init__(self, handler: Handler, registry: Registry):
+        self._handler = handler
+        self._registry = registry
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._channels: dict[int, _Channel] = {}
+        self._ops: deque[tuple[str, _Channel]] = deque()
+        self._stopping = False
+        self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="bmi-channel-call")
+        self._thread = threading.Thread(target=self._loop, name="bmi-channel", daemon=True)
+        self._thread.start()
+
+    # -- called by the layer ----------------------------------------------------------------
+    def open(self, pd_id: int) -> int:
+        """A fresh channel for pd_id (any previous one is dropped); returns the PD's end (caller closes it)."""
+        layer, pd_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        layer.setblocking(False)
+        ch = _Channel(pd_id, layer)
+        with self._lock:
+            old = self._channels.get(pd_id)
+            self._channels[pd_id] = ch
+            self._ops.append(("add", ch))
+        if old is not None:
+            self._close(old)
+        self._wake()
+        return pd_end.detach()
+
+    def drop(self, pd_id: int) -> None:
+        """End pd_id's channel (the PD sees EOF on fd 3) and cut its connections."""
+        with self._lock:
+            ch = self._channels.get(pd_id)
+        if ch is not None:
+            self._close(ch)
+
+    def has_channel(self, pd_id: int) -> bool:
+        with self._lock:
+            ch = self._channels.get(pd_id)
+        return ch is not None and not ch.closed
+
+    def incoming(self, pd_id: int) -> None:
+        """A connection was queued for pd_id: answer a waiting accept."""
+        self._wake()
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopping = True
+            channels = list(self._channels.values())
+        for ch in channels:
+            self._close(ch)
+        self._wake()
+        self._thread.join()
+        self._pool.shutdown(wait=True)
+        self._sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # -- the selector thread ----------------------------------------------------------------
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass            # a wake-up is pending already
+
+    def _loop(self) -> None:
+        while True:
+            self._apply_ops()
+            with self._lock:
+                if self._stopping and not self._channels:
+                    return
+                channels = list(self._channels.values())
+            self._serve_accepts(channels)
+            for key, _ in self._sel.select(self._next_deadline(channels)):
+                if key.data is None:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                else:
+                    self._read(key.data)
+
+    def _apply_ops(self) -> None:
+        while True:
+            with self._lock:
+                if not self._ops:
+                    return
+                op, ch = self._ops.popleft()
+            if op == "add" and not ch.closed:
+                self._sel.register(ch.sock, selectors.EVENT_READ, ch)
+            elif op == "remove":
+                try:
+                    self._sel.unregister(ch.sock)
+                except (KeyError, ValueError):
+                    pass
+                ch.sock.close()
+                with self._lock:
+                    if self._channels.get(ch.pd_id) is ch:
+                        del self._channels[ch.pd_id]
+
+    @staticmethod
+    def _next_deadline(channels: list[_Channel]) -> float | None:
+        deadlines = [d for ch in channels for d in ch.accepts.values() if d is not None]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _close(self, ch: _Channel) -> None:
+        """Any thread: stop the channel now; the selector thread releases the socket."""
+        with ch.lock:
+            if ch.closed:
+                return
+            ch.closed = True
+            ch.accepts.clear()
+            try:
+                ch.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        with self._lock:
+            self._ops.append(("remove", ch))
+        self._registry.cut(pd_id=ch.pd_id)
+        self._wake()
+
+    def _read(self, ch: _Channel) -> None:
+        for _ in range(READ_BUDGET):
+            if ch.closed:
+                return
+            try:
+                data, fds, whole = p.receive(ch.sock, blocking=False)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._close(ch)
+                return
+            if not data and not fds:
+                self._close(ch)            # EOF: every process of the PD closed its channel
+                return
+            self._take(ch, data, fds, whole)
+
+    def _take(self, ch: _Channel, data: bytes, fds: list[int], whole: bool) -> None:
+        """Turn one record into a queued request, or answer it with an error right here."""
+        msg_id: Any = None
+        try:
+            if not whole:
+                raise p.ProtocolError(p.INVALID_REQUEST, f"record truncated (at most {p.MAX_MESSAGE} bytes and "
+                                                         f"{p.MAX_FDS} fds)")
+            msg = p.decode(data)
+            if isinstance(msg, dict):
+                msg_id = msg.get("id")
+            method, params = _check_request(msg)
+            if method == "accept":
+                self._accept(ch, msg_id, params)
+                return
+            fd = fds.pop(0) if fds and method == "setup_pd" else None
+            with ch.lock:
+                if len(ch.queue) + ch.running >= QUEUE_LIMIT:
+                    if fd is not None:
+                        os.close(fd)
+                    raise p.ProtocolError(p.BUSY, f"PD {ch.pd_id} has {QUEUE_LIMIT} requests in flight; "
+                                                  f"read the replies first")
+                ch.queue.append((msg_id, method, params, fd))
+                start = not ch.running
+                ch.running = True
+            if start:
+                self._pool.submit(self._work, ch)
+        except p.ProtocolError as e:
+            if e.code != p.BUSY:
+                ch.strikes += 1
+            self._reply(ch, p.error_from(msg_id if _valid_id(msg_id) else None, e))
+            if ch.strikes >= STRIKE_LIMIT:
+                log.warning("PD %d: %d malformed channel records; dropping its channel", ch.pd_id, ch.strikes)
+                self._close(ch)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _accept(self, ch: _Channel, msg_id: Any, params: dict) -> None:
+        timeout = params.get("timeout")
+        if set(params) - {"timeout"} or not (
+                timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                                    and 0 <= timeout <= MAX_ACCEPT_WAIT)):
+            raise p.ProtocolError(p.INVALID_PARAMS, f"accept takes {{timeout: null or 0..{MAX_ACCEPT_WAIT:.0f} "
+                                                    f"seconds}}")
+        with ch.lock:
+            if len(ch.accepts) >= ACCEPT_LIMIT or msg_id in ch.accepts:
+                raise p.ProtocolError(p.BUSY, f"PD {ch.pd_id} already waits in {len(ch.accepts)} accept calls")
+            ch.accepts[msg_id] = None if timeout is None else time.monotonic() + timeout
+
+    def _serve_accepts(self, channels: list[_Channel]) -> None:
+        now = time.monotonic()
+        for ch in channels:
+            while ch.accepts and not ch.closed:
+                msg_id = next(iter(ch.accepts))
+                got = self._registry.take(ch.pd_id)
+                if got is None:
+                    break
+                conn, fd = got
+                del ch.accepts[msg_id]
+                try:
+                    self._reply(ch, p.result(msg_id, conn.describe()), (fd,))
+                finally:
+                    os.close(fd)
+            for msg_id, deadline in list(ch.accepts.items()):
+                if deadline is not None and deadline <= now:
+                    del ch.accepts[msg_id]
+                    self._reply(ch, p.result(msg_id, None))
+
+    # -- workers ----------------------------------------------------------------------------
+    def _work(self, ch: _Channel) -> None:
+        with ch.lock:
+            if not ch.queue or ch.closed:
+                for *_, fd in ch.queue:
+                    if fd is not None:
+                        os.close(fd)
+                ch.queue.clear()
+                ch.running = False
+                return
+            msg_id, method, params, fd = ch.queue.popleft()
+        out_fd = None
+        try:
+            value, out_fd = self._handler(ch.pd_id, method, params, fd)
+            reply = p.result(msg_id, value)
+        except Exception as e:      # a request must never take the server down
+            if not isinstance(e, (p.ProtocolError, p.errors.BMIError)):
+                log.exception("PD %d: %s failed inside the layer", ch.pd_id, method)
+            reply = p.error_from(msg_id, e)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        try:
+            self._reply(ch, reply, (out_fd,) if out_fd is not None else ())
+        finally:
+            if out_fd is not None:
+                os.close(out_fd)
+        self._pool_next(ch)
+
+    def _pool_next(self, ch: _Channel) -> None:
+        with self._lock:
+            stopping = self._stopping
+        if stopping:
+            with ch.lock:
+                ch.running = False
+            return
+        self._pool.submit(self._work, ch)
+
+    def _reply(self, ch: _Channel, message: dict, fds: tuple[int, ...] = ()) -> None:
+        with ch.lock:
+            if ch.closed:
+                return
+            try:
+                p.send(ch.sock, message, fds, blocking=False)
+                return
+            except BlockingIOError:
+                why = "it does not read its replies"
+            except OSError as e:
+                why = e.strerror or str(e)
+        log.warning("PD %d: cannot answer on its channel (%s); dropping it", ch.pd_id, why)
+        self._close(ch)
+
+
+def _valid_id(msg_id: Any) -> bool:
+    return msg_id is None or (isinstance(msg_id, (int, str)) and not isinstance(msg_id, bool)
+                              and (not isinstance(msg_id, str) or len(msg_id) <= 64))
+
+
+def _check_request(msg: Any) -> tuple[str, dict]:
+    if not isinstance(msg, dict):
+        raise p.ProtocolError(p.INVALID_REQUEST, "a request is one JSON object (no batches)")
+    if msg.get("jsonrpc") != "2.0":
+        raise p.ProtocolError(p.INVALID_REQUEST, 'a request needs "jsonrpc": "2.0"')
+    if "id" not in msg or msg["id"] is None or not _valid_id(msg["id"]):
+        raise p.ProtocolError(p.INVALID_REQUEST, "a request needs an id (int, or str of <= 64 chars); "
+                                                 "the channel has no notifications")
+    method, params = msg.get("method"), msg.get("params", {})
+    if not isinstance(method, str):
+        raise p.ProtocolError(p.INVALID_REQUEST, "method must be a string")
+    if not isinstance(params, dict):
+        raise p.ProtocolError(p.INVALID_PARAMS, "params must be an object (named parameters)")
+    if set(msg) - {"jsonrpc", "id", "method", "params"}:
+        raise p.ProtocolError(p.INVALID_REQUEST, f"unknown members {sorted(set(msg) - {'jsonrpc', 'id', 'method', 'params'})}"[:200])
+    return method, params

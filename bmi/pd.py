@@ -1,0 +1,296 @@
+"""Inside a PD: the BMI over the channel the layer started it with (fd $BMI_CHANNEL_FD).
+
+    import bmi, bmi.pd
+    mgr = bmi.open("pd:///")                      # PDManagement-compatible
+    me = mgr.get_controller()                     # this PD's own controller
+    cmdline = me.get_config_param("/boot/cmdline")
+    conn = bmi.pd.connect(2, bmi.ConnectionType.IPC, bmi.RW)   # if PD 2 is allowed
+    peer = bmi.pd.accept(timeout=5)               # in PD 2
+
+The layer knows who is asking by the channel itself; nothing sent here can
+claim another identity.  docs/protocol.md describes the wire format.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .channel import protocol as p
+from .errors import BMIError, InvalidArgument, NotSupported, ResourceError
+from .types import (RW, ConnectionPolicy, ConnectionType, IntegrityPolicy, IntegrityReport, PDDescription,
+                    PDStatus, RuntimeCapability)
+
+URI = "pd:///"
+
+
+@dataclass
+class Connection:
+    """One end of a connection: `fd` is ours to use and close (a socket, or a memfd for SHM)."""
+
+    conn: int
+    peer: int
+    con_type: ConnectionType
+    mode: int               # seen from the source towards the destination
+    size: int
+    fd: int
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def socket(self) -> socket.socket:
+        """The fd as a socket object (IPC, STREAM, EVENT); the socket then owns the fd."""
+        if self.con_type is ConnectionType.SHM:
+            raise InvalidArgument(f"connection {self.conn} is SHM: mmap the fd instead")
+        sock, self.fd = socket.socket(fileno=self.fd), -1
+        return sock
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Channel:
+    """Request/response over the PD's SOCK_SEQPACKET channel (one call at a time)."""
+
+    def __init__(self, fd: int):
+        try:
+            kind = socket.socket(fileno=os.dup(fd))
+        except OSError as e:
+            raise ResourceError(f"open {URI}: fd {fd} is not usable as the PD channel: {e.strerror}") from None
+        if kind.type != socket.SOCK_SEQPACKET or kind.family != socket.AF_UNIX:
+            kind.close()
+            raise ResourceError(f"open {URI}: fd {fd} is not an AF_UNIX SOCK_SEQPACKET channel")
+        self._sock = kind
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def call(self, method: str, params: dict[str, Any], fd: int | None = None) -> tuple[Any, int | None]:
+        """The result (and the fd passed back, if any); a layer error is raised as its bmi exception."""
+        with self._lock:
+            if self._sock.fileno() < 0:
+                raise ResourceError(f"{method}: the PD channel is closed")
+            msg_id = next(self._ids)
+            try:
+                p.send(self._sock, p.request(msg_id, method, params), (fd,) if fd is not None else ())
+                data, fds, whole = p.receive(self._sock)
+            except OSError as e:
+                raise ResourceError(f"{method}: the PD channel failed: {e.strerror or e}") from None
+        extra = fds[1:]
+        for x in extra:
+            os.close(x)
+        got = fds[0] if fds else None
+        try:
+            if not data:
+                raise ResourceError(f"{method}: the layer closed this PD's channel")
+            reply = p.decode(data) if whole else None
+            if not isinstance(reply, dict) or reply.get("id") != msg_id:
+                raise ResourceError(f"{method}: malformed reply on the PD channel")
+            if "error" in reply:
+                p.raise_error(reply["error"])
+        except BaseException:
+            if got is not None:
+                os.close(got)
+            raise
+        return reply.get("result"), got
+
+    def value(self, method: str, **params: Any) -> Any:
+        result, fd = self.call(method, params)
+        if fd is not None:
+            os.close(fd)
+        return result
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _connection(info: Any, fd: int | None, me: int | None) -> Connection:
+    if not isinstance(info, dict) or fd is None:
+        if fd is not None:
+            os.close(fd)
+        raise BMIError("malformed connection from the layer")
+    peer = info["dest"] if info["source"] == me else info["source"]
+    return Connection(info["conn"], peer, ConnectionType[info["con_type"]], info["mode"], info["size"], fd)
+
+
+class PDClient:
+    """bmi.open("pd:///"): the PDManagement interface as this PD may use it."""
+
+    uri = URI
+
+    def __init__(self, fd: int | None = None):
+        if fd is None:
+            name = os.environ.get("BMI_CHANNEL_FD")
+            if name is None or not name.isdigit():
+                raise NotSupported(f"open {URI}: BMI_CHANNEL_FD is not set; this process is not a PD "
+                                   f"started by bmi")
+            fd = int(name)
+        self._channel = Channel(fd)
+        self._me: int | None = None
+
+    # -- spec 7.1 -------------------------------------------------------------------------------
+    def get_version(self) -> int:
+        return self._channel.value("get_version")
+
+    def allocate_pd(self, desc: PDDescription) -> "RemoteController":
+        if not isinstance(desc, PDDescription):
+            raise InvalidArgument(f"allocate_pd: expected a PDDescription, got {type(desc).__name__}")
+        pd_id = self._channel.value("allocate_pd", mem=desc.mem, cpu=desc.cpu, performance=desc.performance)
+        return RemoteController(self._channel, pd_id)
+
+    def get_controller(self, pd_id: int | None = None) -> "RemoteController":
+        params = {} if pd_id is None else {"pd": pd_id}
+        return RemoteController(self._channel, self._channel.value("get_controller", **params))
+
+    def list_pd(self) -> list[int]:
+        return self._channel.value("list_pd")
+
+    def get_device_manager(self) -> Any:
+        raise NotSupported("get_device_manager: a PD cannot assign host devices")
+
+    # -- connections ----------------------------------------------------------------------------
+    def my_id(self) -> int:
+        if self._me is None:
+            self._me = self.get_controller().get_pd_id()
+        return self._me
+
+    def connect(self, tid: int, con_type: ConnectionType, mode: int = RW, size: int = 0) -> Connection:
+        """Open a connection to PD tid (the layer checks this PD's policy towards tid)."""
+        kind = ConnectionType(con_type).name
+        params: dict[str, Any] = {"tid": tid, "con_type": kind, "mode": mode}
+        if size:
+            params["size"] = size
+        info, fd = self._channel.call("connect", params)
+        return _connection(info, fd, self.my_id())
+
+    def accept(self, timeout: float | None = None) -> Connection | None:
+        """The next connection another PD opened to this one; None after timeout seconds."""
+        info, fd = self._channel.call("accept", {"timeout": timeout})
+        return None if info is None else _connection(info, fd, self.my_id())
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "PDClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RemoteController:
+    """A PDController over the channel; the layer decides what this PD may do with it."""
+
+    def __init__(self, channel: Channel, pd_id: int):
+        self._channel = channel
+        self._id = pd_id
+
+    def __repr__(self) -> str:
+        return f"<RemoteController pd={self._id} {URI}>"
+
+    def _call(self, method: str, **params: Any) -> Any:
+        return self._channel.value(method, pd=self._id, **params)
+
+    def get_pd_id(self) -> int:
+        return self._id
+
+    def set_priority(self, priority: int) -> None:
+        self._call("set_priority", priority=priority)
+
+    def get_priority(self) -> int:
+        return self._call("get_priority")
+
+    def get_current_status(self) -> PDStatus:
+        return PDStatus[self._call("get_current_status")]
+
+    def request_status_change(self, status: PDStatus | str) -> None:
+        self._call("request_status_change", status=status.name if isinstance(status, PDStatus) else status)
+
+    def destroy(self) -> None:
+        self._call("destroy")
+
+    def setup_pd(self, image: Any, *, banks: Sequence[str] = ("sha256",)) -> None:
+        """Copy the image into a memfd and pass it: the layer measures what it reads from there."""
+        size = image.get_image_size()
+        fd = os.memfd_create("bmi-child-image", os.MFD_CLOEXEC)
+        try:
+            offset = 0
+            while offset < size:
+                chunk = image.get_data(offset, min(1 << 20, size - offset))
+                if not chunk:
+                    raise InvalidArgument(f"setup_pd of PD {self._id}: the image ended at {offset} of {size} bytes")
+                os.pwrite(fd, chunk, offset)
+                offset += len(chunk)
+            result, extra = self._channel.call("setup_pd", {"pd": self._id, "banks": list(banks)}, fd)
+        finally:
+            os.close(fd)
+        if extra is not None:
+            os.close(extra)
+
+    def set_allowed_connections(self, tid: int, policies: list[ConnectionPolicy],
+                                disable_existing: bool = False) -> None:
+        self._call("set_allowed_connections", tid=tid, policies=[p.policy_to_wire(x) for x in policies],
+                   disable_existing=disable_existing)
+
+    def get_allowed_connections(self, tid: int) -> list[ConnectionPolicy]:
+        return [p.policy_from_wire(x) for x in self._call("get_allowed_connections", tid=tid)]
+
+    def set_config_param(self, name: str, value: str) -> None:
+        self._call("set_config_param", name=name, value=value)
+
+    def get_config_param(self, name: str) -> str:
+        return self._call("get_config_param", name=name)
+
+    def set_runtime_param(self, name: str, value: str) -> None:
+        self._call("set_runtime_param", name=name, value=value)
+
+    def get_runtime_param(self, name: str) -> str:
+        return self._call("get_runtime_param", name=name)
+
+    def list_runtime_params(self, root: str = "/") -> list[RuntimeCapability]:
+        return [RuntimeCapability(c["name"], c["read"], c["write"])
+                for c in self._call("list_runtime_params", root=root)]
+
+    def get_integrity_link(self, nonce: bytes) -> IntegrityReport:
+        return p.report_from_wire(self._call("get_integrity_link", nonce=bytes(nonce).hex()))
+
+    def get_protected_credentials(self, policy: IntegrityPolicy, protected_credentials: bytes) -> bytes:
+        return bytes.fromhex(self._call("get_protected_credentials", policy=p.integrity_policy_to_wire(policy),
+                                        protected_credentials=bytes(protected_credentials).hex()))
+
+
+_default: PDClient | None = None
+_default_lock = threading.Lock()
+
+
+def open(fd: int | None = None) -> PDClient:  # noqa: A001 (mirrors bmi.open)
+    """A client on the channel fd (default: $BMI_CHANNEL_FD)."""
+    return PDClient(fd)
+
+
+def _client() -> PDClient:
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = PDClient()
+        return _default
+
+
+def connect(tid: int, con_type: ConnectionType, mode: int = RW, size: int = 0) -> Connection:
+    """From the source PD: a connection to tid of this type and mode (SHM: size in bytes)."""
+    return _client().connect(tid, con_type, mode, size)
+
+
+def accept(timeout: float | None = None) -> Connection | None:
+    """In the destination PD: the next incoming connection (peer, type, mode, fd), None on timeout."""
+    return _client().accept(timeout)

@@ -1,0 +1,159 @@
+/* chanpeer: a PD that uses its BMI channel (through csrc/bmi_client.c).
+ * `chanpeer CMD ARGS [+ CMD ARGS ...]`; each command prints "CMD: result".
+ * The test drives it in steps through config params (`wait NAME VALUE`). */
+#define _GNU_SOURCE
+#include "../../csrc/bmi_client.c"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <stdint.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+static int g_chan = -1, g_conn = -1;
+static char g_out[MAX_MESSAGE];
+
+static void fail(const char *cmd, int rc)
+{
+    if (rc == BMI_E_IO) printf("%s: io %s\n", cmd, strerrorname_np(errno));
+    else printf("%s: error %d %s\n", cmd, rc, g_out);
+}
+
+static void sys_result(const char *cmd, long rc)
+{
+    if (rc < 0) printf("%s: %s\n", cmd, strerrorname_np(errno));
+    else printf("%s: ok\n", cmd);
+}
+
+static void ms_sleep(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static size_t conn_size(void)
+{
+    struct stat st;
+    return fstat(g_conn, &st) == 0 ? (size_t)st.st_size : 0;
+}
+
+/* Runs one command; returns how many arguments it used. */
+static int run(char **a, int n)
+{
+    const char *cmd = a[0];
+    int rc, fd;
+    if (!strcmp(cmd, "id")) {
+        rc = bmi_my_id(g_chan);
+        if (rc < 0) fail(cmd, rc); else printf("id: %d\n", rc);
+        return 0;
+    }
+    if (!strcmp(cmd, "config") && n > 1) {
+        rc = bmi_get_config_param(g_chan, a[1], g_out, sizeof g_out);
+        if (rc) fail(cmd, rc); else printf("config: %s\n", g_out);
+        return 1;
+    }
+    if (!strcmp(cmd, "param") && n > 1) {
+        rc = bmi_get_runtime_param(g_chan, a[1], g_out, sizeof g_out);
+        for (char *p = g_out; *p; p++) if (*p == '\n') *p = '|';
+        if (rc) fail(cmd, rc); else printf("param: %s\n", g_out);
+        return 1;
+    }
+    if (!strcmp(cmd, "call") && n > 2) {
+        rc = bmi_call(g_chan, a[1], a[2], -1, g_out, sizeof g_out, &fd);
+        if (fd >= 0) close(fd);
+        if (rc) fail(cmd, rc); else printf("call: ok %s\n", g_out);
+        return 2;
+    }
+    if (!strcmp(cmd, "connect") && n > 4) {
+        if (g_conn >= 0) close(g_conn);
+        rc = bmi_connect(g_chan, atoi(a[1]), a[2], atoi(a[3]), strtoul(a[4], NULL, 10), &g_conn);
+        if (rc) { g_conn = -1; fail(cmd, rc); } else printf("connect: ok\n");
+        return 4;
+    }
+    if (!strcmp(cmd, "accept") && n > 1) {
+        int peer, mode;
+        char type[16];
+        if (g_conn >= 0) close(g_conn);
+        g_conn = -1;
+        rc = bmi_accept(g_chan, atol(a[1]), &peer, type, sizeof type, &mode, &g_conn);
+        if (rc == 1) printf("accept: timeout\n");
+        else if (rc) fail(cmd, rc);
+        else printf("accept: ok peer=%d type=%s mode=%d\n", peer, type, mode);
+        return 1;
+    }
+    if (!strcmp(cmd, "send") && n > 1) {
+        sys_result(cmd, send(g_conn, a[1], strlen(a[1]), MSG_NOSIGNAL));
+        return 1;
+    }
+    if (!strcmp(cmd, "recv") && n > 1) {
+        struct pollfd p = {g_conn, POLLIN, 0};
+        char buf[256];
+        if (poll(&p, 1, atoi(a[1])) == 0) { printf("recv: timeout\n"); return 1; }
+        ssize_t got = recv(g_conn, buf, sizeof buf - 1, MSG_DONTWAIT);
+        if (got < 0) sys_result(cmd, -1);
+        else if (got == 0) printf("recv: EOF\n");
+        else { buf[got] = 0; printf("recv: %s\n", buf); }
+        return 1;
+    }
+    if (!strcmp(cmd, "shmw") && n > 1) {
+        char *m = mmap(NULL, conn_size(), PROT_READ | PROT_WRITE, MAP_SHARED, g_conn, 0);
+        if (m == MAP_FAILED) { sys_result(cmd, -1); return 1; }
+        strcpy(m, a[1]);
+        munmap(m, conn_size());
+        printf("shmw: ok\n");
+        return 1;
+    }
+    if (!strcmp(cmd, "shmr")) {
+        char *m = mmap(NULL, conn_size(), PROT_READ, MAP_SHARED, g_conn, 0);
+        if (m == MAP_FAILED) { sys_result(cmd, -1); return 0; }
+        printf("shmr: %.64s\n", m);
+        int prot = mprotect(m, conn_size(), PROT_READ | PROT_WRITE);
+        sys_result("mprotect", prot);
+        munmap(m, conn_size());
+        return 0;
+    }
+    if (!strcmp(cmd, "reopen")) {
+        char path[64];
+        snprintf(path, sizeof path, "/proc/self/fd/%d", g_conn);
+        fd = open(path, O_RDWR);
+        sys_result(cmd, fd);
+        if (fd >= 0) close(fd);
+        return 0;
+    }
+    if (!strcmp(cmd, "wait") && n > 3) {
+        long deadline = atol(a[3]) / 20;
+        for (long i = 0; i <= deadline; i++) {
+            if (bmi_get_config_param(g_chan, a[1], g_out, sizeof g_out) == 0 && !strcmp(g_out, a[2])) {
+                printf("wait: ok\n");
+                return 3;
+            }
+            ms_sleep(20);
+        }
+        printf("wait: timeout\n");
+        return 3;
+    }
+    if (!strcmp(cmd, "sleep") && n > 1) {
+        ms_sleep(atol(a[1]));
+        return 1;
+    }
+    if (!strcmp(cmd, "print") && n > 1) {
+        printf("print: %s\n", a[1]);
+        return 1;
+    }
+    printf("%s: unknown command\n", cmd);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    g_chan = bmi_channel_fd();
+    if (g_chan < 0) { printf("channel: none\n"); return 2; }
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "+")) continue;
+        i += run(argv + i, argc - i);
+    }
+    return 0;
+}
