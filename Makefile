@@ -44,3 +44,21 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info bmi/*.so bmi/_*_cffi.c tests/.build
+
+# --- QEMU test rigs (rig/): kernels and hypervisors this host lacks ---------
+# Boot the Debian kernel (pure cgroup v2) or Xen with it as dom0 in QEMU TCG
+# and run parts of the suite there; see README "Test rigs".
+RIG_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static cpio \
+	xen-hypervisor-4.17-amd64 xen-utils-4.17 libxen-dev xenstore-utils
+XEN_TESTS ?=
+
+.PHONY: rig-deps test-cgroup2 test-xen
+
+rig-deps:
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES='$(RIG_PACKAGES)'
+
+test-cgroup2: venv rig-deps
+	$(PY) rig/rig.py cgroup2
+
+test-xen: venv rig-deps
+	$(PY) rig/rig.py xen -- $(XEN_TESTS)

@@ -1,0 +1,139 @@
+"""QEMU test rigs: run parts of the suite on kernels and hypervisors this host lacks.
+
+    rig.py cgroup2 [--timeout S] [-- PYTEST ARGS]   pure cgroup v2 Debian kernel
+    rig.py xen     [--timeout S] [-- PYTEST ARGS]   Xen 4.17, Debian kernel as PV dom0
+
+Each run builds its initramfs from the host's installed packages, boots
+QEMU (TCG) with the host root shared read-only over 9p, and the guest
+runs pytest from this checkout in the host root under a tmpfs overlay.
+The guest ends with "BMI-RIG-RESULT <rc>" on its console and powers off;
+this script exits with that rc (1 if QEMU hung, crashed or printed no
+result), and keeps the console log in rig/out/<rig>-serial.log.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from typing import Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+OUT = os.path.join(HERE, "out")
+sys.path.insert(0, HERE)
+
+import initramfs  # noqa: E402
+from initramfs import RigError  # noqa: E402
+
+MARKER = re.compile(rb"^BMI-RIG-RESULT (\d+)\s*$", re.M)
+NINEP_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay"]
+XEN_MODULES = ["xenfs", "xen-privcmd", "xen-evtchn", "xen-gntdev", "xen-gntalloc"]
+CGROUP2_TESTS = ["tests/drivers/linux/test_cgroups.py", "tests/drivers/linux/test_driver.py",
+                 "tests/api/test_lifecycle.py"]
+XEN_TESTS = ["tests/drivers/xen"]
+PYTEST = ".venv/bin/python -m pytest -p no:cacheprovider -q -rfEs"
+QEMU = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-smp", "2",
+        "-display", "none", "-monitor", "none", "-serial", "stdio", "-nic", "none", "-no-reboot",
+        "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"]
+
+
+def debian_kernel() -> tuple[str, str]:
+    """(vmlinuz path, release) of the newest Debian 6.1 kernel installed, or $RIG_KERNEL."""
+    chosen = os.environ.get("RIG_KERNEL") or max(glob.glob("/boot/vmlinuz-6.1.*"), default=None)
+    if not chosen or not os.path.isfile(chosen):
+        raise RigError("no Debian kernel in /boot (vmlinuz-6.1.*); install linux-image-amd64 or set RIG_KERNEL")
+    release = os.path.basename(chosen)[len("vmlinuz-"):]
+    if not os.path.isdir(f"/lib/modules/{release}"):
+        raise RigError(f"{chosen} has no modules in /lib/modules/{release}")
+    return chosen, release
+
+
+def _initramfs(name: str, stage2: str, env: dict[str, str], release: str, modules: Sequence[str]) -> str:
+    """Stage 1 mounts the host root and switches into it; `stage2` runs there as PID 1."""
+    os.makedirs(OUT, exist_ok=True)
+    path = os.path.join(OUT, f"{name}.cpio")
+    scripts = [os.path.join(HERE, "init", s) for s in ("common.sh", stage2)]
+    with open(path + ".tmp", "wb") as f:
+        initramfs.build(f, init=os.path.join(HERE, "init", "stage1.sh"), scripts=scripts,
+                        env={**env, "RIG_STAGE2": stage2}, release=release, modules=modules)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _test_env(tests: Sequence[str], timeout: int, extra_env: str = "") -> dict[str, str]:
+    return {"RIG_CHECKOUT": REPO, "RIG_TEST_TIMEOUT": str(timeout), "RIG_EXTRA_ENV": extra_env,
+            "RIG_TEST_CMD": f"{PYTEST} {shlex.join(tests)}"}
+
+
+def boot(name: str, cmd: list[str], timeout: float, log_path: str) -> int:
+    """Run the VM command, mirror its console to stdout and `log_path`; return the guest's rc."""
+    start = time.monotonic()
+    with open(log_path, "wb") as log:
+        log.write(("$ " + shlex.join(cmd) + "\n").encode())
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in iter(proc.stdout.readline, b""):
+                log.write(line)
+                log.flush()
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            qemu_rc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            qemu_rc = None
+        reader.join(10)
+    elapsed = time.monotonic() - start
+    with open(log_path, "rb") as f:
+        results = MARKER.findall(f.read())
+    if qemu_rc is None:
+        verdict, rc = f"VM killed after the {timeout:.0f} s hard timeout", 1
+    elif not results:
+        verdict, rc = f"VM exited ({qemu_rc}) without a result line: the guest crashed or panicked", 1
+    else:
+        rc = int(results[-1])
+        verdict = f"guest result {rc}" + (" (guest-side timeout)" if rc == 143 else "")
+    print(f"rig {name}: {verdict}; {elapsed:.0f} s; console log: {os.path.relpath(log_path)}", flush=True)
+    return rc
+
+
+def run_cgroup2(tests: Sequence[str], timeout: int) -> int:
+    kernel, release = debian_kernel()
+    initrd = _initramfs("cgroup2", "cgroup2.sh", _test_env(tests, timeout), release, NINEP_MODULES)
+    append = ("console=ttyS0 rdinit=/init panic=-1 loglevel=4 "
+              "cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1")
+    return boot("cgroup2", QEMU + ["-cpu", "qemu64", "-m", "2560", "-kernel", kernel, "-initrd", initrd,
+                            "-append", append], timeout + 120, os.path.join(OUT, "cgroup2-serial.log"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("rig", choices=["cgroup2"])
+    parser.add_argument("--timeout", type=int, default=1200,
+                        help="guest-side pytest deadline in seconds (the host adds boot time on top)")
+    parser.add_argument("tests", nargs="*", help="pytest paths (relative to the checkout) and options, after --; "
+                             "default: the rig's own selection")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        return run_cgroup2(args.tests or CGROUP2_TESTS, args.timeout)
+    except RigError as e:
+        print(f"rig {args.rig}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
