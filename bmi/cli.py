@@ -176,6 +176,45 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+_MODES = {"r": 1, "read": 1, "w": 2, "write": 2, "rw": 3, "wr": 3}
+
+
+def parse_mode(text: str) -> int:
+    """'r', 'w', 'rw' (or read/write) -> bmi.READ/WRITE/RW."""
+    try:
+        return _MODES[text.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a mode: r, w or rw") from None
+
+
+def cmd_allow(args: argparse.Namespace) -> int:
+    from .types import ConnectionPolicy, ConnectionType
+    policies = [ConnectionPolicy(ConnectionType[t.upper()], args.mode) for t in args.type]
+    with bmi_open(args.uri, integrity=False) as mgr:
+        mgr.get_controller(args.src).set_allowed_connections(args.dst, policies, args.disable_existing)
+        now = mgr.get_controller(args.src).get_allowed_connections(args.dst)
+    names = ", ".join(f"{p.con_type.name} {_mode_text(p.mode)}" for p in now) or "nothing"
+    print(f"bmi: PD {args.src} may now open towards PD {args.dst}: {names}", file=sys.stderr)
+    return 0
+
+
+def _mode_text(mode: int) -> str:
+    return {1: "r", 2: "w", 3: "rw"}[mode]
+
+
+def cmd_connections(args: argparse.Namespace) -> int:
+    with bmi_open(args.uri, integrity=False) as mgr:
+        text = mgr.get_controller(args.pd).get_runtime_param("/interfaces/connections")
+    rows = [line.split() for line in text.splitlines()]
+    if args.json:
+        print(json.dumps([{"conn": int(r[0]), "direction": r[1], "peer": int(r[2]), "type": r[3], "mode": r[4],
+                           "pending": r[-1] == "pending"} for r in rows]))
+    else:
+        for r in rows:
+            print(f"{r[0]:>4}  {r[1]:<4} PD {r[2]:<5} {' '.join(r[3:])}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bmi", description="Create, measure, run and attest isolated protection domains (OpenTC BMI v0.1).",
@@ -218,6 +257,25 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.add_argument("-o", "--output", required=True, metavar="FILE", help="the archive to write")
     bundle.add_argument("--json", action="store_true", help="list the archived paths as JSON")
     bundle.set_defaults(func=cmd_bundle)
+
+    allow = sub.add_parser("allow", help="let PD SRC open connections to PD DST (spec set_allowed_connections)",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="examples:\n  bmi allow 1 2 --type ipc --mode rw\n"
+                                  "  bmi allow 1 2 --type shm --type event --mode r --disable-existing\n"
+                                  "  bmi allow 1 2 --disable-existing     # withdraw everything, cut live ones")
+    allow.add_argument("src", type=int, metavar="SRC", help="the PD that opens the connections")
+    allow.add_argument("dst", type=int, metavar="DST", help="the PD it may connect to")
+    allow.add_argument("--type", action="append", default=[], choices=["ipc", "stream", "shm", "event"],
+                       help="connection type (repeatable); none: allow nothing")
+    allow.add_argument("--mode", type=parse_mode, default=3, help="r, w or rw, seen from SRC (default rw)")
+    allow.add_argument("--disable-existing", action="store_true",
+                       help="cut live connections the new policy no longer allows")
+    allow.set_defaults(func=cmd_allow)
+
+    conns = sub.add_parser("connections", help="the live connections of a PD (/interfaces/connections)")
+    conns.add_argument("pd", type=int, metavar="PD")
+    conns.add_argument("--json", action="store_true", help="machine-readable output")
+    conns.set_defaults(func=cmd_connections)
 
     try:
         from .integrity import cli as integrity_cli
