@@ -79,6 +79,11 @@ class ChannelServer:
     def open(self, pd_id: int) -> int:
         """A fresh channel for pd_id (any previous one is dropped); returns the PD's end (caller closes it)."""
         layer, pd_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.attach(pd_id, layer)
+        return pd_end.detach()
+
+    def attach(self, pd_id: int, layer: socket.socket) -> None:
+        """Serve `layer` as pd_id's channel (any previous one is dropped); bmid re-attaches kept ones after a restart."""
         layer.setblocking(False)
         ch = _Channel(pd_id, layer)
         with self._lock:
@@ -88,7 +93,6 @@ class ChannelServer:
         if old is not None:
             self._close(old)
         self._wake()
-        return pd_end.detach()
 
     def drop(self, pd_id: int) -> None:
         """End pd_id's channel (the PD sees EOF on fd 3) and cut its connections."""
@@ -299,11 +303,14 @@ class ChannelServer:
     def _pool_next(self, ch: _Channel) -> None:
         with self._lock:
             stopping = self._stopping
-        if stopping:
-            with ch.lock:
-                ch.running = False
-            return
-        self._pool.submit(self._work, ch)
+        try:
+            if not stopping:
+                self._pool.submit(self._work, ch)
+                return
+        except RuntimeError:        # the pool shut down between the check and the submit
+            pass
+        with ch.lock:
+            ch.running = False
 
     def _reply(self, ch: _Channel, message: dict, fds: tuple[int, ...] = ()) -> None:
         with ch.lock:

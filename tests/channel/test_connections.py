@@ -5,19 +5,9 @@ import pytest
 
 import bmi
 from bmi import ConnectionPolicy, ConnectionType as CT
-from tests.channel.progs import console, lines, run_pd, step, wait_console
+from tests.channel.progs import lines, run_pd, step, wait_console
 
 W = "5000"
-
-
-def pair(mgr, a_argv: list[str], b_argv: list[str], policies=None):
-    """Start B, set A's policy towards B, start A; returns (a, b)."""
-    b = run_pd(mgr, "chanpeer", b_argv)
-    a = run_pd(mgr, "chanpeer", a_argv, start=False)
-    if policies:
-        a.set_allowed_connections(b.get_pd_id(), policies)
-    a.request_status_change(bmi.PDStatus.RUNNING)
-    return a, b
 
 
 def test_a_pd_reads_its_own_configuration_and_parameters(mgr):
