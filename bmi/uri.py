@@ -34,6 +34,9 @@ def open(uri: str | None = None, *, integrity: bool = True) -> PDManagement:  # 
         from .drivers.linux.driver import LinuxDriver
         factory = _integrity_factory() if integrity else None
         return PDManagement(LinuxDriver(), uri, integrity=factory)
+    if key == ("linux", "/system"):
+        from .system import SystemClient
+        return SystemClient(uri)  # type: ignore[return-value]  (PDManagement-compatible, through bmid)
     if key == ("pd", "/"):
         from .pd import PDClient
         return PDClient()  # type: ignore[return-value]  (PDManagement-compatible, over the channel)

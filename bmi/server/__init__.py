@@ -1,0 +1,1 @@
+"""bmid, the service that owns PDs for linux:///system (see daemon.py)."""

@@ -1,0 +1,211 @@
+"""The Linux driver as bmid runs it: PDs outlive bmid and are adopted after a restart.
+
+Differences from session mode, all mechanisms:
+- no lifeline: a PD does not die with the process that started it;
+- every fd whose other end a running PD holds (console pipe, exit-status
+  pipe, channel) and the sealed image memfd are also handed to the fd
+  keeper (keeper.py), so a SIGKILL of bmid breaks none of them;
+- adopt() rebuilds a LinuxPD from a stored record: the cgroups by name,
+  the image from the keeper (re-hashed against the stored measurement),
+  and the running init only if pid, start time and cgroup all match.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import Any, Callable, Mapping, Sequence
+
+from ..drivers.base import ExitInfo, Progress
+from ..drivers.linux import cgroups, spawn
+from ..drivers.linux.driver import DEFAULT_PIDS_MAX, LinuxDriver, LinuxPD, Run
+from ..drivers.linux.monitor import Monitor
+from ..errors import ResourceError
+from ..image import PDImage
+from ..types import PDDescription, PDStatus
+from .keeper import Keeper
+
+HASH_CHUNK = 1 << 20
+
+
+def image_key(pd_id: int, measurement: Mapping[str, bytes]) -> str:
+    """The keeper key of a PD's image: names the measured content, so a half-done setup_pd is visible."""
+    bank = sorted(measurement)[0]
+    return f"pd{pd_id}.image.{bank}-{measurement[bank].hex()}"
+
+
+def process_start(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of pid, None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def reopen_cgroups(name: str, pd_id: int) -> cgroups.PDCgroups | None:
+    """The existing cgroups called `name` under this process's own cgroups (None if there are none)."""
+    groups = [cgroups._Group(tree.version, os.path.join(tree.own, name), tree.controllers)
+              for tree in cgroups._layout() if os.path.isdir(os.path.join(tree.own, name))]
+    return cgroups.PDCgroups(name, pd_id, groups) if groups else None
+
+
+class _KeepingMonitor(Monitor):
+    """The driver's monitor, telling the driver about each console fd before it watches it."""
+
+    def __init__(self, on_console_fd: Callable[[int], None]):
+        super().__init__()
+        self._on_console_fd = on_console_fd
+
+    def watch_console(self, fd: int, on_data: Callable[[bytes], None]) -> None:
+        self._on_console_fd(fd)
+        super().watch_console(fd, on_data)
+
+
+class SystemDriver(LinuxDriver):
+    """LinuxDriver(lifeline=False) whose PDs' fds are kept across bmid restarts."""
+
+    def __init__(self, keeper: Keeper, on_exit: Callable[[int], None]):
+        super().__init__(lifeline=False)
+        self._monitor.close()
+        self._monitor = _KeepingMonitor(self._keep_console)
+        self._keeper = keeper
+        self._exit_hook = on_exit
+        self._starting = threading.local()
+
+    # -- keeping ----------------------------------------------------------------------------
+    def load(self, pd: LinuxPD, image: PDImage, banks: Sequence[str],
+             progress: Progress | None) -> dict[str, bytes]:
+        digests = super().load(pd, image, banks, progress)
+        assert pd.image_fd is not None
+        self._keeper.put(image_key(pd.pd_id, digests), pd.image_fd)
+        return digests
+
+    def start(self, pd: LinuxPD, config: Mapping[str, str], priority: int, *, channel_fd: int = -1) -> None:
+        self._starting.pd = pd
+        try:
+            super().start(pd, config, priority, channel_fd=channel_fd)
+        finally:
+            self._starting.pd = None
+
+    def _keep_console(self, console_r: int) -> None:
+        """Called by start() (through the monitor) once the PD runs: keep its console and status pipes."""
+        pd: LinuxPD | None = getattr(self._starting, "pd", None)
+        if pd is None or pd.run is None:
+            return                  # adopt() watches a console it took from the keeper
+        self._keeper.put(f"pd{pd.pd_id}.console", console_r)
+        self._keeper.put(f"pd{pd.pd_id}.status", pd.run.status_r)
+
+    def _on_exit(self, pd: LinuxPD, run: Run) -> None:
+        super()._on_exit(pd, run)
+        self._exit_hook(pd.pd_id)
+
+    def destroy(self, pd: LinuxPD) -> None:
+        super().destroy(pd)
+        self._keeper.drop(f"pd{pd.pd_id}.")
+
+    @staticmethod
+    def run_identity(pd: LinuxPD) -> dict[str, int] | None:
+        """What identifies the PD's running init for a later adoption (None when it is not running)."""
+        run = pd.run
+        if run is None or run.exited.is_set():
+            return None
+        return {"pid": run.pid, "start": process_start(run.pid) or 0, "oom_base": run.oom_base}
+
+    # -- adoption ---------------------------------------------------------------------------
+    def adopt(self, pd_id: int, desc: PDDescription, record: dict[str, Any]) -> tuple[LinuxPD, ExitInfo | None]:
+        """A stored PD back under this bmid; ExitInfo when its recorded run ended (or is not the one recorded)."""
+        groups = reopen_cgroups(record["cgroup"], pd_id)
+        if groups is None:
+            groups = cgroups.PDCgroups.create(record["cgroup"], pd_id=pd_id)
+            groups.set_memory_max(desc.mem)
+        pd = LinuxPD(pd_id, desc, groups, pids_max=record.get("pids_max", DEFAULT_PIDS_MAX),
+                     archive=record.get("archive", False))
+        measurement = {b: bytes.fromhex(h) for b, h in record.get("measurement", {}).items()}
+        if measurement:
+            pd.image_fd = self._kept_image(pd_id, measurement)
+        ident = record.get("run")
+        pidfd = self._identify(ident, groups) if ident else None
+        if pidfd is None:
+            ended = self._ended_while_away(pd, ident) if ident else None
+            groups.kill_all()           # whatever runs there is not the PD we know (a start rolled back)
+            for kind in ("console", "status", "channel"):
+                self._keeper.drop(f"pd{pd_id}.{kind}")
+            return pd, ended
+        status_r = self._keeper.get(f"pd{pd_id}.status")
+        console_r = self._keeper.get(f"pd{pd_id}.console")
+        if status_r is None:
+            status_r, w = os.pipe2(os.O_CLOEXEC)
+            os.close(w)
+        run = Run(ident["pid"], pidfd, status_r, ident.get("oom_base", 0))
+        pd.run = run
+        if console_r is None:
+            run.console_closed.set()
+        else:
+            self._watch_console(pd, run, console_r)
+        self._monitor.watch_exit(pidfd, lambda: self._on_exit(pd, run))
+        return pd, None
+
+    def _watch_console(self, pd: LinuxPD, run: Run, console_r: int) -> None:
+        # as in LinuxDriver.start: append output; EOF marks the console closed
+        def on_console(data: bytes) -> None:
+            if data:
+                pd.console.append(data)
+            else:
+                run.console_closed.set()
+                pd.console.poke()
+
+        self._monitor.watch_console(console_r, on_console)
+
+    def _kept_image(self, pd_id: int, measurement: dict[str, bytes]) -> int | None:
+        """The kept memfd whose content has exactly the stored measurement; other kept images are dropped."""
+        key = image_key(pd_id, measurement)
+        fd = self._keeper.get(key)
+        stale = [k for k in self._keeper.keys() if k.startswith(f"pd{pd_id}.image.") and k != key]
+        for k in stale:
+            self._keeper.drop(k)
+        if fd is None:
+            return None
+        bank = sorted(measurement)[0]
+        digest = hashlib.new(bank)
+        offset = 0
+        while chunk := os.pread(fd, HASH_CHUNK, offset):
+            digest.update(chunk)
+            offset += len(chunk)
+        if digest.digest() != measurement[bank]:
+            os.close(fd)
+            raise ResourceError(f"adopt PD {pd_id}: the kept image no longer has its measurement", pd_id=pd_id)
+        return fd
+
+    @staticmethod
+    def _identify(ident: dict[str, int], groups: cgroups.PDCgroups) -> int | None:
+        """A pidfd on the recorded init if pid, start time and cgroup all match (never a recycled pid)."""
+        pid = ident["pid"]
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        # checked after pidfd_open: the pidfd pins the process, so a recycled pid cannot slip in after
+        if process_start(pid) != ident["start"] or pid not in groups.pids():
+            os.close(pidfd)
+            return None
+        return pidfd
+
+    def _ended_while_away(self, pd: LinuxPD, ident: dict[str, int]) -> ExitInfo:
+        """How a run that ended while bmid was down ended, from the exit-status pipe the keeper held."""
+        status_r = self._keeper.get(f"pd{pd.pd_id}.status")
+        record = None
+        if status_r is not None:
+            try:
+                record = spawn.read_exit(status_r)
+            finally:
+                os.close(status_r)
+        oom = pd.groups.oom_kills() > ident.get("oom_base", 0)
+        if oom:
+            return ExitInfo(PDStatus.CRASHED, None, "oom")
+        if record is None:
+            return ExitInfo(PDStatus.CRASHED, None, "the PD's init ended while bmid was down")
+        if record[0] == "exit":
+            return ExitInfo(PDStatus.SHUTDOWN, record[1], f"exited with status {record[1]} while bmid was down")
+        return ExitInfo(PDStatus.CRASHED, None, f"killed by signal {record[1]} while bmid was down")

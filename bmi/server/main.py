@@ -1,0 +1,68 @@
+"""The `bmid` command: run the daemon in the foreground (systemd: dist/bmid.service)."""
+from __future__ import annotations
+
+import argparse
+import grp
+import logging
+import os
+import signal
+import sys
+from typing import Sequence
+
+from ..errors import BMIError
+from ..store import DEFAULT_STATE_DIR
+from .daemon import DEFAULT_SOCKET, Daemon
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bmid", description="Own the protection domains of linux:///system across restarts; serve "
+                                 "`bmi --uri linux:///system` and bmi.open('linux:///system').")
+    parser.add_argument("--socket", default=os.environ.get("BMID_SOCKET", DEFAULT_SOCKET),
+                        help=f"the Unix socket to listen on (default {DEFAULT_SOCKET}, root-only)")
+    parser.add_argument("--state-dir", default=os.environ.get("BMID_STATE_DIR", DEFAULT_STATE_DIR),
+                        help=f"where the SQLite state and the fd keeper live (default {DEFAULT_STATE_DIR})")
+    parser.add_argument("--group", help="a group whose members may make read-only calls (socket mode 0660)")
+    parser.add_argument("--no-integrity", action="store_true", help="run without the TPM link")
+    parser.add_argument("--shutdown-grace", type=float, default=None,
+                        help="seconds a PD gets to end after SHUTDOWN before it is killed (default 5)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="bmid: %(levelname)s %(message)s")
+    if os.geteuid() != 0:
+        print("bmid: must run as root (it creates namespaces and cgroups for other users' PDs)", file=sys.stderr)
+        return 1
+    try:
+        group = grp.getgrnam(args.group).gr_gid if args.group and not args.group.isdigit() else (
+            int(args.group) if args.group else None)
+    except KeyError:
+        print(f"bmid: no group {args.group!r}", file=sys.stderr)
+        return 1
+    try:
+        daemon = Daemon(state_dir=args.state_dir, socket_path=args.socket, group=group,
+                        integrity=not args.no_integrity, shutdown_grace=args.shutdown_grace)
+        daemon.listen()
+    except BMIError as e:
+        print(f"bmid: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.stop())
+    logging.getLogger("bmi.bmid").info("serving %d PDs on %s (state in %s)", len(daemon.mgr.list_pd()) - 1,
+                                       args.socket, args.state_dir)
+    print("READY", flush=True)
+    daemon.serve_forever()
+    # The PDs keep running; skip interpreter teardown, which would run the driver's finalizers.
+    service = daemon.mgr._integrity_service
+    if service is not None:
+        service.close()
+    daemon.store.close()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""linux:///system: the PDManagement API as a client of bmid.
+
+    mgr = bmi.open("linux:///system")            # or linux:///system?socket=/path/to/bmid.sock
+    pd = mgr.allocate_pd(bmi.PDDescription(mem=64 << 20))
+    for event in mgr.events():                   # status changes, like libvirt domain events
+        ...
+
+The semantics are bmid's PDManagement (bmi/api.py), reached over the PD
+channel's protocol; this module only carries calls, as bmi.pd does inside
+a PD, and adds what a manager client has beyond a PD: the console, waits,
+measurements, devices, sealing and events.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+from urllib.parse import parse_qs, urlsplit
+
+from .channel import protocol as p
+from .errors import BMIError, DriverUnavailable, InvalidArgument, NotSupported, PermissionDenied, ResourceError
+from .pd import Channel, RemoteController
+from .types import IntegrityPolicy, PDDescription, PDStatus
+
+DEFAULT_SOCKET = "/run/bmi/bmid.sock"
+IMAGE_CHUNK = 1 << 20
+
+
+def socket_path(uri: str) -> str:
+    """?socket= in the URI, else $BMID_SOCKET, else /run/bmi/bmid.sock."""
+    query = parse_qs(urlsplit(uri).query)
+    return (query.get("socket") or [os.environ.get("BMID_SOCKET") or DEFAULT_SOCKET])[0]
+
+
+def _connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except OSError as e:
+        sock.close()
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise PermissionDenied(f"open linux:///system: no permission on bmid's socket {path} (root only, "
+                                   f"or the group bmid was started with --group)") from None
+        raise DriverUnavailable(f"open linux:///system: cannot reach bmid on {path}: {e.strerror}; is bmid "
+                                f"running?") from None
+    return sock
+
+
+class _JSONChannel(Channel):
+    """bmi.pd's channel, turning values JSON cannot carry into InvalidArgument instead of TypeError."""
+
+    def call(self, method: str, params: dict[str, Any], fd: int | None = None) -> tuple[Any, int | None]:
+        try:
+            json.dumps(params)
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(f"{method}: an argument cannot be sent to bmid: {e}",
+                                  pd_id=params.get("pd") if isinstance(params.get("pd"), int) else None) from None
+        return super().call(method, params, fd)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A PD's status change: seq orders all events of one bmid."""
+
+    seq: int
+    time: float
+    pd_id: int
+    status: PDStatus
+    reason: str
+
+
+class EventStream:
+    """Iterate status events; close() (or leaving a with block) ends the subscription."""
+
+    def __init__(self, path: str, since: int | None, timeout: float | None):
+        self._sock = _connect(path)
+        self._timeout = timeout
+        self._closed = False
+        try:
+            p.send(self._sock, p.request(1, "subscribe", {} if since is None else {"since": since}))
+            data, fds, _ = p.receive(self._sock)
+            for fd in fds:
+                os.close(fd)
+            reply = p.decode(data) if data else None
+            if not isinstance(reply, dict):
+                raise ResourceError("events: bmid closed the subscription")
+            if "error" in reply:
+                p.raise_error(reply["error"])
+            #: the newest event number when the subscription started
+            self.last: int = reply["result"]["last"]
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        """The next event; StopIteration after `timeout` seconds without one, or when closed."""
+        if self._closed:
+            raise StopIteration
+        ready, _, _ = select.select([self._sock], [], [], self._timeout)
+        if not ready:
+            raise StopIteration
+        try:
+            data, fds, _ = p.receive(self._sock)
+        except OSError:
+            raise StopIteration from None
+        for fd in fds:
+            os.close(fd)
+        if not data:
+            raise StopIteration
+        event = p.decode(data)["params"]
+        return Event(event["seq"], event["time"], event["pd"], PDStatus[event["status"]], event["reason"])
+
+    def close(self) -> None:
+        self._closed = True
+        self._sock.close()
+
+    def __enter__(self) -> "EventStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SystemController(RemoteController):
+    """A PDController of a PD bmid owns (same methods as session mode's)."""
+
+    def __init__(self, client: "SystemClient", pd_id: int):
+        super().__init__(client._channel, pd_id)
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"<PDController pd={self._id} {self._client.uri}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SystemController) and other._client is self._client and other._id == self._id
+
+    def __hash__(self) -> int:
+        return hash((id(self._client), self._id))
+
+    def request_status_change(self, status: PDStatus | str | int) -> None:
+        if isinstance(status, int) and not isinstance(status, bool) and status in PDStatus._value2member_map_:
+            status = PDStatus(status)
+        super().request_status_change(status)
+
+    def setup_pd(self, image: Any, *, banks: Sequence[str] = ("sha256",),
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        """Pass the image to bmid as an fd: a regular file's own fd, else a memfd copy (bmid measures it)."""
+        what = f"setup_pd of PD {self._id}"
+        for method in ("get_image_size", "get_data"):
+            if not callable(getattr(image, method, None)):
+                raise InvalidArgument(f"{what}: {type(image).__name__} is not a PDImage (no {method}())",
+                                      pd_id=self._id)
+        if isinstance(banks, str) or not all(isinstance(b, str) for b in banks):
+            raise InvalidArgument(f"{what}: banks must be a sequence of names like ('sha256', 'sha384')",
+                                  pd_id=self._id)
+        fd = self._image_fd(image, what, progress)
+        try:
+            _, extra = self._channel.call("setup_pd", {"pd": self._id, "banks": list(banks)}, fd)
+        finally:
+            os.close(fd)
+        if extra is not None:
+            os.close(extra)
+
+    def _image_fd(self, image: Any, what: str, progress: Callable[[int, int], None] | None) -> int:
+        size = image.get_image_size()
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise InvalidArgument(f"{what}: get_image_size() returned {size!r}, not a size", pd_id=self._id)
+        fd = os.memfd_create(f"bmi-image-pd{self._id}", os.MFD_CLOEXEC)
+        try:
+            offset = 0
+            while offset < size:
+                chunk = image.get_data(offset, min(IMAGE_CHUNK, size - offset))
+                if not isinstance(chunk, (bytes, bytearray, memoryview)):
+                    raise InvalidArgument(f"{what}: get_data returned {type(chunk).__name__}, not bytes",
+                                          pd_id=self._id)
+                if not chunk:
+                    raise InvalidArgument(f"{what}: the image ended at {offset} of {size} bytes", pd_id=self._id)
+                os.pwrite(fd, bytes(chunk[:size - offset]), offset)
+                offset += min(len(chunk), size - offset)
+                if progress is not None:
+                    progress(offset, size)
+        except BMIError:
+            os.close(fd)
+            raise
+        except Exception as e:
+            os.close(fd)
+            raise InvalidArgument(f"{what}: reading the image failed: {type(e).__name__}: {e}",
+                                  pd_id=self._id) from None
+        return fd
+
+    # -- what session mode's PDController has beyond the spec --------------------------------
+    def wait(self, timeout: float | None = None) -> PDStatus:
+        return PDStatus[self._call("wait", timeout=timeout)]
+
+    def read_console(self, since: int = 0, timeout: float | None = None) -> tuple[int, bytes]:
+        got = self._call("read_console", since=since, timeout=0 if timeout is None else timeout)
+        return got["offset"], bytes.fromhex(got["data"])
+
+    def measurement(self) -> dict[str, bytes]:
+        return {b: bytes.fromhex(h) for b, h in self._call("measurement").items()}
+
+
+class SystemDeviceManager:
+    """DeviceManager over bmid."""
+
+    def __init__(self, channel: Channel):
+        self._channel = channel
+
+    def list_devices(self) -> list[str]:
+        return self._channel.value("list_devices")
+
+    def assigned(self, pd_id: int) -> list[str]:
+        return self._channel.value("assigned", pd=pd_id)
+
+    def assign(self, device: str, pd_id: int) -> None:
+        self._channel.value("assign", device=device, pd=pd_id)
+
+    def unassign(self, device: str, pd_id: int) -> None:
+        self._channel.value("unassign", device=device, pd=pd_id)
+
+
+class SystemClient:
+    """bmi.open("linux:///system"): PDManagement as a client of bmid (PDs outlive this object)."""
+
+    def __init__(self, uri: str = "linux:///system"):
+        self.uri = uri
+        self.socket_path = socket_path(uri)
+        sock = _connect(self.socket_path)
+        try:
+            self._channel = _JSONChannel(sock.fileno())
+        finally:
+            sock.close()            # the channel holds its own dup
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- spec 7.1 ---------------------------------------------------------------------------
+    def get_version(self) -> int:
+        return self._channel.value("get_version")
+
+    def allocate_pd(self, desc: PDDescription) -> SystemController:
+        if not isinstance(desc, PDDescription):
+            raise InvalidArgument(f"allocate_pd: expected a PDDescription, got {type(desc).__name__}")
+        pd_id = self._channel.value("allocate_pd", mem=desc.mem, cpu=desc.cpu, performance=desc.performance)
+        return SystemController(self, pd_id)
+
+    def get_controller(self, pd_id: int | None = None) -> SystemController:
+        params = {} if pd_id is None else {"pd": pd_id}
+        return SystemController(self, self._channel.value("get_controller", **params))
+
+    def list_pd(self) -> list[int]:
+        return self._channel.value("list_pd")
+
+    def get_device_manager(self) -> SystemDeviceManager:
+        return SystemDeviceManager(self._channel)
+
+    # -- beyond the spec ----------------------------------------------------------------------
+    def describe(self) -> list[dict[str, Any]]:
+        """Every PD in one call: pd, name, status, parent, mem, cpu, priority, sha256."""
+        return self._channel.value("describe")
+
+    def events(self, since: int | None = None, timeout: float | None = None) -> EventStream:
+        """Status events from now on (or after event number `since`); iteration stops after timeout idle seconds."""
+        return EventStream(self.socket_path, since, timeout)
+
+    def on_event(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call callback(event) from a thread for every event; returns the function that stops it."""
+        stream = EventStream(self.socket_path, None, None)
+
+        def pump() -> None:
+            for event in stream:
+                callback(event)
+
+        thread = threading.Thread(target=pump, name="bmi-events", daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            stream._closed = True
+            stream._sock.shutdown(socket.SHUT_RDWR)
+            thread.join()
+            stream.close()
+        return stop
+
+    def seal_credentials(self, policy: IntegrityPolicy, secret: bytes) -> bytes:
+        if not isinstance(policy, IntegrityPolicy):
+            raise InvalidArgument(f"seal_credentials: expected an IntegrityPolicy, got {type(policy).__name__}")
+        return bytes.fromhex(self._channel.value("seal_credentials", policy=p.integrity_policy_to_wire(policy),
+                                                 secret=bytes(secret).hex()))
+
+    def get_storage_public(self) -> bytes:
+        return bytes.fromhex(self._channel.value("get_storage_public"))
+
+    def integrity_service(self) -> Any:
+        raise NotSupported("integrity_service: the TPM belongs to bmid; use `bmi tpm` on the host as root")
+
+    def close(self) -> None:
+        """Close the connection; the PDs stay with bmid."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._channel.close()
+
+    def __enter__(self) -> "SystemClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
