@@ -738,9 +738,9 @@ def _allowed(policies: Sequence[ConnectionPolicy], con_type: ConnectionType, mod
 
 
 _CONNECTION_CAPABILITIES = {
-    "/system/connections/types": const("IPC STREAM SHM EVENT"),
-    "/system/connections/revocable": const("IPC STREAM EVENT"),
-    "/system/connections/shm-revocable": const(
+    "/capability/connections/types": const("IPC STREAM SHM EVENT"),
+    "/capability/connections/revocable": const("IPC STREAM EVENT"),
+    "/capability/connections/shm-revocable": const(
         "no: revoking an SHM connection stops nothing already mapped or held; only new connections are refused"),
 }
 

@@ -13,7 +13,7 @@ towards the destination and enforced by the kernel:
   owned by the layer; a read-only side gets an O_RDONLY fd, so PROT_WRITE
   MAP_SHARED mappings fail (EACCES) and it cannot reopen the file for
   writing.  A mapping cannot be taken back: revoking SHM closes nothing
-  the PD already holds (see /system/connections/shm-revocable).
+  the PD already holds (see /capability/connections/shm-revocable).
 """
 from __future__ import annotations
 

@@ -135,5 +135,5 @@ def test_interfaces_connections_is_read_only(mgr):
     assert caps["/interfaces/connections"].read and not caps["/interfaces/connections"].write
     with pytest.raises(bmi.PermissionDenied):
         pd.set_runtime_param("/interfaces/connections", "1 to 2 IPC RW")
-    assert pd.get_runtime_param("/system/connections/shm-revocable").startswith("no")
+    assert pd.get_runtime_param("/capability/connections/shm-revocable").startswith("no")
     lines(pd)
