@@ -77,16 +77,20 @@ def _cpu_seconds(pids):
 
 
 def test_cpu_quota_holds_a_busy_loop(mgr):
+    """20% of one CPU caps a busy loop; lifting the cap lets it run (robust to a loaded host)."""
     pd = start(mgr, ["busybox", "sh", "-c", "while :; do :; done"], performance=20)
     pids = _host_pids(mgr, pd)
-    c0, t0 = _cpu_seconds(pids), time.monotonic()
-    time.sleep(1.5)
-    share = (_cpu_seconds(pids) - c0) / (time.monotonic() - t0)
-    assert 0.08 < share < 0.35, share
+
+    def share(seconds):
+        c0, t0 = _cpu_seconds(pids), time.monotonic()
+        time.sleep(seconds)
+        return (_cpu_seconds(pids) - c0) / (time.monotonic() - t0)
+
+    capped = share(1.5)
+    assert 0.01 < capped < 0.3, capped
     pd.set_runtime_param("/system/cpu/performance", "100")
-    c0, t0 = _cpu_seconds(pids), time.monotonic()
-    time.sleep(1.0)
-    assert (_cpu_seconds(pids) - c0) / (time.monotonic() - t0) > 0.6
+    free = share(1.5)
+    assert free > 2 * capped, (capped, free)
 
 
 def test_pids_limit(mgr):
