@@ -23,12 +23,13 @@ from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 from .channel import protocol as p
-from .errors import BMIError, DriverUnavailable, InvalidArgument, NotSupported, PermissionDenied, ResourceError
+from .errors import DriverUnavailable, InvalidArgument, InvalidState, NotSupported, PermissionDenied, ResourceError
+from .api import _check_policies
+from .integrity.measure import measure_into
 from .pd import Channel, RemoteController
-from .types import IntegrityPolicy, PDDescription, PDStatus
+from .types import ConnectionPolicy, IntegrityPolicy, PDDescription, PDStatus
 
 DEFAULT_SOCKET = "/run/bmi/bmid.sock"
-IMAGE_CHUNK = 1 << 20
 
 
 def socket_path(uri: str) -> str:
@@ -51,16 +52,55 @@ def _connect(path: str) -> socket.socket:
     return sock
 
 
-class _JSONChannel(Channel):
-    """bmi.pd's channel, turning values JSON cannot carry into InvalidArgument instead of TypeError."""
+class _BmidChannel(Channel):
+    """bmi.pd's channel to bmid: JSON-checked arguments and replies larger than one record.
+
+    A reply that does not fit one record (MAX_MESSAGE) comes as records
+    {"id", "more": hex of a piece of the reply's JSON} ending with "last": true.
+    """
 
     def call(self, method: str, params: dict[str, Any], fd: int | None = None) -> tuple[Any, int | None]:
         try:
-            json.dumps(params)
+            request = p.request(0, method, params)
+            json.dumps(request)
         except (TypeError, ValueError) as e:
             raise InvalidArgument(f"{method}: an argument cannot be sent to bmid: {e}",
                                   pd_id=params.get("pd") if isinstance(params.get("pd"), int) else None) from None
-        return super().call(method, params, fd)
+        with self._lock:
+            if self._sock.fileno() < 0:
+                raise InvalidState(f"{method}: this linux:///system connection is closed")
+            request["id"] = msg_id = next(self._ids)
+            try:
+                p.send(self._sock, request, (fd,) if fd is not None else ())
+                reply, got = self._receive(method)
+            except OSError as e:
+                raise ResourceError(f"{method}: the connection to bmid failed: {e.strerror or e}") from None
+        try:
+            if not isinstance(reply, dict) or reply.get("id") != msg_id:
+                raise ResourceError(f"{method}: malformed reply from bmid")
+            if "error" in reply:
+                p.raise_error(reply["error"])
+        except BaseException:
+            if got is not None:
+                os.close(got)
+            raise
+        return reply.get("result"), got
+
+    def _receive(self, method: str) -> tuple[Any, int | None]:
+        pieces: list[bytes] = []
+        while True:
+            data, fds, whole = p.receive(self._sock)
+            for extra in fds[1:]:
+                os.close(extra)
+            got = fds[0] if fds else None
+            if not data:
+                raise ResourceError(f"{method}: bmid closed the connection")
+            message = p.decode(data) if whole else None
+            if not isinstance(message, dict) or "more" not in message:
+                return (p.decode(b"".join(pieces)) if pieces else message), got
+            pieces.append(bytes.fromhex(message["more"]))
+            if message.get("last"):
+                return p.decode(b"".join(pieces)), got
 
 
 @dataclass(frozen=True)
@@ -152,7 +192,11 @@ class SystemController(RemoteController):
 
     def setup_pd(self, image: Any, *, banks: Sequence[str] = ("sha256",),
                  progress: Callable[[int, int], None] | None = None) -> None:
-        """Pass the image to bmid as an fd: a regular file's own fd, else a memfd copy (bmid measures it)."""
+        """Copy the image into a memfd and pass that to bmid, which measures what it reads from it.
+
+        The copy goes through the same measure_into as session mode, so a
+        misbehaving PDImage gets the same error here, before bmid sees it.
+        """
         what = f"setup_pd of PD {self._id}"
         for method in ("get_image_size", "get_data"):
             if not callable(getattr(image, method, None)):
@@ -161,40 +205,20 @@ class SystemController(RemoteController):
         if isinstance(banks, str) or not all(isinstance(b, str) for b in banks):
             raise InvalidArgument(f"{what}: banks must be a sequence of names like ('sha256', 'sha384')",
                                   pd_id=self._id)
-        fd = self._image_fd(image, what, progress)
+        fd = os.memfd_create(f"bmi-image-pd{self._id}", os.MFD_CLOEXEC)
         try:
+            measure_into(image, fd, banks=banks, progress=progress, pd_id=self._id)
             _, extra = self._channel.call("setup_pd", {"pd": self._id, "banks": list(banks)}, fd)
         finally:
             os.close(fd)
         if extra is not None:
             os.close(extra)
 
-    def _image_fd(self, image: Any, what: str, progress: Callable[[int, int], None] | None) -> int:
-        size = image.get_image_size()
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise InvalidArgument(f"{what}: get_image_size() returned {size!r}, not a size", pd_id=self._id)
-        fd = os.memfd_create(f"bmi-image-pd{self._id}", os.MFD_CLOEXEC)
-        try:
-            offset = 0
-            while offset < size:
-                chunk = image.get_data(offset, min(IMAGE_CHUNK, size - offset))
-                if not isinstance(chunk, (bytes, bytearray, memoryview)):
-                    raise InvalidArgument(f"{what}: get_data returned {type(chunk).__name__}, not bytes",
-                                          pd_id=self._id)
-                if not chunk:
-                    raise InvalidArgument(f"{what}: the image ended at {offset} of {size} bytes", pd_id=self._id)
-                os.pwrite(fd, bytes(chunk[:size - offset]), offset)
-                offset += min(len(chunk), size - offset)
-                if progress is not None:
-                    progress(offset, size)
-        except BMIError:
-            os.close(fd)
-            raise
-        except Exception as e:
-            os.close(fd)
-            raise InvalidArgument(f"{what}: reading the image failed: {type(e).__name__}: {e}",
-                                  pd_id=self._id) from None
-        return fd
+    def set_allowed_connections(self, tid: int, policies: list[ConnectionPolicy],
+                                disable_existing: bool = False) -> None:
+        """Policies checked here as in session mode (bad ones cannot even be encoded), then by bmid."""
+        _check_policies(policies, "set_allowed_connections", self._id)
+        super().set_allowed_connections(tid, policies, disable_existing)
 
     # -- what session mode's PDController has beyond the spec --------------------------------
     def wait(self, timeout: float | None = None) -> PDStatus:
@@ -235,7 +259,7 @@ class SystemClient:
         self.socket_path = socket_path(uri)
         sock = _connect(self.socket_path)
         try:
-            self._channel = _JSONChannel(sock.fileno())
+            self._channel = _BmidChannel(sock.fileno())
         finally:
             sock.close()            # the channel holds its own dup
         self._lock = threading.Lock()

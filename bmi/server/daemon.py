@@ -20,6 +20,7 @@ never recorded); the store's record is the truth for everything else.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import queue
@@ -29,7 +30,7 @@ import struct
 import threading
 from typing import Any, Iterable
 
-from ..api import PDManagement, _PD
+from ..api import PDController, PDManagement, _PD
 from ..channel import protocol as p
 from ..channel.dispatch import Dispatcher
 from ..channel.server import ChannelServer, _check_request
@@ -46,6 +47,7 @@ URI = "linux:///system"
 DEFAULT_SOCKET = "/run/bmi/bmid.sock"
 MAX_CONSOLE_CHUNK = 16 * 1024       # bytes of console per reply (hex doubles it; MAX_MESSAGE is 64 KiB)
 MAX_WAIT = 60.0
+REPLY_PIECE = 30 * 1024         # bytes of reply JSON per record when a reply is split (hex: 60 KiB)
 EVENT_POLL = 0.5
 _LIVE = (PDStatus.RUNNING, PDStatus.PAUSED)
 
@@ -58,6 +60,19 @@ READ_ONLY = frozenset({
 
 class SystemDispatcher(Dispatcher):
     """The channel's requests plus what a manager client needs beyond them (manager callers only)."""
+
+    @staticmethod
+    def _ctl(scope: Any, params: dict) -> Any:
+        """For a manager client a controller of any id, so a destroyed PD reports DESTROYED as in session mode."""
+        if not isinstance(scope, PDManagement):
+            return Dispatcher._ctl(scope, params)
+        pd_id = params.get("pd", 0)
+        if isinstance(pd_id, bool) or not isinstance(pd_id, int):
+            raise InvalidArgument(f"pd: expected an int, got {type(pd_id).__name__}")
+        return PDController(scope, pd_id)
+
+    def m_get_controller(self, scope: Any, params: dict, fd: None) -> int:
+        return scope.get_controller(params.get("pd")).get_pd_id()
 
     @staticmethod
     def _manager(scope: Any, method: str) -> PDManagement:
@@ -462,7 +477,7 @@ class Daemon:
                     for fd in fds:
                         os.close(fd)
                 try:
-                    p.send(conn, reply, (out,) if out is not None else ())
+                    _send_reply(conn, reply, (out,) if out is not None else ())
                 except (OSError, BMIError):
                     return
                 finally:
@@ -479,6 +494,19 @@ class Daemon:
                 os.unlink(self.socket_path)
             except FileNotFoundError:
                 pass
+
+
+def _send_reply(conn: socket.socket, reply: dict, fds: tuple[int, ...]) -> None:
+    """One record, or when the reply is larger (a 256 KiB console log) pieces {"more": hex} ending in "last"."""
+    data = json.dumps(reply, separators=(",", ":")).encode()
+    if len(data) <= p.MAX_MESSAGE:
+        p.send(conn, reply, fds)
+        return
+    pieces = range(0, len(data), REPLY_PIECE)
+    for start in pieces:
+        last = start == pieces[-1]
+        p.send(conn, {"jsonrpc": "2.0", "id": reply.get("id"), "more": data[start:start + REPLY_PIECE].hex(),
+                      "last": last}, fds if last else ())
 
 
 def _groups_of(pid: int) -> set[int]:

@@ -124,6 +124,7 @@ def test_destroy_running_pd_and_request_destroyed(mgr):
         pd.destroy()
 
 
+@pytest.mark.session_only("reads the in-process driver handle")
 def test_priority_range_and_effect(mgr):
     pd = start(mgr, ["busybox", "sleep", "1000"])
     assert pd.get_priority() == 0

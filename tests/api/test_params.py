@@ -68,6 +68,7 @@ def test_set_bad_values(pd, name, value, error):
     assert pd.get_runtime_param("/system/memory/current") == before
 
 
+@pytest.mark.session_only("reads the in-process driver handle")
 def test_memory_current_changes_the_live_pd(mgr):
     pd = start(mgr, ["busybox", "sleep", "1000"], mem=64 << 20)
     pd.set_runtime_param("/system/memory/current", "32M")

@@ -1,0 +1,82 @@
+"""Start and stop real bmid processes for tests (state and socket in a tmp dir)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import bmi
+
+START_TIMEOUT = 30.0
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("bmid needs root (namespaces and cgroups for PDs of any user)")
+
+
+class Bmid:
+    """One bmid on a state dir; restartable, killable with SIGKILL."""
+
+    def __init__(self, directory: str, *extra: str):
+        self.state_dir = os.path.join(directory, "state")
+        self.socket = os.path.join(directory, "bmid.sock")
+        self.uri = f"linux:///system?socket={self.socket}"
+        self.extra = extra
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Bmid":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bmi.server.main", "--state-dir", self.state_dir, "--socket", self.socket,
+             "--no-integrity", "--shutdown-grace", "2", *self.extra],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bmid exited: {self.proc.stderr.read().decode()[-2000:]}")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(self.socket)
+                return self
+            except OSError:
+                time.sleep(0.02)
+            finally:
+                probe.close()
+        self.kill()
+        raise RuntimeError("bmid did not come up")
+
+    def open(self) -> bmi.PDManagement:
+        return bmi.open(self.uri)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            self.proc.stderr.close()
+            self.proc = None
+
+    def stop(self) -> None:
+        """SIGTERM: bmid stops serving, the PDs keep running."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc.stderr.close()
+            self.proc = None
+
+    def destroy_all(self) -> None:
+        with self.open() as mgr:
+            for pd_id in reversed(mgr.list_pd()[1:]):
+                if pd_id in mgr.list_pd():
+                    mgr.get_controller(pd_id).destroy()
+
+    def close(self) -> None:
+        """Destroy every PD, then stop (the fd keeper then exits too)."""
+        if self.proc is not None:
+            self.destroy_all()
+            self.stop()
