@@ -23,9 +23,9 @@ def require_root() -> None:
 class Bmid:
     """One bmid on a state dir; restartable, killable with SIGKILL."""
 
-    def __init__(self, directory: str, *extra: str):
+    def __init__(self, directory: str, *extra: str, socket_dir: str | None = None):
         self.state_dir = os.path.join(directory, "state")
-        self.socket = os.path.join(directory, "bmid.sock")
+        self.socket = os.path.join(socket_dir or directory, "bmid.sock")
         self.uri = f"linux:///system?socket={self.socket}"
         self.extra = extra
         self.proc: subprocess.Popen | None = None
