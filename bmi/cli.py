@@ -283,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
         integrity_cli = None
     if integrity_cli is not None:
         integrity_cli.register(sub)
+    from .server import cli as pd_cli
+    pd_cli.register(sub)
     return parser
 
 

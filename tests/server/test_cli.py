@@ -1,0 +1,54 @@
+"""The virsh-like `bmi` subcommands against a real bmid, run as a separate process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import busybox_path
+from tests.server.bmid import Bmid, require_root
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    require_root()
+    d = Bmid(str(tmp_path)).start()
+    yield d
+    d.close()
+
+
+def _bmi(d: Bmid, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, BMI_URI=d.uri)
+    return subprocess.run([sys.executable, "-m", "bmi.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=60)
+
+
+def test_create_list_control_and_destroy_by_name(daemon):
+    made = _bmi(daemon, "create", "--json", "--image", busybox_path(), "--name", "web", "--start", "--",
+                "busybox", "sh", "-c", "echo hello; busybox sleep 100")
+    assert made.returncode == 0, made.stderr
+    pd = json.loads(made.stdout)
+    assert pd["status"] == "RUNNING" and pd["name"] == "web"
+    listed = json.loads(_bmi(daemon, "list", "--json").stdout)
+    assert [(r["pd"], r["name"], r["status"]) for r in listed] == [(pd["pd"], "web", "RUNNING")]
+    assert _bmi(daemon, "pause", "web").stdout.strip() == f"PD {pd['pd']} PAUSED"
+    assert _bmi(daemon, "param", "get", "web", "/system/status").stdout.strip() == "PAUSED"
+    assert _bmi(daemon, "resume", str(pd["pd"])).returncode == 0
+    assert _bmi(daemon, "config", "get", "web", "/name").stdout.strip() == "web"
+    assert _bmi(daemon, "console", "web").stdout == "hello\n"
+    assert _bmi(daemon, "create", "--image", busybox_path(), "--name", "web").returncode == 2   # names are unique
+    assert _bmi(daemon, "destroy", "web").returncode == 0
+    assert json.loads(_bmi(daemon, "list", "--json").stdout) == []
+    missing = _bmi(daemon, "start", "web")
+    assert missing.returncode == 2 and "NoSuchDomain" in missing.stderr and "'web'" in missing.stderr
+
+
+def test_create_with_a_bad_image_leaves_nothing(daemon, tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"not an executable")
+    got = _bmi(daemon, "create", "--image", str(bad), "--name", "bad")
+    assert got.returncode == 2 and "ImageError" in got.stderr
+    assert json.loads(_bmi(daemon, "list", "--json").stdout) == []
