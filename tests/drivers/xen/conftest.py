@@ -1,0 +1,121 @@
+"""Fixtures for tests on real Xen domains (run in dom0 by `make test-xen`, rig/rig.py xen).
+
+The guest is the host's Debian kernel (BMI_XEN_GUEST_KERNEL, else the
+newest /boot/vmlinuz-*) with a tiny busybox initramfs built here
+(BMI_XEN_GUEST_RAMDISK overrides it): it prints BMI-GUEST-UP, onlines
+hot-added vCPUs every second, and powers off when Xen asks it to.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import os
+
+import pytest
+
+from bmi.drivers.linux.formats import CpioWriter
+
+GUEST_UP = "BMI-GUEST-UP"
+GUEST_INIT = f"""#!/bin/busybox sh
+/bin/busybox mount -t devtmpfs dev /dev
+exec </dev/console >/dev/console 2>&1
+/bin/busybox --install -s 2>/dev/null
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+echo {GUEST_UP} pd=$(cat /proc/cmdline)
+while :; do
+  for c in /sys/devices/system/cpu/cpu[1-9]*/online; do
+    [ -f "$c" ] && [ "$(cat "$c")" = 0 ] && echo 1 > "$c" && echo "BMI-CPU-ONLINE $c"
+  done
+  sleep 1
+done
+"""
+# The kernel runs /sbin/poweroff when the toolstack asks for a shutdown; PID 1
+# is a plain shell that ignores busybox's signal, so power off directly.
+POWEROFF = "#!/bin/busybox sh\nexec /bin/busybox poweroff -f\n"
+
+
+def dom0_reason() -> str | None:
+    """Why these tests cannot run here, or None in a Xen dom0 with the shim built."""
+    try:
+        with open("/proc/xen/capabilities") as f:
+            if "control_d" not in f.read():
+                return "not a Xen dom0 (/proc/xen/capabilities lacks control_d); run `make test-xen`"
+    except OSError:
+        return "not running on Xen (no /proc/xen/capabilities); run `make test-xen` to boot Xen in QEMU"
+    from bmi.drivers.xen.libxl import unavailable_reason
+    return unavailable_reason()
+
+
+def guest_kernel() -> str:
+    path = os.environ.get("BMI_XEN_GUEST_KERNEL") or max(glob.glob("/boot/vmlinuz-*"), default="")
+    if not os.path.isfile(path):
+        pytest.skip("no guest kernel: install linux-image-amd64 or set BMI_XEN_GUEST_KERNEL")
+    return path
+
+
+def guest_ramdisk() -> bytes:
+    path = os.environ.get("BMI_XEN_GUEST_RAMDISK")
+    if path:
+        with open(path, "rb") as f:
+            return f.read()
+    if not os.path.isfile("/bin/busybox"):
+        pytest.skip("no /bin/busybox for the guest initramfs: install busybox-static")
+    out = io.BytesIO()
+    w = CpioWriter(out)
+    for d in ("bin", "sbin", "dev", "proc", "sys", "usr", "usr/bin", "usr/sbin"):
+        w.directory(d)
+    with open("/bin/busybox", "rb") as f:
+        w.file("bin/busybox", f.read(), 0o755)
+    w.file("init", GUEST_INIT.encode(), 0o755)
+    w.file("sbin/poweroff", POWEROFF.encode(), 0o755)
+    w.close()
+    return out.getvalue()
+
+
+def guest_bundle(cmdline: str = "console=hvc0 quiet") -> bytes:
+    """A Xen bundle image: kernel, ramdisk, cmdline."""
+    out = io.BytesIO()
+    w = CpioWriter(out)
+    with open(guest_kernel(), "rb") as f:
+        w.file("kernel", f.read())
+    w.file("ramdisk", guest_ramdisk())
+    w.file("cmdline", cmdline.encode())
+    w.close()
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def xen_mgr():
+    reason = dom0_reason()
+    if reason:
+        pytest.skip(reason)
+    import bmi
+    from bmi.drivers.xen.config import domain_json
+    with bmi.open("xen:///system", integrity=False) as mgr:
+        mgr.shutdown_grace = 60.0           # a PV guest under TCG needs seconds to power off
+        # libxl's own xenstore handle opens its watch pipe the first time libxl
+        # waits on a watch (building and destroying a domain) and keeps it for
+        # the context's life: make that happen before the per-test fd check.
+        xen = mgr._driver._xen
+        warm = domain_json(name=f"bmi-warmup-{os.getpid()}", guest_type="pv", memory=32 << 20,
+                           max_memory=32 << 20, vcpus=1, max_vcpus=1, weight=256, cap=0,
+                           kernel=guest_kernel(), ramdisk=None, cmdline="")
+        domid = xen.create(warm, what="warm-up", pd_id=None)
+        xen.destroy(domid, what="warm-up", pd_id=None)
+        yield mgr
+
+
+@pytest.fixture(scope="module")
+def bundle_bytes(xen_mgr):
+    return guest_bundle()
+
+
+@pytest.fixture
+def no_leftover_domains(xen_mgr):
+    """Fail a test that leaves a domain behind."""
+    xen = xen_mgr._driver._xen
+    before = {d for d, _ in xen.domains()}
+    yield xen
+    after = {d for d, _ in xen.domains()}
+    assert after <= before, f"domains left behind: {sorted(after - before)}"
