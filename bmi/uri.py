@@ -11,7 +11,7 @@ DEFAULT_URI = "linux:///session"
 KNOWN = {
     ("linux", "/session"): "the embedded Linux driver, PDs live while this process lives",
     ("linux", "/system"): "PDs owned by bmid over /run/bmi/bmid.sock",
-    ("xen", "/system"): "Xen domains through libxl, owned by bmid",
+    ("xen", "/system"): "Xen domains through libxl (in this process until bmid exists)",
     ("pd", "/"): "inside a PD: the channel named by BMI_CHANNEL_FD",
 }
 
@@ -37,6 +37,12 @@ def open(uri: str | None = None, *, integrity: bool = True) -> PDManagement:  # 
     if key == ("linux", "/system"):
         from .system import SystemClient
         return SystemClient(uri)  # type: ignore[return-value]  (PDManagement-compatible, through bmid)
+    if key == ("xen", "/system"):
+        # In-process for now: the domains live while this manager is open.  Once
+        # bmid exists, xen:///system goes through it like linux:///system.
+        from .drivers.xen.driver import XenDriver
+        factory = _integrity_factory() if integrity else None
+        return PDManagement(XenDriver(), uri, integrity=factory)
     if key == ("pd", "/"):
         from .pd import PDClient
         return PDClient()  # type: ignore[return-value]  (PDManagement-compatible, over the channel)
