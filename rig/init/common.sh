@@ -2,7 +2,7 @@
 # root after switch_root).  The host reads the last "BMI-RIG-RESULT <rc>"
 # line on the console; every path out of an init ends in rig_result, so a
 # missing marker means a hang or a crash.
-export PATH=/run/rig/bin
+export PATH=/run/rig/bin:/usr/sbin:/usr/bin:/sbin:/bin
 . /run/rig/env
 
 rig_result() {

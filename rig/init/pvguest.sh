@@ -1,0 +1,20 @@
+#!/bin/sh
+# /init of the tiny PV guest the Xen tests may boot ($BMI_XEN_GUEST_RAMDISK in
+# dom0): say so on hvc0, power off when the toolstack asks (the kernel runs
+# /sbin/poweroff; PID 1 is a plain shell, so power off directly), and keep
+# onlining the vCPUs `xl vcpu-set` hot-adds (no udev here to do it).
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/hvc0 >/dev/hvc0 2>&1
+. /etc/rig/env
+printf '#!/bin/busybox sh\nexec /bin/busybox poweroff -f\n' >/sbin/poweroff
+chmod 755 /sbin/poweroff
+echo "$BMI_GUEST_MARKER pd=$(cat /proc/cmdline) cpus=$(grep -c ^processor /proc/cpuinfo)"
+while :; do
+	for f in /sys/devices/system/cpu/cpu[0-9]*/online; do
+		[ -f "$f" ] && [ "$(cat "$f")" = 0 ] && echo 1 >"$f" && echo "BMI-CPU-ONLINE $f"
+	done
+	sleep 0.5
+done
