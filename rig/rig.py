@@ -37,7 +37,7 @@ NINEP_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay"]
 XEN_MODULES = ["xenfs", "xen-privcmd", "xen-evtchn", "xen-gntdev", "xen-gntalloc"]
 CGROUP2_TESTS = ["tests/drivers/linux/test_cgroups.py", "tests/drivers/linux/test_driver.py",
                  "tests/api/test_lifecycle.py"]
-XEN_TESTS = "tests/drivers/xen"
+XEN_TEST_DIR = "tests/drivers/xen"
 XEN_DIR = "/usr/lib/xen-4.17"
 GUEST_MARKER = "BMI-GUEST-UP"             # what tests/drivers/xen waits for
 PYTEST = ".venv/bin/python -m pytest -p no:cacheprovider -q -rfEs"
@@ -57,19 +57,26 @@ def debian_kernel() -> tuple[str, str]:
     return chosen, release
 
 
-def _initramfs(name: str, stage2: str, env: dict[str, str], release: str, modules: Sequence[str]) -> str:
-    """Stage 1 mounts the host root and switches into it; `stage2` runs there as PID 1."""
+def _write_initramfs(name: str, init: str, **kw) -> str:
+    """rig/out/<name>.cpio with `init` (a file in rig/init) as /init; `kw` goes to initramfs.build."""
     os.makedirs(OUT, exist_ok=True)
     path = os.path.join(OUT, f"{name}.cpio")
-    scripts = [os.path.join(HERE, "init", s) for s in ("common.sh", stage2)]
     with open(path + ".tmp", "wb") as f:
-        initramfs.build(f, init=os.path.join(HERE, "init", "stage1.sh"), scripts=scripts,
-                        env={**env, "RIG_STAGE2": stage2}, release=release, modules=modules)
+        initramfs.build(f, init=os.path.join(HERE, "init", init), **kw)
     os.replace(path + ".tmp", path)
     return path
 
 
+def _host_root_initramfs(name: str, stage2: str, env: dict[str, str], release: str,
+                         modules: Sequence[str]) -> str:
+    """Stage 1 mounts the host root and switches into it; `stage2` runs there as PID 1."""
+    scripts = [os.path.join(HERE, "init", s) for s in ("common.sh", stage2)]
+    return _write_initramfs(name, "stage1.sh", scripts=scripts, env={**env, "RIG_STAGE2": stage2},
+                            release=release, modules=modules)
+
+
 def _test_env(tests: Sequence[str], timeout: int, extra_env: str = "") -> dict[str, str]:
+    """What the stage-2 scripts read: where the checkout is, the pytest command, its deadline."""
     return {"RIG_CHECKOUT": REPO, "RIG_TEST_TIMEOUT": str(timeout), "RIG_EXTRA_ENV": extra_env,
             "RIG_TEST_CMD": f"{PYTEST} {shlex.join(tests)}"}
 
@@ -114,8 +121,9 @@ def boot(name: str, cmd: list[str], timeout: float, log_path: str) -> int:
 
 
 def run_cgroup2(tests: Sequence[str], timeout: int) -> int:
+    """The Debian kernel with only cgroup v2, its controllers enabled for children of the root."""
     kernel, release = debian_kernel()
-    initrd = _initramfs("cgroup2", "cgroup2.sh", _test_env(tests, timeout), release, NINEP_MODULES)
+    initrd = _host_root_initramfs("cgroup2", "cgroup2.sh", _test_env(tests, timeout), release, NINEP_MODULES)
     append = ("console=ttyS0 rdinit=/init panic=-1 loglevel=4 "
               "cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1")
     return boot("cgroup2", QEMU + ["-cpu", "qemu64", "-m", "2560", "-kernel", kernel, "-initrd", initrd,
@@ -141,19 +149,16 @@ def run_xen(tests: Sequence[str], timeout: int) -> int:
     if not os.path.isdir(XEN_DIR):
         raise RigError(f"{XEN_DIR} is missing; install xen-utils-4.17")
     xen = xen_image()
-    os.makedirs(OUT, exist_ok=True)
-    guest = os.path.join(OUT, "xen-guest.cpio")
-    with open(guest + ".tmp", "wb") as f:
-        initramfs.build(f, init=os.path.join(HERE, "init", "pvguest.sh"), env={"BMI_GUEST_MARKER": GUEST_MARKER})
-    os.replace(guest + ".tmp", guest)
+    guest = _write_initramfs("xen-guest", "pvguest.sh", env={"BMI_GUEST_MARKER": GUEST_MARKER})
     extra = (f"BMI_TPM_TCTI=swtpm:path=/run/rig/tpm/sock BMI_XEN_GUEST_KERNEL={kernel} "
              f"BMI_XEN_GUEST_RAMDISK={guest}")
     # Until the Xen driver's tests exist, an empty -m xen selection (pytest
     # exit 5) over tests/drivers still proves python, the venv and bmi work in dom0.
-    no_tests_ok = not tests and not os.path.isdir(os.path.join(REPO, XEN_TESTS))
-    selection = ["-m", "xen", *(tests or (["tests/drivers"] if no_tests_ok else [XEN_TESTS]))]
-    env = {**_test_env(selection, timeout, extra), "RIG_NO_TESTS_OK": f"{XEN_TESTS} does not exist" if no_tests_ok else ""}
-    initrd = _initramfs("xen-dom0", "dom0.sh", env, release, NINEP_MODULES + XEN_MODULES)
+    no_tests_ok = not tests and not os.path.isdir(os.path.join(REPO, XEN_TEST_DIR))
+    selection = ["-m", "xen", *(tests or (["tests/drivers"] if no_tests_ok else [XEN_TEST_DIR]))]
+    env = {**_test_env(selection, timeout, extra),
+           "RIG_NO_TESTS_OK": f"{XEN_TEST_DIR} does not exist" if no_tests_ok else ""}
+    initrd = _host_root_initramfs("xen-dom0", "dom0.sh", env, release, NINEP_MODULES + XEN_MODULES)
     xen_append = "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 noreboot"
     dom0_append = "console=hvc0 rdinit=/init panic=-1 loglevel=4"
     return boot("xen", QEMU + ["-cpu", "qemu64,+svm,+npt", "-m", "3072", "-kernel", xen, "-append", xen_append,

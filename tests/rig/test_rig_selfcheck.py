@@ -131,3 +131,12 @@ def test_hung_vm_is_killed_at_the_hard_timeout(tmp_path, capsys):
     assert time.monotonic() - start < 15
     assert "hard timeout" in capsys.readouterr().out
     assert "started" in log.read_text()
+
+
+@needs_busybox
+@pytest.mark.parametrize("script", sorted(os.listdir(os.path.join(RIG, "init"))))
+def test_guest_scripts_parse_in_busybox_sh(script):
+    """A syntax error in an init only shows as a guest that never reports; catch it here."""
+    done = subprocess.run([initramfs.BUSYBOX, "sh", "-n", os.path.join(RIG, "init", script)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
