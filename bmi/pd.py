@@ -90,12 +90,22 @@ class Channel:
         for x in extra:
             os.close(x)
         got = fds[0] if fds else None
+        if not data:
+            if got is not None:
+                os.close(got)
+            raise ResourceError(f"{method}: the layer closed this PD's channel")
         try:
-            if not data:
-                raise ResourceError(f"{method}: the layer closed this PD's channel")
             reply = p.decode(data) if whole else None
+        except p.ProtocolError:
+            reply = None            # reported as a malformed reply, with `got` closed
+        return self._unwrap(method, reply, msg_id, got, "on the PD channel")
+
+    @staticmethod
+    def _unwrap(method: str, reply: Any, msg_id: int, got: int | None, where: str) -> tuple[Any, int | None]:
+        """The result of `reply` (and the fd it passed), or its error raised with that fd closed."""
+        try:
             if not isinstance(reply, dict) or reply.get("id") != msg_id:
-                raise ResourceError(f"{method}: malformed reply on the PD channel")
+                raise ResourceError(f"{method}: malformed reply {where}")
             if "error" in reply:
                 p.raise_error(reply["error"])
         except BaseException:

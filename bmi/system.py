@@ -75,16 +75,7 @@ class _BmidChannel(Channel):
                 reply, got = self._receive(method)
             except OSError as e:
                 raise ResourceError(f"{method}: the connection to bmid failed: {e.strerror or e}") from None
-        try:
-            if not isinstance(reply, dict) or reply.get("id") != msg_id:
-                raise ResourceError(f"{method}: malformed reply from bmid")
-            if "error" in reply:
-                p.raise_error(reply["error"])
-        except BaseException:
-            if got is not None:
-                os.close(got)
-            raise
-        return reply.get("result"), got
+        return self._unwrap(method, reply, msg_id, got, "from bmid")
 
     def _receive(self, method: str) -> tuple[Any, int | None]:
         pieces: list[bytes] = []
