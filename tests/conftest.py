@@ -72,3 +72,17 @@ def no_leaks(request):
         problems.append(f"fds left: {leaked_fds}")
     if problems:
         pytest.fail("leak check: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def tmgr(tmp_path, monkeypatch):
+    """A session manager on its own swtpm (private state: tests may extend PCRs freely)."""
+    import shutil
+
+    import bmi
+    if shutil.which("swtpm") is None:
+        pytest.skip("swtpm is not installed")
+    monkeypatch.setenv("BMI_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("BMI_TPM", "swtpm")
+    with bmi.open() as m:
+        yield m

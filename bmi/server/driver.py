@@ -140,23 +140,8 @@ class SystemDriver(LinuxDriver):
             os.close(w)
         run = Run(ident["pid"], pidfd, status_r, ident.get("oom_base", 0))
         pd.run = run
-        if console_r is None:
-            run.console_closed.set()
-        else:
-            self._watch_console(pd, run, console_r)
-        self._monitor.watch_exit(pidfd, lambda: self._on_exit(pd, run))
+        self._watch(pd, run, console_r)
         return pd, None
-
-    def _watch_console(self, pd: LinuxPD, run: Run, console_r: int) -> None:
-        # as in LinuxDriver.start: append output; EOF marks the console closed
-        def on_console(data: bytes) -> None:
-            if data:
-                pd.console.append(data)
-            else:
-                run.console_closed.set()
-                pd.console.poke()
-
-        self._monitor.watch_console(console_r, on_console)
 
     def _kept_image(self, pd_id: int, measurement: dict[str, bytes]) -> int | None:
         """The kept memfd whose content has exactly the stored measurement; other kept images are dropped."""

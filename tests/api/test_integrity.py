@@ -11,15 +11,6 @@ from tests.helpers import busybox_path
 pytestmark = pytest.mark.skipif(shutil.which("swtpm") is None, reason="swtpm is not installed")
 
 
-@pytest.fixture
-def tmgr(tmp_path, monkeypatch):
-    """A manager with its own swtpm state (so tests may extend PCRs freely)."""
-    monkeypatch.setenv("BMI_STATE_DIR", str(tmp_path))
-    monkeypatch.setenv("BMI_TPM", "swtpm")
-    with bmi.open() as m:
-        yield m
-
-
 def _ready(mgr):
     pd = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
     pd.setup_pd(bmi.FileImage(busybox_path()))

@@ -15,14 +15,6 @@ from tests.channel.progs import build
 pytestmark = pytest.mark.skipif(shutil.which("swtpm") is None, reason="swtpm is not installed")
 
 
-@pytest.fixture
-def tmgr(tmp_path, monkeypatch):
-    monkeypatch.setenv("BMI_STATE_DIR", str(tmp_path))
-    monkeypatch.setenv("BMI_TPM", "swtpm")
-    with bmi.open() as m:
-        yield m
-
-
 def test_a_pd_gets_its_integrity_link_and_its_credentials(tmgr):
     image = str(build("chanpeer"))
     digest = hashlib.sha256(open(image, "rb").read()).digest()

@@ -182,16 +182,22 @@ class LinuxDriver(Driver):
         run = Run(child.pid, child.pidfd, status_r, oom_base)
         pd.run = run
         self._renice(pd, priority)
+        self._watch(pd, run, console_r)
 
-        def on_console(data: bytes) -> None:
-            if data:
-                pd.console.append(data)
-            else:
-                run.console_closed.set()
-                pd.console.poke()
+    def _watch(self, pd: LinuxPD, run: Run, console_r: int | None) -> None:
+        """Drain the run's console into the PD's buffer (None: no console left) and notice its exit."""
+        if console_r is None:
+            run.console_closed.set()
+        else:
+            def on_console(data: bytes) -> None:
+                if data:
+                    pd.console.append(data)
+                else:
+                    run.console_closed.set()
+                    pd.console.poke()
 
-        self._monitor.watch_console(console_r, on_console)
-        self._monitor.watch_exit(child.pidfd, lambda: self._on_exit(pd, run))
+            self._monitor.watch_console(console_r, on_console)
+        self._monitor.watch_exit(run.pidfd, lambda: self._on_exit(pd, run))
 
     def _on_exit(self, pd: LinuxPD, run: Run) -> None:
         """Runs on the monitor thread: reap the PD's init and say how the run ended."""
