@@ -246,6 +246,17 @@ class PDManagement:
         """The TPM storage key's public part, for bmi.wrap_credentials off the machine."""
         return self._integrity("get_storage_public").storage_public()
 
+    def layer_info(self) -> dict[str, Any]:
+        """What the layer is and can do (driver facts, host resources, TPM kind): `bmi info`."""
+        self._check_open("layer_info")
+        host = self._driver.host_resources()
+        info = dict(self._driver.info())
+        info.update(uri=self.uri, api_version=f"{VERSION >> 16}.{VERSION & 0xFFFF}", host_cpus=host.cpus,
+                    host_memory=host.memory)
+        info["tpm"] = (self._integrity_service.tpm_kind if self._integrity_service is not None
+                       else f"unavailable ({self._integrity_error or 'opened with integrity=False'})")
+        return info
+
     def integrity_service(self) -> Any:
         """The TPM-backed service (for the CLI's `bmi tpm` / `bmi eventlog`)."""
         return self._integrity("integrity_service")

@@ -55,23 +55,8 @@ def _print(data: dict[str, Any], as_json: bool) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with bmi_open(args.uri, integrity=False) as mgr:
-        info = dict(mgr._driver.info())
-        info["uri"] = mgr.uri
-        info["api_version"] = f"{mgr.get_version() >> 16}.{mgr.get_version() & 0xffff}"
-        host = mgr.get_controller()
-        info["host_cpus"] = host.get_runtime_param("/system/cpu/max")
-        info["host_memory"] = host.get_runtime_param("/system/memory/max")
-    try:
-        from .integrity.service import IntegrityService
-        service = IntegrityService.open()
-        try:
-            info["tpm"] = service.tpm_kind
-        finally:
-            service.close()
-    except (BMIError, ImportError) as e:
-        info["tpm"] = f"unavailable ({e})"
-    _print(info, args.json)
+    with bmi_open(args.uri) as mgr:
+        _print(mgr.layer_info(), args.json)
     return 0
 
 

@@ -277,6 +277,10 @@ class SystemClient:
         return SystemDeviceManager(self._channel)
 
     # -- beyond the spec ----------------------------------------------------------------------
+    def layer_info(self) -> dict[str, Any]:
+        """What the layer bmid runs is and can do (`bmi info`)."""
+        return self._channel.value("layer_info")
+
     def describe(self) -> list[dict[str, Any]]:
         """Every PD in one call: pd, name, status, parent, mem, cpu, priority, sha256."""
         return self._channel.value("describe")

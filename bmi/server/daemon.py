@@ -54,7 +54,7 @@ _LIVE = (PDStatus.RUNNING, PDStatus.PAUSED)
 #: Calls a read-only client (the configured group) may make.
 READ_ONLY = frozenset({
     "get_version", "list_pd", "get_controller", "get_priority", "get_current_status", "get_allowed_connections",
-    "get_config_param", "get_runtime_param", "list_runtime_params", "get_integrity_link", "describe",
+    "get_config_param", "get_runtime_param", "list_runtime_params", "get_integrity_link", "describe", "layer_info",
     "measurement", "read_console", "wait", "subscribe", "get_storage_public", "list_devices", "assigned"})
 
 
@@ -88,6 +88,9 @@ class SystemDispatcher(Dispatcher):
         return [{"pd": pd.pd_id, "name": pd.config.get("/name", ""), "status": pd.status.name,
                  "parent": pd.parent, "mem": pd.desc.mem, "cpu": pd.cpus_max, "priority": pd.priority,
                  "sha256": pd.measurement["sha256"].hex() if "sha256" in pd.measurement else ""} for pd in pds]
+
+    def m_layer_info(self, scope: Any, params: dict, fd: None) -> dict[str, Any]:
+        return self._manager(scope, "layer_info").layer_info()
 
     def m_measurement(self, scope: Any, params: dict, fd: None) -> dict[str, str]:
         self._manager(scope, "measurement")

@@ -52,3 +52,10 @@ def test_create_with_a_bad_image_leaves_nothing(daemon, tmp_path):
     got = _bmi(daemon, "create", "--image", str(bad), "--name", "bad")
     assert got.returncode == 2 and "ImageError" in got.stderr
     assert json.loads(_bmi(daemon, "list", "--json").stdout) == []
+
+
+def test_info_against_bmid(daemon):
+    done = _bmi(daemon, "info", "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["driver"] == "linux" and info["uri"].startswith("linux:///system")
