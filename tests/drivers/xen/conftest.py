@@ -98,8 +98,8 @@ def xen_mgr():
         # waits on a watch (building and destroying a domain) and keeps it for
         # the context's life: make that happen before the per-test fd check.
         xen = mgr._driver._xen
-        warm = domain_json(name=f"bmi-warmup-{os.getpid()}", guest_type="pv", memory=32 << 20,
-                           max_memory=32 << 20, vcpus=1, max_vcpus=1, weight=256, cap=0,
+        warm = domain_json(name=f"bmi-warmup-{os.getpid()}", guest_type="pv", memory=128 << 20,
+                           max_memory=128 << 20, vcpus=1, max_vcpus=1, weight=256, cap=0,
                            kernel=guest_kernel(), ramdisk=None, cmdline="")
         domid = xen.create(warm, what="warm-up", pd_id=None)
         xen.destroy(domid, what="warm-up", pd_id=None)
