@@ -11,7 +11,7 @@ DEFAULT_URI = "linux:///session"
 KNOWN = {
     ("linux", "/session"): "the embedded Linux driver, PDs live while this process lives",
     ("linux", "/system"): "PDs owned by bmid over /run/bmi/bmid.sock",
-    ("xen", "/system"): "Xen domains through libxl (in this process until bmid exists)",
+    ("xen", "/system"): "Xen domains through libxl (in this process until bmid serves Xen too)",
     ("pd", "/"): "inside a PD: the channel named by BMI_CHANNEL_FD",
 }
 
@@ -39,15 +39,12 @@ def open(uri: str | None = None, *, integrity: bool = True) -> PDManagement:  # 
         return SystemClient(uri)  # type: ignore[return-value]  (PDManagement-compatible, through bmid)
     if key == ("xen", "/system"):
         # In-process for now: the domains live while this manager is open.  Once
-        # bmid exists, xen:///system goes through it like linux:///system.
+        # bmid serves Xen, xen:///system goes through it like linux:///system.
         from .drivers.xen.driver import XenDriver
         factory = _integrity_factory() if integrity else None
         return PDManagement(XenDriver(), uri, integrity=factory)
-    if key == ("pd", "/"):
-        from .pd import PDClient
-        return PDClient()  # type: ignore[return-value]  (PDManagement-compatible, over the channel)
-    raise DriverUnavailable(f"open {uri!r} ({KNOWN[key]}): not available in this version of bmi; "
-                            f"use {DEFAULT_URI}")
+    from .pd import PDClient        # pd:///
+    return PDClient()  # type: ignore[return-value]  (PDManagement-compatible, over the channel)
 
 
 def _integrity_factory():
