@@ -534,11 +534,11 @@ class PDController:
         pd = self._owned(what)
         if tid == self._id:
             raise InvalidArgument(f"{what} of PD {self._id}: a PD needs no connection to itself", pd_id=self._id)
-        if tid != MANAGER_PD:
-            self._mgr._pd(tid, f"{what} of PD {self._id} towards tid")
+        target = self._mgr._pd(tid, f"{what} of PD {self._id} towards tid") if tid != MANAGER_PD else None
         self._check_grant(tid, checked, what)
         with pd.lock:
             pd.policies[tid] = checked
+            self._driver.connections_changed(pd.handle, target.handle if target else None, checked)
         if disable_existing:
             self._mgr._registry.cut(lambda c: c.source != self._id or c.dest != tid or _allowed(checked, c.con_type,
                                                                                                  c.mode),

@@ -123,6 +123,14 @@ class Driver(abc.ABC):
     def console_log(self, handle: Any) -> bytes:
         """The PD's recent console output (bounded)."""
 
+    def connections_changed(self, handle: Any, peer: Any, policies: Sequence[Any]) -> None:
+        """The policy from handle's PD towards peer's (None: PD 0) is now `policies`.
+
+        Drivers whose layer enforces connections at set-up time (e.g. a
+        rendezvous the hypervisor guards) act here; on Linux the channel
+        server checks the policy at each connect, so nothing is to be done.
+        """
+
     def extra_params(self, handle: Any) -> dict[str, Any]:
         """Driver-specific runtime parameters (name -> params.Leaf)."""
         return {}

@@ -7,7 +7,7 @@ import bmi
 from bmi import ConnectionPolicy, ConnectionType as CT
 from tests.channel.progs import lines, run_pd, step, wait_console
 
-W = "5000"
+W = "15000"    # ms: generous for a loaded host; only a failing test waits it out
 
 
 def test_a_pd_reads_its_own_configuration_and_parameters(mgr):

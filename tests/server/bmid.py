@@ -13,6 +13,7 @@ import pytest
 import bmi
 
 START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0     # s: a loaded CI host may take a while to stop bmid and its threads
 
 
 def require_root() -> None:
@@ -65,7 +66,7 @@ class Bmid:
         """SIGTERM: bmid stops serving, the PDs keep running."""
         if self.proc is not None:
             self.proc.terminate()
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=STOP_TIMEOUT)
             self.proc.stderr.close()
             self.proc = None
 

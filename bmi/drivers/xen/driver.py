@@ -90,6 +90,10 @@ class XenDriver(Driver):
             raise
         self._lock = threading.RLock()
         self._pds: dict[int, XenPD] = {}
+        # Pairs of PDs (ids) some policy allows to connect, and the open
+        # rendezvous of those pairs whose domains both run.
+        self._allowed: dict[frozenset[int], set[tuple[int, int]]] = {}
+        self._rendezvous: dict[frozenset[int], str] = {}
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
@@ -193,6 +197,7 @@ class XenDriver(Driver):
         try:
             self._publish(pd, domid, config, what)
             self._attach_console(pd, domid, what)
+            self._sync_rendezvous()
             self._xen.unpause(domid, what=what, pd_id=pd.pd_id)
         except BaseException:
             self._discard_domain(pd, what)
@@ -297,7 +302,11 @@ class XenDriver(Driver):
     def destroy(self, pd: XenPD) -> None:
         if pd.destroyed:
             return
+        with self._lock:
+            for pair in [p for p in self._allowed if pd.pd_id in p]:
+                del self._allowed[pair]
         self._discard_domain(pd, f"destroy of PD {pd.pd_id}")
+        self._sync_rendezvous()
         self._drop_saved(pd)
         if pd.boot is not None:
             pd.boot.close()
@@ -322,6 +331,7 @@ class XenDriver(Driver):
             self._close_console(pd)
         if domid is None:
             return
+        self._sync_rendezvous()
         self._xen.destroy(domid, what=what, pd_id=pd.pd_id)
         deadline = time.monotonic() + DESTROY_WAIT
         while self._xen.info(domid, what=what, pd_id=pd.pd_id) is not None:
@@ -493,6 +503,40 @@ class XenDriver(Driver):
 
     def close_rendezvous(self, path: str) -> None:
         self._xen.xs_rm(path, what=f"close rendezvous {path}")
+
+    def connections_changed(self, pd: XenPD, peer: XenPD | None, policies: Sequence[Any]) -> None:
+        """Without XSM the hypervisor guards only the rendezvous: open it while a policy allows the pair."""
+        if peer is None:
+            return                      # PD 0 (dom0) reaches every guest anyway
+        pair = frozenset((pd.pd_id, peer.pd_id))
+        with self._lock:
+            directions = self._allowed.setdefault(pair, set())
+            directions.discard((pd.pd_id, peer.pd_id))
+            if policies:
+                directions.add((pd.pd_id, peer.pd_id))
+            if not directions:
+                del self._allowed[pair]
+        self._sync_rendezvous()
+
+    def _sync_rendezvous(self) -> None:
+        """Open the rendezvous of every allowed pair whose domains run; close every other."""
+        with self._lock:
+            running = {i for i, x in self._pds.items() if x.domid is not None}
+            wanted = {pair for pair in self._allowed if pair <= running}
+            to_close = [(pair, path) for pair, path in self._rendezvous.items() if pair not in wanted]
+            to_open = [pair for pair in wanted if pair not in self._rendezvous]
+            for pair, path in to_close:
+                del self._rendezvous[pair]
+            for pair in to_open:
+                a, b = sorted(pair)
+                self._rendezvous[pair] = self.open_rendezvous(self._pds[a], self._pds[b])
+        for _, path in to_close:
+            self.close_rendezvous(path)
+
+    def rendezvous_path(self, pd: XenPD, peer: XenPD) -> str | None:
+        """Where the pair meets while both run and a policy allows them (None otherwise)."""
+        with self._lock:
+            return self._rendezvous.get(frozenset((pd.pd_id, peer.pd_id)))
 
     # -- console ----------------------------------------------------------------------------
     def read_console(self, pd: XenPD, since: int, timeout: float | None) -> tuple[int, bytes]:

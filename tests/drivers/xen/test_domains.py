@@ -141,21 +141,29 @@ def test_suspend_resume_and_rendezvous(xen_mgr, bundle_bytes, no_leftover_domain
         wait_console(a, GUEST_UP)
         wait_console(b, GUEST_UP)
         assert a.get_runtime_param("/capability/connection-enforcement") == "rendezvous"
-        path = xen_mgr._driver.open_rendezvous(a._mgr._pd(a.get_pd_id(), "t").handle,
-                                               b._mgr._pd(b.get_pd_id(), "t").handle)
+        drv = xen_mgr._driver
+        ha, hb = (x._mgr._pd(x.get_pd_id(), "t").handle for x in (a, b))
+        assert drv.rendezvous_path(ha, hb) is None                      # no policy: no meeting place
+        ipc = [bmi.ConnectionPolicy(bmi.ConnectionType.IPC, bmi.RW)]
+        a.set_allowed_connections(b.get_pd_id(), ipc)
+        path = drv.rendezvous_path(ha, hb)
         assert xen.xs_get_perms(path, what="t") == [(0, PERM_NONE), (domid(a), PERM_RW), (domid(b), PERM_RW)]
-        xen_mgr._driver.close_rendezvous(path)
-        assert xen.xs_read(path, what="t") is None
+        a.set_allowed_connections(b.get_pd_id(), [])                    # withdrawn: the path goes
+        assert drv.rendezvous_path(ha, hb) is None and xen.xs_read(path, what="t") is None
+        a.set_allowed_connections(b.get_pd_id(), ipc)
 
         before = domid(a)
         assert a.get_runtime_param("/capability/suspend") == "SUSPENDED"
         a.request_status_change(bmi.PDStatus.SUSPENDED)
         assert a.get_current_status() is bmi.PDStatus.SUSPENDED
         assert xen.info(before, what="t", pd_id=None) is None          # the domain is gone, its state saved
+        assert drv.rendezvous_path(ha, hb) is None                      # and so is its rendezvous
         a.request_status_change(a.get_runtime_param("/capability/resume"))
         assert a.get_current_status() is bmi.PDStatus.RUNNING
         after = domid(a)
         assert xen.info(after, what="t", pd_id=None).state in ("running", "blocked")
+        path = drv.rendezvous_path(ha, hb)                              # back, for the new domid
+        assert xen.xs_get_perms(path, what="t") == [(0, PERM_NONE), (after, PERM_RW), (domid(b), PERM_RW)]
         # the restored guest carries on where it was: same boot, CPUs still polled
         time.sleep(3)
         assert a.get_current_status() is bmi.PDStatus.RUNNING
