@@ -161,8 +161,22 @@ class Registry:
             self._revoke(c)
         return gone
 
+    def ended(self, pd_id: int) -> None:
+        """pd_id's channel ended (its programs exited): cut its connections.
+
+        A connection it opened that the peer has not accepted yet stays
+        queued, already at end-of-file: what the PD sent before it ended
+        still arrives, as it would on any socket whose writer exits.
+        """
+        self.cut(lambda c: c.source == pd_id and c.pending_fd is not None, pd_id=pd_id)
+        with self._lock:
+            kept = [c for c in self._live.values() if c.source == pd_id and c.pending_fd is not None]
+        for c in kept:
+            self._shut(c)
+
     @staticmethod
-    def _revoke(conn: Connection) -> None:
+    def _shut(conn: Connection) -> None:
+        """Both ends see EOF/EPIPE from now on (the layer's own copies are what makes that possible)."""
         for s in conn.held:
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -170,6 +184,10 @@ class Registry:
                 pass
             s.close()
         conn.held = []
+
+    @classmethod
+    def _revoke(cls, conn: Connection) -> None:
+        cls._shut(conn)
         if conn.pending_fd is not None:
             os.close(conn.pending_fd)
             conn.pending_fd = None

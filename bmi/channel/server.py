@@ -184,7 +184,7 @@ class ChannelServer:
                 pass
         with self._lock:
             self._ops.append(("remove", ch))
-        self._registry.cut(pd_id=ch.pd_id)
+        self._registry.ended(ch.pd_id)
         self._wake()
 
     def _read(self, ch: _Channel) -> None:

@@ -66,6 +66,22 @@ def test_write_mode_is_enforced_by_the_kernel(mgr):
     assert oa["recv"] in (["EOF"], ["timeout"])
 
 
+def test_what_a_pd_sent_before_it_ended_still_arrives(mgr):
+    """A source that exits before its peer accepts: the queued connection is kept, at end-of-file."""
+    b = run_pd(mgr, "chanpeer", ["wait", "/test/step", "1", W, "+", "accept", W, "+", "recv", W, "+", "recv", W])
+    a = run_pd(mgr, "chanpeer", ["connect", str(b.get_pd_id()), "IPC", "2", "0", "+", "send", "early"],
+               start=False)
+    a.set_allowed_connections(b.get_pd_id(), [ConnectionPolicy(CT.IPC, bmi.WRITE)])
+    a.request_status_change(bmi.PDStatus.RUNNING)
+    assert lines(a)["send"] == ["ok"]                 # a has ended: its channel is gone
+    assert b.get_runtime_param("/interfaces/connections").endswith("pending")
+    step(b, "1")
+    ob = lines(b)
+    assert ob["accept"][0].startswith(f"ok peer={a.get_pd_id()}") and ob["recv"] == ["early", "EOF"]
+    a.destroy()
+    assert b.get_runtime_param("/interfaces/connections") == ""
+
+
 def test_policy_for_another_type_or_a_wider_mode_does_not_allow(mgr):
     b = run_pd(mgr, "chanpeer", ["accept", "300"])
     a = run_pd(mgr, "chanpeer", ["connect", str(b.get_pd_id()), "IPC", "3", "0", "+",
