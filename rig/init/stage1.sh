@@ -29,6 +29,15 @@ mount -t devpts -o newinstance,ptmxmode=0666 devpts /newroot/dev/pts
 for d in /tmp /run /var/tmp /dev/shm; do
 	mount -t tmpfs -o mode=1777 tmpfs "/newroot$d"
 done
+# A checkout under one of those (CI clones anywhere, /tmp included) would be
+# hidden by its tmpfs: lay its own overlay of the host's copy over it again.
+case "$RIG_CHECKOUT/" in
+/tmp/*|/run/*|/var/tmp/*|/dev/shm/*)
+	mkdir -p "/newroot$RIG_CHECKOUT" /run/checkout/upper /run/checkout/work
+	mount -t overlay -o "lowerdir=/host$RIG_CHECKOUT,upperdir=/run/checkout/upper,workdir=/run/checkout/work" \
+		overlay "/newroot$RIG_CHECKOUT" || fail "cannot mount the checkout $RIG_CHECKOUT"
+	;;
+esac
 mkdir -p /newroot/run/rig/bin
 cp /bin/busybox /etc/rig/* /newroot/run/rig/
 exec switch_root /newroot /run/rig/busybox sh -c \
