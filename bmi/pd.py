@@ -241,7 +241,15 @@ class RemoteController:
                     raise InvalidArgument(f"setup_pd of PD {self._id}: the image ended at {offset} of {size} bytes")
                 os.pwrite(fd, chunk, offset)
                 offset += len(chunk)
-            result, extra = self._channel.call("setup_pd", {"pd": self._id, "banks": list(banks)}, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._hand_over(fd, banks)
+
+    def _hand_over(self, fd: int, banks: Sequence[str]) -> None:
+        """Pass the filled memfd (closed here) to the layer, which measures what it reads from it."""
+        try:
+            _, extra = self._channel.call("setup_pd", {"pd": self._id, "banks": list(banks)}, fd)
         finally:
             os.close(fd)
         if extra is not None:

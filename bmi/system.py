@@ -199,11 +199,10 @@ class SystemController(RemoteController):
         fd = os.memfd_create(f"bmi-image-pd{self._id}", os.MFD_CLOEXEC)
         try:
             measure_into(image, fd, banks=banks, progress=progress, pd_id=self._id)
-            _, extra = self._channel.call("setup_pd", {"pd": self._id, "banks": list(banks)}, fd)
-        finally:
+        except BaseException:
             os.close(fd)
-        if extra is not None:
-            os.close(extra)
+            raise
+        self._hand_over(fd, banks)
 
     def set_allowed_connections(self, tid: int, policies: list[ConnectionPolicy],
                                 disable_existing: bool = False) -> None:
