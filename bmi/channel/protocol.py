@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import json
+import os
 import socket
 from dataclasses import fields
 from typing import Any
@@ -81,6 +82,19 @@ def receive(sock: socket.socket, *, blocking: bool = True) -> tuple[bytes, list[
             fds.extend(array.array("i", payload[:usable]))
     truncated = bool(msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)) or len(data) > MAX_MESSAGE
     return data, fds, not truncated
+
+
+def next_record(sock: socket.socket) -> tuple[bytes, list[int], bool] | None:
+    """receive() for a serving loop: None once the peer closed or the socket failed (fds closed)."""
+    try:
+        data, fds, whole = receive(sock)
+    except OSError:
+        return None
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None
+    return data, fds, whole
 
 
 def decode(data: bytes) -> Any:

@@ -443,14 +443,10 @@ class Daemon:
         with conn:
             role = self._role(conn)
             while True:
-                try:
-                    data, fds, whole = p.receive(conn)
-                except OSError:
+                record = p.next_record(conn)
+                if record is None:
                     return
-                if not data:
-                    for fd in fds:
-                        os.close(fd)
-                    return
+                data, fds, whole = record
                 msg_id: Any = None
                 out: int | None = None
                 try:

@@ -135,14 +135,10 @@ def _peer_uid(conn: socket.socket) -> int:
 
 def _serve_one(conn: socket.socket, held: dict[str, int]) -> None:
     while True:
-        try:
-            data, fds, _ = p.receive(conn)
-        except OSError:
+        record = p.next_record(conn)
+        if record is None:
             return
-        if not data:
-            for fd in fds:
-                os.close(fd)
-            return
+        data, fds, _ = record
         try:
             msg = p.decode(data)
             method, params = msg["method"], msg.get("params", {})
