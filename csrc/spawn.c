@@ -1,29 +1,31 @@
 /*
- * Linux PD spawn path: clone3 into fresh namespaces, build the PD's root,
- * and exec the measured image -- with no Python between fork and exec.
+ * Linux PD spawn path: clone into fresh namespaces, build the PD's root,
+ * and exec the measured image -- with no Python between clone and exec.
  *
  * Process shape:
- *   manager --clone3(NEWUSER|NEWPID|NEWNET|NEWNS|NEWIPC|NEWUTS, PIDFD)--> pid 1 (tiny init)
+ *   manager --clone(CLONE_VM|NEWUSER|NEWPID|NEWNET|NEWNS|NEWIPC|NEWUTS, PIDFD)--> pid 1
+ *   pid 1: waits until the manager has written its uid/gid maps and cgroup.procs,
+ *          becomes root of its user namespace, and execs bmi-init (this file built
+ *          with -DBMI_PD_INIT_MAIN, run from a sealed memfd): the tiny init that
+ *          builds the root, forwards signals, reaps, and reports the exit
  *   pid 1  --clone--> pid 2 = the PD's program (after NO_NEW_PRIVS, landlock, seccomp)
- * The manager writes uid/gid maps and cgroup.procs while pid 1 waits on a
- * pipe, so nothing of the PD runs before it is mapped and placed.  Set-up
- * errors travel back as one fixed-size record on a CLOEXEC pipe; EOF on
+ * CLONE_VM as in posix_spawn: no copy of the manager's page tables (ms for a
+ * big Python process) and none of its memory in the PD.  Until its exec the
+ * child shares the manager's memory, so it only makes raw syscalls on its own
+ * stack.  Set-up errors travel back as one fixed-size record on a pipe; EOF on
  * that pipe means the program was exec'd.
- *
- * The child is a copy of a possibly multi-threaded Python process, so it
- * only uses raw syscalls and async-signal-safe calls: no malloc, no stdio,
- * no glibc set*id (its thread broadcast would wait for threads that do not
- * exist in the child).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/mman.h>
@@ -100,6 +102,7 @@ struct cfg {
 
 /* ---------------------------------------------------------------- child helpers */
 
+#ifdef BMI_PD_INIT_MAIN   /* the child side: built into bmi-init only */
 static void copy_str(char *dst, size_t cap, const char *src, size_t n)
 {
     size_t i = 0;
@@ -144,6 +147,20 @@ static char *utoa(char *p, unsigned long long v)
 }
 
 /* Close every fd except those listed (-1 entries ignored). */
+static void reset_signals(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = SIG_DFL;
+    for (int s = 1; s < NSIG; s++)
+        sigaction(s, &sa, NULL); /* SIGKILL/SIGSTOP/reserved ones just fail */
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
+#endif
+
 static void close_except(int *keep, int n)
 {
     for (int i = 1; i < n; i++)   /* insertion sort: n is tiny */
@@ -157,18 +174,6 @@ static void close_except(int *keep, int n)
         from = (unsigned int)keep[i] + 1;
     }
     close_range(from, ~0u, 0);
-}
-
-static void reset_signals(void)
-{
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = SIG_DFL;
-    for (int s = 1; s < NSIG; s++)
-        sigaction(s, &sa, NULL); /* SIGKILL/SIGSTOP/reserved ones just fail */
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
 static int write_all(int fd, const char *p, size_t n)
@@ -194,6 +199,7 @@ static int landlock_abi_raw(void)
 /* Handle every fs access the ABI knows and allow all of it beneath "/" except
  * creating device nodes; from ABI 6 also scope abstract unix sockets and
  * signals to the PD's program (it cannot signal its init or the host). */
+#ifdef BMI_PD_INIT_MAIN
 static int apply_landlock(void)
 {
     int abi = landlock_abi_raw();
@@ -555,54 +561,14 @@ static void put_status(int fd, int st)
     write_all(fd, line, (size_t)(p - line));
 }
 
-/* The PD's init is a fork of the manager: its memory holds the manager's.
- * Non-dumpable keeps /proc/1/{mem,environ,maps} closed to the PD (the mm
- * belongs to the host's user namespace); the argv and environment strings,
- * which /proc/1/cmdline shows to anyone, are overwritten. */
-static void hide_manager(void)
-{
-    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-    char buf[2048];
-    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0) return;
-    buf[n] = 0;
-    char *p = strrchr(buf, ')');
-    if (!p) return;
-    unsigned long long v[52] = {0};
-    int field = 2; /* p points at the end of field 2 (comm) */
-    for (p++; *p && field < 51; ) {
-        while (*p == ' ') p++;
-        field++;
-        unsigned long long x = 0;
-        while (*p >= '0' && *p <= '9') x = x * 10 + (unsigned long long)(*p++ - '0');
-        while (*p && *p != ' ') p++;
-        v[field] = x;
-    }
-    /* fields 48..51: arg_start arg_end env_start env_end */
-    if (field < 51 || v[48] == 0 || v[49] <= v[48]) return;
-    memset((void *)(uintptr_t)v[48], 0, (size_t)(v[49] - v[48]));
-    memcpy((void *)(uintptr_t)v[48], "bmi-init", v[49] - v[48] > 9 ? 9 : 0);
-    if (v[50] && v[51] > v[50]) memset((void *)(uintptr_t)v[50], 0, (size_t)(v[51] - v[50]));
-}
-
 static __attribute__((noreturn)) void pd_init(struct cfg *c)
 {
     int ef = c->err_wr;
-    hide_manager();
     reset_signals();
     umask(0);
-    int keep[] = {c->exec_fd, c->console_fd, c->status_fd, c->lifeline_fd, c->channel_fd, c->release_rd, ef};
+    int keep[] = {c->exec_fd, c->console_fd, c->status_fd, c->lifeline_fd, c->channel_fd, ef};
     close_except(keep, (int)(sizeof keep / sizeof keep[0]));
-    char b;
     ssize_t n;
-    do n = read(c->release_rd, &b, 1); while (n < 0 && errno == EINTR);
-    if (n != 1) _exit(127); /* the manager gave up; it kills and reaps us */
-    close(c->release_rd);
-    if (syscall(SYS_setresgid, 0, 0, 0) || syscall(SYS_setresuid, 0, 0, 0))
-        fail(ef, BMI_SPAWN_ERESOURCE, "becoming root of the user namespace", NULL);
     if (sethostname(c->hostname, strlen(c->hostname))) fail(ef, BMI_SPAWN_ERESOURCE, "sethostname", NULL);
     if (unshare(CLONE_NEWCGROUP)) fail(ef, BMI_SPAWN_ERESOURCE, "unshare(CLONE_NEWCGROUP)", NULL);
     build_root(c);
@@ -669,6 +635,152 @@ static __attribute__((noreturn)) void pd_init(struct cfg *c)
     }
 }
 
+/* ---------------------------------------------------------------- bmi-init: the PD's pid 1 as a program
+ * argv: bmi-init EXEC_FD ARCHIVE CONSOLE_FD STATUS_FD LIFELINE_FD CHANNEL_FD FLAGS HOSTNAME TMPFS_BYTES
+ *       ERR_FD -- PROGRAM ARGV...      (the environment is the program's; the manager has already
+ *       mapped our uids and placed us in our cgroups before it let us exec) */
+extern char **environ;
+
+int main(int argc, char **argv)
+{
+    if (argc < 13 || strcmp(argv[11], "--")) return 127;
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    struct cfg c = {atoi(argv[1]), atoi(argv[2]), atoi(argv[3]), atoi(argv[4]), atoi(argv[5]), atoi(argv[6]),
+                    atoi(argv[7]), &argv[12], environ, argv[8], strtoull(argv[9], NULL, 10), -1, atoi(argv[10])};
+    pd_init(&c);
+}
+#else
+/* The init program, built from this file with -DBMI_PD_INIT_MAIN at install
+ * time and linked into the shim (see bmi/_build/spawn_build.py). */
+extern const unsigned char bmi_init_image[], bmi_init_image_end[];
+
+static pthread_once_t init_once = PTHREAD_ONCE_INIT;
+static int init_fd = -1, init_errno;
+
+/* A sealed memfd holding bmi-init, made once per process. */
+static void make_init_fd(void)
+{
+    const unsigned char *p = bmi_init_image;
+    size_t left = (size_t)(bmi_init_image_end - bmi_init_image);
+    int fd = memfd_create("bmi-init", MFD_CLOEXEC | MFD_ALLOW_SEALING | 0x10 /* MFD_EXEC */);
+    if (fd < 0 && errno == EINVAL) fd = memfd_create("bmi-init", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0) { init_errno = errno; return; }
+    while (left) {
+        ssize_t n = write(fd, p, left);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) { init_errno = n < 0 ? errno : EIO; close(fd); return; }
+        p += n; left -= (size_t)n;
+    }
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)) {
+        init_errno = errno; close(fd); return;
+    }
+    init_fd = fd;
+}
+
+struct start {
+    const struct cfg *c;
+    char **argv;      /* bmi-init's arguments, "--", then the program's (see main) */
+    char *stack;
+    char num[10][24];
+};
+
+/* Runs on its own stack in the manager's memory (CLONE_VM) until the exec:
+ * syscalls only, nothing written but its own stack and its own fd table.
+ * It waits for the manager to map its uids and place it in its cgroups:
+ * exec'ing before the map would leave bmi-init without capabilities. */
+static int init_child(void *arg)
+{
+    const struct start *s = arg;
+    const struct cfg *c = s->c;
+    /* our copy of the manager's fd table: keep only what bmi-init needs, so that the release
+     * pipe's write end (and every socket of the manager) is the manager's alone */
+    int keep[] = {c->exec_fd, c->console_fd, c->status_fd, c->lifeline_fd, c->channel_fd, c->err_wr,
+                  c->release_rd, init_fd};
+    close_except(keep, (int)(sizeof keep / sizeof keep[0]));
+    char b;
+    ssize_t n;
+    do n = read(c->release_rd, &b, 1); while (n < 0 && errno == EINTR);
+    if (n != 1) _exit(127); /* the manager gave up; it kills and reaps us */
+    /* root of the new user namespace before the exec, so bmi-init keeps its capabilities there
+     * (raw syscalls: glibc's set*id would signal the manager's threads) */
+    const char *stage = "becoming root of the user namespace";
+    if (syscall(SYS_setresgid, 0, 0, 0) == 0 && syscall(SYS_setresuid, 0, 0, 0) == 0) {
+        int fds[] = {c->exec_fd, c->console_fd, c->status_fd, c->lifeline_fd, c->channel_fd, c->err_wr};
+        for (unsigned i = 0; i < sizeof fds / sizeof fds[0]; i++)
+            if (fds[i] >= 0) fcntl(fds[i], F_SETFD, 0);
+        syscall(SYS_execveat, init_fd, "", s->argv, c->envp, AT_EMPTY_PATH);
+        stage = "exec of bmi-init";
+    }
+    struct rec r = {.kind = BMI_SPAWN_ERESOURCE, .err = errno};
+    memcpy(r.stage, stage, strlen(stage) + 1);
+    write_all(c->err_wr, (const char *)&r, sizeof r);
+    _exit(127);
+}
+
+#define INIT_FIXED_ARGS 12   /* "bmi-init", 10 values, "--" */
+#define INIT_STACK (64 * 1024)
+
+static void finish_init(struct start *s)
+{
+    munmap(s->stack, INIT_STACK);
+    free(s->argv);
+    free(s);
+}
+
+/* Clone pid 1 into the new namespaces the way posix_spawn does (CLONE_VM: no
+ * copy of the manager's page tables, which costs ms for a big Python process,
+ * and none of its memory in the PD); once released it execs bmi-init, which
+ * builds the PD.  Returns the pid (pidfd in *pidfd) or -1 and errno; *out must
+ * be given to finish_init once the child has exec'd or been reaped. */
+static long start_init(const struct cfg *c, int *pidfd, struct start **out)
+{
+    pthread_once(&init_once, make_init_fd);
+    if (init_fd < 0) { errno = init_errno; return -1; }
+    size_t nprog = 0;
+    while (c->argv[nprog]) nprog++;
+    struct start *s = calloc(1, sizeof *s);
+    char **argv = malloc((INIT_FIXED_ARGS + nprog + 1) * sizeof(char *));
+    char *stack = mmap(NULL, INIT_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (!s || !argv || stack == MAP_FAILED) {
+        int e = errno ? errno : ENOMEM;
+        free(s); free(argv);
+        if (stack != MAP_FAILED) munmap(stack, INIT_STACK);
+        errno = e;
+        return -1;
+    }
+    s->c = c, s->argv = argv, s->stack = stack;
+    long long vals[] = {c->exec_fd, c->archive, c->console_fd, c->status_fd, c->lifeline_fd, c->channel_fd,
+                        c->flags};
+    int k = 0;
+    argv[k++] = "bmi-init";
+    for (unsigned i = 0; i < sizeof vals / sizeof vals[0]; i++) {
+        snprintf(s->num[i], sizeof s->num[i], "%lld", vals[i]);
+        argv[k++] = s->num[i];
+    }
+    argv[k++] = (char *)c->hostname;
+    snprintf(s->num[7], sizeof s->num[7], "%llu", c->tmpfs_bytes);
+    argv[k++] = s->num[7];
+    snprintf(s->num[8], sizeof s->num[8], "%d", c->err_wr);
+    argv[k++] = s->num[8];
+    argv[k++] = "--";
+    memcpy(argv + k, c->argv, (nprog + 1) * sizeof(char *));
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);   /* no handler may run in the child, on shared memory */
+    long pid = clone(init_child, stack + INIT_STACK, CLONE_VM | CLONE_PIDFD | PD_NAMESPACES | SIGCHLD, s, pidfd);
+    int e = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (pid < 0) {
+        finish_init(s);
+        errno = e;
+        return -1;
+    }
+    *out = s;
+    return pid;
+}
+
 /* ---------------------------------------------------------------- manager side */
 
 static int write_proc(pid_t pid, const char *file, const char *text)
@@ -708,19 +820,14 @@ int bmi_spawn(int exec_fd, int archive, char *argv[], char *envp[],
     struct cfg c = {exec_fd, archive, console_fd, status_fd, lifeline_fd, channel_fd, flags,
                     argv, envp, hostname, tmpfs_bytes, rel[0], ep[1]};
     int pidfd = -1;
-    struct bmi_clone_args ca;
-    memset(&ca, 0, sizeof ca);
-    ca.flags = CLONE_PIDFD | PD_NAMESPACES;
-    ca.pidfd = (uint64_t)(uintptr_t)&pidfd;
-    ca.exit_signal = SIGCHLD;
-    long pid = syscall(SYS_clone3_, &ca, sizeof ca);
-    if (pid == 0) pd_init(&c);
+    struct start *started = NULL;
+    long pid = start_init(&c, &pidfd, &started);
     int e = errno;
     close(rel[0]);
     close(ep[1]);
     int kind = BMI_SPAWN_OK;
     if (pid < 0) {
-        kind = put_err(err, errlen, BMI_SPAWN_ERESOURCE, e, "clone3 into new namespaces", NULL);
+        kind = put_err(err, errlen, BMI_SPAWN_ERESOURCE, e, "clone into new namespaces", NULL);
         close(rel[1]);
         close(ep[0]);
         return kind;
@@ -760,8 +867,10 @@ int bmi_spawn(int exec_fd, int archive, char *argv[], char *envp[],
         syscall(SYS_pidfd_send_signal_, pidfd, SIGKILL, NULL, 0);
         while (waitid((idtype_t)P_PIDFD, (id_t)pidfd, &si, WEXITED) < 0 && errno == EINTR) {}
         close(pidfd);
+        finish_init(started);   /* reaped: its stack and arguments are ours again */
         return kind;
     }
+    finish_init(started);       /* the result came after its exec: it no longer runs on our memory */
     *pid_out = (int)pid;
     *pidfd_out = pidfd;
     return BMI_SPAWN_OK;
@@ -778,3 +887,4 @@ int bmi_seccomp_available(void)
     uint32_t action = SECCOMP_RET_ERRNO;
     return syscall(SYS_seccomp, SECCOMP_GET_ACTION_AVAIL, 0, &action) == 0;
 }
+#endif /* BMI_PD_INIT_MAIN */

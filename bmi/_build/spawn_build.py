@@ -1,21 +1,56 @@
-"""cffi build of bmi._spawn: the Linux PD spawn path (csrc/spawn.c), all C from fork to exec."""
+"""cffi build of bmi._spawn: the Linux PD spawn path (csrc/spawn.c), all C from clone to exec.
+
+The PD's pid 1 is a small static program, bmi-init, built from the same
+spawn.c (-DBMI_PD_INIT_MAIN) and linked into the shim as bytes; the shim
+runs it from a sealed memfd, so nothing but bmi's own installed files is
+executed and it is covered by the TVL's self-measurement.
+"""
 import os
+import shlex
+import subprocess
+import sysconfig
 
 from cffi import FFI
 
-_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "csrc")
-_CSRC = os.path.relpath(os.path.normpath(_CSRC))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CSRC = os.path.relpath(os.path.normpath(os.path.join(_HERE, "..", "..", "csrc")))
+_SPAWN_C = os.path.join(_CSRC, "spawn.c")
+
+
+def _build_init() -> str:
+    """Compile bmi-init (static: a PD has no libraries) and return its absolute path."""
+    out_dir = os.path.join(_HERE, "..", "..", "build")
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.abspath(os.path.join(out_dir, "bmi-init"))
+    cc = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    cmd = [*cc, "-static", "-O2", "-Wall", "-Wextra", "-DBMI_PD_INIT_MAIN", "-I", _CSRC, "-o", out + ".tmp", _SPAWN_C]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building bmi-init failed (a static libc is needed: Debian libc6-dev):\n"
+                           f"{shlex.join(cmd)}\n{done.stderr}")
+    os.replace(out + ".tmp", out)
+    return out
+
 
 with open(os.path.join(_CSRC, "spawn.h")) as f:
     # the header is the cdef, minus its #include lines
     _CDEF = "".join(line for line in f if not line.startswith("#include"))
 
+# bmi-init's bytes, between bmi_init_image and bmi_init_image_end (hidden: not exported by the shim)
+_EMBED = (
+    '__asm__(".section .rodata\\n.balign 16\\n"\n'
+    '        ".globl bmi_init_image\\n.hidden bmi_init_image\\nbmi_init_image:\\n"\n'
+    f'        ".incbin \\"{_build_init()}\\"\\n"\n'
+    '        ".globl bmi_init_image_end\\n.hidden bmi_init_image_end\\nbmi_init_image_end:\\n"\n'
+    '        ".previous\\n");\n'
+)
+
 ffibuilder = FFI()
 ffibuilder.cdef(_CDEF)
 ffibuilder.set_source(
     "bmi._spawn",
-    '#include "spawn.h"',
-    sources=[os.path.join(_CSRC, "spawn.c")],
+    '#include "spawn.h"\n' + _EMBED,
+    sources=[_SPAWN_C],
     include_dirs=[_CSRC],
     extra_compile_args=["-O2", "-Wall", "-Wextra"],
 )
