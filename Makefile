@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-DEB_PACKAGES := gcc make pkg-config python3-venv python3-dev libssl-dev \
+DEB_PACKAGES := gcc libc6-dev make pkg-config python3-venv python3-dev libssl-dev \
 	libtss2-dev swtpm swtpm-tools tpm2-tools busybox-static cpio bubblewrap openssl
 STAMP  := $(VENV)/.installed
 
