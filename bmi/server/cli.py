@@ -165,10 +165,26 @@ def cmd_console(args: argparse.Namespace) -> int:
             return 130
 
 
+#: `--help` examples; these commands talk to bmid (BMI_URI=linux:///system or --uri).
+EXAMPLES = {
+    "list": "example:\n  BMI_URI=linux:///system bmi list --json",
+    "create": "examples:\n  bmi --uri linux:///system create --image /bin/busybox --name web --start -- \\\n"
+              "      busybox sh -c 'while :; do date; sleep 5; done'\n  bmi --uri linux:///system create --image root.cpio --mem 128M",
+    "start": "example:\n  bmi --uri linux:///system start web",
+    "param": "examples:\n  bmi --uri linux:///system param ls web /system\n"
+             "  bmi --uri linux:///system param set web /system/memory/current 32M",
+    "config": "example:\n  bmi --uri linux:///system config set web /boot/cmdline 'busybox sleep 60'",
+    "attest": "example:\n  bmi --uri linux:///system attest web --nonce 00ff --out report.json\n"
+              "  bmi verify report.json --nonce 00ff --expect-image /bin/busybox",
+    "console": "example:\n  bmi --uri linux:///system console web -f",
+}
+
+
 def register(sub: Any) -> None:
     """Add the subcommands to the `bmi` parser."""
     def add(name: str, help: str, func: Any, pd: bool = True) -> argparse.ArgumentParser:
-        parser = sub.add_parser(name, help=help)
+        parser = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
         if pd:
             parser.add_argument("pd", metavar="PD", help="id or name")
         parser.add_argument("--json", action="store_true", help="machine-readable output")
