@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import Any, Sequence
 
-from . import (BMIError, FileImage, PDDescription, PDStatus, errors)
+from . import FileImage, PDDescription, PDStatus, errors
 from .uri import open as bmi_open
 
 PROGRESS_THRESHOLD = 64 * 1024 * 1024

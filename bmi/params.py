@@ -8,7 +8,7 @@ mechanism does (e.g. `/system/exit-status` only after the PD ended).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 from .errors import InvalidArgument, PermissionDenied
 from .types import RuntimeCapability
@@ -124,10 +124,3 @@ def const(value: str) -> Leaf:
     """A read-only parameter with a fixed value."""
     return Leaf(get=lambda: value)
 
-
-def merge(*groups: Iterable[tuple[str, Leaf]]) -> dict[str, Leaf]:
-    """Join groups of (name, leaf) pairs into one leaf map."""
-    out: dict[str, Leaf] = {}
-    for group in groups:
-        out.update(group)
-    return out

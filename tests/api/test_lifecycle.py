@@ -140,6 +140,5 @@ def test_priority_range_and_effect(mgr):
 
 
 def _pids(pd):
-    from bmi.drivers.linux.driver import LinuxPD  # noqa: F401  (the handle type)
     handle = pd._mgr._pds[pd.get_pd_id()].handle
     return handle.groups.pids()

@@ -1,5 +1,4 @@
 """The Linux driver through the public API: isolation seen from inside, limits enforced, root archives."""
-import io
 import os
 import time
 
