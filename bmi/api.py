@@ -353,6 +353,17 @@ class PDManagement:
                 pd.status, pd.ended = ended.status, ended
 
 
+def _check_setup(image: object, banks: object, progress: object, what: str, pd_id: int) -> None:
+    """setup_pd's arguments, checked the same way in every mode before any byte is pulled."""
+    for method in ("get_image_size", "get_data"):
+        if not callable(getattr(image, method, None)):
+            raise InvalidArgument(f"{what}: {type(image).__name__} is not a PDImage (no {method}())", pd_id=pd_id)
+    if isinstance(banks, str) or not all(isinstance(b, str) for b in banks):  # type: ignore[union-attr]
+        raise InvalidArgument(f"{what}: banks must be a sequence of names like ('sha256', 'sha384')", pd_id=pd_id)
+    if progress is not None and not callable(progress):
+        raise InvalidArgument(f"{what}: progress must be callable(done, total)", pd_id=pd_id)
+
+
 def _check_policy(policy: object, what: str, pd_id: int | None) -> IntegrityPolicy:
     if not isinstance(policy, IntegrityPolicy):
         raise InvalidArgument(f"{what}: expected an IntegrityPolicy, got {type(policy).__name__}", pd_id=pd_id)
@@ -501,15 +512,7 @@ class PDController:
                  progress: Progress | None = None) -> None:
         """Pull the image, copy it into the PD and measure it in the same pass (spec 7.2.7, 6.5)."""
         what = f"setup_pd of PD {self._id}"
-        for method in ("get_image_size", "get_data"):
-            if not callable(getattr(image, method, None)):
-                raise InvalidArgument(f"{what}: {type(image).__name__} is not a PDImage (no {method}())",
-                                      pd_id=self._id)
-        if isinstance(banks, str) or not all(isinstance(b, str) for b in banks):
-            raise InvalidArgument(f"{what}: banks must be a sequence of names like ('sha256', 'sha384')",
-                                  pd_id=self._id)
-        if progress is not None and not callable(progress):
-            raise InvalidArgument(f"{what}: progress must be callable(done, total)", pd_id=self._id)
+        _check_setup(image, banks, progress, what, self._id)
         pd = self._owned("setup_pd")
         with pd.lock:
             self._mgr._refresh(pd)

@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from .channel import protocol as p
 from .errors import DriverUnavailable, InvalidArgument, InvalidState, NotSupported, PermissionDenied, ResourceError
-from .api import _check_policies
+from .api import _check_policies, _check_setup
 from .integrity.measure import measure_into
 from .pd import Channel, RemoteController
 from .types import ConnectionPolicy, IntegrityPolicy, PDDescription, PDStatus
@@ -188,14 +188,7 @@ class SystemController(RemoteController):
         The copy goes through the same measure_into as session mode, so a
         misbehaving PDImage gets the same error here, before bmid sees it.
         """
-        what = f"setup_pd of PD {self._id}"
-        for method in ("get_image_size", "get_data"):
-            if not callable(getattr(image, method, None)):
-                raise InvalidArgument(f"{what}: {type(image).__name__} is not a PDImage (no {method}())",
-                                      pd_id=self._id)
-        if isinstance(banks, str) or not all(isinstance(b, str) for b in banks):
-            raise InvalidArgument(f"{what}: banks must be a sequence of names like ('sha256', 'sha384')",
-                                  pd_id=self._id)
+        _check_setup(image, banks, progress, f"setup_pd of PD {self._id}", self._id)
         fd = os.memfd_create(f"bmi-image-pd{self._id}", os.MFD_CLOEXEC)
         try:
             measure_into(image, fd, banks=banks, progress=progress, pd_id=self._id)
