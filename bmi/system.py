@@ -27,6 +27,7 @@ from .errors import DriverUnavailable, InvalidArgument, InvalidState, NotSupport
 from .api import _check_policies, _check_setup
 from .integrity.measure import measure_into
 from .pd import Channel, RemoteController
+from .server.board import BoardReader
 from .types import ConnectionPolicy, IntegrityPolicy, PDDescription, PDStatus
 
 DEFAULT_SOCKET = "/run/bmi/bmid.sock"
@@ -76,6 +77,15 @@ class _BmidChannel(Channel):
             except OSError as e:
                 raise ResourceError(f"{method}: the connection to bmid failed: {e.strerror or e}") from None
         return self._unwrap(method, reply, msg_id, got, "from bmid")
+
+    def check_open(self, what: str) -> None:
+        """Raise as a request would when bmid has gone (reads from the status board ask no one)."""
+        if self._sock.fileno() < 0:
+            raise InvalidState(f"{what}: this linux:///system connection is closed")
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN | select.POLLRDHUP)
+        if any(events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _, events in poller.poll(0)):
+            raise ResourceError(f"{what}: bmid closed the connection")
 
     def _receive(self, method: str) -> tuple[Any, int | None]:
         pieces: list[bytes] = []
@@ -176,6 +186,11 @@ class SystemController(RemoteController):
     def __hash__(self) -> int:
         return hash((id(self._client), self._id))
 
+    def get_current_status(self) -> PDStatus:
+        """From bmid's status board when the PD is on it (no request), else from bmid."""
+        status = self._client._board_status(self._id, "get_current_status")
+        return status if status is not None else super().get_current_status()
+
     def request_status_change(self, status: PDStatus | str | int) -> None:
         if isinstance(status, int) and not isinstance(status, bool) and status in PDStatus._value2member_map_:
             status = PDStatus(status)
@@ -247,6 +262,30 @@ class SystemClient:
             sock.close()            # the channel holds its own dup
         self._lock = threading.Lock()
         self._closed = False
+        self._board: BoardReader | None = None
+        self._board_tried = False
+
+    def _status_board(self, what: str) -> BoardReader | None:
+        """bmid's status board, mapped on first use (None from a bmid without one)."""
+        self._channel.check_open(what)
+        if not self._board_tried:
+            with self._lock:
+                if not self._board_tried:
+                    self._board_tried = True
+                    try:
+                        _, fd = self._channel.call("status_board", {})
+                    except NotSupported:
+                        return None
+                    if fd is None:
+                        raise ResourceError(f"{what}: bmid sent no status board")
+                    self._board = BoardReader(fd)
+        return self._board
+
+    def _board_status(self, pd_id: Any, what: str) -> PDStatus | None:
+        if isinstance(pd_id, bool) or not isinstance(pd_id, int):
+            return None
+        board = self._status_board(what)
+        return board.status(pd_id) if board is not None else None
 
     # -- spec 7.1 ---------------------------------------------------------------------------
     def get_version(self) -> int:
@@ -259,10 +298,16 @@ class SystemClient:
         return SystemController(self, pd_id)
 
     def get_controller(self, pd_id: int | None = None) -> SystemController:
+        """A PD on the status board needs no request; anything else bmid checks (and explains)."""
+        if self._board_status(pd_id, "get_controller") is not None:
+            return SystemController(self, pd_id)  # type: ignore[arg-type]  (an int: _board_status checked)
         params = {} if pd_id is None else {"pd": pd_id}
         return SystemController(self, self._channel.value("get_controller", **params))
 
     def list_pd(self) -> list[int]:
+        board = self._status_board("list_pd")
+        if board is not None and board.complete:
+            return board.ids()
         return self._channel.value("list_pd")
 
     def get_device_manager(self) -> SystemDeviceManager:
@@ -317,6 +362,8 @@ class SystemClient:
             if not self._closed:
                 self._closed = True
                 self._channel.close()
+                if self._board is not None:
+                    self._board.close()
 
     def __enter__(self) -> "SystemClient":
         return self

@@ -47,6 +47,9 @@ def _names(params: dict, required: tuple[str, ...], optional: tuple[str, ...] = 
 class Dispatcher:
     """The server's handler: (caller, method, params, fd) -> (result, fd or None)."""
 
+    #: The methods that answer with (result, fd): the fd goes back with the reply.
+    returns_fd = frozenset({"connect"})
+
     def __init__(self, scope_of: Callable[[int], Any]):
         self._scope_of = scope_of
 
@@ -57,7 +60,7 @@ class Dispatcher:
         if fd is not None and method != "setup_pd":
             raise p.ProtocolError(p.INVALID_PARAMS, f"{method} takes no fd")
         value = call(self._scope_of(caller), params, fd)
-        return value if method == "connect" else (value, None)
+        return value if method in self.returns_fd else (value, None)
 
     @staticmethod
     def _ctl(scope: Any, params: dict) -> Any:

@@ -38,6 +38,7 @@ from ..drivers.base import ExitInfo
 from ..errors import BMIError, InvalidArgument, PermissionDenied, ResourceError
 from ..store import Event, Store
 from ..types import PDDescription, PDStatus
+from .board import BoardWriter
 from .driver import SystemDriver, reopen_cgroups
 from .keeper import Keeper
 
@@ -55,11 +56,18 @@ _LIVE = (PDStatus.RUNNING, PDStatus.PAUSED)
 READ_ONLY = frozenset({
     "get_version", "list_pd", "get_controller", "get_priority", "get_current_status", "get_allowed_connections",
     "get_config_param", "get_runtime_param", "list_runtime_params", "get_integrity_link", "describe", "layer_info",
-    "measurement", "read_console", "wait", "subscribe", "get_storage_public", "list_devices", "assigned"})
+    "measurement", "read_console", "wait", "subscribe", "get_storage_public", "list_devices", "assigned",
+    "status_board"})
 
 
 class SystemDispatcher(Dispatcher):
     """The channel's requests plus what a manager client needs beyond them (manager callers only)."""
+
+    returns_fd = Dispatcher.returns_fd | {"status_board"}
+
+    def __init__(self, scope_of: Any, board: BoardWriter):
+        super().__init__(scope_of)
+        self._board = board
 
     @staticmethod
     def _ctl(scope: Any, params: dict) -> Any:
@@ -88,6 +96,11 @@ class SystemDispatcher(Dispatcher):
         return [{"pd": pd.pd_id, "name": pd.config.get("/name", ""), "status": pd.status.name,
                  "parent": pd.parent, "mem": pd.desc.mem, "cpu": pd.cpus_max, "priority": pd.priority,
                  "sha256": pd.measurement["sha256"].hex() if "sha256" in pd.measurement else ""} for pd in pds]
+
+    def m_status_board(self, scope: Any, params: dict, fd: None) -> tuple[dict[str, Any], int]:
+        """A read-only descriptor of the status board (board.py): list_pd and statuses without a request."""
+        self._manager(scope, "status_board")
+        return {}, self._board.reader_fd()
 
     def m_layer_info(self, scope: Any, params: dict, fd: None) -> dict[str, Any]:
         return self._manager(scope, "layer_info").layer_info()
@@ -176,7 +189,10 @@ class Daemon:
         self.mgr._finalizer.detach()        # bmid ending must never destroy the PDs it owns
         if shutdown_grace is not None:
             self.mgr.shutdown_grace = shutdown_grace
-        self._dispatch = SystemDispatcher(lambda caller: self.mgr if caller == 0 else self.mgr.scoped(caller))
+        self.board = BoardWriter()
+        self.board.set(0, PDStatus.RUNNING)
+        self._dispatch = SystemDispatcher(lambda caller: self.mgr if caller == 0 else self.mgr.scoped(caller),
+                                          self.board)
         self.mgr._channel_server = KeptChannels(self._channel_call, self.mgr._registry, self.keeper)
         self._cache: dict[int, dict[str, Any]] = {}
         self._idents: dict[int, tuple[Any, dict[str, int] | None]] = {}
@@ -211,7 +227,11 @@ class Daemon:
         }
 
     def persist(self, ids: Iterable[int] | None = None, op_id: int | None = None) -> None:
-        """Write the records of these PDs (all when None) as they are now, with an event per status change."""
+        """Write the records of these PDs (all when None) as they are now, with an event per status change.
+
+        The status board is updated in the same order, before the commit, so
+        it never shows a status older than one a reply or an event reported.
+        """
         events: list[Event] = []
         with self.store.tx() as db:
             with self.mgr._lock:
@@ -226,8 +246,10 @@ class Daemon:
                         events.append(Store.add_event(db, pd_id, PDStatus.DESTROYED.name, ""))
                         del self._cache[pd_id]
                         self._idents.pop(pd_id, None)
+                    self.board.remove(pd_id)
                     continue
                 record = self._record(pd)
+                self.board.set(pd_id, PDStatus[record["status"]])
                 if record != old:
                     Store.write_pd(db, record)
                     if old is None or old["status"] != record["status"]:
@@ -328,7 +350,9 @@ class Daemon:
     def call(self, caller: int, method: str, params: dict, fd: int | None) -> tuple[Any, int | None]:
         """One request, with its intent and its result stored before it is answered."""
         if method in READ_ONLY or not hasattr(self._dispatch, "m_" + method):
-            return self._dispatch(caller, method, params, fd)
+            answer = self._dispatch(caller, method, params, fd)
+            self._settle(params.get("pd"))
+            return answer
         target = params.get("pd", caller if caller else None)
         detail = {k: v for k, v in params.items() if k in ("status", "tid", "name")}
         if method == "allocate_pd":
@@ -346,6 +370,18 @@ class Daemon:
         finally:
             self.persist(None if method == "destroy" else [t for t in (target, caller) if isinstance(t, int) and t],
                          op)
+
+    def _settle(self, pd_id: Any) -> None:
+        """Store (and show on the board) an exit this read noticed before the exit watcher did.
+
+        A client that saw `wait` return or /system/exit-status filled in
+        must not then read the old status from the board.
+        """
+        with self.mgr._lock:
+            pd = self.mgr._pds.get(pd_id) if isinstance(pd_id, int) else None
+        cached = self._cache.get(pd_id) if pd is not None else None
+        if cached is not None and pd.status.name != cached["status"]:
+            self.persist([pd_id])
 
     def _channel_call(self, caller: int, method: str, params: dict, fd: int | None) -> tuple[Any, int | None]:
         return self.call(caller, method, params, fd)

@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if service is not None:
         service.close()
     daemon.store.close()
+    daemon.board.close()
     os._exit(0)
 
 
