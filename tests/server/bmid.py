@@ -24,8 +24,10 @@ def require_root() -> None:
 class Bmid:
     """One bmid on a state dir; restartable, killable with SIGKILL."""
 
-    def __init__(self, directory: str, *extra: str, socket_dir: str | None = None):
+    def __init__(self, directory: str, *extra: str, socket_dir: str | None = None, tpm: bool = False):
+        """tpm=True: with the integrity link, on a swtpm of its own (state under directory/tpm)."""
         self.state_dir = os.path.join(directory, "state")
+        self.tpm_dir = os.path.join(directory, "tpm") if tpm else None
         self.socket = os.path.join(socket_dir or directory, "bmid.sock")
         self.uri = f"linux:///system?socket={self.socket}"
         self.extra = extra
@@ -34,8 +36,9 @@ class Bmid:
     def start(self) -> "Bmid":
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bmi.server.main", "--state-dir", self.state_dir, "--socket", self.socket,
-             "--no-integrity", "--shutdown-grace", "2", *self.extra],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             *(() if self.tpm_dir else ("--no-integrity",)), "--shutdown-grace", "2", *self.extra],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**os.environ, "BMI_STATE_DIR": self.tpm_dir, "BMI_TPM": "swtpm"} if self.tpm_dir else None)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
