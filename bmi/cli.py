@@ -105,6 +105,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for item in args.env:
             name, _, value = item.partition("=")
             pd.set_config_param(f"/boot/env/{name}", value)
+        if args.caps:
+            pd.set_config_param("/boot/capabilities", args.caps)
         pd.request_status_change(PDStatus.RUNNING)
         if args.attest:
             nonce = bytes.fromhex(args.nonce) if args.nonce else os.urandom(32)
@@ -225,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--performance", type=int, default=100, help="share of those CPUs in percent (1-100)")
     run.add_argument("--priority", type=int, default=0, help="-10..+10 (nice and CPU weight; default 0)")
     run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment (repeatable)")
+    run.add_argument("--caps", metavar="LIST", help="capabilities the program keeps in its own namespaces, "
+                     "e.g. net_raw,net_bind_service or all (default: none, like bwrap)")
     run.add_argument("--banks", default="sha256", help="digest banks, e.g. sha256,sha384 (default sha256)")
     run.add_argument("--attest", action="store_true", help="print an integrity report (JSON) on stderr")
     run.add_argument("--nonce", help="hex nonce for --attest (default: 32 random bytes)")

@@ -36,6 +36,7 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <linux/audit.h>
+#include <linux/capability.h>
 #include <linux/filter.h>
 #include <linux/openat2.h>
 #include <linux/seccomp.h>
@@ -98,6 +99,7 @@ struct cfg {
     const char *hostname;
     unsigned long long tmpfs_bytes;
     int release_rd, err_wr;
+    unsigned long long keep_caps; /* bit n: the program keeps capability n (in its own user namespace) */
 };
 
 /* ---------------------------------------------------------------- child helpers */
@@ -516,6 +518,24 @@ static void build_root(struct cfg *c)
 
 /* ---------------------------------------------------------------- pid 2: the program */
 
+/* The program is uid 0 of its user namespace; without this it would hold
+ * every capability there (CAP_NET_ADMIN over its netns opens netfilter and
+ * the rest of the kernel's namespaced-admin code to it).  Like bwrap: drop
+ * what is not kept from the bounding and inheritable sets and clear the
+ * ambient set, so the exec below gives the program exactly `keep`. */
+static int drop_caps(unsigned long long keep)
+{
+    for (int cap = 0; cap < 64; cap++)
+        if (!(keep >> cap & 1) && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) && errno != EINVAL) return -1;
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)) return -1;
+    struct __user_cap_header_struct head = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    if (syscall(SYS_capget, &head, data)) return -1;
+    data[0].inheritable &= (uint32_t)keep;
+    data[1].inheritable &= (uint32_t)(keep >> 32);
+    return (int)syscall(SYS_capset, &head, data);
+}
+
 static __attribute__((noreturn)) void run_program(struct cfg *c, int pipe_fd)
 {
     sigset_t none;
@@ -538,6 +558,7 @@ static __attribute__((noreturn)) void run_program(struct cfg *c, int pipe_fd)
     if (chan >= 0) close(chan);
     if ((c->flags & BMI_SPAWN_LANDLOCK) && apply_landlock())
         fail(ef, BMI_SPAWN_ERESOURCE, "applying landlock", NULL);
+    if (drop_caps(c->keep_caps)) fail(ef, BMI_SPAWN_ERESOURCE, "dropping capabilities", NULL);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) fail(ef, BMI_SPAWN_ERESOURCE, "PR_SET_NO_NEW_PRIVS", NULL);
     if ((c->flags & BMI_SPAWN_SECCOMP) && apply_seccomp())
         fail(ef, BMI_SPAWN_ERESOURCE, "installing the seccomp filter", NULL);
@@ -637,18 +658,19 @@ static __attribute__((noreturn)) void pd_init(struct cfg *c)
 
 /* ---------------------------------------------------------------- bmi-init: the PD's pid 1 as a program
  * argv: bmi-init EXEC_FD ARCHIVE CONSOLE_FD STATUS_FD LIFELINE_FD CHANNEL_FD FLAGS HOSTNAME TMPFS_BYTES
- *       ERR_FD -- PROGRAM ARGV...      (the environment is the program's; the manager has already
+ *       ERR_FD KEEP_CAPS -- PROGRAM ARGV...      (the environment is the program's; the manager has already
  *       mapped our uids and placed us in our cgroups before it let us exec) */
 extern char **environ;
 
 int main(int argc, char **argv)
 {
-    if (argc < 13 || strcmp(argv[11], "--")) return 127;
+    if (argc < 14 || strcmp(argv[12], "--")) return 127;
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
     struct cfg c = {atoi(argv[1]), atoi(argv[2]), atoi(argv[3]), atoi(argv[4]), atoi(argv[5]), atoi(argv[6]),
-                    atoi(argv[7]), &argv[12], environ, argv[8], strtoull(argv[9], NULL, 10), -1, atoi(argv[10])};
+                    atoi(argv[7]), &argv[13], environ, argv[8], strtoull(argv[9], NULL, 10), -1, atoi(argv[10]),
+                    strtoull(argv[11], NULL, 10)};
     pd_init(&c);
 }
 #else
@@ -683,7 +705,7 @@ struct start {
     const struct cfg *c;
     char **argv;      /* bmi-init's arguments, "--", then the program's (see main) */
     char *stack;
-    char num[10][24];
+    char num[11][24];
 };
 
 /* Runs on its own stack in the manager's memory (CLONE_VM) until the exec:
@@ -719,7 +741,7 @@ static int init_child(void *arg)
     _exit(127);
 }
 
-#define INIT_FIXED_ARGS 12   /* "bmi-init", 10 values, "--" */
+#define INIT_FIXED_ARGS 13   /* "bmi-init", 11 values, "--" */
 #define INIT_STACK (64 * 1024)
 
 static void finish_init(struct start *s)
@@ -764,6 +786,8 @@ static long start_init(const struct cfg *c, int *pidfd, struct start **out)
     argv[k++] = s->num[7];
     snprintf(s->num[8], sizeof s->num[8], "%d", c->err_wr);
     argv[k++] = s->num[8];
+    snprintf(s->num[9], sizeof s->num[9], "%llu", c->keep_caps);
+    argv[k++] = s->num[9];
     argv[k++] = "--";
     memcpy(argv + k, c->argv, (nprog + 1) * sizeof(char *));
     sigset_t all, old;
@@ -806,6 +830,7 @@ int bmi_spawn(int exec_fd, int archive, char *argv[], char *envp[],
               int console_fd, int status_fd, int lifeline_fd, int channel_fd,
               char *cgroup_procs[], int outer_uid, int outer_gid,
               const char *hostname, unsigned long long tmpfs_bytes, int flags,
+              unsigned long long keep_caps,
               int *pid_out, int *pidfd_out, char *err, size_t errlen)
 {
     if (exec_fd < 0 || console_fd < 0 || status_fd < 0 || !argv || !argv[0] || !envp || !hostname)
@@ -818,7 +843,7 @@ int bmi_spawn(int exec_fd, int archive, char *argv[], char *envp[],
         return put_err(err, errlen, BMI_SPAWN_ERESOURCE, e, "pipe", NULL);
     }
     struct cfg c = {exec_fd, archive, console_fd, status_fd, lifeline_fd, channel_fd, flags,
-                    argv, envp, hostname, tmpfs_bytes, rel[0], ep[1]};
+                    argv, envp, hostname, tmpfs_bytes, rel[0], ep[1], keep_caps};
     int pidfd = -1;
     struct start *started = NULL;
     long pid = start_init(&c, &pidfd, &started);

@@ -15,6 +15,7 @@ int bmi_spawn(int exec_fd, int archive, char *argv[], char *envp[],
               int console_fd, int status_fd, int lifeline_fd, int channel_fd,
               char *cgroup_procs[], int outer_uid, int outer_gid,
               const char *hostname, unsigned long long tmpfs_bytes, int flags,
+              unsigned long long keep_caps,
               int *pid_out, int *pidfd_out, char *err, size_t errlen);
 int bmi_landlock_abi(void);
 int bmi_seccomp_available(void);

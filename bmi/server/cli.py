@@ -80,6 +80,8 @@ def cmd_create(args: argparse.Namespace) -> int:
             pd.setup_pd(FileImage(args.image))
             if argv:
                 pd.set_config_param("/boot/cmdline", shlex.join(argv))
+            if args.caps:
+                pd.set_config_param("/boot/capabilities", args.caps)
             if args.start:
                 pd.request_status_change(PDStatus.RUNNING)
         except BaseException:
@@ -200,6 +202,8 @@ def register(sub: Any) -> None:
     create.add_argument("--cpus", type=int, default=1, help="CPUs (default 1)")
     create.add_argument("--performance", type=int, default=100, help="share of those CPUs in percent")
     create.add_argument("--name", help="a name to address the PD by (config parameter /name)")
+    create.add_argument("--caps", metavar="LIST", help="capabilities it keeps in its namespaces, e.g. "
+                        "net_bind_service (default: none)")
     create.add_argument("--start", action="store_true", help="start it right away")
     create.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS", help="the PD's argv")
     for verb, status in STATUS_VERBS.items():

@@ -50,6 +50,15 @@ def test_run_json_summary_and_signal_exit():
     assert done.returncode == 128 + 9
 
 
+def test_run_caps():
+    status = ["busybox", "grep", "CapEff", "/proc/self/status"]
+    assert run("run", busybox_path(), "--", *status).stdout.split() == ["CapEff:", "0" * 16]
+    kept = run("run", "--caps", "net_raw", busybox_path(), "--", *status)
+    assert kept.stdout.split() == ["CapEff:", f"{1 << 13:016x}"], kept.stderr
+    bad = run("run", "--caps", "fly", busybox_path(), "--", "busybox", "true")
+    assert bad.returncode == 2 and "'fly' is not a Linux capability" in bad.stderr
+
+
 def test_run_bad_image_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad"
     bad.write_bytes(b"not an image")

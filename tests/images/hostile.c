@@ -15,6 +15,7 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/ipc.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
@@ -173,6 +174,18 @@ int main(int argc, char **argv)
         result("tpm", open("/dev/tpmrm0", O_RDWR));
         result("kmsg", open("/dev/kmsg", O_RDONLY));
         result("mknod", mknod("/tmp/mem", S_IFCHR | 0600, makedev(1, 1)));
+    } else if (!strcmp(a, "privileged")) { /* what root of the PD's own namespaces could do with capabilities */
+        result("raw", socket(AF_INET, SOCK_RAW, IPPROTO_ICMP));
+        struct ifreq ifr = {0};
+        strcpy(ifr.ifr_name, "lo");
+        int s = socket(AF_INET, SOCK_DGRAM, 0);
+        ifr.ifr_flags = IFF_UP | IFF_LOOPBACK | IFF_RUNNING;
+        result("ifflags", ioctl(s, SIOCSIFFLAGS, &ifr));
+        struct sockaddr_in low = {.sin_family = AF_INET, .sin_port = htons(80)};
+        result("bind80", bind(s, (struct sockaddr *)&low, sizeof low));
+        result("hostname", sethostname("owned", 5));
+        close(open("/tmp/locked", O_WRONLY | O_CREAT, 0));
+        result("dac", open("/tmp/locked", O_RDONLY));
     } else if (!strcmp(a, "forkbomb")) {
         int ok = 0, again = 0;
         time_t end = time(NULL) + atoi(x);

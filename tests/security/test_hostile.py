@@ -115,6 +115,27 @@ def test_mount_unshare_chroot_devices(mgr):
                    "mknod": "EACCES"}
 
 
+def test_root_of_its_namespaces_has_no_capabilities(mgr):
+    """Namespaced admin powers (netfilter, raw sockets, ...) are kernel surface a PD does not get."""
+    got = {k: v[0] for k, v in attack(mgr, "privileged").items()}
+    assert got == {"raw": "EPERM", "ifflags": "EPERM", "bind80": "EACCES", "hostname": "EPERM", "dac": "EACCES"}
+    # the same attack where the PD's config keeps the capabilities: each would have worked
+    pd = run_pd(mgr, "hostile", ["privileged"], start=False)
+    pd.set_config_param("/boot/capabilities", "all")
+    pd.request_status_change(bmi.PDStatus.RUNNING)
+    assert {k: v[0] for k, v in lines(pd).items()} == dict.fromkeys(got, "ok")
+
+
+def test_a_pd_keeps_only_the_capabilities_it_is_given(mgr):
+    pd = run_pd(mgr, "hostile", ["privileged"], start=False)
+    pd.set_config_param("/boot/capabilities", "CAP_NET_RAW, net_bind_service")
+    pd.request_status_change(bmi.PDStatus.RUNNING)
+    got = {k: v[0] for k, v in lines(pd).items()}
+    assert got == {"raw": "ok", "ifflags": "EPERM", "bind80": "ok", "hostname": "EPERM", "dac": "EACCES"}
+    with pytest.raises(bmi.InvalidArgument, match="'cap_fly' is not a Linux capability"):
+        pd.set_config_param("/boot/capabilities", "net_raw cap_fly")
+
+
 # -- other PDs and the host's processes -------------------------------------------------------------
 def test_see_other_pds_or_the_host(mgr):
     v = victim(mgr)

@@ -123,6 +123,8 @@ class LinuxDriver(Driver):
             except ValueError as e:
                 raise InvalidArgument(f"set_config_param /boot/cmdline of PD {pd.pd_id}: cannot split "
                                       f"{value!r} shell-style: {e}", pd_id=pd.pd_id) from None
+        elif name == "/boot/capabilities":
+            spawn.capability_mask(value, f"set_config_param {name} of PD {pd.pd_id}", pd.pd_id)
         elif name.startswith("/boot/env/") and not _ENV_NAME.match(name[len("/boot/env/"):]):
             raise InvalidArgument(f"set_config_param {name} of PD {pd.pd_id}: not a valid environment "
                                   f"variable name", pd_id=pd.pd_id)
@@ -171,7 +173,9 @@ class LinuxDriver(Driver):
                                 status_fd=status_w, lifeline_fd=self._lifeline_r, channel_fd=channel_fd,
                                 cgroup_procs=pd.groups.procs_files, outer_uid=self._outer_ids[0],
                                 outer_gid=self._outer_ids[1], hostname=f"pd{pd.pd_id}",
-                                tmpfs_bytes=pd.desc.mem, pd_id=pd.pd_id)
+                                tmpfs_bytes=pd.desc.mem, pd_id=pd.pd_id,
+                                keep_caps=spawn.capability_mask(config.get("/boot/capabilities", ""),
+                                                                f"start of PD {pd.pd_id}", pd.pd_id))
         except BaseException:
             os.close(console_r)
             os.close(status_r)

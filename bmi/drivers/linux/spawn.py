@@ -65,11 +65,36 @@ def _check_fd(fd: int, name: str, pd_id: int | None, optional: bool = False) -> 
                               pd_id=pd_id) from None
 
 
+#: Linux capability numbers (linux/capability.h), for /boot/capabilities.
+CAPABILITIES = {name: number for number, name in enumerate((
+    "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid", "setpcap",
+    "linux_immutable", "net_bind_service", "net_broadcast", "net_admin", "net_raw", "ipc_lock", "ipc_owner",
+    "sys_module", "sys_rawio", "sys_chroot", "sys_ptrace", "sys_pacct", "sys_admin", "sys_boot", "sys_nice",
+    "sys_resource", "sys_time", "sys_tty_config", "mknod", "lease", "audit_write", "audit_control", "setfcap",
+    "mac_override", "mac_admin", "syslog", "wake_alarm", "block_suspend", "audit_read", "perfmon", "bpf",
+    "checkpoint_restore"))}
+
+
+def capability_mask(names: str, what: str, pd_id: int | None = None) -> int:
+    """The mask of "net_raw CAP_NET_BIND_SERVICE ..." (space or comma separated, any case); "all" is every one."""
+    mask = 0
+    for name in names.replace(",", " ").lower().split():
+        if name == "all":
+            mask |= (1 << len(CAPABILITIES)) - 1
+            continue
+        number = CAPABILITIES.get(name.removeprefix("cap_"))
+        if number is None:
+            raise InvalidArgument(f"{what}: {name!r} is not a Linux capability (e.g. net_raw, sys_admin, or all)",
+                                  pd_id=pd_id)
+        mask |= 1 << number
+    return mask
+
+
 def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
           console_fd: int, status_fd: int, lifeline_fd: int = -1, channel_fd: int = -1,
           cgroup_procs: Sequence[str] = (), outer_uid: int | None = None, outer_gid: int | None = None,
           hostname: str = "pd", tmpfs_bytes: int = 0, seccomp: bool = True, landlock: bool = True,
-          pd_id: int | None = None) -> Spawned:
+          keep_caps: int = 0, pd_id: int | None = None) -> Spawned:
     """Run the sealed memfd `exec_fd` (static ELF, or newc cpio root with /init) as a new PD.
 
     Returns once the program has been exec'd (or raises, leaving no process
@@ -83,6 +108,10 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
     sockets are refused (ImageError), not skipped, so the PD's root is
     exactly the measured archive plus proc, dev (null, zero, full, random,
     urandom bound from the host) and a tmpfs on tmp.
+
+    The program is uid 0 of its user namespace with no capabilities there
+    but those in the `keep_caps` mask (bit n = capability n, see
+    capability_mask).
     """
     who = _who(pd_id)
     for fd, name, optional in ((exec_fd, "exec_fd", False), (console_fd, "console_fd", False),
@@ -101,6 +130,8 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
     if not encoded_host or len(encoded_host) > _MAX_HOSTNAME or b"\0" in encoded_host:
         raise InvalidArgument(f"spawn of {who}: hostname {hostname!r} must be 1-{_MAX_HOSTNAME} bytes",
                               pd_id=pd_id)
+    if not isinstance(keep_caps, int) or not 0 <= keep_caps < 2**64:
+        raise InvalidArgument(f"spawn of {who}: keep_caps must be a 64-bit mask, got {keep_caps!r}", pd_id=pd_id)
     if not isinstance(tmpfs_bytes, int) or tmpfs_bytes < 0:
         raise InvalidArgument(f"spawn of {who}: tmpfs_bytes must be an int >= 0, got {tmpfs_bytes!r}",
                               pd_id=pd_id)
@@ -124,7 +155,8 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
     err = _ffi.new("char[]", 512)
     flags = (lib.BMI_SPAWN_SECCOMP if seccomp else 0) | (lib.BMI_SPAWN_LANDLOCK if landlock else 0)
     rc = lib.bmi_spawn(exec_fd, int(bool(archive)), c_argv, c_env, console_fd, status_fd, lifeline_fd,
-                       channel_fd, c_cg, uid, gid, encoded_host, tmpfs_bytes, flags, pid, pidfd, err, len(err))
+                       channel_fd, c_cg, uid, gid, encoded_host, tmpfs_bytes, flags, keep_caps, pid, pidfd, err,
+                       len(err))
     if rc == lib.BMI_SPAWN_OK:
         return Spawned(pid=pid[0], pidfd=pidfd[0])
     reason = _ffi.string(err).decode(errors="backslashreplace")

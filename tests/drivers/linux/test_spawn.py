@@ -207,9 +207,30 @@ def test_seccomp_denies_host_reaching_calls(probe, cmd):
 
 @pytest.mark.parametrize("cmd", ["ptrace", "mount", "unshare"])
 def test_without_seccomp_those_calls_work(probe, cmd):
-    """The contrast that shows the filter, not the namespaces, made them fail."""
-    out, _, _ = run(probe, ["probe", cmd], seccomp=False, landlock=False)
+    """The contrast that shows the filter, not the namespaces, made them fail (capabilities kept for it)."""
+    out, _, _ = run(probe, ["probe", cmd], seccomp=False, landlock=False,
+                    keep_caps=sp.capability_mask("all", "test"))
     assert out[cmd] == "ok"
+
+
+def test_without_capabilities_mount_fails_even_without_seccomp(probe):
+    # (unshare(CLONE_NEWUSER) needs no capability: only the filter stops a PD regaining them in a child userns)
+    out, _, _ = run(probe, ["probe", "mount"], seccomp=False, landlock=False)
+    assert out["mount"] == "EPERM"
+
+
+@pytest.mark.parametrize("mask", [-1, 1 << 64, "all", 1.0])
+def test_bad_capability_masks(probe, mask):
+    with pytest.raises(InvalidArgument, match="keep_caps"):
+        run(probe, ["probe", "fds"], keep_caps=mask)
+
+
+def test_capability_names():
+    assert sp.capability_mask("", "x") == 0
+    assert sp.capability_mask("CAP_SYS_ADMIN,net_raw", "x") == (1 << 21) | (1 << 13)
+    assert sp.capability_mask("all", "x") == (1 << 41) - 1
+    with pytest.raises(InvalidArgument, match="'nope' is not a Linux capability"):
+        sp.capability_mask("chown nope", "start of PD 3", 3)
 
 
 def test_fork_works_under_seccomp(probe):
@@ -221,10 +242,12 @@ def test_landlock_scopes_signals_and_forbids_device_nodes(probe):
     abi = sp.landlock_abi()
     if abi < 6:
         pytest.skip(f"landlock ABI {abi} < 6 has no signal scoping")
-    out, _, _ = run(probe, ["probe", "kill1", "+", "mknod", "+", "mount"], seccomp=False)
+    every = sp.capability_mask("all", "test")       # so that landlock alone is what refuses
+    out, _, _ = run(probe, ["probe", "kill1", "+", "mknod", "+", "mount"], seccomp=False, keep_caps=every)
     assert out == {"kill1": "EPERM", "mknod": "EACCES", "mount": "EPERM"}
-    out, _, _ = run(probe, ["probe", "kill1", "+", "mknod", "+", "mount"], seccomp=False, landlock=False)
-    assert out == {"kill1": "ok", "mknod": "EPERM", "mount": "ok"}  # mknod: no CAP_MKNOD, not landlock
+    out, _, _ = run(probe, ["probe", "kill1", "+", "mknod", "+", "mount"], seccomp=False, landlock=False,
+                    keep_caps=every)
+    assert out == {"kill1": "ok", "mknod": "EPERM", "mount": "ok"}  # mknod: a userns cannot make devices
 
 
 # ------------------------------------------------------------------ archives
