@@ -358,7 +358,7 @@ class Daemon:
         if method == "allocate_pd":
             with self._alloc_lock:
                 pd_id = self.mgr._next_id
-                op = self.store.begin(method, pd_id, cgroup=f"bmi-{os.getpid()}-pd{pd_id}")
+                op = self.store.begin(method, pd_id, cgroup=self.driver.cgroup_name(pd_id))
                 try:
                     value, out = self._dispatch(caller, method, params, fd)
                 finally:

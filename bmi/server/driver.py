@@ -74,6 +74,11 @@ class SystemDriver(LinuxDriver):
         self._exit_hook = on_exit
         self._starting = threading.local()
 
+    def cgroup_name(self, pd_id: int) -> str:
+        """Not the session prefix: a session manager's sweep must never take the empty groups of
+        READY PDs that wait for a restarted bmid."""
+        return f"bmid-{os.getpid()}-pd{pd_id}"
+
     # -- keeping ----------------------------------------------------------------------------
     def load(self, pd: LinuxPD, image: PDImage, banks: Sequence[str],
              progress: Progress | None) -> dict[str, bytes]:

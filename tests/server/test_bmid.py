@@ -14,6 +14,7 @@ from contextlib import closing
 import pytest
 
 import bmi
+from bmi.drivers.linux import cgroups
 from tests.helpers import busybox_path
 from tests.server.bmid import Bmid, require_root
 
@@ -249,3 +250,24 @@ def test_fifty_concurrent_clients(daemon):
         assert mgr.list_pd() == [0, *sorted(made)]
         assert {d["name"] for d in mgr.describe()} == {f"c{n}" for n in range(0, 50, 2)}
     assert sorted(_records(daemon)) == sorted(made)
+
+
+def test_a_session_manager_leaves_the_groups_of_a_stopped_bmid_alone(daemon):
+    """READY PDs of a bmid that is down have empty cgroups; they must be there when it comes back."""
+    with daemon.open() as mgr:
+        pd = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
+        pd.setup_pd(bmi.FileImage(busybox_path()))
+    daemon.kill()
+    name = _records(daemon)[pd.get_pd_id()]["cgroup"]
+    groups = [os.path.join(t.own, name) for t in cgroups._layout() if os.path.isdir(os.path.join(t.own, name))]
+    assert groups
+    with bmi.open(integrity=False):     # its start-up sweep looks at the same parent cgroup
+        pass
+    assert all(os.path.isdir(g) for g in groups)
+    daemon.start()
+    with daemon.open() as mgr:
+        pd = mgr.get_controller(pd.get_pd_id())
+        pd.set_config_param("/boot/cmdline", "busybox true")
+        pd.request_status_change(bmi.PDStatus.RUNNING)
+        assert pd.wait(20) is bmi.PDStatus.SHUTDOWN
+        assert pd.get_runtime_param("/system/exit-status") == "0"

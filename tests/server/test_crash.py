@@ -85,7 +85,7 @@ def _bmid_cgroups(bmid_pids: set[int]) -> set[str]:
     tree = next((t for t in trees if "memory" in t.controllers), trees[0])
     found = set()
     for pid in bmid_pids:
-        found.update(os.path.basename(p) for p in glob.glob(os.path.join(tree.own, f"bmi-{pid}-pd*")))
+        found.update(os.path.basename(p) for p in glob.glob(os.path.join(tree.own, f"bmid-{pid}-pd*")))
     return found
 
 

@@ -26,6 +26,7 @@ import re
 import signal
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from bmi.errors import (DriverUnavailable, InvalidArgument, InvalidState,
                         NotSupported, ResourceError)
@@ -570,6 +571,36 @@ def _enable_controllers(tree: _Tree, doing: str, pd_id: int | None) -> None:
                 "move the manager into <its cgroup>/manager first.", pd_id=pd_id) from e
         raise ResourceError(f"{doing}: enabling controllers in {control}: {e.strerror}",
                             pd_id=pd_id) from e
+
+
+def sweep(name: re.Pattern[str], stale: Callable[[re.Match[str]], bool]) -> list[str]:
+    """Remove groups next to ours that `name` matches and `stale` judges left over; return their paths.
+
+    For groups whose manager died without removing them (SIGKILL): the
+    name says whose they are.  A group with a process in it stays (rmdir
+    refuses), so a PD that is still alive never loses its limits.
+    """
+    removed = []
+    for tree in _layout():
+        try:
+            entries = os.listdir(tree.own)
+        except OSError:
+            continue
+        for entry in entries:
+            match = name.fullmatch(entry)
+            path = os.path.join(tree.own, entry)
+            if match and stale(match) and _remove_if_empty(path):
+                removed.append(path)
+    return removed
+
+
+def _remove_if_empty(path: str) -> bool:
+    try:
+        for directory, _, _ in os.walk(path, topdown=False):
+            os.rmdir(directory)
+    except OSError:
+        return False
+    return True
 
 
 def _remove_tree(path: str) -> None:

@@ -30,6 +30,7 @@ KILL_TIMEOUT = 10.0
 DEFAULT_PIDS_MAX = 1024
 PD_DEVICES = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"]
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_SESSION_GROUP = re.compile(r"bmi-(\d+)-pd\d+")
 NO_SUSPEND = ("no working checkpointer here: Debian's CRIU 3.17 fails on kernels >= 6.13 (vDSO bounds) "
               "and no CRIU can restore a process whose executable is a memfd")
 
@@ -62,6 +63,16 @@ class LinuxPD:
     destroyed: bool = False
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # someone else's process: alive
+        pass
+    return True
+
+
 def _signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name
@@ -81,6 +92,12 @@ class LinuxDriver(Driver):
         self._lifeline_r, self._lifeline_w = os.pipe2(os.O_CLOEXEC) if lifeline else (-1, -1)
         self._monitor = Monitor()
         self._outer_ids = spawn.default_outer_ids()
+        if lifeline:
+            cgroups.sweep(_SESSION_GROUP, lambda match: not _alive(int(match[1])))
+
+    def cgroup_name(self, pd_id: int) -> str:
+        """Session groups carry the manager's pid: a later manager removes them if it died (sweep)."""
+        return f"bmi-{os.getpid()}-pd{pd_id}"
 
     # -- facts ------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -104,7 +121,7 @@ class LinuxDriver(Driver):
 
     # -- allocation and images ----------------------------------------------------------------
     def allocate(self, pd_id: int, desc: PDDescription) -> LinuxPD:
-        groups = cgroups.PDCgroups.create(f"bmi-{os.getpid()}-pd{pd_id}", pd_id=pd_id)
+        groups = cgroups.PDCgroups.create(self.cgroup_name(pd_id), pd_id=pd_id)
         try:
             groups.set_memory_max(desc.mem)
             ncpus = groups.set_cpus(desc.cpu)

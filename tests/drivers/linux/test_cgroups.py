@@ -467,3 +467,32 @@ def _scenario(layout: str, name: str) -> None:
 
 if __name__ == "__main__":
     _scenario(sys.argv[1], sys.argv[2])
+
+
+# --- groups a SIGKILLed manager left ----------------------------------------
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_a_new_session_manager_removes_the_empty_groups_of_dead_managers(run):
+    dead = _dead_pid()
+    left = PDCgroups.create(f"bmi-{dead}-pd1", pd_id=1)           # what a SIGKILLed manager leaves
+    busy = PDCgroups.create(f"bmi-{dead}-pd2", pd_id=2)           # ... with a process still in it
+    mine = PDCgroups.create(f"bmi-{os.getpid()}-pd99", pd_id=99)  # a live manager's
+    other = PDCgroups.create(f"bmid-x{dead}-pd1", pd_id=1)        # not a session group at all
+    sleeper = run(busy, ["sleep", "60"])
+    try:
+        assert all(os.path.isdir(d) for d in group_dirs(left))
+        with bmi.open(integrity=False):
+            pass
+        assert not any(os.path.exists(d) for d in group_dirs(left))
+        for kept in (busy, mine, other):
+            assert all(os.path.isdir(d) for d in group_dirs(kept))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for cg in (left, busy, mine, other):
+            cg.destroy()
