@@ -177,11 +177,13 @@ def parse_mode(text: str) -> int:
 def cmd_allow(args: argparse.Namespace) -> int:
     from .types import ConnectionPolicy, ConnectionType
     policies = [ConnectionPolicy(ConnectionType[t.upper()], args.mode) for t in args.type]
+    from .server.cli import resolve
     with bmi_open(args.uri, integrity=False) as mgr:
-        mgr.get_controller(args.src).set_allowed_connections(args.dst, policies, args.disable_existing)
-        now = mgr.get_controller(args.src).get_allowed_connections(args.dst)
+        src, dst = resolve(mgr, args.src), resolve(mgr, args.dst).get_pd_id()
+        src.set_allowed_connections(dst, policies, args.disable_existing)
+        now = src.get_allowed_connections(dst)
     names = ", ".join(f"{p.con_type.name} {_mode_text(p.mode)}" for p in now) or "nothing"
-    print(f"bmi: PD {args.src} may now open towards PD {args.dst}: {names}", file=sys.stderr)
+    print(f"bmi: PD {src.get_pd_id()} may now open towards PD {dst}: {names}", file=sys.stderr)
     return 0
 
 
@@ -190,8 +192,9 @@ def _mode_text(mode: int) -> str:
 
 
 def cmd_connections(args: argparse.Namespace) -> int:
+    from .server.cli import resolve
     with bmi_open(args.uri, integrity=False) as mgr:
-        text = mgr.get_controller(args.pd).get_runtime_param("/interfaces/connections")
+        text = resolve(mgr, args.pd).get_runtime_param("/interfaces/connections")
     rows = [line.split() for line in text.splitlines()]
     if args.json:
         print(json.dumps([{"conn": int(r[0]), "direction": r[1], "peer": int(r[2]), "type": r[3], "mode": r[4],
@@ -252,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="examples:\n  bmi allow 1 2 --type ipc --mode rw\n"
                                   "  bmi allow 1 2 --type shm --type event --mode r --disable-existing\n"
                                   "  bmi allow 1 2 --disable-existing     # withdraw everything, cut live ones")
-    allow.add_argument("src", type=int, metavar="SRC", help="the PD that opens the connections")
-    allow.add_argument("dst", type=int, metavar="DST", help="the PD it may connect to")
+    allow.add_argument("src", metavar="SRC", help="the PD that opens the connections (id or name)")
+    allow.add_argument("dst", metavar="DST", help="the PD it may connect to (id or name)")
     allow.add_argument("--type", action="append", default=[], choices=["ipc", "stream", "shm", "event"],
                        help="connection type (repeatable); none: allow nothing")
     allow.add_argument("--mode", type=parse_mode, default=3, help="r, w or rw, seen from SRC (default rw)")
@@ -262,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     allow.set_defaults(func=cmd_allow)
 
     conns = sub.add_parser("connections", help="the live connections of a PD (/interfaces/connections)")
-    conns.add_argument("pd", type=int, metavar="PD")
+    conns.add_argument("pd", metavar="PD", help="id or name")
     conns.add_argument("--json", action="store_true", help="machine-readable output")
     conns.set_defaults(func=cmd_connections)
 

@@ -41,7 +41,7 @@ def _describe(mgr: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _resolve(mgr: Any, ref: str) -> Any:
+def resolve(mgr: Any, ref: str) -> Any:
     """A controller for a PD given by id or name."""
     if ref.isdigit():
         return mgr.get_controller(int(ref))
@@ -95,7 +95,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_status_change(args: argparse.Namespace) -> int:
     with bmi_open(args.uri) as mgr:
-        pd = _resolve(mgr, args.pd)
+        pd = resolve(mgr, args.pd)
         pd.request_status_change(STATUS_VERBS[args.command])
         status = pd.get_current_status().name
     _out(args, {"pd": pd.get_pd_id(), "status": status}, f"PD {pd.get_pd_id()} {status}")
@@ -104,7 +104,7 @@ def cmd_status_change(args: argparse.Namespace) -> int:
 
 def cmd_param(args: argparse.Namespace) -> int:
     with bmi_open(args.uri) as mgr:
-        pd = _resolve(mgr, args.pd)
+        pd = resolve(mgr, args.pd)
         if args.action == "ls":
             caps = pd.list_runtime_params(args.path or "/")
             rows = [{"name": c.name, "read": c.read, "write": c.write} for c in caps]
@@ -124,7 +124,7 @@ def cmd_param(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     with bmi_open(args.uri) as mgr:
-        pd = _resolve(mgr, args.pd)
+        pd = resolve(mgr, args.pd)
         if args.action == "set":
             if args.value is None:
                 raise InvalidArgument(f"config set {args.name}: give a value")
@@ -140,7 +140,7 @@ def cmd_attest(args: argparse.Namespace) -> int:
     except ValueError:
         raise InvalidArgument(f"attest: --nonce {args.nonce!r} is not hex") from None
     with bmi_open(args.uri) as mgr:
-        report = _resolve(mgr, args.pd).get_integrity_link(nonce)
+        report = resolve(mgr, args.pd).get_integrity_link(nonce)
     text = report.to_json()
     if args.out:
         with open(args.out, "w") as f:
@@ -152,7 +152,7 @@ def cmd_attest(args: argparse.Namespace) -> int:
 def cmd_console(args: argparse.Namespace) -> int:
     """Print the console; with --follow keep printing until the PD ends (Ctrl-C leaves it running)."""
     with bmi_open(args.uri) as mgr:
-        pd = _resolve(mgr, args.pd)
+        pd = resolve(mgr, args.pd)
         offset = 0
         try:
             while True:

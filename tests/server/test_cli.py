@@ -59,3 +59,18 @@ def test_info_against_bmid(daemon):
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout)
     assert info["driver"] == "linux" and info["uri"].startswith("linux:///system")
+
+
+def test_allow_and_connections_by_name(daemon):
+    for name in ("web", "db"):
+        assert _bmi(daemon, "create", "--image", busybox_path(), "--name", name).returncode == 0
+    done = _bmi(daemon, "allow", "web", "db", "--type", "ipc", "--type", "shm", "--mode", "r")
+    assert done.returncode == 0, done.stderr
+    assert "may now open towards PD" in done.stderr and "IPC r, SHM r" in done.stderr
+    with daemon.open() as mgr:
+        ids = {r["name"]: r["pd"] for r in mgr.describe()}
+        policies = mgr.get_controller(ids["web"]).get_allowed_connections(ids["db"])
+    assert sorted((p.con_type.name, p.mode) for p in policies) == [("IPC", 1), ("SHM", 1)]
+    assert json.loads(_bmi(daemon, "connections", "db", "--json").stdout) == []
+    missing = _bmi(daemon, "allow", "web", "nosuch", "--type", "ipc")
+    assert missing.returncode == 2 and "'nosuch': no PD has that name" in missing.stderr
