@@ -13,7 +13,6 @@ measurements, devices, sealing and events.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import select
 import socket
@@ -61,18 +60,17 @@ class _BmidChannel(Channel):
     """
 
     def call(self, method: str, params: dict[str, Any], fd: int | None = None) -> tuple[Any, int | None]:
-        try:
-            request = p.request(0, method, params)
-            json.dumps(request)
-        except (TypeError, ValueError) as e:
-            raise InvalidArgument(f"{method}: an argument cannot be sent to bmid: {e}",
-                                  pd_id=params.get("pd") if isinstance(params.get("pd"), int) else None) from None
         with self._lock:
             if self._sock.fileno() < 0:
                 raise InvalidState(f"{method}: this linux:///system connection is closed")
-            request["id"] = msg_id = next(self._ids)
+            msg_id = next(self._ids)
             try:
-                p.send(self._sock, request, (fd,) if fd is not None else ())
+                data = p.encode(p.request(msg_id, method, params))
+            except (TypeError, ValueError) as e:
+                raise InvalidArgument(f"{method}: an argument cannot be sent to bmid: {e}",
+                                      pd_id=params.get("pd") if isinstance(params.get("pd"), int) else None) from None
+            try:
+                p.send_encoded(self._sock, data, (fd,) if fd is not None else ())
                 reply, got = self._receive(method)
             except OSError as e:
                 raise ResourceError(f"{method}: the connection to bmid failed: {e.strerror or e}") from None

@@ -56,15 +56,28 @@ class ProtocolError(Exception):
 
 
 # -- framing ----------------------------------------------------------------------------------
+_SEND_FLAGS = {True: int(socket.MSG_NOSIGNAL), False: int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)}
+_RECV_FLAGS = {True: 0, False: int(socket.MSG_DONTWAIT)}
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """The record for one message (raises TypeError/ValueError for what JSON cannot carry)."""
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
 def send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = (), *,
          blocking: bool = True) -> None:
     """One JSON object as one record, with fds as SCM_RIGHTS; raises OSError like sendmsg."""
-    data = json.dumps(message, separators=(",", ":")).encode()
+    send_encoded(sock, encode(message), fds, blocking=blocking)
+
+
+def send_encoded(sock: socket.socket, data: bytes, fds: tuple[int, ...] = (), *, blocking: bool = True) -> None:
+    """send() of a message encode() made already."""
     if len(data) > MAX_MESSAGE:
         raise errors.ResourceError(f"channel message of {len(data)} bytes exceeds {MAX_MESSAGE}")
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-    flags = socket.MSG_NOSIGNAL | (0 if blocking else socket.MSG_DONTWAIT)
-    sock.sendmsg([data], ancillary, flags)
+    sock.sendmsg([data], ancillary, _SEND_FLAGS[blocking])
 
 
 def receive(sock: socket.socket, *, blocking: bool = True) -> tuple[bytes, list[int], bool]:
@@ -73,8 +86,7 @@ def receive(sock: socket.socket, *, blocking: bool = True) -> tuple[bytes, list[
     well_formed is False when the record or its fds were truncated; the
     caller owns (and must close) every fd returned.
     """
-    flags = 0 if blocking else socket.MSG_DONTWAIT
-    data, ancdata, msg_flags, _ = sock.recvmsg(MAX_MESSAGE + 1, socket.CMSG_SPACE(MAX_FDS * 4), flags)
+    data, ancdata, msg_flags, _ = sock.recvmsg(MAX_MESSAGE + 1, _ANCILLARY_SPACE, _RECV_FLAGS[blocking])
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

@@ -20,7 +20,6 @@ never recorded); the store's record is the truth for everything else.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import queue
@@ -533,9 +532,9 @@ class Daemon:
 
 def _send_reply(conn: socket.socket, reply: dict, fds: tuple[int, ...]) -> None:
     """One record, or when the reply is larger (a 256 KiB console log) pieces {"more": hex} ending in "last"."""
-    data = json.dumps(reply, separators=(",", ":")).encode()
+    data = p.encode(reply)
     if len(data) <= p.MAX_MESSAGE:
-        p.send(conn, reply, fds)
+        p.send_encoded(conn, data, fds)
         return
     pieces = range(0, len(data), REPLY_PIECE)
     for start in pieces:
