@@ -144,7 +144,6 @@ def _check(d: Bmid, model: Model, digest: bytes, bmid_pids: set[int]) -> None:
             del model.pds[pd_id]
             for other in model.pds.values():
                 other["policies"].pop(pd_id, None)
-        _check_connections(mgr, model, uncertain)
         for pd_id in extra:
             model.pds[pd_id] = {"measured": False, "policies": {}, "priority": 0, "live": False}
         records = _records(d)
@@ -169,6 +168,7 @@ def _check(d: Bmid, model: Model, digest: bytes, bmid_pids: set[int]) -> None:
                 assert status in (bmi.PDStatus.RUNNING, bmi.PDStatus.PAUSED), f"PD {pd_id} is {status.name}"
             if status in (bmi.PDStatus.RUNNING, bmi.PDStatus.PAUSED):
                 assert _running(record["run"]["pid"]), f"PD {pd_id} is {status.name} but its init is gone"
+        _check_connections(mgr, model, uncertain)
         # every PD cgroup a bmid made belongs to a recorded PD (no leak, no double)
         assert _bmid_cgroups(bmid_pids) == {r["cgroup"] for r in records.values()}
     model.inflight = None
