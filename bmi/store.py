@@ -154,7 +154,10 @@ class Store:
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO conns(conn_id, source, dest, con_type, mode, size) "
                        "VALUES(:conn, :source, :dest, :con_type, :mode, :size)", conn)
-            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('next_conn', ?)", (str(conn["conn"] + 1),))
+            # concurrent connects may commit out of order: the counter only ever grows
+            db.execute("INSERT INTO meta(key, value) VALUES('next_conn', ?) ON CONFLICT(key) DO UPDATE "
+                       "SET value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+                       (str(conn["conn"] + 1),))
 
     def delete_connection(self, conn_id: int) -> None:
         with self.tx() as db:
