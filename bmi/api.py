@@ -106,7 +106,8 @@ class _PD:
 class PDManagement:
     """Spec 7.1: the manager of protection domains (usable as a context manager)."""
 
-    def __init__(self, driver: Driver, uri: str, *, integrity: Callable[[], Any] | None = None):
+    def __init__(self, driver: Driver, uri: str, *, integrity: Callable[[], Any] | None = None,
+                 registry: Callable[[Callable[[int], None]], Registry] = Registry):
         self._driver = driver
         self.uri = uri
         self._pds: dict[int, _PD] = {}
@@ -116,8 +117,8 @@ class PDManagement:
         self._closed = False
         self._integrity_service: Any = None
         self._integrity_error: BaseException | None = None
-        self._registry = Registry(on_incoming=lambda pd_id: self._channel_server and
-                                  self._channel_server.incoming(pd_id))
+        # `registry` is given the callback for a queued connection; bmid's keeps connections across restarts
+        self._registry = registry(self._incoming)
         self._channel_server: Any = None
         #: Seconds a PD gets to end after SHUTDOWN/RESTARTING before it is killed.
         self.shutdown_grace = DEFAULT_SHUTDOWN_GRACE
@@ -217,6 +218,11 @@ class PDManagement:
                 from .channel.server import ChannelServer
                 self._channel_server = ChannelServer(Dispatcher(self.scoped), self._registry)
             return self._channel_server
+
+    def _incoming(self, pd_id: int) -> None:
+        """A connection was queued for pd_id: its channel answers a waiting accept."""
+        if self._channel_server is not None:
+            self._channel_server.incoming(pd_id)
 
     def get_controller(self, pd_id: int | None = None) -> "PDController":
         self._check_open("get_controller")

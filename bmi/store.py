@@ -2,7 +2,8 @@
 
 What is written here before bmid answers a call is what survives a crash:
 every PD's record (description, status, measurement in every bank, config
-params, priority, connection policies, parent), the pending operations
+params, priority, connection policies, parent), the live connections
+between PDs (their fds are with the fd keeper), the pending operations
 (an intent log: finished or rolled back at the next start), the event log
 and a few counters.  synchronous=FULL: an acknowledged change survives a
 power cut too, not only a SIGKILL of bmid.
@@ -43,6 +44,13 @@ CREATE TABLE IF NOT EXISTS events(
     pd_id INTEGER NOT NULL,
     status TEXT NOT NULL,
     reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS conns(
+    conn_id INTEGER PRIMARY KEY,
+    source INTEGER NOT NULL,
+    dest INTEGER NOT NULL,
+    con_type TEXT NOT NULL,
+    mode INTEGER NOT NULL,
+    size INTEGER NOT NULL);
 """
 
 
@@ -133,6 +141,34 @@ class Store:
     @staticmethod
     def delete_pd(db: sqlite3.Connection, pd_id: int) -> None:
         db.execute("DELETE FROM pds WHERE pd_id=?", (pd_id,))
+
+    def destroyed(self) -> set[int]:
+        """The ids of PDs destroyed (their DESTROYED events), so a lookup can say so after a restart."""
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT pd_id FROM events WHERE status='DESTROYED'").fetchall()
+        return {pd_id for (pd_id,) in rows}
+
+    # -- connections --------------------------------------------------------------------------
+    def add_connection(self, conn: dict[str, Any]) -> None:
+        """Record a live connection (a describe() dict) and that its id is taken for good."""
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO conns(conn_id, source, dest, con_type, mode, size) "
+                       "VALUES(:conn, :source, :dest, :con_type, :mode, :size)", conn)
+            # concurrent connects may commit out of order: the counter only ever grows
+            db.execute("INSERT INTO meta(key, value) VALUES('next_conn', ?) ON CONFLICT(key) DO UPDATE "
+                       "SET value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+                       (str(conn["conn"] + 1),))
+
+    def delete_connection(self, conn_id: int) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM conns WHERE conn_id=?", (conn_id,))
+
+    def connections(self) -> list[dict[str, Any]]:
+        """Every recorded connection as its describe() dict, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT conn_id, source, dest, con_type, mode, size FROM conns "
+                                    "ORDER BY conn_id").fetchall()
+        return [dict(zip(("conn", "source", "dest", "con_type", "mode", "size"), row)) for row in rows]
 
     # -- the intent log -----------------------------------------------------------------------
     def begin(self, method: str, pd_id: int | None, **detail: Any) -> int:

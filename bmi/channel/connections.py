@@ -57,7 +57,12 @@ class Connection:
 
 
 class Registry:
-    """Every live connection of one manager; thread-safe."""
+    """Every live connection of one manager; thread-safe.
+
+    A layer that must keep connections across its own restarts (bmid)
+    subclasses it and overrides the three hooks _keep, _let_go and _forget;
+    here they do nothing.
+    """
 
     def __init__(self, on_incoming: Callable[[int], None] = lambda pd_id: None):
         self._lock = threading.Lock()
@@ -78,8 +83,14 @@ class Registry:
             src_fd, dst_fd = self._shm_pair(conn, size, what)
         else:
             src_fd, dst_fd = self._socket_pair(conn, what)
+        conn.pending_fd = dst_fd
+        try:
+            self._keep(conn)
+        except BaseException:
+            os.close(src_fd)
+            self._discard(conn)
+            raise
         with self._lock:
-            conn.pending_fd = dst_fd
             self._live[conn.conn_id] = conn
             self._inbox.setdefault(dest, deque()).append(conn)
         self._on_incoming(dest)
@@ -141,6 +152,7 @@ class Registry:
             conn = queue.popleft()
             fd, conn.pending_fd = conn.pending_fd, None
         assert fd is not None
+        self._let_go(conn, "pending")
         return conn, fd
 
     def live(self, pd_id: int) -> list[Connection]:
@@ -158,7 +170,7 @@ class Registry:
                 if queue is not None and c in queue:
                     queue.remove(c)
         for c in gone:
-            self._revoke(c)
+            self._discard(c)
         return gone
 
     def ended(self, pd_id: int) -> None:
@@ -173,6 +185,7 @@ class Registry:
             kept = [c for c in self._live.values() if c.source == pd_id and c.pending_fd is not None]
         for c in kept:
             self._shut(c)
+            self._let_go(c, "held")
 
     @staticmethod
     def _shut(conn: Connection) -> None:
@@ -185,12 +198,23 @@ class Registry:
             s.close()
         conn.held = []
 
-    @classmethod
-    def _revoke(cls, conn: Connection) -> None:
-        cls._shut(conn)
+    def _discard(self, conn: Connection) -> None:
+        """Revoke conn and forget it: shut first, so that nothing kept elsewhere stays connected."""
+        self._shut(conn)
         if conn.pending_fd is not None:
             os.close(conn.pending_fd)
             conn.pending_fd = None
+        self._forget(conn)
+
+    # -- hooks ----------------------------------------------------------------------------
+    def _keep(self, conn: Connection) -> None:
+        """conn was just made (held dups and pending end set), before anyone can see it; may raise."""
+
+    def _let_go(self, conn: Connection, part: str) -> None:
+        """conn's "held" dups were shut and closed, or its "pending" end went to the dest's accept."""
+
+    def _forget(self, conn: Connection) -> None:
+        """conn was revoked and is no longer live."""
 
     def close(self) -> None:
         self.cut()

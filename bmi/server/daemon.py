@@ -12,7 +12,8 @@ Crash safety, in order, for every call that changes something:
    written in one transaction,
 4. only then is the reply sent.
 At start, restore() adopts every stored PD (driver.adopt: pid + start time
-+ cgroup), re-attaches the channels the fd keeper held, finishes what a
++ cgroup), takes back the connections between PDs (connections.py),
+re-attaches the channels the fd keeper held, finishes what a
 pending intent asked for where that is safe (destroy, shutdown) and rolls
 back the rest (an allocation without a record, a start whose process was
 never recorded); the store's record is the truth for everything else.
@@ -38,6 +39,7 @@ from ..errors import BMIError, InvalidArgument, PermissionDenied, ResourceError
 from ..store import Event, Store
 from ..types import PDDescription, PDStatus
 from .board import BoardWriter
+from .connections import KeptConnections
 from .driver import SystemDriver, reopen_cgroups
 from .keeper import Keeper
 
@@ -184,7 +186,8 @@ class Daemon:
         if integrity:
             from ..uri import _integrity_factory
             factory = _integrity_factory()
-        self.mgr = PDManagement(self.driver, URI, integrity=factory)
+        self.mgr = PDManagement(self.driver, URI, integrity=factory,
+                                registry=lambda on_incoming: KeptConnections(self.store, self.keeper, on_incoming))
         self.mgr._finalizer.detach()        # bmid ending must never destroy the PDs it owns
         if shutdown_grace is not None:
             self.mgr.shutdown_grace = shutdown_grace
@@ -282,11 +285,14 @@ class Daemon:
         with self.mgr._lock:
             self.mgr._pds.update(restored)
             self.mgr._next_id = next_id
+            self.mgr._destroyed.update(self.store.destroyed())
+        kept_channels = {pd_id: fd for pd_id, pd in restored.items()
+                         if pd.status in _LIVE and (fd := self.keeper.get(f"pd{pd_id}.channel")) is not None}
+        # connections first: a channel that ends as soon as it is attached cuts them
+        self.mgr._registry.restore(set(restored), set(kept_channels))
         channels = self.mgr._channels()
-        for pd_id, pd in restored.items():
-            fd = self.keeper.get(f"pd{pd_id}.channel") if pd.status in _LIVE else None
-            if fd is not None:
-                channels.attach(pd_id, socket.socket(fileno=fd), keep=False)
+        for pd_id, fd in kept_channels.items():
+            channels.attach(pd_id, socket.socket(fileno=fd), keep=False)
         for op in pending:
             pd = restored.get(op.pd_id) if op.pd_id is not None else None
             if pd is None:

@@ -19,7 +19,8 @@ import socket
 import subprocess
 import sys
 import struct
-from typing import Any
+import threading
+from typing import Any, Mapping
 
 from ..channel import protocol as p
 from ..errors import ResourceError
@@ -39,14 +40,16 @@ class Keeper:
             if self._sock is None:
                 raise ResourceError(f"bmid: the fd keeper did not come up on {path}")
         self._ids = 0
+        self._lock = threading.Lock()       # one request and its reply at a time, whatever thread asks
 
     def _call(self, method: str, fds: tuple[int, ...] = (), **params: Any) -> tuple[Any, list[int]]:
-        self._ids += 1
-        try:
-            p.send(self._sock, p.request(self._ids, method, params), fds)
-            data, got, _ = p.receive(self._sock)
-        except OSError as e:
-            raise ResourceError(f"bmid: fd keeper {method} failed: {e.strerror or e}") from None
+        with self._lock:
+            self._ids += 1
+            try:
+                p.send(self._sock, p.request(self._ids, method, params), fds)
+                data, got, _ = p.receive(self._sock)
+            except OSError as e:
+                raise ResourceError(f"bmid: fd keeper {method} failed: {e.strerror or e}") from None
         reply = p.decode(data) if data else None
         if not isinstance(reply, dict) or "result" not in reply:
             for fd in got:
@@ -56,7 +59,13 @@ class Keeper:
 
     def put(self, key: str, fd: int) -> None:
         """Keep a copy of fd under key (replacing what was kept there)."""
-        self._call("put", (fd,), key=key)
+        self.put_all({key: fd})
+
+    def put_all(self, fds: Mapping[str, int]) -> None:
+        """Keep a copy of each fd under its key in one message: a crash leaves all of them kept or none."""
+        if len(fds) > p.MAX_FDS:
+            raise ResourceError(f"bmid: fd keeper put of {len(fds)} fds (at most {p.MAX_FDS} at once)")
+        self._call("put", tuple(fds.values()), keys=list(fds))
 
     def drop(self, prefix: str) -> None:
         """Close every fd kept under a key starting with prefix."""
@@ -148,11 +157,14 @@ def _serve_one(conn: socket.socket, held: dict[str, int]) -> None:
             return
         out: tuple[int, ...] = ()
         value: Any = None
-        if method == "put" and fds:
-            old = held.pop(params["key"], None)
-            if old is not None:
-                os.close(old)
-            held[params["key"]] = fds.pop(0)
+        if method == "put":
+            keys = params.get("keys", [])
+            for key, fd in zip(keys, fds):
+                old = held.pop(key, None)
+                if old is not None:
+                    os.close(old)
+                held[key] = fd
+            fds = fds[len(keys):]
         elif method == "drop":
             for key in [k for k in held if k.startswith(params.get("prefix", "\0"))]:
                 os.close(held.pop(key))

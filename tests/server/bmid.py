@@ -42,7 +42,9 @@ class Bmid:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"bmid exited: {self.proc.stderr.read().decode()[-2000:]}")
+                proc, self.proc = self.proc, None       # a later start() or close() must not mask this
+                with proc.stderr:
+                    raise RuntimeError(f"bmid exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 probe.connect(self.socket)

@@ -1,5 +1,10 @@
 """kill -9 of bmid at random points while a client works, many times, with an invariant check after each.
 
+The PDs run the C channel client (tests/images/chanpeer.c): each either
+connects to a running peer it is allowed to reach and waits on that
+connection, or accepts one connection and waits on it; so there are
+accepted and pending connections at every kill.
+
 BMI_CRASH_REPS sets the repetitions (default 15), BMI_CRASH_SEED the seed
 (printed on failure, so a failing sequence can be replayed).
 """
@@ -16,13 +21,15 @@ import pytest
 
 import bmi
 from bmi.drivers.linux import cgroups
-from tests.helpers import busybox_path
+from tests.channel.progs import build, console
 from tests.server.bmid import Bmid, require_root
 from tests.server.test_bmid import _records, _running
+from tests.server.test_connections import _stored_connections
 
 REPS = int(os.environ.get("BMI_CRASH_REPS", "15"))
 MAX_PDS = 6
 IPC_RW = [bmi.ConnectionPolicy(bmi.ConnectionType.IPC, bmi.RW)]
+WAIT = "600000"         # ms: longer than the test
 
 
 class Model:
@@ -30,7 +37,35 @@ class Model:
 
     def __init__(self) -> None:
         self.pds: dict[int, dict] = {}
+        self.conns: dict[int, tuple[int, int]] = {}     # listed by bmid: id -> (source, dest)
+        self.cut_ids: set[int] = set()                  # cut by an acknowledged call
         self.inflight: tuple[str, int | None] | None = None
+
+    def cut(self, pd_id: int, tid: int | None = None) -> None:
+        """Connections of pd_id (towards tid only, when given) were cut by an acknowledged call."""
+        for conn_id, ends in list(self.conns.items()):
+            if (ends[0] == pd_id and ends[1] == tid) if tid is not None else pd_id in ends:
+                del self.conns[conn_id]
+                self.cut_ids.add(conn_id)
+
+
+def _listed(mgr, pd_ids) -> dict[int, tuple[int, int]]:
+    """Every connection bmid lists for these PDs (each from both ends, consistently): id -> (source, dest)."""
+    seen: dict[int, tuple[int, int]] = {}
+    for pd_id in pd_ids:
+        for line in filter(None, mgr.get_controller(pd_id).get_runtime_param("/interfaces/connections").split("\n")):
+            conn_id, way, peer, *_ = line.split()
+            ends = (pd_id, int(peer)) if way == "to" else (int(peer), pd_id)
+            assert seen.setdefault(int(conn_id), ends) == ends, f"connection {conn_id} listed as {line!r}"
+    return seen
+
+
+def _cmdline(want: dict, model: Model, rng: random.Random) -> str:
+    """Connect to a live peer this PD may reach and wait on it; else accept one connection and wait on it."""
+    peers = [t for t, policies in want["policies"].items() if policies == IPC_RW and model.pds[t]["live"]]
+    if peers:
+        return f"chanpeer connect {rng.choice(peers)} IPC 3 0 + recv {WAIT} + sleep {WAIT}"
+    return f"chanpeer accept {WAIT} + recv {WAIT} + sleep {WAIT}"
 
 
 def _work(d: Bmid, model: Model, rng: random.Random, image: bmi.PDImage) -> None:
@@ -54,16 +89,22 @@ def _work(d: Bmid, model: Model, rng: random.Random, image: bmi.PDImage) -> None
                     pd.setup_pd(image)
                     want["measured"] = True
                 elif choice < 0.5 and want["measured"] and not want["live"]:
-                    pd.set_config_param("/boot/cmdline", "busybox sleep 1000")
+                    pd.set_config_param("/boot/cmdline", _cmdline(want, model, rng))
                     pd.request_status_change(bmi.PDStatus.RUNNING)
                     want["live"] = True
-                elif choice < 0.6 and want["live"]:
+                elif choice < 0.55 and want["live"]:
                     pd.request_status_change(rng.choice([bmi.PDStatus.PAUSED, bmi.PDStatus.RUNNING]))
+                elif choice < 0.6:
+                    model.conns.update(_listed(mgr, ids))
                 elif choice < 0.75:
-                    tid = rng.choice([i for i in ids if i != pd_id])
-                    policies = rng.choice([IPC_RW, []])
-                    pd.set_allowed_connections(tid, policies)
+                    others = [i for i in ids if i != pd_id]
+                    tid = rng.choice([i for i in others if model.pds[i]["live"]] or others)
+                    policies = IPC_RW if rng.random() < 0.75 else []
+                    disable = rng.random() < 0.5
+                    pd.set_allowed_connections(tid, policies, disable_existing=disable)
                     want["policies"][tid] = policies
+                    if disable and not policies:
+                        model.cut(pd_id, tid)
                 elif choice < 0.85:
                     priority = rng.randint(-10, 10)
                     pd.set_priority(priority)
@@ -72,6 +113,7 @@ def _work(d: Bmid, model: Model, rng: random.Random, image: bmi.PDImage) -> None
                     model.inflight = ("destroy", pd_id)
                     pd.destroy()
                     del model.pds[pd_id]
+                    model.cut(pd_id)
                     for other in model.pds.values():
                         other["policies"].pop(pd_id, None)
                 model.inflight = None
@@ -126,9 +168,35 @@ def _check(d: Bmid, model: Model, digest: bytes, bmid_pids: set[int]) -> None:
                 assert status in (bmi.PDStatus.RUNNING, bmi.PDStatus.PAUSED), f"PD {pd_id} is {status.name}"
             if status in (bmi.PDStatus.RUNNING, bmi.PDStatus.PAUSED):
                 assert _running(record["run"]["pid"]), f"PD {pd_id} is {status.name} but its init is gone"
+        _check_connections(mgr, model, uncertain)
         # every PD cgroup a bmid made belongs to a recorded PD (no leak, no double)
         assert _bmid_cgroups(bmid_pids) == {r["cgroup"] for r in records.values()}
     model.inflight = None
+
+
+def _check_connections(mgr, model: Model, uncertain: int | None) -> None:
+    """Every connection listed before is listed still (unless the cut-off call may have cut it); one is revoked."""
+    listed = _listed(mgr, model.pds)
+    lost = {c: ends for c, ends in model.conns.items() if c not in listed and uncertain not in ends}
+    assert not lost, f"connections bmid forgot: {lost} (listed now: {listed})"
+    again = set(listed) & model.cut_ids
+    assert not again, f"connections cut before are listed again (or their ids were given again): {again}"
+    model.conns = listed
+    if not listed:
+        return
+    conn_id = max(listed)
+    source, dest = listed[conn_id]
+    pd = mgr.get_controller(source)
+    connected = "connect: ok" in console(pd)        # else its connect's reply was lost with the killed bmid
+    pd.set_allowed_connections(dest, [], disable_existing=True)
+    model.pds[source]["policies"][dest] = []
+    model.cut(source, dest)
+    assert conn_id not in _listed(mgr, [source, dest]), f"connection {conn_id} still listed after its revocation"
+    if connected and pd.get_current_status() is bmi.PDStatus.RUNNING:
+        deadline = time.monotonic() + 10
+        while "recv: EOF" not in console(pd):
+            assert time.monotonic() < deadline, f"PD {source} did not see its connection {conn_id} cut: {console(pd)}"
+            time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -136,7 +204,7 @@ def test_kill9_at_random_points_keeps_every_pd(tmp_path):
     require_root()
     seed = int(os.environ.get("BMI_CRASH_SEED", str(time.time_ns() % 2**32)))
     rng = random.Random(seed)
-    data = open(busybox_path(), "rb").read()
+    data = build("chanpeer").read_bytes()
     image, digest = bmi.BytesImage(data), hashlib.sha256(data).digest()
     d = Bmid(str(tmp_path)).start()
     model, bmid_pids = Model(), {d.proc.pid}
@@ -158,3 +226,4 @@ def test_kill9_at_random_points_keeps_every_pd(tmp_path):
             d.start()
         d.close()
     assert _bmid_cgroups(bmid_pids) == set()
+    assert _stored_connections(d) == []
