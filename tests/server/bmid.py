@@ -1,12 +1,14 @@
 """Start and stop real bmid processes for tests (state and socket in a tmp dir)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from typing import Any, Iterator
 
 import pytest
 
@@ -14,6 +16,19 @@ import bmi
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0     # s: a loaded CI host may take a while to stop bmid and its threads
+
+
+@contextlib.contextmanager
+def running_bmid(directory: str, *extra: str, **kw: Any) -> Iterator["Bmid"]:
+    """A started Bmid, closed (restarted first if a test left it down) at the end."""
+    require_root()
+    d = Bmid(str(directory), *extra, **kw).start()
+    try:
+        yield d
+    finally:
+        if d.proc is None:
+            d.start()
+        d.close()
 
 
 def require_root() -> None:

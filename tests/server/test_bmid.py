@@ -21,16 +21,6 @@ from tests.server.bmid import Bmid, require_root
 TICKER = "i=0; while :; do echo tick $i; i=$((i+1)); busybox sleep 0.1; done"
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    require_root()
-    d = Bmid(str(tmp_path)).start()
-    yield d
-    if d.proc is None:
-        d.start()
-    d.close()
-
-
 def _run(mgr, script: str, mem: int = 32 << 20) -> bmi.PDController:
     pd = mgr.allocate_pd(bmi.PDDescription(mem=mem))
     pd.setup_pd(bmi.FileImage(busybox_path()))

@@ -11,17 +11,6 @@ import pytest
 import bmi
 from bmi.server.board import BoardReader, BoardWriter
 from tests.helpers import busybox_path
-from tests.server.bmid import Bmid, require_root
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    require_root()
-    d = Bmid(str(tmp_path)).start()
-    yield d
-    if d.proc is None:
-        d.start()
-    d.close()
 
 
 def _asked(mgr, pd_id: int) -> str:

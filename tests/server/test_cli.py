@@ -6,18 +6,9 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from tests.helpers import busybox_path
-from tests.server.bmid import Bmid, require_root
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    require_root()
-    d = Bmid(str(tmp_path)).start()
-    yield d
-    d.close()
+from tests.server.bmid import Bmid
 
 
 def _bmi(d: Bmid, *args: str) -> subprocess.CompletedProcess:

@@ -22,7 +22,7 @@ from bmi.server.keeper import Keeper
 from bmi.store import Store
 from bmi.system import SystemController
 from tests.channel.progs import build, run_pd, wait_console
-from tests.server.bmid import Bmid, require_root
+from tests.server.bmid import Bmid, running_bmid
 
 IPC_RW = [bmi.ConnectionPolicy(bmi.ConnectionType.IPC, bmi.RW)]
 IDLE = "2500"           # ms a PD sleeps while the test restarts bmid
@@ -30,12 +30,8 @@ IDLE = "2500"           # ms a PD sleeps while the test restarts bmid
 
 @pytest.fixture
 def daemon(tmp_path):
-    require_root()
-    d = Bmid(str(tmp_path)).start()
-    yield d
-    if d.proc is None:
-        d.start()
-    d.close()
+    with running_bmid(tmp_path) as d:
+        yield d
     assert _stored_connections(d) == [], "connections stay recorded after every PD was destroyed"
 
 

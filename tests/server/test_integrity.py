@@ -9,19 +9,15 @@ import pytest
 import bmi
 from bmi import IntegrityPolicy
 from tests.helpers import busybox_path
-from tests.server.bmid import Bmid, require_root
+from tests.server.bmid import running_bmid
 
 pytestmark = pytest.mark.skipif(shutil.which("swtpm") is None, reason="swtpm is not installed")
 
 
 @pytest.fixture
 def daemon(tmp_path):
-    require_root()
-    d = Bmid(str(tmp_path), tpm=True).start()
-    yield d
-    if d.proc is None:
-        d.start()
-    d.close()
+    with running_bmid(tmp_path, tpm=True) as d:
+        yield d
 
 
 def _digest(path: str) -> bytes:
