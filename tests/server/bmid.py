@@ -22,7 +22,7 @@ def require_root() -> None:
 
 
 class Bmid:
-    """One bmid (for linux:///system, or `system` = xen:///system) on a state dir; restartable, killable with SIGKILL."""
+    """One bmid serving `system` (linux:///system or xen:///system) on a state dir; restartable, SIGKILLable."""
 
     def __init__(self, directory: str, *extra: str, socket_dir: str | None = None, system: str = "linux:///system"):
         self.state_dir = os.path.join(directory, "state")
