@@ -204,7 +204,7 @@ class Xen:
         if rc == -21:           # ERROR_DOMAIN_NOTFOUND
             return None
         self._check(rc, "domain_info", what, pd_id)
-        return str(uuid.UUID(bytes=ffi.unpack(raw, 16)))
+        return str(uuid.UUID(bytes=bytes(ffi.buffer(raw, 16))))
 
     def console_tty(self, domid: int, *, what: str, pd_id: int | None) -> str:
         buf = ffi.new("char[]", _PATH_MAX)
