@@ -60,7 +60,7 @@ def main() -> int:
         return 0
     image = guest_bundle(CMDLINE)
     with tempfile.TemporaryDirectory(prefix="bmi-bench-xen-") as workdir, \
-            bmi.open("xen:///system", integrity=False) as mgr:
+            bmi.open("xen:///session", integrity=False) as mgr:
         with open(guest_kernel(), "rb") as src, open(os.path.join(workdir, "kernel"), "wb") as dst:
             dst.write(src.read())
         with open(os.path.join(workdir, "ramdisk"), "wb") as dst:

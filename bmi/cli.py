@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bmi", description="Create, measure, run and attest isolated protection domains (OpenTC BMI v0.1).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="URIs: linux:///session (default, in-process). Set BMI_URI or --uri.\n"
+        epilog="URIs: linux:///session (default, in-process), linux:///system (bmid), xen:///system\n"
+               "(bmid --uri xen:///system), xen:///session (in-process), pd:///. Set BMI_URI or --uri.\n"
                "Run `bmi COMMAND --help` for examples.")
     parser.add_argument("--uri", default=None, help="connection URI (default: $BMI_URI or linux:///session)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

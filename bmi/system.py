@@ -1,6 +1,7 @@
-"""linux:///system: the PDManagement API as a client of bmid.
+"""linux:///system and xen:///system: the PDManagement API as a client of bmid.
 
     mgr = bmi.open("linux:///system")            # or linux:///system?socket=/path/to/bmid.sock
+    mgr = bmi.open("xen:///system")              # bmid --uri xen:///system, on /run/bmi/bmid-xen.sock
     pd = mgr.allocate_pd(bmi.PDDescription(mem=64 << 20))
     for event in mgr.events():                   # status changes, like libvirt domain events
         ...
@@ -29,26 +30,46 @@ from .pd import Channel, RemoteController
 from .server.board import BoardReader
 from .types import ConnectionPolicy, IntegrityPolicy, PDDescription, PDStatus
 
-DEFAULT_SOCKET = "/run/bmi/bmid.sock"
+LINUX_URI = "linux:///system"
+XEN_URI = "xen:///system"
+#: One bmid per driver: its default socket, the variable that overrides it, its systemd unit.
+BMIDS = {
+    LINUX_URI: ("/run/bmi/bmid.sock", "BMID_SOCKET", "bmid.service"),
+    XEN_URI: ("/run/bmi/bmid-xen.sock", "BMID_XEN_SOCKET", "bmid-xen.service"),
+}
+
+
+def system_uri(uri: str) -> str:
+    """The URI without its query: the key of BMIDS."""
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://{parts.path}"
+
+
+def default_socket(uri: str) -> str:
+    """Where bmid for this URI listens unless told otherwise: $BMID_SOCKET / $BMID_XEN_SOCKET, else /run/bmi/."""
+    default, variable, _ = BMIDS[system_uri(uri)]
+    return os.environ.get(variable) or default
 
 
 def socket_path(uri: str) -> str:
-    """?socket= in the URI, else $BMID_SOCKET, else /run/bmi/bmid.sock."""
+    """?socket= in the URI, else the default socket of the URI's bmid."""
     query = parse_qs(urlsplit(uri).query)
-    return (query.get("socket") or [os.environ.get("BMID_SOCKET") or DEFAULT_SOCKET])[0]
+    return (query.get("socket") or [default_socket(uri)])[0]
 
 
-def _connect(path: str) -> socket.socket:
+def _connect(uri: str, path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.connect(path)
     except OSError as e:
         sock.close()
+        what = system_uri(uri)
         if e.errno in (errno.EACCES, errno.EPERM):
-            raise PermissionDenied(f"open linux:///system: no permission on bmid's socket {path} (root only, "
+            raise PermissionDenied(f"open {what}: no permission on bmid's socket {path} (root only, "
                                    f"or the group bmid was started with --group)") from None
-        raise DriverUnavailable(f"open linux:///system: cannot reach bmid on {path}: {e.strerror}; is bmid "
-                                f"running?") from None
+        unit = BMIDS[what][2]
+        raise DriverUnavailable(f"open {what}: cannot reach bmid on {path}: {e.strerror}; start it with "
+                                f"`bmid --uri {what}` (systemd: systemctl start {unit})") from None
     return sock
 
 
@@ -62,7 +83,7 @@ class _BmidChannel(Channel):
     def call(self, method: str, params: dict[str, Any], fd: int | None = None) -> tuple[Any, int | None]:
         with self._lock:
             if self._sock.fileno() < 0:
-                raise InvalidState(f"{method}: this linux:///system connection is closed")
+                raise InvalidState(f"{method}: this connection to bmid is closed")
             msg_id = next(self._ids)
             try:
                 data = p.encode(p.request(msg_id, method, params))
@@ -79,7 +100,7 @@ class _BmidChannel(Channel):
     def check_open(self, what: str) -> None:
         """Raise as a request would when bmid has gone (reads from the status board ask no one)."""
         if self._sock.fileno() < 0:
-            raise InvalidState(f"{what}: this linux:///system connection is closed")
+            raise InvalidState(f"{what}: this connection to bmid is closed")
         poller = select.poll()
         poller.register(self._sock, select.POLLIN | select.POLLRDHUP)
         if any(events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _, events in poller.poll(0)):
@@ -116,8 +137,8 @@ class Event:
 class EventStream:
     """Iterate status events; close() (or leaving a with block) ends the subscription."""
 
-    def __init__(self, path: str, since: int | None, timeout: float | None):
-        self._sock = _connect(path)
+    def __init__(self, uri: str, since: int | None, timeout: float | None):
+        self._sock = _connect(uri, socket_path(uri))
         self._timeout = timeout
         self._closed = False
         try:
@@ -248,12 +269,12 @@ class SystemDeviceManager:
 
 
 class SystemClient:
-    """bmi.open("linux:///system"): PDManagement as a client of bmid (PDs outlive this object)."""
+    """bmi.open("linux:///system") or ("xen:///system"): PDManagement as a client of bmid (PDs outlive this object)."""
 
-    def __init__(self, uri: str = "linux:///system"):
+    def __init__(self, uri: str = LINUX_URI):
         self.uri = uri
         self.socket_path = socket_path(uri)
-        sock = _connect(self.socket_path)
+        sock = _connect(uri, self.socket_path)
         try:
             self._channel = _BmidChannel(sock.fileno())
         finally:
@@ -322,11 +343,11 @@ class SystemClient:
 
     def events(self, since: int | None = None, timeout: float | None = None) -> EventStream:
         """Status events from now on (or after event number `since`); iteration stops after timeout idle seconds."""
-        return EventStream(self.socket_path, since, timeout)
+        return EventStream(self.uri, since, timeout)
 
     def on_event(self, callback: Callable[[Event], None]) -> Callable[[], None]:
         """Call callback(event) from a thread for every event; returns the function that stops it."""
-        stream = EventStream(self.socket_path, None, None)
+        stream = EventStream(self.uri, None, None)
 
         def pump() -> None:
             for event in stream:

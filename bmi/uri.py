@@ -11,7 +11,8 @@ DEFAULT_URI = "linux:///session"
 KNOWN = {
     ("linux", "/session"): "the embedded Linux driver, PDs live while this process lives",
     ("linux", "/system"): "PDs owned by bmid over /run/bmi/bmid.sock",
-    ("xen", "/system"): "Xen domains through libxl (in this process until bmid serves Xen too)",
+    ("xen", "/session"): "Xen domains through libxl in this process; they live while it lives",
+    ("xen", "/system"): "Xen domains owned by bmid --uri xen:///system over /run/bmi/bmid-xen.sock",
     ("pd", "/"): "inside a PD: the channel named by BMI_CHANNEL_FD",
 }
 
@@ -34,12 +35,10 @@ def open(uri: str | None = None, *, integrity: bool = True) -> PDManagement:  # 
         from .drivers.linux.driver import LinuxDriver
         factory = _integrity_factory() if integrity else None
         return PDManagement(LinuxDriver(), uri, integrity=factory)
-    if key == ("linux", "/system"):
+    if key in (("linux", "/system"), ("xen", "/system")):
         from .system import SystemClient
         return SystemClient(uri)  # type: ignore[return-value]  (PDManagement-compatible, through bmid)
-    if key == ("xen", "/system"):
-        # In-process for now: the domains live while this manager is open.  Once
-        # bmid serves Xen, xen:///system goes through it like linux:///system.
+    if key == ("xen", "/session"):
         from .drivers.xen.driver import XenDriver
         factory = _integrity_factory() if integrity else None
         return PDManagement(XenDriver(), uri, integrity=factory)

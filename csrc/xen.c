@@ -323,6 +323,21 @@ int bmi_xen_info(bmi_xen *x, uint32_t domid, int *state, int *reason, uint64_t *
     return rc;
 }
 
+/* The domain's UUID (16 bytes): with the domid it names one domain, never a recycled domid. */
+int bmi_xen_uuid(bmi_xen *x, uint32_t domid, uint8_t *uuid16)
+{
+    libxl_dominfo info;
+    int rc;
+
+    err_reset(x);
+    libxl_dominfo_init(&info);
+    rc = libxl_domain_info(x->ctx, &info, domid);
+    if (!rc)
+        memcpy(uuid16, libxl_uuid_bytearray(&info.uuid), 16);
+    libxl_dominfo_dispose(&info);
+    return rc;
+}
+
 int bmi_xen_list(bmi_xen *x, uint32_t *domids, int *states, int max)
 {
     libxl_dominfo *all;

@@ -54,6 +54,7 @@ int bmi_xen_sched_set(bmi_xen *x, uint32_t domid, int weight, int cap);
 int bmi_xen_info(bmi_xen *x, uint32_t domid, int *state, int *reason, uint64_t *current_kb,
                  uint64_t *max_kb, int *vcpus_online, uint64_t *cpu_ns);
 int bmi_xen_list(bmi_xen *x, uint32_t *domids, int *states, int max);
+int bmi_xen_uuid(bmi_xen *x, uint32_t domid, uint8_t *uuid16);
 int bmi_xen_console_tty(bmi_xen *x, uint32_t domid, char *buf, size_t len);
 
 char *bmi_xs_read(bmi_xen *x, const char *path, unsigned int *len, int *err);

@@ -135,6 +135,7 @@ def xen_image() -> str:
     packaged = "/boot/xen-4.17-amd64.gz"
     if not os.path.isfile(packaged):
         raise RigError(f"{packaged} is missing; install xen-hypervisor-4.17-amd64")
+    os.makedirs(OUT, exist_ok=True)          # a fresh checkout has no rig/out yet
     path = os.path.join(OUT, "xen-4.17-amd64")
     if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(packaged):
         with gzip.open(packaged) as src, open(path + ".tmp", "wb") as dst:

@@ -1,4 +1,5 @@
-"""`bmi` subcommands that drive PDs one call at a time, like virsh/xl: meant for linux:///system.
+"""`bmi` subcommands that drive PDs one call at a time, like virsh/xl: meant for linux:///system
+and xen:///system (bmid --uri xen:///system).
 
     bmi --uri linux:///system create --image /bin/busybox --name web -- busybox httpd -f
     bmi list
@@ -169,7 +170,7 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 #: `--help` examples; these commands talk to bmid (BMI_URI=linux:///system or --uri).
 EXAMPLES = {
-    "list": "example:\n  BMI_URI=linux:///system bmi list --json",
+    "list": "examples:\n  BMI_URI=linux:///system bmi list --json\n  bmi --uri xen:///system list",
     "create": "examples:\n  bmi --uri linux:///system create --image /bin/busybox --name web --start -- \\\n"
               "      busybox sh -c 'while :; do date; sleep 5; done'\n  bmi --uri linux:///system create --image root.cpio --mem 128M",
     "start": "example:\n  bmi --uri linux:///system start web",

@@ -1,7 +1,9 @@
-"""bmid: owns the PDs of linux:///system across its own restarts and crashes.
+"""bmid: owns the PDs of linux:///system (or xen:///system) across its own restarts and crashes.
 
-One PDManagement (the same semantics as session mode, bmi/api.py) over the
-SystemDriver, answered on a Unix socket with the PD channel's protocol
+One bmid per driver, like libvirt's modular daemons (virtqemud, virtxend):
+a libxl failure cannot take the Linux PDs' service down.  One PDManagement
+(the same semantics as session mode, bmi/api.py) over the driver's Keeping
+variant (bmi/server/driver.py, bmi/server/xen.py), answered on a Unix socket with the PD channel's protocol
 (JSON-RPC 2.0 over SOCK_SEQPACKET, bmi/channel/protocol.py; the requests
 are those of bmi/channel/dispatch.py plus a few manager-only ones below).
 
@@ -11,9 +13,9 @@ Crash safety, in order, for every call that changes something:
 3. the changed PD records, any status events and the end of the intent are
    written in one transaction,
 4. only then is the reply sent.
-At start, restore() adopts every stored PD (driver.adopt: pid + start time
-+ cgroup), takes back the connections between PDs (connections.py),
-re-attaches the channels the fd keeper held, finishes what a
+At start, restore() adopts every stored PD (driver.adopt: Linux checks pid +
+start time + cgroup, Xen domid + UUID), takes back the connections between
+PDs (connections.py), re-attaches the channels the fd keeper held, finishes what a
 pending intent asked for where that is safe (destroy, shutdown) and rolls
 back the rest (an allocation without a record, a start whose process was
 never recorded); the store's record is the truth for everything else.
@@ -37,16 +39,16 @@ from ..channel.server import ChannelServer, _check_request
 from ..drivers.base import ExitInfo
 from ..errors import BMIError, InvalidArgument, PermissionDenied, ResourceError
 from ..store import Event, Store
+from ..system import LINUX_URI, XEN_URI, default_socket
 from ..types import PDDescription, PDStatus
 from .board import BoardWriter
 from .connections import KeptConnections
-from .driver import SystemDriver, reopen_cgroups
+from .driver import Keeping, SystemDriver
 from .keeper import Keeper
 
 log = logging.getLogger("bmi.bmid")
 
-URI = "linux:///system"
-DEFAULT_SOCKET = "/run/bmi/bmid.sock"
+URIS = (LINUX_URI, XEN_URI)
 MAX_CONSOLE_CHUNK = 16 * 1024       # bytes of console per reply (hex doubles it; MAX_MESSAGE is 64 KiB)
 MAX_WAIT = 60.0
 REPLY_PIECE = 30 * 1024         # bytes of reply JSON per record when a reply is split (hex: 60 KiB)
@@ -164,13 +166,23 @@ class KeptChannels(ChannelServer):
         super().attach(pd_id, layer)
 
 
+def system_driver(uri: str, keeper: Keeper, on_exit: Any) -> Keeping:
+    """The driver bmid runs for uri (Xen's imported only there: it needs the libxl shim)."""
+    if uri == XEN_URI:
+        from .xen import XenSystemDriver
+        return XenSystemDriver(keeper, on_exit)
+    return SystemDriver(keeper, on_exit)
+
+
 class Daemon:
     """State, PDs and the socket of one bmid."""
 
-    def __init__(self, *, state_dir: str, socket_path: str = DEFAULT_SOCKET, group: int | None = None,
-                 integrity: bool = True, shutdown_grace: float | None = None):
+    def __init__(self, *, state_dir: str, uri: str = LINUX_URI, socket_path: str | None = None,
+                 group: int | None = None, integrity: bool = True, shutdown_grace: float | None = None):
+        if uri not in URIS:
+            raise InvalidArgument(f"bmid: cannot serve {uri!r}; it serves one of {', '.join(URIS)}")
         self.state_dir = state_dir
-        self.socket_path = socket_path
+        self.socket_path = socket_path or default_socket(uri)
         self.group = group
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         self._lockfile = os.open(os.path.join(state_dir, "bmid.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -181,12 +193,18 @@ class Daemon:
         self.store = Store(state_dir)
         self.keeper = Keeper(os.path.join(state_dir, "keeper.sock"))
         self._exits: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        self.driver = SystemDriver(self.keeper, self._exits.put)
+        try:
+            self.driver: Any = system_driver(uri, self.keeper, self._exits.put)
+        except BaseException:
+            self.keeper.close()
+            self.store.close()
+            os.close(self._lockfile)
+            raise
         factory = None
         if integrity:
             from ..uri import _integrity_factory
             factory = _integrity_factory()
-        self.mgr = PDManagement(self.driver, URI, integrity=factory,
+        self.mgr = PDManagement(self.driver, uri, integrity=factory,
                                 registry=lambda on_incoming: KeptConnections(self.store, self.keeper, on_incoming))
         self.mgr._finalizer.detach()        # bmid ending must never destroy the PDs it owns
         if shutdown_grace is not None:
@@ -195,9 +213,9 @@ class Daemon:
         self.board.set(0, PDStatus.RUNNING)
         self._dispatch = SystemDispatcher(lambda caller: self.mgr if caller == 0 else self.mgr.scoped(caller),
                                           self.board)
-        self.mgr._channel_server = KeptChannels(self._channel_call, self.mgr._registry, self.keeper)
+        if self.driver.channels:
+            self.mgr._channel_server = KeptChannels(self._channel_call, self.mgr._registry, self.keeper)
         self._cache: dict[int, dict[str, Any]] = {}
-        self._idents: dict[int, tuple[Any, dict[str, int] | None]] = {}
         self._subscribers: set[queue.SimpleQueue[Event]] = set()
         self._sub_lock = threading.Lock()
         self._alloc_lock = threading.Lock()
@@ -208,12 +226,6 @@ class Daemon:
 
     # -- persistence ----------------------------------------------------------------------
     def _record(self, pd: _PD) -> dict[str, Any]:
-        handle = pd.handle
-        run = handle.run
-        cached = self._idents.get(pd.pd_id)
-        if cached is None or cached[0] is not run or (cached[1] is not None and run.exited.is_set()):
-            cached = (run, self.driver.run_identity(handle))
-            self._idents[pd.pd_id] = cached
         ended = pd.ended
         return {
             "pd_id": pd.pd_id, "parent": pd.parent, "status": pd.status.name, "priority": pd.priority,
@@ -224,8 +236,7 @@ class Daemon:
             "measurement": {b: d.hex() for b, d in pd.measurement.items()},
             "ended": None if ended is None else {"status": ended.status.name, "exit_status": ended.exit_status,
                                                  "reason": ended.reason},
-            "cgroup": handle.groups.name, "archive": handle.archive, "pids_max": handle.pids_max,
-            "run": cached[1],
+            **self.driver.record(pd.handle),
         }
 
     def persist(self, ids: Iterable[int] | None = None, op_id: int | None = None) -> None:
@@ -247,7 +258,6 @@ class Daemon:
                         Store.delete_pd(db, pd_id)
                         events.append(Store.add_event(db, pd_id, PDStatus.DESTROYED.name, ""))
                         del self._cache[pd_id]
-                        self._idents.pop(pd_id, None)
                     self.board.remove(pd_id)
                     continue
                 record = self._record(pd)
@@ -273,10 +283,8 @@ class Daemon:
             if op.method == "allocate_pd" and op.pd_id is not None:
                 next_id = max(next_id, op.pd_id + 1)
                 if op.pd_id not in records:
-                    groups = reopen_cgroups(op.detail["cgroup"], op.pd_id)
-                    if groups is not None:
-                        log.info("rolling back the allocation of PD %d (never acknowledged)", op.pd_id)
-                        groups.destroy()
+                    log.info("rolling back the allocation of PD %d (never acknowledged)", op.pd_id)
+                    self.driver.roll_back_allocation(op.pd_id, op.detail)
         restored: dict[int, _PD] = {}
         for pd_id, record in records.items():
             restored[pd_id] = self._adopt(pd_id, record)
@@ -286,13 +294,18 @@ class Daemon:
             self.mgr._pds.update(restored)
             self.mgr._next_id = next_id
             self.mgr._destroyed.update(self.store.destroyed())
-        kept_channels = {pd_id: fd for pd_id, pd in restored.items()
-                         if pd.status in _LIVE and (fd := self.keeper.get(f"pd{pd_id}.channel")) is not None}
+        kept_channels = {pd_id: fd for pd_id, pd in restored.items() if self.driver.channels and pd.status in _LIVE
+                         and (fd := self.keeper.get(f"pd{pd_id}.channel")) is not None}
         # connections first: a channel that ends as soon as it is attached cuts them
         self.mgr._registry.restore(set(restored), set(kept_channels))
-        channels = self.mgr._channels()
-        for pd_id, fd in kept_channels.items():
-            channels.attach(pd_id, socket.socket(fileno=fd), keep=False)
+        if kept_channels:
+            channels = self.mgr._channels()
+            for pd_id, fd in kept_channels.items():
+                channels.attach(pd_id, socket.socket(fileno=fd), keep=False)
+        for pd in restored.values():        # what the layer enforces of the stored policies (Xen: rendezvous)
+            for tid, policies in pd.policies.items():
+                if tid in restored:
+                    self.driver.connections_changed(pd.handle, restored[tid].handle, policies)
         for op in pending:
             pd = restored.get(op.pd_id) if op.pd_id is not None else None
             if pd is None:
@@ -312,21 +325,21 @@ class Daemon:
 
     def _adopt(self, pd_id: int, record: dict[str, Any]) -> _PD:
         desc = PDDescription(**record["desc"])
-        handle, ended = self.driver.adopt(pd_id, desc, record)
+        found = self.driver.adopt(pd_id, desc, record)
         status = PDStatus[record["status"]]
         previous = record.get("ended")
         if previous is not None:
             previous = ExitInfo(PDStatus[previous["status"]], previous["exit_status"], previous["reason"])
-        if handle.run is not None:
-            status = PDStatus.PAUSED if handle.groups.frozen() else PDStatus.RUNNING
+        if found.live is not None:
+            status = found.live
         elif status in _LIVE or status is PDStatus.RESTARTING:
-            previous = ended or ExitInfo(PDStatus.CRASHED, None, "its start was interrupted by a bmid crash")
+            previous = found.ended or ExitInfo(PDStatus.CRASHED, None, "its start was interrupted by a bmid crash")
             status = previous.status
-        if record.get("measurement") and handle.image_fd is None and status is PDStatus.READY:
-            previous = ExitInfo(PDStatus.CRASHED, None, "its image was lost (the fd keeper ended); setup_pd again")
+        if record.get("measurement") and not found.kept and status in (PDStatus.READY, PDStatus.SUSPENDED):
+            previous = ExitInfo(PDStatus.CRASHED, None, "its kept image or saved state was lost (the fd keeper "
+                                "ended); setup_pd again")
             status = PDStatus.CRASHED
-        if record.get("run") and handle.run is not None:
-            self._idents[pd_id] = (handle.run, record["run"])
+        handle = found.handle
         policies = {int(t): [p.policy_from_wire(x) for x in ps] for t, ps in record.get("policies", {}).items()}
         return _PD(pd_id, desc, record["cpus_max"], handle, status=status, priority=record["priority"],
                    config=dict(record["config"]), policies=policies,
@@ -363,7 +376,7 @@ class Daemon:
         if method == "allocate_pd":
             with self._alloc_lock:
                 pd_id = self.mgr._next_id
-                op = self.store.begin(method, pd_id, cgroup=self.driver.cgroup_name(pd_id))
+                op = self.store.begin(method, pd_id, **self.driver.allocation_intent(pd_id))
                 try:
                     value, out = self._dispatch(caller, method, params, fd)
                 finally:

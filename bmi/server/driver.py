@@ -1,6 +1,9 @@
-"""The Linux driver as bmid runs it: PDs outlive bmid and are adopted after a restart.
+"""What bmid needs of a driver (Keeping), and the Linux driver as bmid runs it.
 
-Differences from session mode, all mechanisms:
+bmid's PDs outlive bmid: a driver serving bmid stores what identifies each
+PD's run, hands the fds that must survive a bmid crash to the fd keeper,
+and adopts the PDs again after a restart (Keeping; bmi/server/xen.py is
+the Xen one).  The Linux one below differs from session mode's in: from session mode, all mechanisms:
 - no lifeline: a PD does not die with the process that started it;
 - every fd whose other end a running PD holds (console pipe, exit-status
   pipe, channel) and the sealed image memfd are also handed to the fd
@@ -11,9 +14,11 @@ Differences from session mode, all mechanisms:
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from ..drivers.base import ExitInfo, Progress
@@ -32,6 +37,64 @@ def image_key(pd_id: int, measurement: Mapping[str, bytes]) -> str:
     """The keeper key of a PD's image: names the measured content, so a half-done setup_pd is visible."""
     bank = sorted(measurement)[0]
     return f"pd{pd_id}.image.{bank}-{measurement[bank].hex()}"
+
+
+def kept_image(keeper: Keeper, pd_id: int, measurement: Mapping[str, bytes]) -> int | None:
+    """The kept memfd whose content has exactly the stored measurement; other kept images are dropped."""
+    key = image_key(pd_id, measurement)
+    fd = keeper.get(key)
+    for stale in [k for k in keeper.keys() if k.startswith(f"pd{pd_id}.image.") and k != key]:
+        keeper.drop(stale)
+    if fd is None:
+        return None
+    bank = sorted(measurement)[0]
+    digest = hashlib.new(bank)
+    offset = 0
+    while chunk := os.pread(fd, HASH_CHUNK, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    if digest.digest() != measurement[bank]:
+        os.close(fd)
+        raise ResourceError(f"adopt PD {pd_id}: the kept image no longer has its measurement", pd_id=pd_id)
+    return fd
+
+
+def stored_measurement(record: Mapping[str, Any]) -> dict[str, bytes]:
+    return {b: bytes.fromhex(h) for b, h in record.get("measurement", {}).items()}
+
+
+@dataclass(frozen=True)
+class Adopted:
+    """A stored PD back under a restarted bmid, as its driver found it."""
+
+    handle: Any
+    live: PDStatus | None           # RUNNING or PAUSED: the recorded run is still there, its identity checked
+    ended: ExitInfo | None          # how the recorded run ended while bmid was away
+    kept: bool                      # what a later start needs (the measured image, a saved state) is back
+
+
+class Keeping(abc.ABC):
+    """The mechanisms bmid needs of a driver beyond bmi.drivers.base.Driver: PDs that outlive bmid.
+
+    Such a driver never ends its PDs when bmid stops or dies, hands the fds
+    they need to the keeper, and calls on_exit(pd_id) when it sees a PD end.
+    """
+
+    @abc.abstractmethod
+    def record(self, handle: Any) -> dict[str, Any]:
+        """The driver's part of the PD's stored record; "run" identifies its current run (None: none)."""
+
+    @abc.abstractmethod
+    def adopt(self, pd_id: int, desc: PDDescription, record: dict[str, Any]) -> Adopted:
+        """A stored PD back under this bmid; its run only if it is exactly the recorded one."""
+
+    @abc.abstractmethod
+    def allocation_intent(self, pd_id: int) -> dict[str, Any]:
+        """What an allocation creates outside bmid, stored before it so a crash can roll it back."""
+
+    @abc.abstractmethod
+    def roll_back_allocation(self, pd_id: int, intent: Mapping[str, Any]) -> None:
+        """Undo an allocation bmid never acknowledged (it died in between)."""
 
 
 def process_start(pid: int) -> int | None:
@@ -63,7 +126,7 @@ class _KeepingMonitor(Monitor):
         super().watch_console(fd, on_data)
 
 
-class SystemDriver(LinuxDriver):
+class SystemDriver(LinuxDriver, Keeping):
     """LinuxDriver(lifeline=False) whose PDs' fds are kept across bmid restarts."""
 
     def __init__(self, keeper: Keeper, on_exit: Callable[[int], None]):
@@ -73,6 +136,8 @@ class SystemDriver(LinuxDriver):
         self._keeper = keeper
         self._exit_hook = on_exit
         self._starting = threading.local()
+        # per PD: the run whose identity was last read, and that identity (reading /proc once per run)
+        self._idents: dict[int, tuple[Run | None, dict[str, int] | None]] = {}
 
     def cgroup_name(self, pd_id: int) -> str:
         """Not the session prefix: a session manager's sweep must never take the empty groups of
@@ -109,27 +174,45 @@ class SystemDriver(LinuxDriver):
     def destroy(self, pd: LinuxPD) -> None:
         super().destroy(pd)
         self._keeper.drop(f"pd{pd.pd_id}.")
+        self._idents.pop(pd.pd_id, None)
 
-    @staticmethod
-    def run_identity(pd: LinuxPD) -> dict[str, int] | None:
+    def record(self, pd: LinuxPD) -> dict[str, Any]:
+        return {"cgroup": pd.groups.name, "archive": pd.archive, "pids_max": pd.pids_max,
+                "run": self.run_identity(pd)}
+
+    def run_identity(self, pd: LinuxPD) -> dict[str, int] | None:
         """What identifies the PD's running init for a later adoption (None when it is not running)."""
         run = pd.run
-        if run is None or run.exited.is_set():
-            return None
-        return {"pid": run.pid, "start": process_start(run.pid) or 0, "oom_base": run.oom_base}
+        cached = self._idents.get(pd.pd_id)
+        if cached is not None and cached[0] is run and (cached[1] is None or not run.exited.is_set()):
+            return cached[1]
+        ident = None
+        if run is not None and not run.exited.is_set():
+            ident = {"pid": run.pid, "start": process_start(run.pid) or 0, "oom_base": run.oom_base}
+        self._idents[pd.pd_id] = (run, ident)
+        return ident
+
+    def allocation_intent(self, pd_id: int) -> dict[str, Any]:
+        return {"cgroup": self.cgroup_name(pd_id)}
+
+    @staticmethod
+    def roll_back_allocation(pd_id: int, intent: Mapping[str, Any]) -> None:
+        groups = reopen_cgroups(intent["cgroup"], pd_id)
+        if groups is not None:
+            groups.destroy()
 
     # -- adoption ---------------------------------------------------------------------------
-    def adopt(self, pd_id: int, desc: PDDescription, record: dict[str, Any]) -> tuple[LinuxPD, ExitInfo | None]:
-        """A stored PD back under this bmid; ExitInfo when its recorded run ended (or is not the one recorded)."""
+    def adopt(self, pd_id: int, desc: PDDescription, record: dict[str, Any]) -> Adopted:
+        """The cgroups by name, the image from the keeper, the init only if pid, start time and cgroup match."""
         groups = reopen_cgroups(record["cgroup"], pd_id)
         if groups is None:
             groups = cgroups.PDCgroups.create(record["cgroup"], pd_id=pd_id)
             groups.set_memory_max(desc.mem)
         pd = LinuxPD(pd_id, desc, groups, pids_max=record.get("pids_max", DEFAULT_PIDS_MAX),
                      archive=record.get("archive", False))
-        measurement = {b: bytes.fromhex(h) for b, h in record.get("measurement", {}).items()}
+        measurement = stored_measurement(record)
         if measurement:
-            pd.image_fd = self._kept_image(pd_id, measurement)
+            pd.image_fd = kept_image(self._keeper, pd_id, measurement)
         ident = record.get("run")
         pidfd = self._identify(ident, groups) if ident else None
         if pidfd is None:
@@ -137,7 +220,7 @@ class SystemDriver(LinuxDriver):
             groups.kill_all()           # whatever runs there is not the PD we know (a start rolled back)
             for kind in ("console", "status", "channel"):
                 self._keeper.drop(f"pd{pd_id}.{kind}")
-            return pd, ended
+            return Adopted(pd, None, ended, pd.image_fd is not None)
         status_r = self._keeper.get(f"pd{pd_id}.status")
         console_r = self._keeper.get(f"pd{pd_id}.console")
         if status_r is None:
@@ -145,28 +228,10 @@ class SystemDriver(LinuxDriver):
             os.close(w)
         run = Run(ident["pid"], pidfd, status_r, ident.get("oom_base", 0))
         pd.run = run
+        self._idents[pd_id] = (run, ident)
         self._watch(pd, run, console_r)
-        return pd, None
-
-    def _kept_image(self, pd_id: int, measurement: dict[str, bytes]) -> int | None:
-        """The kept memfd whose content has exactly the stored measurement; other kept images are dropped."""
-        key = image_key(pd_id, measurement)
-        fd = self._keeper.get(key)
-        stale = [k for k in self._keeper.keys() if k.startswith(f"pd{pd_id}.image.") and k != key]
-        for k in stale:
-            self._keeper.drop(k)
-        if fd is None:
-            return None
-        bank = sorted(measurement)[0]
-        digest = hashlib.new(bank)
-        offset = 0
-        while chunk := os.pread(fd, HASH_CHUNK, offset):
-            digest.update(chunk)
-            offset += len(chunk)
-        if digest.digest() != measurement[bank]:
-            os.close(fd)
-            raise ResourceError(f"adopt PD {pd_id}: the kept image no longer has its measurement", pd_id=pd_id)
-        return fd
+        live = PDStatus.PAUSED if groups.frozen() else PDStatus.RUNNING
+        return Adopted(pd, live, None, pd.image_fd is not None)
 
     @staticmethod
     def _identify(ident: dict[str, int], groups: cgroups.PDCgroups) -> int | None:

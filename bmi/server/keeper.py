@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from ..channel import protocol as p
 from ..errors import ResourceError
 
-START_TIMEOUT = 5.0
+START_TIMEOUT = 30.0        # s: python in a Xen dom0 under TCG starts 10-20x slower
 
 
 class Keeper:

@@ -1,4 +1,4 @@
-"""The `bmid` command: run the daemon in the foreground (systemd: dist/bmid.service)."""
+"""The `bmid` command: run the daemon in the foreground (systemd: dist/bmid.service, dist/bmid-xen.service)."""
 from __future__ import annotations
 
 import argparse
@@ -11,17 +11,21 @@ from typing import Sequence
 
 from ..errors import BMIError
 from ..store import DEFAULT_STATE_DIR
-from .daemon import DEFAULT_SOCKET, Daemon
+from ..system import BMIDS, LINUX_URI, XEN_URI, default_socket
+from .daemon import Daemon
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bmid", description="Own the protection domains of linux:///system across restarts; serve "
-                                 "`bmi --uri linux:///system` and bmi.open('linux:///system').")
-    parser.add_argument("--socket", default=os.environ.get("BMID_SOCKET", DEFAULT_SOCKET),
-                        help=f"the Unix socket to listen on (default {DEFAULT_SOCKET}, root-only)")
-    parser.add_argument("--state-dir", default=os.environ.get("BMID_STATE_DIR", DEFAULT_STATE_DIR),
-                        help=f"where the SQLite state and the fd keeper live (default {DEFAULT_STATE_DIR})")
+        prog="bmid", description="Own the protection domains of one system URI across restarts; serve "
+                                 "`bmi --uri URI` and bmi.open(URI).  One bmid per URI (driver).")
+    parser.add_argument("--uri", default=LINUX_URI, choices=list(BMIDS),
+                        help=f"what to serve (default {LINUX_URI}; {XEN_URI} in a Xen dom0)")
+    parser.add_argument("--socket", help=f"the Unix socket to listen on (default {BMIDS[LINUX_URI][0]}, "
+                                         f"${BMIDS[LINUX_URI][1]}; for Xen {BMIDS[XEN_URI][0]}, "
+                                         f"${BMIDS[XEN_URI][1]}; root-only)")
+    parser.add_argument("--state-dir", help=f"where the SQLite state and the fd keeper live (default "
+                                            f"$BMID_STATE_DIR or {DEFAULT_STATE_DIR}; for Xen its xen/ subdirectory)")
     parser.add_argument("--group", help="a group whose members may make read-only calls (socket mode 0660)")
     parser.add_argument("--no-integrity", action="store_true", help="run without the TPM link")
     parser.add_argument("--shutdown-grace", type=float, default=None,
@@ -43,8 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyError:
         print(f"bmid: no group {args.group!r}", file=sys.stderr)
         return 1
+    state_dir = args.state_dir or os.environ.get("BMID_STATE_DIR") or DEFAULT_STATE_DIR
+    if args.state_dir is None and args.uri == XEN_URI:
+        state_dir = os.path.join(state_dir, "xen")     # its own store, lock and keeper
+    socket_path = args.socket or default_socket(args.uri)
     try:
-        daemon = Daemon(state_dir=args.state_dir, socket_path=args.socket, group=group,
+        daemon = Daemon(state_dir=state_dir, uri=args.uri, socket_path=socket_path, group=group,
                         integrity=not args.no_integrity, shutdown_grace=args.shutdown_grace)
         daemon.listen()
     except BMIError as e:
@@ -52,8 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
-    logging.getLogger("bmi.bmid").info("serving %d PDs on %s (state in %s)", len(daemon.mgr.list_pd()) - 1,
-                                       args.socket, args.state_dir)
+    logging.getLogger("bmi.bmid").info("serving %d PDs of %s on %s (state in %s)", len(daemon.mgr.list_pd()) - 1,
+                                       args.uri, socket_path, state_dir)
     print("READY", flush=True)
     daemon.serve_forever()
     # The PDs keep running; skip interpreter teardown, which would run the driver's finalizers.

@@ -24,12 +24,23 @@ def test_open_rejects_unknown_uris(uri):
         bmi.open(uri, integrity=False)
 
 
-def test_open_xen_without_xen_says_why():
+def test_open_xen_session_without_xen_says_why():
     if os.path.exists("/proc/xen/capabilities"):
         pytest.skip("this is a Xen host")
     with pytest.raises(bmi.DriverUnavailable) as e:
-        bmi.open("xen:///system", integrity=False)
+        bmi.open("xen:///session", integrity=False)
     assert "xen" in str(e.value).lower()
+
+
+def test_open_xen_system_without_bmid_says_how_to_start_it(tmp_path, monkeypatch):
+    missing = tmp_path / "bmid-xen.sock"
+    with pytest.raises(bmi.DriverUnavailable, match=f"xen:///system: cannot reach bmid on {missing}.*"
+                                                    r"`bmid --uri xen:///system`.*bmid-xen.service"):
+        bmi.open(f"xen:///system?socket={missing}")
+    monkeypatch.setenv("BMID_XEN_SOCKET", str(missing))        # the variable names Xen's bmid, not Linux's
+    monkeypatch.setenv("BMID_SOCKET", str(tmp_path / "linux.sock"))
+    with pytest.raises(bmi.DriverUnavailable, match=f"cannot reach bmid on {missing}"):
+        bmi.open("xen:///system")
 
 
 def test_list_pd_and_controllers(mgr):

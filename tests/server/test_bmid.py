@@ -261,3 +261,34 @@ def test_a_session_manager_leaves_the_groups_of_a_stopped_bmid_alone(daemon):
         pd.request_status_change(bmi.PDStatus.RUNNING)
         assert pd.wait(20) is bmi.PDStatus.SHUTDOWN
         assert pd.get_runtime_param("/system/exit-status") == "0"
+
+
+def test_bmid_for_xen_outside_dom0_says_why_and_leaves_nothing(tmp_path):
+    """One bmid per driver: `bmid --uri xen:///system` fails alone, with the reason, where libxl cannot work."""
+    require_root()
+    from tests.drivers.xen.conftest import dom0_reason
+    if dom0_reason() is None:
+        pytest.skip("this is a Xen dom0: tests/drivers/xen/test_bmid.py runs bmid for Xen here")
+    done = subprocess.run([sys.executable, "-m", "bmi.server.main", "--uri", "xen:///system", "--no-integrity",
+                           "--state-dir", str(tmp_path / "state"), "--socket", str(tmp_path / "xen.sock")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "DriverUnavailable: open the Xen driver" in done.stderr
+    assert not (tmp_path / "xen.sock").exists()
+    time.sleep(0.5)                         # the keeper it started exits once bmid is gone
+    assert not _processes_mentioning(str(tmp_path))
+    unknown = subprocess.run([sys.executable, "-m", "bmi.server.main", "--uri", "qemu:///system"],
+                             capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
+
+
+def _processes_mentioning(text: str) -> set[int]:
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.add(int(pid))
+        except OSError:
+            continue
+    return found

@@ -36,7 +36,7 @@ def cmdline(bundle: str | None, config: str | None) -> str:
 
 
 def domain_json(*, name: str, guest_type: str, memory: int, max_memory: int, vcpus: int, max_vcpus: int,
-                weight: int, cap: int, kernel: str, ramdisk: str | None, cmdline: str) -> str:
+                weight: int, cap: int, kernel: str, ramdisk: str | None, cmdline: str, uuid: str | None = None) -> str:
     """libxl_domain_config as libxl's own JSON (libxl_domain_config_from_json)."""
     if guest_type not in GUEST_TYPES:
         raise ValueError(f"guest type {guest_type!r} is not one of {GUEST_TYPES}")
@@ -52,7 +52,10 @@ def domain_json(*, name: str, guest_type: str, memory: int, max_memory: int, vcp
     }
     if ramdisk:
         b_info["ramdisk"] = ramdisk
-    return json.dumps({"c_info": {"type": guest_type, "name": name}, "b_info": b_info,
+    c_info = {"type": guest_type, "name": name}
+    if uuid:
+        c_info["uuid"] = uuid           # the layer's own name for the domain: a recycled domid has another
+    return json.dumps({"c_info": c_info, "b_info": b_info,
                        "on_poweroff": "destroy", "on_reboot": "destroy", "on_crash": "destroy"})
 
 

@@ -25,6 +25,7 @@ import selectors
 import threading
 import time
 import tty
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -74,6 +75,7 @@ class XenPD:
     ended: ExitInfo | None = None
     exited: threading.Event = field(default_factory=threading.Event)
     destroyed: bool = False
+    uuid: str = field(default_factory=lambda: str(uuid.uuid4()))   # the domain's, with domid its identity
 
 
 class XenDriver(Driver):
@@ -83,8 +85,8 @@ class XenDriver(Driver):
     def __init__(self) -> None:
         self._xen = Xen()
         try:
-            self._phys = self._xen.physinfo(what="open xen:///system")
-            self._xen.xs_watch("@releaseDomain", _RELEASE_TOKEN, what="open xen:///system")
+            self._phys = self._xen.physinfo(what="open the Xen driver")
+            self._xen.xs_watch("@releaseDomain", _RELEASE_TOKEN, what="open the Xen driver")
         except BaseException:
             self._xen.close()
             raise
@@ -157,12 +159,16 @@ class XenDriver(Driver):
         except BaseException:
             os.close(fd)
             raise
+        self._boot_from(pd, fd, digests, what)
+        return digests
+
+    def _boot_from(self, pd: XenPD, fd: int, digests: Mapping[str, bytes], what: str) -> None:
+        """The sealed, measured image (fd, taken over) becomes what the PD boots next."""
         boot = ximage.prepare(fd, what=what, pd_id=pd.pd_id)
         old, pd.boot = pd.boot, boot
         self._drop_saved(pd)
         if old is not None:
             old.close()
-        return digests
 
     # -- running ----------------------------------------------------------------------------
     def start(self, pd: XenPD, config: Mapping[str, str], priority: int) -> None:
@@ -178,7 +184,8 @@ class XenDriver(Driver):
         pd.json = xcfg.domain_json(
             name=pd.name, guest_type=guest_type, memory=pd.memory, max_memory=pd.desc.mem, vcpus=pd.vcpus,
             max_vcpus=pd.desc.cpu, weight=pd.weight, cap=xcfg.performance_cap(pd.performance, pd.vcpus), kernel=pd.boot.kernel_path,
-            ramdisk=pd.boot.ramdisk_path, cmdline=xcfg.cmdline(pd.boot.cmdline, config.get("/boot/cmdline")))
+            ramdisk=pd.boot.ramdisk_path, cmdline=xcfg.cmdline(pd.boot.cmdline, config.get("/boot/cmdline")),
+            uuid=pd.uuid)
         domid = self._xen.create(pd.json, what=what, pd_id=pd.pd_id)
         self._run(pd, domid, what, config)
 

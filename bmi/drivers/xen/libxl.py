@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -80,12 +81,12 @@ class Xen:
     def __init__(self) -> None:
         reason = unavailable_reason()
         if reason:
-            raise DriverUnavailable(f"open xen:///system: {reason}")
+            raise DriverUnavailable(f"open the Xen driver: {reason}")
         out = ffi.new("bmi_xen **")
         rc = lib.bmi_xen_open(out)
         if rc:
             text = ffi.string(lib.bmi_xen_last_error(ffi.NULL)).decode(errors="replace")
-            raise DriverUnavailable(f"open xen:///system: cannot reach the Xen toolstack "
+            raise DriverUnavailable(f"open the Xen driver: cannot reach the Xen toolstack "
                                     f"(libxl {_strerror(rc)}): {text or 'no detail'}; bmi's Xen driver "
                                     f"runs in dom0 as root with xenstored running")
         self._h = out[0]
@@ -195,6 +196,15 @@ class Xen:
         self._check(rc, "domain_info", what, pd_id)
         return DomainInfo(STATES.get(state[0], "unknown"), SHUTDOWN_REASONS.get(reason[0]), cur[0] * 1024,
                           mx[0] * 1024, online[0], cpu[0])
+
+    def uuid(self, domid: int, *, what: str, pd_id: int | None) -> str | None:
+        """The domain's UUID (as str(uuid.UUID)), or None when no domain has that id."""
+        raw = ffi.new("uint8_t[16]")
+        rc = lib.bmi_xen_uuid(self._h, domid, raw)
+        if rc == -21:           # ERROR_DOMAIN_NOTFOUND
+            return None
+        self._check(rc, "domain_info", what, pd_id)
+        return str(uuid.UUID(bytes=bytes(ffi.buffer(raw, 16))))
 
     def console_tty(self, domid: int, *, what: str, pd_id: int | None) -> str:
         buf = ffi.new("char[]", _PATH_MAX)

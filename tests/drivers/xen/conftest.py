@@ -10,12 +10,46 @@ from __future__ import annotations
 import glob
 import io
 import os
+import time
 
 import pytest
 
+import bmi
 from bmi.drivers.linux.formats import CpioWriter
 
 GUEST_UP = "BMI-GUEST-UP"
+MiB = 1 << 20
+BOOT_TIMEOUT = 180.0
+
+
+def wait_console(pd: bmi.PDController, text: str, since: int = 0, timeout: float = BOOT_TIMEOUT) -> int:
+    """Wait for `text` in the console after offset `since`; return the offset after it."""
+    deadline = time.monotonic() + timeout
+    seen = b""
+    offset = since
+    while time.monotonic() < deadline:
+        offset, data = pd.read_console(offset, timeout=2.0)
+        seen += data
+        if text.encode() in seen:
+            return offset
+    pytest.fail(f"PD {pd.get_pd_id()}: {text!r} not on the console within {timeout:g} s; console:\n"
+                f"{seen[-3000:].decode(errors='replace')}")
+
+
+def eventually(check, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            assert value, f"{what}: not within {timeout:g} s"
+            return value
+        time.sleep(0.5)
+
+
+def domid(pd: bmi.PDController) -> int:
+    return int(pd.get_runtime_param("/system/xen/domid"))
+
+
 GUEST_INIT = f"""#!/bin/busybox sh
 /bin/busybox mount -t devtmpfs dev /dev
 exec </dev/console >/dev/console 2>&1
@@ -92,7 +126,7 @@ def xen_mgr():
         pytest.skip(reason)
     import bmi
     from bmi.drivers.xen.config import domain_json
-    with bmi.open("xen:///system", integrity=False) as mgr:
+    with bmi.open("xen:///session", integrity=False) as mgr:
         mgr.shutdown_grace = 60.0           # a PV guest under TCG needs seconds to power off
         # libxl's own xenstore handle opens its watch pipe the first time libxl
         # waits on a watch (building and destroying a domain) and keeps it for

@@ -15,41 +15,9 @@ from bmi.drivers.xen import config as xcfg
 from bmi.drivers.xen.libxl import PERM_NONE, PERM_READ, PERM_RW
 from bmi.errors import ImageError, InvalidArgument, InvalidState, NoSuchDomain
 
-from .conftest import GUEST_UP
+from .conftest import GUEST_UP, MiB, domid, eventually, wait_console
 
 pytestmark = [pytest.mark.xen, pytest.mark.slow]
-MiB = 1 << 20
-BOOT_TIMEOUT = 180.0
-
-
-def wait_console(pd: bmi.PDController, text: str, since: int = 0, timeout: float = BOOT_TIMEOUT) -> int:
-    """Wait for `text` in the console after offset `since`; return the offset after it."""
-    deadline = time.monotonic() + timeout
-    seen = b""
-    offset = since
-    while time.monotonic() < deadline:
-        offset, data = pd.read_console(offset, timeout=2.0)
-        seen += data
-        if text.encode() in seen:
-            return offset
-    pytest.fail(f"PD {pd.get_pd_id()}: {text!r} not on the console within {timeout:g} s; console:\n"
-                f"{seen[-3000:].decode(errors='replace')}")
-
-
-def eventually(check, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            assert value, f"{what}: not within {timeout:g} s"
-            return value
-        time.sleep(0.5)
-
-
-def domid(pd: bmi.PDController) -> int:
-    return int(pd.get_runtime_param("/system/xen/domid"))
-
-
 def boot(mgr, bundle_bytes, **config) -> bmi.PDController:
     pd = mgr.allocate_pd(bmi.PDDescription(mem=128 * MiB, cpu=2, performance=100))
     pd.setup_pd(bmi.BytesImage(bundle_bytes))

@@ -44,8 +44,9 @@ def test_performance_cap():
 def test_domain_json_has_what_libxl_reads():
     doc = json.loads(config.domain_json(name="bmi-1-pd2", guest_type="pv", memory=64 << 20, max_memory=128 << 20,
                                         vcpus=1, max_vcpus=2, weight=512, cap=0, kernel="/proc/self/fd/7",
-                                        ramdisk="/proc/self/fd/8", cmdline="console=hvc0 quiet"))
-    assert doc["c_info"] == {"type": "pv", "name": "bmi-1-pd2"}
+                                        ramdisk="/proc/self/fd/8", cmdline="console=hvc0 quiet",
+                                        uuid="6f1c3a52-2b0e-4c47-9a57-0d7c1c2f9b11"))
+    assert doc["c_info"] == {"type": "pv", "name": "bmi-1-pd2", "uuid": "6f1c3a52-2b0e-4c47-9a57-0d7c1c2f9b11"}
     b = doc["b_info"]
     assert (b["max_memkb"], b["target_memkb"], b["max_vcpus"], b["avail_vcpus"]) == (131072, 65536, 2, [0])
     assert b["sched_params"] == {"weight": 512, "cap": 0}
@@ -57,6 +58,7 @@ def test_domain_json_without_ramdisk_and_bad_type():
     doc = json.loads(config.domain_json(name="n", guest_type="pvh", memory=1 << 26, max_memory=1 << 26, vcpus=2,
                                         max_vcpus=2, weight=256, cap=0, kernel="/k", ramdisk=None, cmdline="x"))
     assert "ramdisk" not in doc["b_info"] and doc["b_info"]["avail_vcpus"] == [0, 1]
+    assert "uuid" not in doc["c_info"]                     # libxl makes one up
     with pytest.raises(ValueError):
         config.domain_json(name="n", guest_type="hvm", memory=1, max_memory=1, vcpus=1, max_vcpus=1, weight=1,
                            cap=0, kernel="/k", ramdisk=None, cmdline="")
@@ -142,6 +144,6 @@ def test_open_xen_outside_dom0_is_driver_unavailable():
     if os.path.exists("/proc/xen/capabilities"):
         with open("/proc/xen/capabilities") as f:
             if "control_d" in f.read():
-                pytest.skip("this is a Xen dom0: xen:///system opens here (test_domains.py covers it)")
-    with pytest.raises(DriverUnavailable, match="xen:///system"):
-        bmi.open("xen:///system", integrity=False)
+                pytest.skip("this is a Xen dom0: xen:///session opens here (test_domains.py covers it)")
+    with pytest.raises(DriverUnavailable, match="open the Xen driver"):
+        bmi.open("xen:///session", integrity=False)
