@@ -185,6 +185,7 @@ class ChannelServer:
         with self._lock:
             self._ops.append(("remove", ch))
         self._registry.ended(ch.pd_id)
+        self._ended(ch.pd_id)
         self._wake()
 
     def _read(self, ch: _Channel) -> None:
@@ -214,21 +215,7 @@ class ChannelServer:
             if isinstance(msg, dict):
                 msg_id = msg.get("id")
             method, params = _check_request(msg)
-            if method == "accept":
-                self._accept(ch, msg_id, params)
-                return
-            fd = fds.pop(0) if fds and method == "setup_pd" else None
-            with ch.lock:
-                if len(ch.queue) + ch.running >= QUEUE_LIMIT:
-                    if fd is not None:
-                        os.close(fd)
-                    raise p.ProtocolError(p.BUSY, f"PD {ch.pd_id} has {QUEUE_LIMIT} requests in flight; "
-                                                  f"read the replies first")
-                ch.queue.append((msg_id, method, params, fd))
-                start = not ch.running
-                ch.running = True
-            if start:
-                self._pool.submit(self._work, ch)
+            self._enqueue(ch, msg_id, method, params, fds.pop(0) if fds and method == "setup_pd" else None)
         except p.ProtocolError as e:
             if e.code != p.BUSY:
                 ch.strikes += 1
@@ -239,6 +226,62 @@ class ChannelServer:
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def _enqueue(self, ch: _Channel, msg_id: Any, method: str, params: dict, fd: int | None) -> None:
+        """Queue a request for the workers (accept: wait for a connection); its fd is ours from here.
+
+        The reply is owed (_taken) before any worker can send it.
+        """
+        self._taken(ch.pd_id, msg_id, method, params)
+        try:
+            if method == "accept":
+                self._accept(ch, msg_id, params)
+                return
+            with ch.lock:
+                if len(ch.queue) + ch.running >= QUEUE_LIMIT:
+                    raise p.ProtocolError(p.BUSY, f"PD {ch.pd_id} has {QUEUE_LIMIT} requests in flight; "
+                                                  f"read the replies first")
+                ch.queue.append((msg_id, method, params, fd))
+                fd = None
+                start = not ch.running
+                ch.running = True
+        except p.ProtocolError:
+            self._answered(ch.pd_id, msg_id)        # answered right away, with that error
+            raise
+        finally:
+            if fd is not None:
+                os.close(fd)
+        if start:
+            self._pool.submit(self._work, ch)
+
+    def resume(self, pd_id: int, msg_id: Any, method: str, params: dict) -> None:
+        """Take a request again that a previous server read but never answered (bmid after a restart)."""
+        with self._lock:
+            ch = self._channels.get(pd_id)
+        if ch is None or ch.closed:
+            return
+        try:
+            self._enqueue(ch, msg_id, method, params, None)
+        except p.ProtocolError as e:
+            self._reply(ch, p.error_from(msg_id, e))
+        self._wake()
+
+    def interrupt(self, pd_id: int, msg_id: Any, error: BaseException) -> None:
+        """Answer a request a previous server read but never answered with `error`."""
+        with self._lock:
+            ch = self._channels.get(pd_id)
+        if ch is not None:
+            self._reply(ch, p.error_from(msg_id, error))
+
+    # -- hooks (bmid keeps a ledger of unanswered requests; here they do nothing) --------------
+    def _taken(self, pd_id: int, msg_id: Any, method: str, params: dict) -> None:
+        """A request was taken (queued, or an accept now waiting); its reply is owed."""
+
+    def _answered(self, pd_id: int, msg_id: Any) -> None:
+        """The reply to msg_id is about to be sent."""
+
+    def _ended(self, pd_id: int) -> None:
+        """pd_id's channel ended: no reply is owed any more."""
 
     def _accept(self, ch: _Channel, msg_id: Any, params: dict) -> None:
         timeout = params.get("timeout")
@@ -262,6 +305,7 @@ class ChannelServer:
                     break
                 conn, fd = got
                 del ch.accepts[msg_id]
+                self._answered(ch.pd_id, msg_id)
                 try:
                     self._reply(ch, p.result(msg_id, conn.describe()), (fd,))
                 finally:
@@ -269,6 +313,7 @@ class ChannelServer:
             for msg_id, deadline in list(ch.accepts.items()):
                 if deadline is not None and deadline <= now:
                     del ch.accepts[msg_id]
+                    self._answered(ch.pd_id, msg_id)
                     self._reply(ch, p.result(msg_id, None))
 
     # -- workers ----------------------------------------------------------------------------
@@ -293,6 +338,7 @@ class ChannelServer:
         finally:
             if fd is not None:
                 os.close(fd)
+        self._answered(ch.pd_id, msg_id)
         try:
             self._reply(ch, reply, (out_fd,) if out_fd is not None else ())
         finally:

@@ -30,6 +30,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from typing import Any, Iterable
 
 from ..api import PDController, PDManagement, _PD
@@ -44,6 +45,7 @@ from ..types import PDDescription, PDStatus
 from .board import BoardWriter
 from .connections import KeptConnections
 from .driver import Keeping, SystemDriver
+from .inflight import Ledger, Pending
 from .keeper import Keeper
 
 log = logging.getLogger("bmi.bmid")
@@ -154,16 +156,41 @@ def _timeout(value: Any) -> float:
 
 
 class KeptChannels(ChannelServer):
-    """The PD channel server whose layer ends are also held by the fd keeper."""
+    """The PD channel server whose layer ends are held by the fd keeper, and whose owed replies are in a ledger."""
 
-    def __init__(self, handler: Any, registry: Any, keeper: Keeper):
+    def __init__(self, handler: Any, registry: Any, keeper: Keeper, ledger: Ledger):
         super().__init__(handler, registry)
         self._keeper = keeper
+        self._ledger = ledger
 
     def attach(self, pd_id: int, layer: socket.socket, *, keep: bool = True) -> None:
         if keep:
             self._keeper.put(f"pd{pd_id}.channel", layer.fileno())
         super().attach(pd_id, layer)
+
+    def _taken(self, pd_id: int, msg_id: Any, method: str, params: dict) -> None:
+        timeout = params.get("timeout") if method == "accept" else None
+        self._ledger.add(pd_id, msg_id, method, params, timeout if isinstance(timeout, (int, float)) else None)
+
+    def _answered(self, pd_id: int, msg_id: Any) -> None:
+        self._ledger.remove(pd_id, msg_id)
+
+    def _ended(self, pd_id: int) -> None:
+        self._ledger.forget(pd_id)
+
+    def take_up(self, owed: list[Pending]) -> None:
+        """After a restart: run again what is safe to (reads, accept with what is left of its timeout),
+        answer the rest with an error saying it was cut off."""
+        for call in owed:
+            if call.method == "accept":
+                left = None if call.deadline is None else max(0.0, call.deadline - time.time())
+                self.resume(call.pd_id, call.msg_id, "accept", {"timeout": left})
+            elif call.method in READ_ONLY:
+                self.resume(call.pd_id, call.msg_id, call.method, call.params)
+            else:
+                self.interrupt(call.pd_id, call.msg_id, ResourceError(
+                    f"{call.method} by PD {call.pd_id} was cut off by a restart of bmid: what it had begun was "
+                    f"finished or rolled back; look before calling it again", pd_id=call.pd_id))
 
 
 def system_driver(uri: str, keeper: Keeper, on_exit: Any) -> Keeping:
@@ -213,8 +240,10 @@ class Daemon:
         self.board.set(0, PDStatus.RUNNING)
         self._dispatch = SystemDispatcher(lambda caller: self.mgr if caller == 0 else self.mgr.scoped(caller),
                                           self.board)
+        self.ledger = Ledger(state_dir)
         if self.driver.channels:
-            self.mgr._channel_server = KeptChannels(self._channel_call, self.mgr._registry, self.keeper)
+            self.mgr._channel_server = KeptChannels(self._channel_call, self.mgr._registry, self.keeper,
+                                                    self.ledger)
         self._cache: dict[int, dict[str, Any]] = {}
         self._subscribers: set[queue.SimpleQueue[Event]] = set()
         self._sub_lock = threading.Lock()
@@ -298,6 +327,7 @@ class Daemon:
                          and (fd := self.keeper.get(f"pd{pd_id}.channel")) is not None}
         # connections first: a channel that ends as soon as it is attached cuts them
         self.mgr._registry.restore(set(restored), set(kept_channels))
+        owed = [call for call in self.ledger.take_all() if call.pd_id in kept_channels]
         if kept_channels:
             channels = self.mgr._channels()
             for pd_id, fd in kept_channels.items():
@@ -322,6 +352,8 @@ class Daemon:
         with self.store.tx() as db:
             for op in pending:
                 Store.end(db, op.op_id)
+        if owed:
+            self.mgr._channels().take_up(owed)
 
     def _adopt(self, pd_id: int, record: dict[str, Any]) -> _PD:
         desc = PDDescription(**record["desc"])

@@ -69,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if service is not None:
         service.close()
     daemon.store.close()
+    daemon.ledger.close()
     daemon.board.close()
     os._exit(0)
 

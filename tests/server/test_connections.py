@@ -1,9 +1,8 @@
 """Connections between PDs, destroyed ids and the PDs' own channel calls across bmid restarts (SIGKILL and SIGTERM).
 
 The PDs are the C channel client (tests/images/chanpeer.c); each is killed
-or stopped while both PDs sleep (no channel call in flight: a request bmid
-had read when it died is lost with it), and the PDs' later calls wait in the
-kept channel until the new bmid answers them.
+or stopped while both PDs sleep (calls in flight: test_inflight.py), and the
+PDs' later calls wait in the kept channel until the new bmid answers them.
 """
 from __future__ import annotations
 
