@@ -8,7 +8,7 @@
  *          becomes root of its user namespace, and execs bmi-init (this file built
  *          with -DBMI_PD_INIT_MAIN, run from a sealed memfd): the tiny init that
  *          builds the root, forwards signals, reaps, and reports the exit
- *   pid 1  --clone--> pid 2 = the PD's program (after NO_NEW_PRIVS, landlock, seccomp)
+ *   pid 1  --clone--> pid 2 = the PD's program (seccomp from pid 1, then landlock, capabilities dropped)
  * CLONE_VM as in posix_spawn: no copy of the manager's page tables (ms for a
  * big Python process) and none of its memory in the PD.  Until its exec the
  * child shares the manager's memory, so it only makes raw syscalls on its own
@@ -525,8 +525,13 @@ static void build_root(struct cfg *c)
  * ambient set, so the exec below gives the program exactly `keep`. */
 static int drop_caps(unsigned long long keep)
 {
-    for (int cap = 0; cap < 64; cap++)
-        if (!(keep >> cap & 1) && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) && errno != EINVAL) return -1;
+    for (int cap = 0; cap < 64; cap++) {
+        if (keep >> cap & 1) continue;
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)) {
+            if (errno == EINVAL) break; /* past the last capability this kernel has */
+            return -1;
+        }
+    }
     if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)) return -1;
     struct __user_cap_header_struct head = {_LINUX_CAPABILITY_VERSION_3, 0};
     struct __user_cap_data_struct data[2];
@@ -560,8 +565,7 @@ static __attribute__((noreturn)) void run_program(struct cfg *c, int pipe_fd)
         fail(ef, BMI_SPAWN_ERESOURCE, "applying landlock", NULL);
     if (drop_caps(c->keep_caps)) fail(ef, BMI_SPAWN_ERESOURCE, "dropping capabilities", NULL);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) fail(ef, BMI_SPAWN_ERESOURCE, "PR_SET_NO_NEW_PRIVS", NULL);
-    if ((c->flags & BMI_SPAWN_SECCOMP) && apply_seccomp())
-        fail(ef, BMI_SPAWN_ERESOURCE, "installing the seccomp filter", NULL);
+    /* the seccomp filter is init's, inherited by this clone (one filter to compile, not two) */
     if (c->archive) {
         execve("/init", c->argv, c->envp);
         fail(ef, BMI_SPAWN_EIMAGE, "exec of /init", NULL);
@@ -602,6 +606,8 @@ static __attribute__((noreturn)) void pd_init(struct cfg *c)
     int sfd = signalfd(-1, &set, SFD_CLOEXEC);
     int ep[2];
     if (sfd < 0 || pipe2(ep, O_CLOEXEC)) fail(ef, BMI_SPAWN_ERESOURCE, "init set-up", NULL);
+    if ((c->flags & BMI_SPAWN_SECCOMP) && apply_seccomp())
+        fail(ef, BMI_SPAWN_ERESOURCE, "installing the seccomp filter", NULL);
     pid_t prog = (pid_t)syscall(SYS_clone, SIGCHLD, 0, NULL, NULL, 0);
     if (prog < 0) fail(ef, BMI_SPAWN_ERESOURCE, "forking the program", NULL);
     if (prog == 0) {
@@ -610,12 +616,6 @@ static __attribute__((noreturn)) void pd_init(struct cfg *c)
         run_program(c, ep[1]);
     }
     close(ep[1]);
-    if ((c->flags & BMI_SPAWN_SECCOMP) && apply_seccomp()) {
-        int e = errno;
-        kill(prog, SIGKILL);
-        errno = e;
-        fail(ef, BMI_SPAWN_ERESOURCE, "installing init's seccomp filter", NULL);
-    }
     struct rec r;
     do n = read(ep[0], &r, sizeof r); while (n < 0 && errno == EINTR);
     if (n == (ssize_t)sizeof r) { /* the program never ran: pass the reason on, report no exit status */
