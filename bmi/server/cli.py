@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from .. import FileImage, PDDescription, PDStatus
-from ..errors import InvalidArgument, NoSuchDomain
+from ..errors import InvalidArgument, NoSuchDomain, NotSupported
 from ..uri import open as bmi_open
 
 NAME_PARAM = "/name"
@@ -168,6 +168,24 @@ def cmd_console(args: argparse.Namespace) -> int:
             return 130
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    """Print status events as they happen (like `virsh event --loop`); bmid only."""
+    with bmi_open(args.uri) as mgr:
+        if not hasattr(mgr, "events"):
+            raise NotSupported(f"events: {mgr.uri} has no event stream; status events come from bmid "
+                               f"(--uri linux:///system or xen:///system)")
+        try:
+            with mgr.events(since=args.since, timeout=args.timeout) as stream:
+                for event in stream:
+                    row = {"seq": event.seq, "time": event.time, "pd": event.pd_id, "status": event.status.name,
+                           "reason": event.reason}
+                    _out(args, row, f"{event.seq:>6}  PD {event.pd_id:<5} {event.status.name:<10} {event.reason}")
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            return 130
+    return 0
+
+
 #: `--help` examples; these commands talk to bmid (BMI_URI=linux:///system or --uri).
 EXAMPLES = {
     "list": "examples:\n  BMI_URI=linux:///system bmi list --json\n  bmi --uri xen:///system list",
@@ -180,6 +198,8 @@ EXAMPLES = {
     "attest": "example:\n  bmi --uri linux:///system attest web --nonce 00ff --out report.json\n"
               "  bmi verify report.json --nonce 00ff --expect-image /bin/busybox",
     "console": "example:\n  bmi --uri linux:///system console web -f",
+    "events": "examples:\n  bmi --uri linux:///system events --json          # until Ctrl-C\n"
+              "  bmi --uri linux:///system events --since 0 --timeout 1   # the stored log, then stop",
 }
 
 
@@ -225,3 +245,6 @@ def register(sub: Any) -> None:
     attest.add_argument("--out", help="also write the report to this file")
     console = add("console", "the PD's console output", cmd_console)
     console.add_argument("-f", "--follow", action="store_true", help="keep printing until the PD ends")
+    events = add("events", "status events of every PD as they happen (bmid)", cmd_events, pd=False)
+    events.add_argument("--since", type=int, metavar="SEQ", help="first replay the stored events after SEQ")
+    events.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds without an event")

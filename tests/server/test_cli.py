@@ -65,3 +65,17 @@ def test_allow_and_connections_by_name(daemon):
     assert json.loads(_bmi(daemon, "connections", "db", "--json").stdout) == []
     missing = _bmi(daemon, "allow", "web", "nosuch", "--type", "ipc")
     assert missing.returncode == 2 and "'nosuch': no PD has that name" in missing.stderr
+
+
+def test_events_replay_and_follow(daemon):
+    made = json.loads(_bmi(daemon, "create", "--json", "--image", busybox_path(), "--name", "ev").stdout)
+    assert _bmi(daemon, "destroy", "ev").returncode == 0
+    done = _bmi(daemon, "events", "--json", "--since", "0", "--timeout", "0.5")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["pd"], r["status"]) for r in rows] == [(made["pd"], "ALLOCATED"), (made["pd"], "READY"),
+                                                       (made["pd"], "DESTROYED")]
+    assert [r["seq"] for r in rows] == sorted(r["seq"] for r in rows)
+    session = subprocess.run([sys.executable, "-m", "bmi.cli", "--uri", "linux:///session", "events"],
+                             capture_output=True, text=True, timeout=60)
+    assert session.returncode == 2 and "no event stream" in session.stderr
