@@ -7,6 +7,7 @@ exceptions whose messages say what was asked, of which PD, and why.
 """
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
@@ -810,16 +811,22 @@ class CallerScope:
         pd = self._mgr._pd(source, what)
         if tid == source or tid == MANAGER_PD:
             raise InvalidArgument(f"{what}: a PD connects to another PD, not to itself or the manager", pd_id=source)
-        with pd.lock:
-            allowed = _allowed(pd.policies.get(tid, []), con_type, mode)
-        if not allowed:
-            raise PermissionDenied(f"{what}: no policy of PD {source} allows {con_type.name} mode {mode} "
-                                   f"towards PD {tid}", pd_id=source)
-        if not self._mgr._channels().has_channel(tid):
-            raise InvalidState(f"{what}: PD {tid} is not running (no channel to accept on)", pd_id=tid)
-        if con_type is ConnectionType.SHM and isinstance(size, int) and size > pd.desc.mem:
-            raise ResourceError(f"{what}: SHM of {size} bytes is more than PD {source}'s memory", pd_id=source)
-        conn, fd = self._mgr._registry.make(source, tid, con_type, mode, size)
+        with self._mgr._lock:
+            dest = self._mgr._pds.get(tid)
+        # Both PDs' locks (lower id first) while checking and making: a policy withdrawn with
+        # disable_existing, or the destination destroyed, cannot slip in between and leave a
+        # connection that outlives the cut.
+        with contextlib.ExitStack() as held:
+            for x in sorted((x for x in (pd, dest) if x is not None), key=lambda x: x.pd_id):
+                held.enter_context(x.lock)
+            if not _allowed(pd.policies.get(tid, []), con_type, mode):
+                raise PermissionDenied(f"{what}: no policy of PD {source} allows {con_type.name} mode {mode} "
+                                       f"towards PD {tid}", pd_id=source)
+            if dest is None or dest.status is PDStatus.DESTROYED or not self._mgr._channels().has_channel(tid):
+                raise InvalidState(f"{what}: PD {tid} is not running (no channel to accept on)", pd_id=tid)
+            if con_type is ConnectionType.SHM and isinstance(size, int) and size > pd.desc.mem:
+                raise ResourceError(f"{what}: SHM of {size} bytes is more than PD {source}'s memory", pd_id=source)
+            conn, fd = self._mgr._registry.make(source, tid, con_type, mode, size)
         return conn.describe(), fd
 
 

@@ -153,3 +153,25 @@ def test_interfaces_connections_is_read_only(mgr):
         pd.set_runtime_param("/interfaces/connections", "1 to 2 IPC RW")
     assert pd.get_runtime_param("/capability/connections/shm-revocable").startswith("no")
     lines(pd)
+
+
+@pytest.mark.parametrize("cut", ["destroy", "withdraw"])
+def test_no_connection_outlives_a_cut_that_races_with_connect(mgr, cut):
+    """connect checks the policy and the destination under the same locks that destroy and
+    set_allowed_connections(disable_existing=True) cut under: nothing made in between survives."""
+    for _ in range(5):
+        dest = run_pd(mgr, "chanpeer", [*(["accept", "60000"] * 300), "sleep", "60000"])
+        src = run_pd(mgr, "chanpeer", [*(["connect", str(dest.get_pd_id()), "IPC", "3", "0"] * 200),
+                                       "print", "done", "sleep", "60000"], start=False)
+        src.set_allowed_connections(dest.get_pd_id(), [ConnectionPolicy(CT.IPC, bmi.RW)])
+        src.request_status_change(bmi.PDStatus.RUNNING)
+        wait_console(src, "connect: ok")            # connecting in a loop now
+        if cut == "destroy":
+            dest.destroy()
+        else:
+            src.set_allowed_connections(dest.get_pd_id(), [], disable_existing=True)
+        wait_console(src, "print: done", timeout=60)
+        assert src.get_runtime_param("/interfaces/connections") == ""
+        src.destroy()
+        if cut == "withdraw":
+            dest.destroy()
