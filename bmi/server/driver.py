@@ -204,12 +204,12 @@ class SystemDriver(LinuxDriver, Keeping):
     # -- adoption ---------------------------------------------------------------------------
     def adopt(self, pd_id: int, desc: PDDescription, record: dict[str, Any]) -> Adopted:
         """The cgroups by name, the image from the keeper, the init only if pid, start time and cgroup match."""
-        groups = reopen_cgroups(record["cgroup"], pd_id)
-        if groups is None:
-            groups = cgroups.PDCgroups.create(record["cgroup"], pd_id=pd_id)
-            groups.set_memory_max(desc.mem)
-        pd = LinuxPD(pd_id, desc, groups, pids_max=record.get("pids_max", DEFAULT_PIDS_MAX),
-                     archive=record.get("archive", False))
+        groups, remade = cgroups.PDCgroups.reopen(record["cgroup"], pd_id=pd_id)
+        pids_max = record.get("pids_max", DEFAULT_PIDS_MAX)
+        if remade:      # (some) lost while bmid was away: a PD gets its limits back before anything runs
+            self._limit(groups, desc.mem - record.get("lent", 0), record["cpus_max"], record["performance"],
+                        record["priority"], pids_max)
+        pd = LinuxPD(pd_id, desc, groups, pids_max=pids_max, archive=record.get("archive", False))
         measurement = stored_measurement(record)
         if measurement:
             pd.image_fd = kept_image(self._keeper, pd_id, measurement)

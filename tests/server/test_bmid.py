@@ -292,3 +292,27 @@ def _processes_mentioning(text: str) -> set[int]:
         except OSError:
             continue
     return found
+
+
+def test_a_pd_whose_cgroups_were_half_removed_is_adopted_with_its_limits(daemon):
+    """A SIGKILL halfway through a destroy (or a create) leaves a PD's group in only some hierarchies."""
+    with daemon.open() as mgr:
+        pd = mgr.allocate_pd(bmi.PDDescription(mem=24 << 20))
+        pd.setup_pd(bmi.FileImage(busybox_path()))
+        pd.set_priority(3)
+    daemon.kill()
+    name = _records(daemon)[pd.get_pd_id()]["cgroup"]
+    trees = [t for t in cgroups._layout() if os.path.isdir(os.path.join(t.own, name))]
+    memory = next(t for t in trees if "memory" in t.controllers)
+    os.rmdir(os.path.join(memory.own, name))
+    daemon.start()
+    with daemon.open() as mgr:
+        pd = mgr.get_controller(pd.get_pd_id())
+        assert pd.get_current_status() is bmi.PDStatus.READY
+        assert all(os.path.isdir(os.path.join(t.own, name)) for t in trees)
+        limit = "memory.limit_in_bytes" if memory.version == 1 else "memory.max"
+        with open(os.path.join(memory.own, name, limit)) as f:
+            assert int(f.read()) == 24 << 20         # the limit is back, not the remade group's default
+        pd.set_config_param("/boot/cmdline", "busybox true")
+        pd.request_status_change(bmi.PDStatus.RUNNING)
+        assert pd.wait(20) is bmi.PDStatus.SHUTDOWN

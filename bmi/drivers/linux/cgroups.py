@@ -215,6 +215,16 @@ class PDCgroups:
     def create(cls, name: str, *, pd_id: int | None = None) -> "PDCgroups":
         """Make the PD's group in every hierarchy; on failure remove what
         was made and raise ResourceError."""
+        return cls._open(name, pd_id, reuse=False)[0]
+
+    @classmethod
+    def reopen(cls, name: str, *, pd_id: int | None = None) -> tuple["PDCgroups", bool]:
+        """The PD's existing groups, making those missing (a crash halfway through a create or a
+        destroy leaves some); True when any had to be made, so the caller sets the limits again."""
+        return cls._open(name, pd_id, reuse=True)
+
+    @classmethod
+    def _open(cls, name: str, pd_id: int | None, reuse: bool) -> tuple["PDCgroups", bool]:
         label = _label(name, pd_id)
         if not isinstance(name, str) or not _NAME.match(name):
             raise InvalidArgument(f"create cgroups for {label}: bad group name {name!r}: "
@@ -224,19 +234,25 @@ class PDCgroups:
             raise DriverUnavailable(f"create cgroups for {label}: no cgroup filesystem is mounted",
                                     pd_id=pd_id)
         has_v1 = any(t.version == 1 for t in trees)
+        groups: list[_Group] = []
         made: list[_Group] = []
         try:
             for tree in trees:
+                path = os.path.join(tree.own, name)
+                if reuse and os.path.isdir(path):
+                    groups.append(_Group(tree.version, path, tree.controllers))
+                    continue
                 # on hybrid hosts a v2 tree without controllers is only a bonus
                 optional = tree.version == 2 and has_v1 and not tree.controllers
                 group = _make(tree, name, label, pd_id, optional)
                 if group:
+                    groups.append(group)
                     made.append(group)
         except BaseException:
             for group in reversed(made):
                 _remove_tree(group.path)
             raise
-        return cls(name, pd_id, made)
+        return cls(name, pd_id, groups), bool(made)
 
     # --- helpers ----------------------------------------------------------
 

@@ -123,15 +123,20 @@ class LinuxDriver(Driver):
     def allocate(self, pd_id: int, desc: PDDescription) -> LinuxPD:
         groups = cgroups.PDCgroups.create(self.cgroup_name(pd_id), pd_id=pd_id)
         try:
-            groups.set_memory_max(desc.mem)
-            ncpus = groups.set_cpus(desc.cpu)
-            groups.set_cpu_share(desc.performance, ncpus)
-            groups.set_weight(0)
-            groups.set_pids_max(DEFAULT_PIDS_MAX)
+            self._limit(groups, desc.mem, desc.cpu, desc.performance, 0, DEFAULT_PIDS_MAX)
         except BaseException:
             groups.destroy()
             raise
         return LinuxPD(pd_id, desc, groups)
+
+    @staticmethod
+    def _limit(groups: cgroups.PDCgroups, mem: int, cpus: int, performance: int, priority: int,
+               pids_max: int | None) -> None:
+        """Every limit a PD's groups carry."""
+        groups.set_memory_max(mem)
+        groups.set_cpu_share(performance, groups.set_cpus(cpus))
+        groups.set_weight(priority)
+        groups.set_pids_max(pids_max)
 
     def check_config(self, pd: LinuxPD, name: str, value: str) -> None:
         if name == "/boot/cmdline":
