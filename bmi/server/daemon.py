@@ -369,7 +369,7 @@ class Daemon:
             status = previous.status
         if record.get("measurement") and not found.kept and status in (PDStatus.READY, PDStatus.SUSPENDED):
             previous = ExitInfo(PDStatus.CRASHED, None, "its kept image or saved state was lost (the fd keeper "
-                                "ended); setup_pd again")
+                                "ended) or no longer had its measurement; setup_pd again")
             status = PDStatus.CRASHED
         handle = found.handle
         policies = {int(t): [p.policy_from_wire(x) for x in ps] for t, ps in record.get("policies", {}).items()}

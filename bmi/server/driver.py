@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -25,12 +26,12 @@ from ..drivers.base import ExitInfo, Progress
 from ..drivers.linux import cgroups, spawn
 from ..drivers.linux.driver import DEFAULT_PIDS_MAX, LinuxDriver, LinuxPD, Run
 from ..drivers.linux.monitor import Monitor
-from ..errors import ResourceError
 from ..image import PDImage
 from ..types import PDDescription, PDStatus
 from .keeper import Keeper
 
 HASH_CHUNK = 1 << 20
+log = logging.getLogger("bmi.bmid")
 
 
 def image_key(pd_id: int, measurement: Mapping[str, bytes]) -> str:
@@ -40,7 +41,8 @@ def image_key(pd_id: int, measurement: Mapping[str, bytes]) -> str:
 
 
 def kept_image(keeper: Keeper, pd_id: int, measurement: Mapping[str, bytes]) -> int | None:
-    """The kept memfd whose content has exactly the stored measurement; other kept images are dropped."""
+    """The kept memfd whose content has exactly the stored measurement, else None (the PD is adopted
+    without an image: it has to be set up again); other kept images are dropped."""
     key = image_key(pd_id, measurement)
     fd = keeper.get(key)
     for stale in [k for k in keeper.keys() if k.startswith(f"pd{pd_id}.image.") and k != key]:
@@ -54,8 +56,10 @@ def kept_image(keeper: Keeper, pd_id: int, measurement: Mapping[str, bytes]) -> 
         digest.update(chunk)
         offset += len(chunk)
     if digest.digest() != measurement[bank]:
+        log.warning("adopt PD %d: the kept image no longer has its measurement; dropping it", pd_id)
         os.close(fd)
-        raise ResourceError(f"adopt PD {pd_id}: the kept image no longer has its measurement", pd_id=pd_id)
+        keeper.drop(key)
+        return None
     return fd
 
 

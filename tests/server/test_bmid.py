@@ -15,6 +15,7 @@ import pytest
 
 import bmi
 from bmi.drivers.linux import cgroups
+from bmi.server.keeper import Keeper
 from tests.helpers import busybox_path
 from tests.server.bmid import Bmid, require_root
 
@@ -316,3 +317,32 @@ def test_a_pd_whose_cgroups_were_half_removed_is_adopted_with_its_limits(daemon)
         pd.set_config_param("/boot/cmdline", "busybox true")
         pd.request_status_change(bmi.PDStatus.RUNNING)
         assert pd.wait(20) is bmi.PDStatus.SHUTDOWN
+
+
+def test_a_kept_image_that_lost_its_measurement_is_dropped_not_fatal(daemon):
+    """Whatever the keeper hands back is hashed again: a mismatch costs that PD its image, not bmid its start."""
+    with daemon.open() as mgr:
+        pd = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
+        pd.setup_pd(bmi.FileImage(busybox_path()))
+        other = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
+        other.setup_pd(bmi.FileImage(busybox_path()))
+    daemon.kill()
+    keeper = Keeper(os.path.join(daemon.state_dir, "keeper.sock"))
+    try:
+        key = next(k for k in keeper.keys() if k.startswith(f"pd{pd.get_pd_id()}.image."))
+        fake = os.memfd_create("not-the-image")
+        try:
+            os.write(fake, b"something else")
+            keeper.put(key, fake)
+        finally:
+            os.close(fake)
+    finally:
+        keeper.close()
+    daemon.start()
+    with daemon.open() as mgr:
+        pd = mgr.get_controller(pd.get_pd_id())
+        assert pd.get_current_status() is bmi.PDStatus.CRASHED
+        assert "no longer had its measurement" in pd.get_runtime_param("/system/exit-reason")
+        assert mgr.get_controller(other.get_pd_id()).get_current_status() is bmi.PDStatus.READY
+        pd.setup_pd(bmi.FileImage(busybox_path()))
+        assert pd.get_current_status() is bmi.PDStatus.READY
