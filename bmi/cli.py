@@ -278,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         integrity_cli.register(sub)
     from .server import cli as pd_cli
     pd_cli.register(sub)
+    for command in sub.choices.values():     # `bmi list --uri X` as well as `bmi --uri X list`
+        command.add_argument("--uri", default=argparse.SUPPRESS, help="connection URI (as before the command)")
     return parser
 
 

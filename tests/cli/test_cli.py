@@ -100,3 +100,13 @@ def test_run_attest_then_verify(tmp_path):
     assert done.returncode == 0, done.stderr + done.stdout
     done = run("verify", str(report), "--nonce", "00fe", "--expect-image", busybox_path(), env=env)
     assert done.returncode != 0 and "nonce" in (done.stderr + done.stdout).lower()
+
+
+def test_uri_goes_before_or_after_the_command():
+    env = dict(os.environ, BMI_URI="linux:///nowhere")
+    after = run("info", "--json", "--uri", "linux:///session", env=env)
+    assert after.returncode == 0 and json.loads(after.stdout)["driver"] == "linux", after.stderr
+    before = run("--uri", "linux:///session", "info", "--json", env=env)
+    assert before.returncode == 0 and json.loads(before.stdout)["driver"] == "linux", before.stderr
+    bad = run("info", env=env)
+    assert bad.returncode == 2 and "unknown URI 'linux:///nowhere'" in bad.stderr
