@@ -76,7 +76,7 @@ int main(int argc, char **argv)
     /* XS_READ carries "PATH\0"; XS_WRITE carries "PATH\0VALUE" (no final NUL) */
     len = (size_t)snprintf(payload, sizeof payload, "%s%c%s", argv[2], '\0', is_write ? argv[3] : "");
     if (len >= sizeof payload)
-        return fail(argv[2], "path and value longer than a xenstore message");
+        return fail("xsclient", "path and value longer than one xenstore message (4096 bytes)");
     len = is_write ? len : strlen(argv[2]) + 1;
     int fd = open_xenbus();
     if (fd < 0)
