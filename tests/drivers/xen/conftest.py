@@ -1,21 +1,29 @@
 """Fixtures for tests on real Xen domains (run in dom0 by `make test-xen`, rig/rig.py xen).
 
 The guest is the host's Debian kernel (BMI_XEN_GUEST_KERNEL, else the
-newest /boot/vmlinuz-*) with a tiny busybox initramfs built here
-(BMI_XEN_GUEST_RAMDISK overrides it): it prints BMI-GUEST-UP, onlines
-hot-added vCPUs every second, and powers off when Xen asks it to.
+newest /boot/vmlinuz-*) with the rig's busybox initramfs (rig/init/pvguest.sh;
+BMI_XEN_GUEST_RAMDISK, the one rig.py built, overrides it): it prints
+BMI-GUEST-UP, onlines hot-added vCPUs, and powers off when Xen asks it to.
 """
 from __future__ import annotations
 
 import glob
 import io
 import os
+import pathlib
+import sys
 import time
+from typing import Mapping
 
 import pytest
 
 import bmi
 from bmi.drivers.linux.formats import CpioWriter
+
+RIG = str(pathlib.Path(__file__).resolve().parents[3] / "rig")
+sys.path.insert(0, RIG)
+
+import initramfs  # noqa: E402
 
 GUEST_UP = "BMI-GUEST-UP"
 MiB = 1 << 20
@@ -50,25 +58,6 @@ def domid(pd: bmi.PDController) -> int:
     return int(pd.get_runtime_param("/system/xen/domid"))
 
 
-GUEST_INIT = f"""#!/bin/busybox sh
-/bin/busybox mount -t devtmpfs dev /dev
-exec </dev/console >/dev/console 2>&1
-/bin/busybox --install -s 2>/dev/null
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-echo {GUEST_UP} pd=$(cat /proc/cmdline)
-while :; do
-  for c in /sys/devices/system/cpu/cpu[1-9]*/online; do
-    [ -f "$c" ] && [ "$(cat "$c")" = 0 ] && echo 1 > "$c" && echo "BMI-CPU-ONLINE $c"
-  done
-  sleep 1
-done
-"""
-# The kernel runs /sbin/poweroff when the toolstack asks for a shutdown; PID 1
-# is a plain shell that ignores busybox's signal, so power off directly.
-POWEROFF = "#!/bin/busybox sh\nexec /bin/busybox poweroff -f\n"
-
-
 def dom0_reason() -> str | None:
     """Why these tests cannot run here, or None in a Xen dom0 with the shim built."""
     try:
@@ -88,32 +77,35 @@ def guest_kernel() -> str:
     return path
 
 
-def guest_ramdisk() -> bytes:
+def guest_ramdisk(extra: Mapping[str, bytes] | None = None) -> bytes:
+    """The guest initramfs: $BMI_XEN_GUEST_RAMDISK, else rig/init/pvguest.sh as /init
+    with busybox.  `extra` (path -> executable) goes in as a second archive
+    appended to the first, which the kernel unpacks over it."""
     path = os.environ.get("BMI_XEN_GUEST_RAMDISK")
+    out = io.BytesIO()
     if path:
         with open(path, "rb") as f:
-            return f.read()
-    if not os.path.isfile("/bin/busybox"):
-        pytest.skip("no /bin/busybox for the guest initramfs: install busybox-static")
-    out = io.BytesIO()
-    w = CpioWriter(out)
-    for d in ("bin", "sbin", "dev", "proc", "sys", "usr", "usr/bin", "usr/sbin"):
-        w.directory(d)
-    with open("/bin/busybox", "rb") as f:
-        w.file("bin/busybox", f.read(), 0o755)
-    w.file("init", GUEST_INIT.encode(), 0o755)
-    w.file("sbin/poweroff", POWEROFF.encode(), 0o755)
-    w.close()
+            out.write(f.read())
+    else:
+        try:
+            initramfs.build(out, init=os.path.join(RIG, "init", "pvguest.sh"), env={"BMI_GUEST_MARKER": GUEST_UP})
+        except initramfs.RigError as e:
+            pytest.skip(f"no guest initramfs: {e}")
+    if extra:
+        w = CpioWriter(out)
+        for name, data in extra.items():
+            w.file(name, data, 0o755)
+        w.close()
     return out.getvalue()
 
 
-def guest_bundle(cmdline: str = "console=hvc0 quiet") -> bytes:
-    """A Xen bundle image: kernel, ramdisk, cmdline."""
+def guest_bundle(cmdline: str = "console=hvc0 quiet", extra: Mapping[str, bytes] | None = None) -> bytes:
+    """A Xen bundle image: kernel, ramdisk (with `extra` files), cmdline."""
     out = io.BytesIO()
     w = CpioWriter(out)
     with open(guest_kernel(), "rb") as f:
         w.file("kernel", f.read())
-    w.file("ramdisk", guest_ramdisk())
+    w.file("ramdisk", guest_ramdisk(extra))
     w.file("cmdline", cmdline.encode())
     w.close()
     return out.getvalue()

@@ -7,13 +7,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 
 import pytest
 
 import bmi
-from bmi.drivers.linux.formats import CpioWriter
+from bmi.drivers.linux.formats import CpioWriter, iter_cpio
 from bmi.drivers.xen import config, image
 from bmi.errors import DriverUnavailable, ImageError
+from tests import images
 
 BZIMAGE_HEAD = b"\0" * 0x202 + b"HdrS" + b"\0" * 16
 
@@ -147,3 +149,33 @@ def test_open_xen_outside_dom0_is_driver_unavailable():
                 pytest.skip("this is a Xen dom0: xen:///session opens here (test_domains.py covers it)")
     with pytest.raises(DriverUnavailable, match="open the Xen driver"):
         bmi.open("xen:///session", integrity=False)
+
+
+def test_guest_ramdisk_is_the_rig_init_with_extra_files_appended(monkeypatch):
+    """The kernel unpacks a second archive after the first: the guest gets pvguest.sh and the extras."""
+    from .conftest import RIG, guest_ramdisk
+    monkeypatch.delenv("BMI_XEN_GUEST_RAMDISK", raising=False)
+    base = guest_ramdisk()
+    with open(os.path.join(RIG, "init", "pvguest.sh"), "rb") as f:
+        init = f.read()
+    entries = {e.name: e for e in iter_cpio(base, what="guest ramdisk")}
+    start = entries["init"].data_offset
+    assert base[start:start + entries["init"].size] == init
+    both = guest_ramdisk({"bin/xsclient": b"\x7fELF client"})
+    assert both.startswith(base) and len(base) % 4 == 0
+    [extra] = iter_cpio(both[len(base):], what="appended archive")
+    assert (extra.name, extra.mode & 0o777) == ("bin/xsclient", 0o755)
+    assert both[len(base) + extra.data_offset:][:extra.size] == b"\x7fELF client"
+
+
+def test_xsclient_says_why_it_cannot_run():
+    """The guest's xenstore client fails with a message, never silently or by hanging."""
+    client = str(images.build("xsclient"))
+    usage = subprocess.run([client, "delete", "x"], capture_output=True, text=True, timeout=10)
+    assert usage.returncode == 1 and "xsclient read PATH" in usage.stderr
+    too_long = subprocess.run([client, "write", "a" * 5000, "v"], capture_output=True, text=True, timeout=10)
+    assert too_long.returncode == 1 and "longer than one xenstore message" in too_long.stderr
+    if any(os.path.exists(p) for p in ("/dev/xen/xenbus", "/proc/xen/xenbus")):
+        return                                   # in a Xen domain the read below would be answered
+    absent = subprocess.run([client, "read", "bmi/pd-id"], capture_output=True, text=True, timeout=10)
+    assert absent.returncode == 1 and "no xenbus device" in absent.stderr and "ENOENT" in absent.stderr
