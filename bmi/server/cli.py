@@ -103,6 +103,16 @@ def cmd_status_change(args: argparse.Namespace) -> int:
     return 0
 
 
+def _get_or_set(args: argparse.Namespace, pd: Any, kind: str, name: str, get: Any, put: Any) -> None:
+    """`set` (when asked) then `get` one parameter, printed alike for runtime and config parameters."""
+    if args.action == "set":
+        if args.value is None:
+            raise InvalidArgument(f"{kind} set {name}: give a value")
+        put(name, args.value)
+    value = get(name)
+    _out(args, {"pd": pd.get_pd_id(), "name": name, "value": value}, value)
+
+
 def cmd_param(args: argparse.Namespace) -> int:
     with bmi_open(args.uri) as mgr:
         pd = resolve(mgr, args.pd)
@@ -114,24 +124,14 @@ def cmd_param(args: argparse.Namespace) -> int:
             return 0
         if args.path is None:
             raise InvalidArgument(f"param {args.action}: give a parameter path")
-        if args.action == "set":
-            if args.value is None:
-                raise InvalidArgument(f"param set {args.path}: give a value")
-            pd.set_runtime_param(args.path, args.value)
-        value = pd.get_runtime_param(args.path)
-    _out(args, {"pd": pd.get_pd_id(), "name": args.path, "value": value}, value)
+        _get_or_set(args, pd, "param", args.path, pd.get_runtime_param, pd.set_runtime_param)
     return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
     with bmi_open(args.uri) as mgr:
         pd = resolve(mgr, args.pd)
-        if args.action == "set":
-            if args.value is None:
-                raise InvalidArgument(f"config set {args.name}: give a value")
-            pd.set_config_param(args.name, args.value)
-        value = pd.get_config_param(args.name)
-    _out(args, {"pd": pd.get_pd_id(), "name": args.name, "value": value}, value)
+        _get_or_set(args, pd, "config", args.name, pd.get_config_param, pd.set_config_param)
     return 0
 
 
