@@ -580,9 +580,20 @@ class PDController:
             raise InvalidArgument(f"set_config_param {path!r} of PD {self._id}: value must be a str without NUL",
                                   pd_id=self._id)
         pd = self._owned("set_config_param")
+        self._check_boot_param(path)
         with pd.lock:
             self._driver.check_config(pd.handle, path, value)
             pd.config[path] = value
+
+    def _check_boot_param(self, path: str) -> None:
+        """/boot/ is what the driver reads to start the PD: a typo there (/boot/cmdlin) would be ignored silently."""
+        if path != "/boot" and not path.startswith("/boot/"):
+            return
+        known = self._driver.boot_params
+        if not any(path == k or (k.endswith("/") and path.startswith(k) and path != k) for k in known):
+            names = ", ".join(k + "NAME" if k.endswith("/") else k for k in known)
+            raise InvalidArgument(f"set_config_param {path!r} of PD {self._id}: not a boot parameter of the "
+                                  f"{self._driver.name} driver; known: {names}", pd_id=self._id)
 
     def get_config_param(self, name: str) -> str:
         path = normalize(name, what="get_config_param", pd_id=self._id)
@@ -596,7 +607,7 @@ class PDController:
         except KeyError:
             raise InvalidArgument(f"get_config_param {path!r} of PD {self._id}: not set", pd_id=self._id) from None
 
-    def set_runtime_param(self, name: str, value: str) -> None:
+    def set_runtime_param(self, name: str, value: str | int) -> None:
         if self._id != MANAGER_PD:
             self._owned("set_runtime_param")
         self._tree().set(name, value)

@@ -6,15 +6,17 @@ the PD's: its exit status, 128+N when killed by signal N (137 for oom).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import signal
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
+from urllib.parse import urlsplit
 
-from . import FileImage, PDDescription, PDStatus, errors
-from .uri import open as bmi_open
+from . import FileImage, PDDescription, PDStatus, __version__, errors, params
+from .uri import is_session, open as bmi_open, resolve as resolve_uri
 
 PROGRESS_THRESHOLD = 64 * 1024 * 1024
 EPILOG_RUN = """\
@@ -27,16 +29,104 @@ examples:
 """
 
 
+class UsageError(errors.InvalidArgument):
+    """The command line itself is wrong: exit status 2, like argparse's own errors."""
+
+    usage = ""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors take main()'s one error path (status 2; one JSON object with --json)."""
+
+    def error(self, message: str) -> NoReturn:
+        error = UsageError(f"{self.prog}: {message}")
+        error.usage = self.format_usage()
+        raise error
+
+
 def parse_size(text: str) -> int:
-    """'64M' -> 67108864; plain numbers are bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    """'64M' -> 67108864; plain numbers are bytes (the parameters' own parser)."""
     try:
-        if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(text)
+        return params.parse_size(text, what="size")
+    except errors.InvalidArgument as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("size: ")) from None
+
+
+def parse_hex(text: str) -> str:
+    """A hex string (a nonce), checked while parsing so no image is measured for a typo."""
+    try:
+        bytes.fromhex(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 64M or 1G") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not hex") from None
+    return text
+
+
+def parse_env(text: str) -> str:
+    """NAME=VALUE, as `env` takes it; a bare NAME is a mistake, not an empty variable."""
+    name, sep, _ = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return text
+
+
+def add_pd_options(parser: argparse.ArgumentParser) -> None:
+    """The options `run` and `create` share: resources, priority, environment, capabilities, banks."""
+    parser.add_argument("--mem", type=parse_size, default=64 << 20, help="hard memory limit (default 64M)")
+    parser.add_argument("--cpus", type=int, default=1, help="number of CPUs (clamped to the host; default 1)")
+    parser.add_argument("--performance", type=int, default=100, help="share of those CPUs in percent (1-100)")
+    parser.add_argument("--priority", type=int, default=0, help="-10..+10 (nice and CPU weight; default 0)")
+    parser.add_argument("--env", action="append", default=[], type=parse_env, metavar="NAME=VALUE",
+                        help="environment (repeatable)")
+    parser.add_argument("--caps", metavar="LIST", help="capabilities the program keeps in its own namespaces, "
+                        "e.g. net_raw,net_bind_service or all (default: none, like bwrap)")
+    parser.add_argument("--banks", default="sha256", help="digest banks, e.g. sha256,sha384 (default sha256)")
+
+
+def prepare_pd(mgr: Any, args: argparse.Namespace, argv: Sequence[str] | None,
+               config: Mapping[str, str] | None = None) -> Any:
+    """Allocate a PD and give it the options of add_pd_options, all checked before the image is measured
+    (a bad --priority must not wait for a 1 GiB hash); then measure the image into it.
+
+    On any failure the PD is destroyed: nothing half-built is left behind."""
+    pd = mgr.allocate_pd(PDDescription(mem=args.mem, cpu=args.cpus, performance=args.performance))
+    try:
+        pd.set_priority(args.priority)
+        for key, value in (config or {}).items():
+            pd.set_config_param(key, value)
+        if argv:
+            pd.set_config_param("/boot/cmdline", shlex.join(argv))
+        for item in args.env:
+            name, _, value = item.partition("=")
+            pd.set_config_param(f"/boot/env/{name}", value)
+        if args.caps:
+            pd.set_config_param("/boot/capabilities", args.caps)
+        image = FileImage(args.image)
+        with progress(args, image.get_image_size(), "measuring") as update:
+            pd.setup_pd(image, banks=[b.strip() for b in args.banks.split(",") if b.strip()], progress=update)
+    except BaseException:
+        pd.destroy()
+        raise
+    return pd
+
+
+@contextlib.contextmanager
+def progress(args: argparse.Namespace, total: int | None, desc: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar (tqdm) on stderr for a long step, when stderr is a terminal and not --quiet.
+
+    total None: not known before the step starts.  Yields the callback setup_pd and bundle take
+    (done, total), or None when there is no bar."""
+    if (getattr(args, "quiet", False) or not sys.stderr.isatty()
+            or (total is not None and total < PROGRESS_THRESHOLD)):
+        yield None
+        return
+    from tqdm import tqdm
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
+              leave=False) as bar:
+        def update(done: int, now_total: int) -> None:
+            if bar.total != now_total:
+                bar.total = now_total
+            bar.update(done - bar.n)
+        yield update
 
 
 def _print(data: dict[str, Any], as_json: bool) -> None:
@@ -60,18 +150,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_bar(total: int):
-    if total < PROGRESS_THRESHOLD or not sys.stderr.isatty():
-        return None, None
-    from tqdm import tqdm
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="measuring", file=sys.stderr)
-
-    def update(done: int, _total: int) -> None:
-        bar.update(done - bar.n)
-
-    return bar, update
-
-
 def _exit_code(status: PDStatus, exit_status: str | None, reason: str) -> int:
     if status is PDStatus.SHUTDOWN and exit_status is not None:
         return int(exit_status)
@@ -84,54 +162,33 @@ def _exit_code(status: PDStatus, exit_status: str | None, reason: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    image = FileImage(args.image)
     argv = args.args[1:] if args.args[:1] == ["--"] else args.args
-    cmdline = shlex.join(argv or [os.path.basename(args.image)])
-    banks = [b.strip() for b in args.banks.split(",") if b.strip()]
     with bmi_open(args.uri, integrity=args.attest) as mgr:
-        pd = mgr.allocate_pd(PDDescription(mem=args.mem, cpu=args.cpus, performance=args.performance))
+        pd = prepare_pd(mgr, args, argv or [os.path.basename(args.image)])
         pid = pd.get_pd_id()
-        bar, update = _progress_bar(image.get_image_size())
-        try:
-            pd.setup_pd(image, banks=banks, progress=update)
-        finally:
-            if bar is not None:
-                bar.close()
         measurement = pd.measurement()
         for bank, digest in measurement.items():
             print(f"bmi: PD {pid} measured {bank}:{digest.hex()}", file=sys.stderr)
-        pd.set_priority(args.priority)
-        pd.set_config_param("/boot/cmdline", cmdline)
-        for item in args.env:
-            name, _, value = item.partition("=")
-            pd.set_config_param(f"/boot/env/{name}", value)
-        if args.caps:
-            pd.set_config_param("/boot/capabilities", args.caps)
         pd.request_status_change(PDStatus.RUNNING)
         if args.attest:
-            nonce = bytes.fromhex(args.nonce) if args.nonce else os.urandom(32)
+            nonce = bytes.fromhex(args.nonce) if args.nonce is not None else os.urandom(32)
             report = pd.get_integrity_link(nonce)
             if args.attest_out:
                 with open(args.attest_out, "w") as f:
                     f.write(report.to_json() + "\n")
             else:
                 print(report.to_json(), file=sys.stderr, flush=True)
-        try:
-            offset = 0
-            while True:
-                offset, data = pd.read_console(offset, timeout=0.5)
-                if data:
-                    sys.stdout.buffer.write(data)
-                    sys.stdout.buffer.flush()
-                if pd.get_current_status() not in (PDStatus.RUNNING, PDStatus.PAUSED) and not data:
-                    offset, data = pd.read_console(offset, timeout=2.0)
-                    sys.stdout.buffer.write(data)
-                    sys.stdout.buffer.flush()
-                    break
-        except KeyboardInterrupt:
-            print(f"\nbmi: interrupted; destroying PD {pid}", file=sys.stderr)
-            pd.destroy()
-            return 130
+        offset = 0
+        while True:
+            offset, data = pd.read_console(offset, timeout=0.5)
+            if data:
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+            if pd.get_current_status() not in (PDStatus.RUNNING, PDStatus.PAUSED) and not data:
+                offset, data = pd.read_console(offset, timeout=2.0)
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+                break
         status = pd.get_current_status()
         params = {c.name for c in pd.list_runtime_params("/system")}
         exit_status = pd.get_runtime_param("/system/exit-status") if "/system/exit-status" in params else None
@@ -149,8 +206,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     from .drivers.linux.bundle import bundle
     tmp = args.output + ".tmp"
     try:
-        with open(tmp, "wb") as out:
-            paths = bundle(args.executable, out, extra=args.add)
+        with open(tmp, "wb") as out, progress(args, None, "bundling") as update:
+            paths = bundle(args.executable, out, extra=args.add, progress=update)
         os.replace(tmp, args.output)
     finally:
         if os.path.exists(tmp):
@@ -195,26 +252,36 @@ def cmd_connections(args: argparse.Namespace) -> int:
     from .server.cli import resolve
     with bmi_open(args.uri, integrity=False) as mgr:
         text = resolve(mgr, args.pd).get_runtime_param("/interfaces/connections")
-    rows = [line.split() for line in text.splitlines()]
+    rows = connection_rows(text)
     if args.json:
-        print(json.dumps([{"conn": int(r[0]), "direction": r[1], "peer": int(r[2]), "type": r[3], "mode": r[4],
-                           "pending": r[-1] == "pending"} for r in rows]))
-    else:
-        for r in rows:
-            print(f"{r[0]:>4}  {r[1]:<4} PD {r[2]:<5} {' '.join(r[3:])}")
+        print(json.dumps(rows))
+        return 0
+    print(f"{'CONN':>4}  {'DIR':<4} {'PEER':<8} {'TYPE':<6} {'MODE':<5}")
+    for r in rows:
+        print(f"{r['conn']:>4}  {r['direction']:<4} PD {r['peer']:<5} {r['type']:<6} {r['mode']:<5}"
+              f"{' pending' if r['pending'] else ''}")
     return 0
 
 
+def connection_rows(text: str) -> list[dict[str, Any]]:
+    """/interfaces/connections (`ID to|from PEER TYPE MODE [pending]` per line) as rows."""
+    rows = [line.split() for line in text.splitlines()]
+    return [{"conn": int(r[0]), "direction": r[1], "peer": int(r[2]), "type": r[3], "mode": r[4],
+             "pending": r[-1] == "pending"} for r in rows]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bmi", description="Create, measure, run and attest isolated protection domains (OpenTC BMI v0.1).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="URIs: linux:///session (default, in-process), linux:///system (bmid), xen:///system\n"
                "(bmid --uri xen:///system), xen:///session (in-process), pd:///. Set BMI_URI or --uri.\n"
+               "Exit status: 0 done, 1 failed, 2 bad usage, 130 interrupted; `bmi run`: the PD's own.\n"
                "Run `bmi COMMAND --help` for examples.")
+    parser.add_argument("--version", action="version", version=f"bmi {__version__} (BMI API v0.1)")
     parser.add_argument("--uri", default=None, help="connection URI (default: $BMI_URI or linux:///session)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
     info = sub.add_parser("info", help="what the layer is and can do (driver, cgroups, namespaces, TPM)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_info)
@@ -226,16 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("image", metavar="IMAGE", help="a static ELF, or a newc cpio root with /init (bmi bundle)")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS",
                      help="the PD's argv (argv[0] first); default: the image's file name")
-    run.add_argument("--mem", type=parse_size, default=64 << 20, help="hard memory limit (default 64M)")
-    run.add_argument("--cpus", type=int, default=1, help="number of CPUs (clamped to the host; default 1)")
-    run.add_argument("--performance", type=int, default=100, help="share of those CPUs in percent (1-100)")
-    run.add_argument("--priority", type=int, default=0, help="-10..+10 (nice and CPU weight; default 0)")
-    run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment (repeatable)")
-    run.add_argument("--caps", metavar="LIST", help="capabilities the program keeps in its own namespaces, "
-                     "e.g. net_raw,net_bind_service or all (default: none, like bwrap)")
-    run.add_argument("--banks", default="sha256", help="digest banks, e.g. sha256,sha384 (default sha256)")
+    add_pd_options(run)
     run.add_argument("--attest", action="store_true", help="print an integrity report (JSON) on stderr")
-    run.add_argument("--nonce", help="hex nonce for --attest (default: 32 random bytes)")
+    run.add_argument("--nonce", type=parse_hex, help="hex nonce for --attest (default: 32 random bytes)")
     run.add_argument("--attest-out", metavar="FILE", help="write the --attest report to FILE instead of stderr")
     run.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
     run.set_defaults(func=cmd_run)
@@ -280,16 +340,75 @@ def build_parser() -> argparse.ArgumentParser:
     pd_cli.register(sub)
     for command in sub.choices.values():     # `bmi list --uri X` as well as `bmi --uri X list`
         command.add_argument("--uri", default=argparse.SUPPRESS, help="connection URI (as before the command)")
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="no progress bars")
+    for name in ("allow", "connections"):
+        sub.choices[name].set_defaults(needs_bmid=True)
     return parser
 
 
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """--json among the options (before a `--` that starts the PD's argv); known even when parsing fails."""
+    return "--json" in list(argv)[:list(argv).index("--") if "--" in argv else None]
+
+
+def _error_type(error: BaseException) -> str:
+    """The bmi error class a failure is (UsageError is an InvalidArgument), else the Python one."""
+    for cls in type(error).__mro__:
+        if cls.__name__ in errors.__all__:
+            return cls.__name__
+    return type(error).__name__
+
+
+def _fail(error: BaseException, as_json: bool, status: int) -> int:
+    """The one way every command reports a failure: a line on stderr, or with --json one object on stdout."""
+    message = str(error)
+    if isinstance(error, OSError) and error.strerror:
+        message = f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    if as_json:
+        print(json.dumps({"ok": False, "error": {"type": _error_type(error), "message": message}}), flush=True)
+    else:
+        if isinstance(error, UsageError):
+            print(error.usage.rstrip(), file=sys.stderr)
+        print(f"bmi: {_error_type(error)}: {message}", file=sys.stderr, flush=True)
+    return status
+
+
+def _run(args: argparse.Namespace) -> int:
+    uri = resolve_uri(args.uri)
+    if getattr(args, "needs_bmid", False) and is_session(uri):
+        system = urlsplit(uri).scheme + ":///system"
+        raise errors.NotSupported(f"PDs of {uri} end with this command; use --uri {system} (bmid) to keep them")
+    return args.func(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Parse, run one command, and turn every failure into a message and an exit status (never a traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = _wants_json(argv)
     try:
-        return args.func(args)
-    except errors.BMIError as e:
-        print(f"bmi: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        return _run(build_parser().parse_args(argv))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader (`| head`) is gone: nothing more to say, and nothing at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except errors.InvalidArgument as e:
+        return _fail(e, as_json, EXIT_USAGE)
+    except (errors.BMIError, OSError) as e:
+        return _fail(e, as_json, EXIT_FAILED)
+    except Exception as e:      # a bug: say so in one line; BMI_DEBUG=1 shows the traceback
+        if os.environ.get("BMI_DEBUG"):
+            raise
+        return _fail(RuntimeError(f"internal error: {type(e).__name__}: {e} (BMI_DEBUG=1 shows where)"),
+                     as_json, EXIT_FAILED)
 
 
 if __name__ == "__main__":

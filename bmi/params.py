@@ -7,7 +7,9 @@ mechanism does (e.g. `/system/exit-status` only after the PD ended).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Callable
 
 from .errors import InvalidArgument, PermissionDenied
@@ -76,10 +78,12 @@ class ParamTree:
                                    pd_id=self.pd_id)
         return leaf.get()
 
-    def set(self, name: str, value: str) -> None:
+    def set(self, name: str, value: str | int) -> None:
         path, leaf = self._leaf(name, "set_runtime_param")
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
         if not isinstance(value, str):
-            raise InvalidArgument(f"set_runtime_param {path!r} of PD {self.pd_id}: value must be a str, "
+            raise InvalidArgument(f"set_runtime_param {path!r} of PD {self.pd_id}: value must be a str or int, "
                                   f"got {type(value).__name__}", pd_id=self.pd_id)
         if leaf.set is None:
             raise PermissionDenied(f"set_runtime_param {path!r} of PD {self.pd_id}: read-only parameter",
@@ -104,17 +108,27 @@ class ParamTree:
         return [children[k] for k in sorted(children)]
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+
+
+def parse_size(value: object, *, what: str, pd_id: int | None = None) -> int:
+    """A size in bytes: '4096', '64M', '1.5G', '2GiB' (K, M, G, T are powers of 1024)."""
+    match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None or ("." in match[1] and not match[2]):
+        raise InvalidArgument(f"{what}{'' if pd_id is None else f' of PD {pd_id}'}: {value!r} is not a size "
+                              f"like 4096, 64M or 1G", pd_id=pd_id)
+    return int(Decimal(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
+
+
 def parse_int(value: str, *, what: str, pd_id: int, lo: int, hi: int, unit_suffixes: bool = False) -> int:
-    """Parse a decimal parameter value (optionally with K/M/G) within [lo, hi]."""
-    text = value.strip()
-    mult = 1
-    if unit_suffixes and text[-1:].upper() in ("K", "M", "G"):
-        mult = 1024 ** ("KMG".index(text[-1].upper()) + 1)
-        text = text[:-1]
-    try:
-        number = int(text, 10) * mult
-    except ValueError:
-        raise InvalidArgument(f"{what} of PD {pd_id}: {value!r} is not a whole number", pd_id=pd_id) from None
+    """Parse a decimal parameter value (a size with K/M/G when unit_suffixes) within [lo, hi]."""
+    if unit_suffixes:
+        number = parse_size(value, what=what, pd_id=pd_id)
+    else:
+        try:
+            number = int(value.strip(), 10)
+        except ValueError:
+            raise InvalidArgument(f"{what} of PD {pd_id}: {value!r} is not a whole number", pd_id=pd_id) from None
     if not lo <= number <= hi:
         raise InvalidArgument(f"{what} of PD {pd_id}: {number} is outside [{lo}, {hi}]", pd_id=pd_id)
     return number

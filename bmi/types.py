@@ -14,7 +14,17 @@ WRITE = 2
 RW = READ | WRITE
 
 
-class PDStatus(enum.IntEnum):
+class _NamedIntEnum(enum.IntEnum):
+    """An IntEnum that prints as its name: `print(pd.get_current_status())` reads PAUSED, not 4."""
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __format__(self, spec: str) -> str:
+        return format(self.name, spec)
+
+
+class PDStatus(_NamedIntEnum):
     """Life-cycle states of a protection domain (spec 7.2.4)."""
 
     ALLOCATED = 1
@@ -28,7 +38,7 @@ class PDStatus(enum.IntEnum):
     DESTROYED = 9
 
 
-class ConnectionType(enum.IntEnum):
+class ConnectionType(_NamedIntEnum):
     """Kinds of inter-PD connection (spec 4.4)."""
 
     IPC = 1
@@ -41,13 +51,19 @@ class ConnectionType(enum.IntEnum):
 class PDDescription:
     """Resource requirements of a new PD (spec 7.5.6).
 
-    mem: hard memory limit in bytes.  cpu: number of CPUs.  performance:
-    the share of those CPUs the PD may use, in percent (1..100).
+    mem: hard memory limit in bytes, or a size as the parameters take it
+    ("64M"), held as int bytes from construction on.  cpu: number of CPUs.
+    performance: the share of those CPUs the PD may use, in percent (1..100).
     """
 
     mem: int
     cpu: int = 1
     performance: int = 100
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mem, str):
+            from .params import parse_size
+            object.__setattr__(self, "mem", parse_size(self.mem, what="PDDescription.mem"))
 
 
 @dataclass(frozen=True)

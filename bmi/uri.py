@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from .api import PDManagement
 from .errors import DriverUnavailable, InvalidArgument
@@ -15,6 +15,18 @@ KNOWN = {
     ("xen", "/system"): "Xen domains owned by bmid --uri xen:///system over /run/bmi/bmid-xen.sock",
     ("pd", "/"): "inside a PD: the channel named by BMI_CHANNEL_FD",
 }
+#: The query options (?name=value) each URI understands.
+OPTIONS = {("linux", "/system"): ("socket",), ("xen", "/system"): ("socket",)}
+
+
+def resolve(uri: str | None) -> str:
+    """The URI a manager opens: `uri`, else $BMI_URI, else linux:///session."""
+    return uri or os.environ.get("BMI_URI") or DEFAULT_URI
+
+
+def is_session(uri: str) -> bool:
+    """Whether the URI's PDs live only as long as the process that opened it (linux/xen:///session)."""
+    return urlsplit(uri).path == "/session"
 
 
 def open(uri: str | None = None, *, integrity: bool = True) -> PDManagement:  # noqa: A001 (spec name)
@@ -23,7 +35,7 @@ def open(uri: str | None = None, *, integrity: bool = True) -> PDManagement:  # 
     integrity=False skips the TPM link (integrity calls then raise NotSupported).
     """
     if uri is None:
-        uri = os.environ.get("BMI_URI") or DEFAULT_URI
+        uri = resolve(None)
     if not isinstance(uri, str):
         raise InvalidArgument(f"open: the URI must be a str, got {type(uri).__name__}")
     parts = urlsplit(uri)
@@ -31,6 +43,14 @@ def open(uri: str | None = None, *, integrity: bool = True) -> PDManagement:  # 
     if parts.netloc or key not in KNOWN:
         known = ", ".join(f"{s}://{p}" for s, p in KNOWN)
         raise InvalidArgument(f"open: unknown URI {uri!r}; known: {known}")
+    understood = OPTIONS.get(key, ())
+    for option in parse_qs(parts.query, keep_blank_values=True):
+        if option not in understood:
+            offered = ", ".join(understood) or "none"
+            raise InvalidArgument(f"open {uri!r}: unknown query option {option!r}; {parts.scheme}://{key[1]} "
+                                  f"understands: {offered}")
+    if parts.query and not parse_qs(parts.query, keep_blank_values=True):
+        raise InvalidArgument(f"open {uri!r}: the query {parts.query!r} is not name=value options")
     if key == ("linux", "/session"):
         from .drivers.linux.driver import LinuxDriver
         factory = _integrity_factory() if integrity else None
@@ -52,5 +72,8 @@ def _integrity_factory():
             from .integrity.service import IntegrityService
         except ImportError as e:
             raise DriverUnavailable(f"the integrity module cannot be loaded: {e}") from e
-        return IntegrityService.open()
+        try:
+            return IntegrityService.open()
+        except OSError as e:     # no TPM device and no writable state dir (a user without a home, say)
+            raise DriverUnavailable(f"the TPM link cannot start: {e.strerror}: {e.filename}") from e
     return factory

@@ -45,6 +45,8 @@ class Driver(abc.ABC):
     unsupported_reasons: Mapping[PDStatus, str] = {}
     #: Whether start() can hand the PD a channel fd (an AF_UNIX socket) to the layer.
     channels: bool = False
+    #: The config parameters under /boot/ the driver reads; one ending in '/' names a family (/boot/env/NAME).
+    boot_params: tuple[str, ...] = ("/boot/cmdline",)
 
     @abc.abstractmethod
     def info(self) -> dict[str, Any]:

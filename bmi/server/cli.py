@@ -12,13 +12,14 @@ Human tables by default, --json everywhere.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import shlex
 import sys
 from typing import Any
 
-from .. import FileImage, PDDescription, PDStatus
+from .. import PDStatus
 from ..errors import InvalidArgument, NoSuchDomain, NotSupported
+from ..params import normalize
 from ..uri import open as bmi_open
 
 NAME_PARAM = "/name"
@@ -69,20 +70,23 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_name(mgr: Any, name: str, pd_id: int | None = None) -> None:
+    """A name addresses one PD: not all digits (those are ids) and not another PD's."""
+    if not name or name.isdigit():
+        raise InvalidArgument(f"name {name!r}: a name must not be empty or all digits (those are PD ids)")
+    taken = [r["pd"] for r in _describe(mgr) if r.get("name") == name and r["pd"] != pd_id]
+    if taken:
+        raise InvalidArgument(f"name {name!r}: PD {taken[0]} has that name already; names are unique")
+
+
 def cmd_create(args: argparse.Namespace) -> int:
+    from ..cli import prepare_pd
     argv = args.args[1:] if args.args[:1] == ["--"] else args.args
     with bmi_open(args.uri) as mgr:
-        if args.name and any(r.get("name") == args.name for r in _describe(mgr)):
-            raise InvalidArgument(f"create: a PD named {args.name!r} exists already")
-        pd = mgr.allocate_pd(PDDescription(mem=args.mem, cpu=args.cpus, performance=args.performance))
+        if args.name is not None:
+            check_name(mgr, args.name)
+        pd = prepare_pd(mgr, args, argv, {NAME_PARAM: args.name} if args.name is not None else {})
         try:
-            if args.name:
-                pd.set_config_param(NAME_PARAM, args.name)
-            pd.setup_pd(FileImage(args.image))
-            if argv:
-                pd.set_config_param("/boot/cmdline", shlex.join(argv))
-            if args.caps:
-                pd.set_config_param("/boot/capabilities", args.caps)
             if args.start:
                 pd.request_status_change(PDStatus.RUNNING)
         except BaseException:
@@ -92,6 +96,67 @@ def cmd_create(args: argparse.Namespace) -> int:
                    "sha256": pd.measurement()["sha256"].hex()}
     _out(args, summary, f"PD {summary['pd']} {summary['status']} sha256:{summary['sha256']}")
     return 0
+
+
+def _number(pd: Any, name: str) -> int | None:
+    """A numeric runtime parameter, None where the PD has none (no uptime before it runs)."""
+    try:
+        text = pd.get_runtime_param(name)
+    except InvalidArgument:
+        return None
+    return int(text) if text.strip().lstrip("-").isdigit() else None
+
+
+def describe_pd(pd: Any) -> dict[str, Any]:
+    """Everything `bmi show` says about one PD, like `virsh dominfo`."""
+    from ..cli import connection_rows
+    try:
+        name = pd.get_config_param(NAME_PARAM)
+    except InvalidArgument:
+        name = ""
+    info: dict[str, Any] = {
+        "pd": pd.get_pd_id(), "name": name, "status": pd.get_current_status().name,
+        "measurement": {bank: digest.hex() for bank, digest in pd.measurement().items()},
+        "priority": pd.get_priority(), "parent": _number(pd, "/system/parent"),
+        "uptime": _number(pd, "/system/uptime"),
+        "exit_status": _number(pd, "/system/exit-status"), "exit_reason": None,
+        "memory": {k: _number(pd, f"/system/memory/{k}") for k in ("current", "used", "min", "max")},
+        "cpu": {k: _number(pd, f"/system/cpu/{k}") for k in ("current", "max", "performance")},
+        "pids": {k: _number(pd, f"/system/pids/{k}") for k in ("current", "max")},
+        "connections": connection_rows(pd.get_runtime_param("/interfaces/connections")),
+    }
+    with contextlib.suppress(InvalidArgument):
+        info["exit_reason"] = pd.get_runtime_param("/system/exit-reason")
+    return info
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with bmi_open(args.uri) as mgr:
+        info = describe_pd(resolve(mgr, args.pd))
+    if args.json:
+        print(json.dumps(info, sort_keys=True))
+        return 0
+    mem, cpu, pids = info["memory"], info["cpu"], info["pids"]
+    rows = [("Id", info["pd"]), ("Name", info["name"] or "-"), ("Status", info["status"]),
+            *((f"Measurement {bank}", digest) for bank, digest in info["measurement"].items()),
+            ("Memory", f"{_mib(mem['current'])} limit, {_mib(mem['used'])} used, max {_mib(mem['max'])}"),
+            ("CPUs", f"{cpu['current']} of max {cpu['max']}, performance {cpu['performance']} %"),
+            ("Processes", f"{pids['current']} of max {pids['max']}" if pids["max"] is not None else "-"),
+            ("Priority", info["priority"]), ("Parent", info["parent"]),
+            ("Uptime", f"{info['uptime']} s" if info["uptime"] is not None else "-")]
+    if info["exit_reason"] is not None:
+        rows += [("Exit status", "-" if info["exit_status"] is None else info["exit_status"]),
+                 ("Exit reason", info["exit_reason"])]
+    rows.append(("Connections", len(info["connections"])))
+    rows += [("", f"{c['conn']} {c['direction']} PD {c['peer']} {c['type']} {c['mode']}"
+                  f"{' pending' if c['pending'] else ''}") for c in info["connections"]]
+    for key, value in rows:
+        print(f"{key + ':' if key else '':<20} {value}")
+    return 0
+
+
+def _mib(size: int | None) -> str:
+    return "-" if size is None else f"{size / (1 << 20):.1f} MiB"
 
 
 def cmd_status_change(args: argparse.Namespace) -> int:
@@ -129,8 +194,14 @@ def cmd_param(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if not args.name.startswith("/"):
+        raise InvalidArgument(f"config {args.action} {args.name!r}: config parameters are paths like /name or "
+                              f"/boot/cmdline (with the leading '/')")
     with bmi_open(args.uri) as mgr:
         pd = resolve(mgr, args.pd)
+        if args.action == "set" and args.value is not None and normalize(args.name, what="config set",
+                                                                          pd_id=pd.get_pd_id()) == NAME_PARAM:
+            check_name(mgr, args.value, pd.get_pd_id())
         _get_or_set(args, pd, "config", args.name, pd.get_config_param, pd.set_config_param)
     return 0
 
@@ -155,17 +226,14 @@ def cmd_console(args: argparse.Namespace) -> int:
     with bmi_open(args.uri) as mgr:
         pd = resolve(mgr, args.pd)
         offset = 0
-        try:
-            while True:
-                offset, data = pd.read_console(offset, timeout=0.5 if args.follow else 0)
-                sys.stdout.buffer.write(data)
-                sys.stdout.buffer.flush()
-                if data:
-                    continue
-                if not args.follow or pd.get_current_status() not in (PDStatus.RUNNING, PDStatus.PAUSED):
-                    return 0
-        except KeyboardInterrupt:
-            return 130
+        while True:
+            offset, data = pd.read_console(offset, timeout=0.5 if args.follow else 0)
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+            if data:
+                continue
+            if not args.follow or pd.get_current_status() not in (PDStatus.RUNNING, PDStatus.PAUSED):
+                return 0
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -174,15 +242,12 @@ def cmd_events(args: argparse.Namespace) -> int:
         if not hasattr(mgr, "events"):
             raise NotSupported(f"events: {mgr.uri} has no event stream; status events come from bmid "
                                f"(--uri linux:///system or xen:///system)")
-        try:
-            with mgr.events(since=args.since, timeout=args.timeout) as stream:
-                for event in stream:
-                    row = {"seq": event.seq, "time": event.time, "pd": event.pd_id, "status": event.status.name,
-                           "reason": event.reason}
-                    _out(args, row, f"{event.seq:>6}  PD {event.pd_id:<5} {event.status.name:<10} {event.reason}")
-                    sys.stdout.flush()
-        except KeyboardInterrupt:
-            return 130
+        with mgr.events(since=args.since, timeout=args.timeout) as stream:
+            for event in stream:
+                row = {"seq": event.seq, "time": event.time, "pd": event.pd_id, "status": event.status.name,
+                       "reason": event.reason}
+                _out(args, row, f"{event.seq:>6}  PD {event.pd_id:<5} {event.status.name:<10} {event.reason}")
+                sys.stdout.flush()
     return 0
 
 
@@ -192,6 +257,7 @@ EXAMPLES = {
     "create": "examples:\n  bmi --uri linux:///system create --image /bin/busybox --name web --start -- \\\n"
               "      busybox sh -c 'while :; do date; sleep 5; done'\n  bmi --uri linux:///system create --image root.cpio --mem 128M",
     "start": "example:\n  bmi --uri linux:///system start web",
+    "show": "examples:\n  bmi --uri linux:///system show web\n  bmi --uri linux:///system show 3 --json",
     "param": "examples:\n  bmi --uri linux:///system param ls web /system\n"
              "  bmi --uri linux:///system param set web /system/memory/current 32M",
     "config": "example:\n  bmi --uri linux:///system config set web /boot/cmdline 'busybox sleep 60'",
@@ -211,22 +277,20 @@ def register(sub: Any) -> None:
         if pd:
             parser.add_argument("pd", metavar="PD", help="id or name")
         parser.add_argument("--json", action="store_true", help="machine-readable output")
-        parser.set_defaults(func=func)
+        parser.set_defaults(func=func, needs_bmid=True)     # PDs of a session URI would end with the command
         return parser
 
     add("list", "every PD: id, name, status, measurement", cmd_list, pd=False)
-    from ..cli import parse_size
+    from ..cli import add_pd_options
     create = add("create", "allocate a PD, measure an image into it (and start it with --start)", cmd_create,
                  pd=False)
     create.add_argument("--image", required=True, help="a static ELF, or a newc cpio root with /init")
-    create.add_argument("--mem", type=parse_size, default=64 << 20, help="memory limit (default 64M)")
-    create.add_argument("--cpus", type=int, default=1, help="CPUs (default 1)")
-    create.add_argument("--performance", type=int, default=100, help="share of those CPUs in percent")
-    create.add_argument("--name", help="a name to address the PD by (config parameter /name)")
-    create.add_argument("--caps", metavar="LIST", help="capabilities it keeps in its namespaces, e.g. "
-                        "net_bind_service (default: none)")
+    create.add_argument("--name", help="a name to address the PD by (config parameter /name; not all digits)")
+    add_pd_options(create)
     create.add_argument("--start", action="store_true", help="start it right away")
     create.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS", help="the PD's argv")
+    add("show", "everything about one PD: status, name, measurement, resources, uptime, exit, connections",
+        cmd_show)
     for verb, status in STATUS_VERBS.items():
         add(verb, f"request_status_change({status.name})", cmd_status_change)
     param = add("param", "runtime parameters: get PD PATH | set PD PATH VALUE | ls PD [PATH]", cmd_param,

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..drivers.base import ExitInfo, Progress
 from ..drivers.linux import cgroups, spawn
-from ..drivers.linux.driver import DEFAULT_PIDS_MAX, LinuxDriver, LinuxPD, Run
+from ..drivers.linux.driver import DEFAULT_PIDS_MAX, LinuxDriver, LinuxPD, Run, process_start
 from ..drivers.linux.monitor import Monitor
 from ..image import PDImage
 from ..types import PDDescription, PDStatus
@@ -99,16 +99,6 @@ class Keeping(abc.ABC):
     @abc.abstractmethod
     def roll_back_allocation(self, pd_id: int, intent: Mapping[str, Any]) -> None:
         """Undo an allocation bmid never acknowledged (it died in between)."""
-
-
-def process_start(pid: int) -> int | None:
-    """The start time (clock ticks since boot) of pid, None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
 
 
 def reopen_cgroups(name: str, pd_id: int) -> cgroups.PDCgroups | None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from bmi.errors import (DriverUnavailable, InvalidArgument, InvalidState,
-                        NotSupported, ResourceError)
+                        NotSupported, PermissionDenied, ResourceError)
 
 __all__ = ["cgroup_version", "describe", "PDCgroups", "UNLIMITED"]
 
@@ -178,8 +178,8 @@ def describe() -> dict[str, str]:
         "parent": " ".join(t.own for t in trees),
         "controllers": " ".join(ctls),
         # cgroup.freeze appeared in Linux 5.2, cgroup.kill in 5.14
-        "freeze": "cgroup.freeze (v2)" if v2_usable and _kernel_at_least(5, 2)
-                  else "freezer.state (v1)" if "freezer" in ctls else "none",
+        "freeze": "freezer.state (v1)" if any("freezer" in t.controllers for t in v1)
+                  else "cgroup.freeze (v2)" if v2_usable and _kernel_at_least(5, 2) else "none",
         "kill": "cgroup.kill (v2)" if v2_usable and _kernel_at_least(5, 14)
                 else "freeze + SIGKILL each process",
     }
@@ -204,10 +204,12 @@ class PDCgroups:
         # the v2 group whose cgroup.kill kills its whole subtree at once
         self._killer: _Group | None = (
             v2 if v2 and os.path.exists(os.path.join(v2.path, "cgroup.kill")) else None)
-        if v2 and os.path.exists(os.path.join(v2.path, "cgroup.freeze")):
+        # the host's own v1 freezer first: on a hybrid host the v2 tree is systemd's bookkeeping
+        v1_freezer = self._ctl.get("freezer")
+        if v1_freezer is None and v2 and os.path.exists(os.path.join(v2.path, "cgroup.freeze")):
             self._freezer: _Group | None = v2
         else:
-            self._freezer = self._ctl.get("freezer")
+            self._freezer = v1_freezer
 
     # --- creation -------------------------------------------------------
 
@@ -473,6 +475,8 @@ class PDCgroups:
                                     f"{sorted(left)[:10]}", pd_id=self.pd_id)
             if self._killer:
                 self._set(os.path.join(self._killer.path, "cgroup.kill"), "1", what)
+                if self._freezer is not None and self._freezer.version == 1:
+                    self._set_frozen(False, what)   # v1-frozen processes act on SIGKILL only once thawed
             if not self._killer or left - self._pids([self._killer]):
                 self._signal_all(what)   # no cgroup.kill, or a process left the v2 group
             time.sleep(delay)
@@ -555,6 +559,8 @@ def _make(tree: _Tree, name: str, label: str, pd_id: int | None, optional: bool)
     except OSError as e:
         if optional and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise _no_cgroup_access(doing, pd_id) from e
         why = ("it already exists (a PD of that name, or left by a manager that died)"
                if e.errno == errno.EEXIST else f"{errno.errorcode.get(e.errno or 0, '?')} {e.strerror}")
         raise ResourceError(f"{doing}: mkdir {path}: {why}", pd_id=pd_id) from e
@@ -585,8 +591,16 @@ def _enable_controllers(tree: _Tree, doing: str, pd_id: int | None) -> None:
                 "without processes hand controllers down (EBUSY). Run the manager in a delegated "
                 "cgroup whose processes sit in a leaf, e.g. `systemd-run -p Delegate=yes ...` and "
                 "move the manager into <its cgroup>/manager first.", pd_id=pd_id) from e
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise _no_cgroup_access(doing, pd_id) from e
         raise ResourceError(f"{doing}: enabling controllers in {control}: {e.strerror}",
                             pd_id=pd_id) from e
+
+
+def _no_cgroup_access(doing: str, pd_id: int | None) -> PermissionDenied:
+    """A user who may not make cgroups here gets the way out, not an EACCES on a path."""
+    return PermissionDenied(f"{doing}: this user may not make cgroups for PDs here; run as root or delegate "
+                            f"a cgroup (systemd-run --user --scope -p Delegate=yes)", pd_id=pd_id)
 
 
 def sweep(name: re.Pattern[str], stale: Callable[[re.Match[str]], bool]) -> list[str]:

@@ -73,6 +73,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of pid, None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def _uptime(pid: int) -> str:
+    """Whole seconds since the process started ('' once it is gone)."""
+    start = process_start(pid)
+    if start is None:
+        return ""
+    with open("/proc/uptime") as f:
+        now = float(f.read().split()[0])
+    return str(max(0, int(now - start / os.sysconf("SC_CLK_TCK"))))
+
+
 def _signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name
@@ -82,6 +102,7 @@ def _signal_name(number: int) -> str:
 
 class LinuxDriver(Driver):
     name = "linux"
+    boot_params = ("/boot/cmdline", "/boot/capabilities", "/boot/env/")
     capabilities = frozenset({PDStatus.PAUSED, PDStatus.RESTARTING})
     unsupported_reasons = {PDStatus.SUSPENDED: NO_SUSPEND}
     channels = True
@@ -366,12 +387,16 @@ class LinuxDriver(Driver):
             pd.groups.set_pids_max(limit)
             pd.pids_max = limit
 
-        return {
+        leaves = {
             "/system/pids/current": Leaf(get=lambda: str(len(pd.groups.pids()))),
             "/system/pids/max": Leaf(get=lambda: str(pd.pids_max), set=set_pids_max),
             "/system/image/format": const("archive" if pd.archive else "elf") if pd.image_fd is not None
             else const("none"),
         }
+        run = pd.run
+        if run is not None and not run.exited.is_set():
+            leaves["/system/uptime"] = Leaf(get=lambda: _uptime(run.pid))
+        return leaves
 
     # -- console ----------------------------------------------------------------------------
     def read_console(self, pd: LinuxPD, since: int, timeout: float | None) -> tuple[int, bytes]:

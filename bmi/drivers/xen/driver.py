@@ -80,6 +80,7 @@ class XenPD:
 
 class XenDriver(Driver):
     name = "xen"
+    boot_params = ("/boot/cmdline", "/boot/type")
     capabilities = frozenset({PDStatus.PAUSED, PDStatus.RESTARTING, PDStatus.SUSPENDED})
 
     def __init__(self) -> None:
