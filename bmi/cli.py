@@ -88,8 +88,18 @@ def prepare_pd(mgr: Any, args: argparse.Namespace, argv: Sequence[str] | None,
     (a bad --priority must not wait for a 1 GiB hash); then measure the image into it.
 
     On any failure the PD is destroyed: nothing half-built is left behind."""
-    pd = mgr.allocate_pd(PDDescription(mem=args.mem, cpu=args.cpus, performance=args.performance))
+    # Ctrl-C while bmid allocates would leave a PD nobody knows of: hold it until `pd` can be destroyed
+    interrupted: list[int] = []
+    default_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     try:
+        pd = mgr.allocate_pd(PDDescription(mem=args.mem, cpu=args.cpus, performance=args.performance))
+    except BaseException:
+        signal.signal(signal.SIGINT, default_handler)
+        raise
+    try:
+        signal.signal(signal.SIGINT, default_handler)
+        if interrupted:
+            raise KeyboardInterrupt
         pd.set_priority(args.priority)
         for key, value in (config or {}).items():
             pd.set_config_param(key, value)

@@ -34,14 +34,14 @@ def test_create_list_control_and_destroy_by_name(daemon):
     assert _bmi(daemon, "destroy", "web").returncode == 0
     assert json.loads(_bmi(daemon, "list", "--json").stdout) == []
     missing = _bmi(daemon, "start", "web")
-    assert missing.returncode == 2 and "NoSuchDomain" in missing.stderr and "'web'" in missing.stderr
+    assert missing.returncode == 1 and "NoSuchDomain" in missing.stderr and "'web'" in missing.stderr
 
 
 def test_create_with_a_bad_image_leaves_nothing(daemon, tmp_path):
     bad = tmp_path / "bad"
     bad.write_bytes(b"not an executable")
     got = _bmi(daemon, "create", "--image", str(bad), "--name", "bad")
-    assert got.returncode == 2 and "ImageError" in got.stderr
+    assert got.returncode == 1 and "ImageError" in got.stderr
     assert json.loads(_bmi(daemon, "list", "--json").stdout) == []
 
 
@@ -64,7 +64,7 @@ def test_allow_and_connections_by_name(daemon):
     assert sorted((p.con_type.name, p.mode) for p in policies) == [("IPC", 1), ("SHM", 1)]
     assert json.loads(_bmi(daemon, "connections", "db", "--json").stdout) == []
     missing = _bmi(daemon, "allow", "web", "nosuch", "--type", "ipc")
-    assert missing.returncode == 2 and "'nosuch': no PD has that name" in missing.stderr
+    assert missing.returncode == 1 and "'nosuch': no PD has that name" in missing.stderr
 
 
 def test_events_replay_and_follow(daemon):
@@ -78,4 +78,4 @@ def test_events_replay_and_follow(daemon):
     assert [r["seq"] for r in rows] == sorted(r["seq"] for r in rows)
     session = subprocess.run([sys.executable, "-m", "bmi.cli", "--uri", "linux:///session", "events"],
                              capture_output=True, text=True, timeout=60)
-    assert session.returncode == 2 and "no event stream" in session.stderr
+    assert session.returncode == 1 and "PDs of linux:///session end with this command" in session.stderr

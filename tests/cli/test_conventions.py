@@ -1,0 +1,210 @@
+"""The habits virsh and systemctl users bring: exit statuses, one error shape, no tracebacks, `show`, names."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bmi import __version__
+from tests.cli.conftest import BMI, bmi_command as bmi
+from tests.helpers import busybox_path
+
+SESSION_REFUSAL = "PDs of linux:///session end with this command; use --uri linux:///system (bmid) to keep them"
+
+
+def test_version():
+    done = bmi("--version")
+    assert done.returncode == 0 and done.stdout.split()[:2] == ["bmi", __version__]
+
+
+def _json_error(done: subprocess.CompletedProcess) -> dict:
+    """The one error object of --json: alone on stdout, nothing else there."""
+    out = json.loads(done.stdout)
+    assert out["ok"] is False and set(out) == {"ok", "error"} and set(out["error"]) == {"type", "message"}, out
+    assert "Traceback" not in done.stderr
+    return out["error"]
+
+
+def test_exit_status_and_json_error_shape_are_the_same_for_every_command(tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"not an image")
+    runtime = bmi("run", "--json", str(bad))                         # the image is wrong: a runtime error
+    assert runtime.returncode == 1 and _json_error(runtime)["type"] == "ImageError"
+    usage = bmi("run", "--json", "--mem", "lots", busybox_path())    # argparse's own refusal
+    assert usage.returncode == 2 and _json_error(usage)["type"] == "InvalidArgument"
+    assert "'lots' is not a size" in _json_error(usage)["message"]
+    api = bmi("run", "--json", "--performance", "0", busybox_path())  # the API's refusal of an argument
+    assert api.returncode == 2 and "performance=0" in _json_error(api)["message"]
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    verify = bmi("verify", "--json", str(report), "--nonce", "00", "--expect-digest", "00" * 32)
+    assert verify.returncode in (1, 2) and _json_error(verify)["type"] in ("InvalidArgument", "IntegrityError")
+    session = bmi("list", "--json")
+    assert session.returncode == 1 and _json_error(session) == {"type": "NotSupported", "message": SESSION_REFUSAL}
+    human = bmi("run", str(bad))
+    assert human.returncode == 1 and human.stdout == ""
+    assert human.stderr.splitlines()[-1].startswith("bmi: ImageError: setup_pd of PD 1: unknown image format")
+
+
+def test_run_exits_with_the_pds_status():
+    assert bmi("run", busybox_path(), "--", "busybox", "sh", "-c", "exit 42").returncode == 42
+
+
+def test_bmid_commands_refuse_session_uris_in_one_line():
+    for args in (["create", "--image", busybox_path(), "--name", "web"], ["list"], ["pause", "web"],
+                 ["resume", "web"], ["destroy", "web"], ["show", "1"], ["console", "web"], ["connections", "1"],
+                 ["config", "set", "web", "/boot/cmdline", "x"]):
+        done = bmi(*args, uri="linux:///session")
+        assert (done.returncode, done.stdout, done.stderr) == (1, "", f"bmi: NotSupported: {SESSION_REFUSAL}\n"), args
+
+
+def _pipe_to_head(lines: int, *args: str, uri: str | None = None) -> tuple[int, bytes, bytes]:
+    """`bmi ARGS | head -LINES`: bmi's status, what head printed, and bmi's stderr."""
+    env = dict(os.environ, **({"BMI_URI": uri} if uri else {}))
+    producer = subprocess.Popen([*BMI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    head = subprocess.run(["head", f"-{lines}"], stdin=producer.stdout, capture_output=True, timeout=60)
+    producer.stdout.close()
+    err = producer.stderr.read()
+    return producer.wait(timeout=60), head.stdout, err
+
+
+def test_run_into_a_closed_pipe_ends_quietly():
+    status, out, err = _pipe_to_head(2, "run", busybox_path(), "--", "busybox", "sh", "-c", "while :; do echo x; done")
+    assert out == b"x\nx\n"
+    assert status == 128 + signal.SIGPIPE, err
+    assert b"Traceback" not in err and b"BrokenPipe" not in err and b"Exception ignored" not in err
+
+
+def test_console_follow_into_a_closed_pipe_ends_quietly(daemon):
+    made = bmi("create", "--image", busybox_path(), "--name", "chat", "--start", "--", "busybox", "sh", "-c",
+               "while :; do echo line; busybox sleep 0.05; done", uri=daemon.uri)
+    assert made.returncode == 0, made.stderr
+    status, out, err = _pipe_to_head(1, "console", "chat", "-f", uri=daemon.uri)
+    assert out == b"line\n"
+    assert status == 128 + signal.SIGPIPE and err == b"", err
+
+
+def test_ctrl_c_during_create_ends_quietly_and_leaves_nothing(daemon, tmp_path):
+    big = tmp_path / "big.img"                   # a valid ELF padded to 600 MB: creating it takes a while
+    with open(busybox_path(), "rb") as src, open(big, "wb") as dst:
+        dst.write(src.read())
+        dst.truncate(600 << 20)
+    create = subprocess.Popen([*BMI, "create", "--image", str(big), "--name", "big"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=dict(os.environ, BMI_URI=daemon.uri))
+    with daemon.open() as mgr:
+        deadline = time.monotonic() + 30
+        while len(mgr.list_pd()) == 1 and create.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)                     # until create has allocated its PD
+        create.send_signal(signal.SIGINT)
+        out, err = create.communicate(timeout=60)
+        assert create.returncode == 130 and b"Traceback" not in err and out == b"", err
+        assert mgr.describe() == [] or all(r["status"] == "DESTROYED" for r in mgr.describe())
+
+
+def test_show_tells_everything_in_one_call(daemon):
+    made = bmi("create", "--json", "--image", busybox_path(), "--name", "web", "--start", "--priority", "3",
+               "--mem", "48M", "--env", "GREETING=hi", "--", "busybox", "sh", "-c", "echo $GREETING; exec busybox sleep 100",
+               uri=daemon.uri)
+    assert made.returncode == 0, made.stderr
+    pd = json.loads(made.stdout)["pd"]
+    time.sleep(1.2)
+    info = json.loads(bmi("show", "web", "--json", uri=daemon.uri).stdout)
+    digest = json.loads(made.stdout)["sha256"]
+    assert (info["pd"], info["name"], info["status"], info["priority"], info["parent"]) == (pd, "web", "RUNNING", 3, 0)
+    assert info["measurement"] == {"sha256": digest}
+    assert info["memory"]["max"] == info["memory"]["current"] == 48 << 20 and info["memory"]["used"] > 0
+    assert info["cpu"]["current"] == 1 and info["cpu"]["performance"] == 100
+    assert info["pids"]["current"] >= 1 and info["pids"]["max"] == 1024
+    assert info["uptime"] >= 1 and info["exit_status"] is None and info["connections"] == []
+    assert bmi("console", "web", uri=daemon.uri).stdout == "hi\n"       # --env reached the PD
+    human = bmi("show", str(pd), uri=daemon.uri).stdout
+    for line in ("Name:", "web", "Status:", "RUNNING", f"sha256:  {digest}", "Priority:", "Uptime:"):
+        assert line in human
+    assert bmi("shutdown", "web", uri=daemon.uri).returncode == 0
+    ended = json.loads(bmi("show", "web", "--json", uri=daemon.uri).stdout)
+    assert ended["status"] in ("SHUTDOWN", "CRASHED") and ended["exit_reason"] and ended["uptime"] is None
+
+
+def test_create_has_runs_options(daemon):
+    bad = bmi("create", "--image", busybox_path(), "--banks", "sha256,md5", uri=daemon.uri)
+    assert bad.returncode == 2 and "md5" in bad.stderr
+    made = bmi("create", "--json", "--image", busybox_path(), "--banks", "sha256,sha384", "--caps", "net_raw",
+               uri=daemon.uri)
+    assert made.returncode == 0, made.stderr
+    info = json.loads(bmi("show", str(json.loads(made.stdout)["pd"]), "--json", uri=daemon.uri).stdout)
+    assert set(info["measurement"]) == {"sha256", "sha384"}
+
+
+def test_names_are_never_ids_and_stay_unique(daemon):
+    digits = bmi("create", "--image", busybox_path(), "--name", "123", uri=daemon.uri)
+    assert digits.returncode == 2 and "all digits" in digits.stderr
+    for name in ("web", "db"):
+        assert bmi("create", "--image", busybox_path(), "--name", name, uri=daemon.uri).returncode == 0
+    taken = bmi("config", "set", "db", "/name", "web", uri=daemon.uri)
+    assert taken.returncode == 2 and "names are unique" in taken.stderr
+    assert bmi("config", "set", "db", "/name", "7", uri=daemon.uri).returncode == 2
+    slashless = bmi("config", "set", "db", "name", "other", uri=daemon.uri)
+    assert slashless.returncode == 2 and "leading '/'" in slashless.stderr
+    assert bmi("config", "get", "db", "/name", uri=daemon.uri).stdout == "db\n"      # nothing was renamed
+    assert bmi("config", "set", "db", "/name", "store", uri=daemon.uri).returncode == 0
+    assert [r["name"] for r in json.loads(bmi("list", "--json", uri=daemon.uri).stdout)] == ["web", "store"]
+
+
+def test_boot_typos_and_bare_env_are_refused(daemon):
+    assert bmi("create", "--image", busybox_path(), "--name", "web", uri=daemon.uri).returncode == 0
+    typo = bmi("config", "set", "web", "/boot/cmdlin", "busybox true", uri=daemon.uri)
+    assert typo.returncode == 2
+    assert "/boot/cmdline, /boot/capabilities, /boot/env/NAME" in typo.stderr and "'/boot/cmdlin'" in typo.stderr
+    assert bmi("config", "set", "web", "/boot/env/DEBUG", "1", uri=daemon.uri).returncode == 0
+    assert bmi("config", "set", "web", "/app/mode", "fast", uri=daemon.uri).returncode == 0   # not /boot/: kept
+    bare = bmi("run", "--env", "FOO", busybox_path())
+    assert bare.returncode == 2 and "'FOO' is not NAME=VALUE" in bare.stderr
+
+
+def test_arguments_are_checked_before_the_image_is_read(tmp_path):
+    """A FIFO nobody writes to: reading it as the image would hang, so a quick refusal proves the order."""
+    fifo = tmp_path / "image"
+    os.mkfifo(fifo)
+    for args in (["--priority", "20"], ["--caps", "fly"], ["--env", "1BAD=x"], ["--performance", "101"]):
+        done = bmi("run", "--json", *args, str(fifo), "--", "busybox", "true", timeout=20)
+        assert done.returncode == 2 and _json_error(done)["type"] == "InvalidArgument", (args, done.stderr)
+
+
+def test_connections_with_none_print_a_header(daemon):
+    assert bmi("create", "--image", busybox_path(), "--name", "web", uri=daemon.uri).returncode == 0
+    assert bmi("connections", "web", uri=daemon.uri).stdout.split() == ["CONN", "DIR", "PEER", "TYPE", "MODE"]
+    assert json.loads(bmi("connections", "web", "--json", uri=daemon.uri).stdout) == []
+
+
+def test_info_on_a_hybrid_host_names_the_v1_freezer():
+    info = json.loads(bmi("info", "--json").stdout)
+    if info["cgroup"]["mode"] != "hybrid":
+        pytest.skip(f"this host's cgroups are {info['cgroup']['mode']}, not hybrid")
+    assert info["cgroup"]["freeze"] == "freezer.state (v1)"
+    assert "cgroup.freeze (v2)" not in bmi("info").stdout
+
+
+def test_no_traceback_even_for_a_bug(monkeypatch, capsys):
+    """An unexpected exception is one line too (BMI_DEBUG=1 shows the traceback)."""
+    from bmi import cli
+    monkeypatch.delenv("BMI_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "cmd_info", lambda args: {}["boom"])
+    monkeypatch.setattr(cli, "build_parser", _parser_with(cli, "info", lambda args: {}["boom"]))
+    assert cli.main(["info", "--json"]) == 1
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["type"] == "RuntimeError" and "internal error: KeyError" in error["message"]
+
+
+def _parser_with(cli, command, func):
+    build = cli.build_parser
+
+    def parser():
+        p = build()
+        p._subparsers._group_actions[0].choices[command].set_defaults(func=func)
+        return p
+    return parser
