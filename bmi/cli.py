@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
@@ -130,8 +131,10 @@ def progress(args: argparse.Namespace, total: int | None, desc: str) -> Iterator
         yield None
         return
     from tqdm import tqdm
+    # shutil's size: $COLUMNS/$LINES, the terminal's, or 80x24 where a terminal reports 0 (tqdm would draw nothing)
+    size = shutil.get_terminal_size()
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
-              leave=False) as bar:
+              leave=False, ncols=size.columns, nrows=size.lines) as bar:
         def update(done: int, now_total: int) -> None:
             if bar.total != now_total:
                 bar.total = now_total

@@ -81,7 +81,7 @@ def test_get_controller_wrong_type(mgr, pd_id):
     (bmi.PDDescription(mem=16 << 20, cpu=0), bmi.InvalidArgument),
     (bmi.PDDescription(mem=16 << 20, performance=0), bmi.InvalidArgument),
     (bmi.PDDescription(mem=16 << 20, performance=101), bmi.InvalidArgument),
-    (bmi.PDDescription(mem="16M"), bmi.InvalidArgument),
+    (bmi.PDDescription(mem=16.0 * (1 << 20)), bmi.InvalidArgument),   # "16M" is a size; a float is not
     (bmi.PDDescription(mem=True), bmi.InvalidArgument),
     ({"mem": 1 << 24}, bmi.InvalidArgument),
 ])
