@@ -1,7 +1,10 @@
 """The `bmi` command: run measured, isolated PDs and inspect the layer.
 
-Human output by default, `--json` for scripts.  Exit status of `bmi run` is
-the PD's: its exit status, 128+N when killed by signal N (137 for oom).
+Human output by default, `--json` for scripts.  Every command ends through
+main(): 0 done, 1 failed, 2 a usage error, 130 after Ctrl-C, quietly on a
+closed pipe; with --json a failure is one object on stdout.  Exit status of
+`bmi run` is the PD's: its exit status, 128+N when killed by signal N (137
+for oom).
 """
 from __future__ import annotations
 
