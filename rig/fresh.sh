@@ -51,11 +51,17 @@ while IFS='=' read -r name value; do
 	envs+=("$name=$value")
 	case "$value" in /*) carry+=("$value");; esac
 done < <(env | grep -E '^(PIP_|SSL_|REQUESTS_CA_BUNDLE=|CURL_CA_BUNDLE=)' || true)
+# Local CAs (a TLS-inspecting egress, say) the way Debian takes them: ca-certificates'
+# postinst in the root then builds its bundle with them.
+carry+=(/usr/local/share/ca-certificates)
 binds=()
 for path in "${carry[@]}"; do
 	[ -e "$path" ] || continue
-	if [ -d "$path" ]; then mkdir -p "$ROOT$path"; binds+=("$path");
-	else mkdir -p "$ROOT$(dirname "$path")"; cp -L "$path" "$ROOT$path"; fi
+	mkdir -p "$ROOT$(dirname "$path")"
+	case "$path" in
+	/etc/*|/usr/local/share/ca-certificates) cp -rLT "$path" "$ROOT$path";;  # packages write there
+	*) if [ -d "$path" ]; then mkdir -p "$ROOT$path"; binds+=("$path"); else cp -L "$path" "$ROOT$path"; fi;;
+	esac
 done
 
 inner="set -e; cd /work/bmi; echo 'test-fresh: apt-get install -y make'; \
