@@ -120,12 +120,13 @@ def boot(name: str, cmd: list[str], timeout: float, log_path: str) -> int:
         verdict, rc = f"VM exited ({qemu_rc}) without a result line: the guest crashed or panicked", 1
     else:
         rc = int(results[-1])
-        verdict = f"guest result {rc}" + (" (guest-side timeout)" if rc == 143 else "") + f"; {counts}"
+        verdict = f"guest result {rc}" + (" (guest-side timeout)" if rc == 143 else "")
         if rc == 0 and not re.search(r"\b[1-9]\d* passed", counts):
-            verdict, rc = verdict + ": no test passed", 1
+            verdict, rc = verdict + " but no test passed", 1
+    verdict += f"; {counts}"
     line = f"rig {name}: {verdict}; {elapsed:.0f} s; console log: {os.path.relpath(log_path)}"
     print(line, flush=True)
-    with open(os.path.join(OUT, f"{name}.verdict"), "w") as f:   # .ci/run repeats it at the end
+    with open(os.path.join(os.path.dirname(log_path), f"{name}.verdict"), "w") as f:   # .ci/run repeats it
         f.write(line + "\n")
     return rc
 
