@@ -49,7 +49,7 @@ bench: venv
 	$(PY) bench/spawn.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info bmi/*.so bmi/_*_cffi.c tests/.build
+	rm -rf $(VENV) build dist *.egg-info bmi/*.so bmi/_*_cffi.c tests/.build
 
 # --- QEMU test rigs (rig/): kernels and hypervisors this host lacks ---------
 # Boot the Debian kernel (pure cgroup v2) or Xen with it as dom0 in QEMU TCG
