@@ -42,8 +42,6 @@ def signing_key(report: IntegrityReport, ak: object = None, *, trust_report_key:
     if ak is None and not trust_report_key:
         raise IntegrityError(f"{what}: {UNPINNED}", pd_id=report.pd_id)
     pin = keys.resolve(ak, what) if ak is not None else None
-    if pin is not None and pin.key is not None:
-        return pin.key
     try:
         carried = keys.load_pem(report.pubkey, f"{what}: the report's key")
     except InvalidArgument as e:
@@ -52,10 +50,10 @@ def signing_key(report: IntegrityReport, ak: object = None, *, trust_report_key:
         warnings.warn(f"{what}: trusting the attestation key the report carries ({keys.fingerprint(carried)}): "
                       "anyone can forge such a report; pin the AK with ak=", UnpinnedKeyWarning, stacklevel=3)
     elif keys.fingerprint(carried) != pin.fingerprint:
-        raise IntegrityError(f"{what}: signature check failed: the report is signed by "
-                             f"{keys.fingerprint(carried)}, not by the pinned AK {pin.fingerprint}",
+        raise IntegrityError(f"{what}: signature check failed: the report names the key "
+                             f"{keys.fingerprint(carried)}, not the pinned AK {pin.fingerprint}",
                              pd_id=report.pd_id)
-    return carried
+    return pin.key if pin is not None and pin.key is not None else carried
 
 
 def check_signature(report: IntegrityReport, key: PublicKeyType) -> str | None:
