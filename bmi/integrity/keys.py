@@ -10,6 +10,7 @@ Needs only `cryptography` (a verifier has no TPM).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -42,12 +43,27 @@ def to_pem(key: PublicKeyType) -> str:
 def load_pem(pem: str | bytes, what: str) -> PublicKeyType:
     """A PEM SubjectPublicKeyInfo of an ECC or RSA key; InvalidArgument saying what is wrong."""
     try:
-        key = load_pem_public_key(pem.encode("ascii") if isinstance(pem, str) else bytes(pem))
+        return _load(pem.encode("ascii") if isinstance(pem, str) else bytes(pem))[0]
     except (ValueError, TypeError, UnicodeEncodeError) as e:
-        raise InvalidArgument(f"{what}: not a PEM public key ({e})") from None
+        raise InvalidArgument(f"{what}: {e}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _load(pem: bytes) -> tuple[PublicKeyType, str]:
+    """(key, fingerprint): a verifier sees the same few keys again and again (keys are immutable)."""
+    try:
+        key = load_pem_public_key(pem)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"not a PEM public key ({e})") from None
     if not isinstance(key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
-        raise InvalidArgument(f"{what}: a {type(key).__name__} is not a TPM attestation key (ECC or RSA)")
-    return key
+        raise ValueError(f"a {type(key).__name__} is not a TPM attestation key (ECC or RSA)")
+    return key, fingerprint(key)
+
+
+def pem_fingerprint(pem: str | bytes, what: str) -> str:
+    """fingerprint(load_pem(pem)), cached."""
+    load_pem(pem, what)
+    return _load(pem.encode("ascii") if isinstance(pem, str) else bytes(pem))[1]
 
 
 @dataclass(frozen=True)
@@ -123,7 +139,6 @@ def resolve(ak: Any, what: str) -> Pin:
             raise InvalidArgument(f"{what}: ak {ak[:80]!r} is not a fingerprint sha256:<64 hex digits>")
         return Pin(None, fp)
     if isinstance(ak, (str, bytes, bytearray)):
-        key = load_pem(ak, f"{what}: ak")
-        return Pin(key, fingerprint(key))
+        return Pin(load_pem(ak, f"{what}: ak"), pem_fingerprint(ak, f"{what}: ak"))
     raise InvalidArgument(f"{what}: ak must be the AK's PEM (str or bytes), a cryptography public key or its "
                           f"fingerprint 'sha256:<hex>', not {type(ak).__name__}")

@@ -44,15 +44,15 @@ def signing_key(report: IntegrityReport, ak: object = None, *, trust_report_key:
     pin = keys.resolve(ak, what) if ak is not None else None
     try:
         carried = keys.load_pem(report.pubkey, f"{what}: the report's key")
+        carried_fp = keys.pem_fingerprint(report.pubkey, f"{what}: the report's key")
     except InvalidArgument as e:
         raise IntegrityError(f"{what}: signature check failed: {e}", pd_id=report.pd_id) from None
     if pin is None:
-        warnings.warn(f"{what}: trusting the attestation key the report carries ({keys.fingerprint(carried)}): "
+        warnings.warn(f"{what}: trusting the attestation key the report carries ({carried_fp}): "
                       "anyone can forge such a report; pin the AK with ak=", UnpinnedKeyWarning, stacklevel=3)
-    elif keys.fingerprint(carried) != pin.fingerprint:
+    elif carried_fp != pin.fingerprint:
         raise IntegrityError(f"{what}: signature check failed: the report names the key "
-                             f"{keys.fingerprint(carried)}, not the pinned AK {pin.fingerprint}",
-                             pd_id=report.pd_id)
+                             f"{carried_fp}, not the pinned AK {pin.fingerprint}", pd_id=report.pd_id)
     return pin.key if pin is not None and pin.key is not None else carried
 
 
