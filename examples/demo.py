@@ -33,7 +33,7 @@ def main() -> int:
         print("status:", pd.get_current_status().name)
         pd.request_status_change(bmi.PDStatus.RUNNING)
         try:
-            ak = mgr.get_attestation_key()      # a real verifier enrolled this beforehand, over a trusted channel
+            ak = mgr.get_attestation_key()      # a verifier enrols this beforehand, over a trusted channel
             print(f"attestation key (under the TPM's EK): {ak.fingerprint}")
             nonce = os.urandom(32)
             report = pd.get_integrity_link(nonce)

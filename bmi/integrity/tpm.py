@@ -345,7 +345,8 @@ class TPM:
             sess = self._call("start policy session", self._esys.start_auth_session, ESYS_TR.NONE, ESYS_TR.NONE,
                               TPM2_SE.POLICY, TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256)
             sessions.append(sess)
-            self._call("PolicySecret(endorsement)", self._esys.policy_secret, ESYS_TR.ENDORSEMENT, sess)
+            self._call("PolicySecret(endorsement) (bmi needs the endorsement hierarchy's auth value empty)",
+                       self._esys.policy_secret, ESYS_TR.ENDORSEMENT, sess)
             return sess
         try:
             self._ek = (public.publicArea.marshal(), cert)

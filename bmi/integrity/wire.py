@@ -301,15 +301,15 @@ def kdfa(alg: str, key: bytes, label: bytes, context: bytes, bits: int) -> bytes
 def _seed(parent: PublicKey, label: bytes) -> tuple[bytes, bytes]:
     """A fresh seed only `parent`'s TPM can recover: (seed, TPM2B_ENCRYPTED_SECRET buffer).
 
-    ECC: ephemeral ECDH and KDFe (Part 1, 11.4.10.3); RSA: OAEP with the
-    parent's name algorithm and `label` (Part 1, B.10.3).
+    ECC: ephemeral ECDH and KDFe (Part 1, 11.4.10.3), the buffer is the
+    ephemeral TPMS_ECC_POINT; RSA: the OAEP ciphertext with the parent's
+    name algorithm and `label` (Part 1, B.10.3).
     """
     digest_size = hashlib.new(parent.name_alg).digest_size
     if parent.type == ALG_RSA:
         seed = os.urandom(digest_size)
         halg = crypto_hash(parent.name_alg)
-        encrypted = parent.key.encrypt(seed, padding.OAEP(padding.MGF1(halg), halg, label))
-        return seed, tpm2b(encrypted)
+        return seed, parent.key.encrypt(seed, padding.OAEP(padding.MGF1(halg), halg, label))
     point = parent.point
     eph = ec.generate_private_key(point.curve)
     size = (point.curve.key_size + 7) // 8

@@ -8,8 +8,9 @@ import struct
 import subprocess
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_public_key
 
 from bmi.errors import IntegrityError, InvalidArgument
 from bmi.integrity import keys, wire
@@ -24,7 +25,8 @@ TPM_RH_ENDORSEMENT = 0x4000000B
 
 def _qualified_name(parent_qn: bytes, public_area: bytes) -> bytes:
     """Part 1, 16.6: QN(object) = nameAlg || H(QN(parent) || Name(object))."""
-    return struct.pack(">H", wire.ALG_IDS["sha256"]) + hashlib.sha256(parent_qn + wire.object_name(public_area)).digest()
+    digest = hashlib.sha256(parent_qn + wire.object_name(public_area)).digest()
+    return struct.pack(">H", wire.ALG_IDS["sha256"]) + digest
 
 
 def test_ak_is_a_restricted_signing_key_under_the_ek(service):
@@ -180,3 +182,51 @@ def test_tpm2_checkquote_accepts_the_pinned_export(service, tmp_path):
                            "quote.pcrs", "-g", "sha256", "-q", (out / "qualification.hex").read_text()],
                           cwd=out, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
+
+
+def _self_signed_der() -> bytes:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test EK certificate")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(Encoding.DER)
+
+
+def test_only_an_rsa_ek_certificate_gives_an_rsa_ek(state_dir):
+    """A TPM whose NV holds only an RSA EK certificate (as many shipped ones do): the AK goes under the RSA EK."""
+    from tpm2_pytss import ESAPI, TCTILdr, TPM2_ALG, TPM2B_NV_PUBLIC, TPMA_NV, TPMS_NV_PUBLIC
+    from bmi.integrity.tpm import EK_CERT_INDEXES
+    der = _self_signed_der()
+    swtpm = Swtpm.attach(state_dir / "tpm")
+    tcti = TCTILdr("swtpm", f"path={swtpm.sock}")
+    esys = ESAPI(tcti)
+    try:
+        padded = der + bytes(16)                       # NV areas are often larger than the certificate
+        index = esys.nv_define_space(None, TPM2B_NV_PUBLIC(nvPublic=TPMS_NV_PUBLIC(
+            nvIndex=EK_CERT_INDEXES["EK-RSA2048"], nameAlg=TPM2_ALG.SHA256,
+            attributes=TPMA_NV.AUTHREAD | TPMA_NV.AUTHWRITE | TPMA_NV.NO_DA, dataSize=len(padded))))
+        for offset in range(0, len(padded), 512):
+            esys.nv_write(index, padded[offset:offset + 512], offset)
+        with IntegrityService.open(config={"state_dir": str(state_dir), "tpm": "swtpm"}) as svc:
+            ak = svc.attestation_key()
+            assert wire.parse_public(ak.ek_public_area).type == wire.ALG_RSA
+            assert load_pem_public_key(ak.ek_pem.encode()).key_size == 2048
+            assert ak.ek_certificate is not None and "BEGIN CERTIFICATE" in ak.ek_certificate
+            assert x509_der(ak.ek_certificate) == der
+            assert svc.activate_credential(*make_credential(ak, b"rsa ek")) == b"rsa ek"   # OAEP seed
+            verify_report(svc.integrity_link(NONCE, PD), nonce=NONCE, pd_integrity=PD, ak=ak)
+    finally:
+        esys.close()
+        tcti.close()
+        swtpm.detach()
+
+
+def x509_der(pem: str) -> bytes:
+    from cryptography import x509
+    return x509.load_pem_x509_certificate(pem.encode()).public_bytes(Encoding.DER)
