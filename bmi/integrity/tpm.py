@@ -364,10 +364,9 @@ class TPM:
 
     def endorsement(self) -> tuple[bytes, str | None]:
         """(EK TPMT_PUBLIC, EK certificate PEM or None); the EK is made once per connection."""
-        if self._ek is None:
+        while self._ek is None:              # _endorsement() records it
             with self.exclusive(), self._endorsement():
                 pass
-        assert self._ek is not None
         return self._ek
 
     def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
