@@ -14,7 +14,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .channel.connections import Registry, lines as connection_lines
 from .drivers.base import Driver, ExitInfo, Progress
@@ -23,6 +23,9 @@ from .errors import (BMIError, InvalidArgument, InvalidState, NoSuchDomain, NotS
 from .params import Leaf, ParamTree, const, normalize, parse_int
 from .types import (ConnectionIntegrityPolicy, ConnectionPolicy, ConnectionType, IntegrityPolicy,
                     IntegrityReport, PDDescription, PDStatus, RuntimeCapability)
+
+if TYPE_CHECKING:
+    from .integrity.keys import AttestationKey
 
 log = logging.getLogger("bmi")
 
@@ -252,6 +255,10 @@ class PDManagement:
     def get_storage_public(self) -> bytes:
         """The TPM storage key's public part, for bmi.wrap_credentials off the machine."""
         return self._integrity("get_storage_public").storage_public()
+
+    def get_attestation_key(self) -> AttestationKey:
+        """The TPM attestation key (.pem, .fingerprint) a verifier pins for bmi.verify_report(ak=...)."""
+        return self._integrity("get_attestation_key").attestation_key()
 
     def layer_info(self) -> dict[str, Any]:
         """What the layer is and can do (driver facts, host resources, TPM kind): `bmi info`."""
@@ -812,6 +819,10 @@ class CallerScope:
     def get_device_manager(self) -> DeviceManager:
         raise PermissionDenied(f"get_device_manager by PD {self._caller}: only the manager assigns devices",
                                pd_id=self._caller)
+
+    def get_attestation_key(self) -> AttestationKey:
+        """The layer's AK: public, the key a PD's own verifier pins for the reports it relays."""
+        return self._mgr.get_attestation_key()
 
     def connect(self, tid: int, con_type: ConnectionType, mode: int, size: int = 0) -> tuple[dict, int]:
         """Open a connection to tid if the caller's policy allows it; returns its description and the fd."""

@@ -79,6 +79,10 @@ class Dispatcher:
         _names(params, ())
         return self._ctl(scope, params).get_pd_id()
 
+    def m_get_attestation_key(self, scope: Any, params: dict, fd: None) -> dict:
+        _names(params, (), manager=True)
+        return scope.get_attestation_key().to_wire()
+
     def m_allocate_pd(self, scope: Any, params: dict, fd: None) -> int:
         _names(params, ("mem",), ("cpu", "performance"), manager=True)
         desc = PDDescription(params["mem"], params.get("cpu", 1), params.get("performance", 100))

@@ -62,7 +62,7 @@ READ_ONLY = frozenset({
     "get_version", "list_pd", "get_controller", "get_priority", "get_current_status", "get_allowed_connections",
     "get_config_param", "get_runtime_param", "list_runtime_params", "get_integrity_link", "describe", "layer_info",
     "measurement", "read_console", "wait", "subscribe", "get_storage_public", "list_devices", "assigned",
-    "status_board"})
+    "status_board", "get_attestation_key"})
 
 
 class SystemDispatcher(Dispatcher):

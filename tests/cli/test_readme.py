@@ -113,6 +113,8 @@ def test_example_block(block, scratch, tmp_path):
     elif "linux:///system" in block.code:
         with running_bmid(tmp_path / "bmid", tpm=needs_tpm) as daemon:
             wrapper = f'bmi() {{ command bmi --uri "{daemon.uri}" "$@"; }}\n'
+            if daemon.tpm_dir:      # `bmi tpm` opens the TPM bmid uses, as on a machine with one
+                env["BMI_STATE_DIR"] = daemon.tpm_dir
             done = subprocess.run(["bash", "-e", "-c", wrapper + block.code], cwd=work, env=env,
                                   capture_output=True, text=True, timeout=300)
     else:
