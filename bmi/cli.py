@@ -87,24 +87,37 @@ def add_pd_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--banks", default="sha256", help="digest banks, e.g. sha256,sha384 (default sha256)")
 
 
-def prepare_pd(mgr: Any, args: argparse.Namespace, argv: Sequence[str] | None,
+@contextlib.contextmanager
+def held_interrupts() -> Iterator[Callable[[], None]]:
+    """Hold Ctrl-C while a call is in flight and raise it at the next check() this yields.
+
+    A call to bmid cut short leaves its reply on the channel, where the next call (the destroy that cleans
+    up) would read it; a PD allocated by bmid but not yet known here would be left behind.  A Ctrl-C that
+    comes after the last check is raised on leaving."""
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+
+    def check() -> None:
+        if pending:
+            pending.clear()
+            raise KeyboardInterrupt
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    check()
+
+
+def prepare_pd(mgr: Any, args: argparse.Namespace, argv: Sequence[str] | None, check: Callable[[], None],
                config: Mapping[str, str] | None = None) -> Any:
     """Allocate a PD and give it the options of add_pd_options, all checked before the image is measured
     (a bad --priority must not wait for a 1 GiB hash); then measure the image into it.
 
-    On any failure the PD is destroyed: nothing half-built is left behind."""
-    # Ctrl-C while bmid allocates would leave a PD nobody knows of: hold it until `pd` can be destroyed
-    interrupted: list[int] = []
-    default_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    `check` (held_interrupts) is called between the calls and while the image is copied, so Ctrl-C lands
+    where the PD can still be destroyed: on any failure nothing half-built is left behind."""
+    pd = mgr.allocate_pd(PDDescription(mem=args.mem, cpu=args.cpus, performance=args.performance))
     try:
-        pd = mgr.allocate_pd(PDDescription(mem=args.mem, cpu=args.cpus, performance=args.performance))
-    except BaseException:
-        signal.signal(signal.SIGINT, default_handler)
-        raise
-    try:
-        signal.signal(signal.SIGINT, default_handler)
-        if interrupted:
-            raise KeyboardInterrupt
+        check()
         pd.set_priority(args.priority)
         for key, value in (config or {}).items():
             pd.set_config_param(key, value)
@@ -115,9 +128,15 @@ def prepare_pd(mgr: Any, args: argparse.Namespace, argv: Sequence[str] | None,
             pd.set_config_param(f"/boot/env/{name}", value)
         if args.caps:
             pd.set_config_param("/boot/capabilities", args.caps)
+        check()
         image = FileImage(args.image)
         with progress(args, image.get_image_size(), "measuring") as update:
-            pd.setup_pd(image, banks=[b.strip() for b in args.banks.split(",") if b.strip()], progress=update)
+            def copied(done: int, total: int) -> None:
+                check()
+                if update is not None:
+                    update(done, total)
+            pd.setup_pd(image, banks=[b.strip() for b in args.banks.split(",") if b.strip()], progress=copied)
+        check()
     except BaseException:
         pd.destroy()
         raise
@@ -178,34 +197,44 @@ def _exit_code(status: PDStatus, exit_status: str | None, reason: str) -> int:
     return 1
 
 
+def _start_and_stream(pd: Any, args: argparse.Namespace, check: Callable[[], None]) -> None:
+    """Start the PD (attest it when asked) and copy its console to stdout until it ends."""
+    pd.request_status_change(PDStatus.RUNNING)
+    if args.attest:
+        nonce = bytes.fromhex(args.nonce) if args.nonce is not None else os.urandom(32)
+        report = pd.get_integrity_link(nonce)
+        if args.attest_out:
+            with open(args.attest_out, "w") as f:
+                f.write(report.to_json() + "\n")
+        else:
+            print(report.to_json(), file=sys.stderr, flush=True)
+    offset = 0
+    while True:
+        check()
+        offset, data = pd.read_console(offset, timeout=0.5)
+        if data:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        if pd.get_current_status() not in (PDStatus.RUNNING, PDStatus.PAUSED) and not data:
+            offset, data = pd.read_console(offset, timeout=2.0)
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+            return
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     argv = args.args[1:] if args.args[:1] == ["--"] else args.args
-    with bmi_open(args.uri, integrity=args.attest) as mgr:
-        pd = prepare_pd(mgr, args, argv or [os.path.basename(args.image)])
+    with bmi_open(args.uri, integrity=args.attest) as mgr, held_interrupts() as check:
+        pd = prepare_pd(mgr, args, argv or [os.path.basename(args.image)], check)
         pid = pd.get_pd_id()
         measurement = pd.measurement()
         for bank, digest in measurement.items():
             print(f"bmi: PD {pid} measured {bank}:{digest.hex()}", file=sys.stderr)
-        pd.request_status_change(PDStatus.RUNNING)
-        if args.attest:
-            nonce = bytes.fromhex(args.nonce) if args.nonce is not None else os.urandom(32)
-            report = pd.get_integrity_link(nonce)
-            if args.attest_out:
-                with open(args.attest_out, "w") as f:
-                    f.write(report.to_json() + "\n")
-            else:
-                print(report.to_json(), file=sys.stderr, flush=True)
-        offset = 0
-        while True:
-            offset, data = pd.read_console(offset, timeout=0.5)
-            if data:
-                sys.stdout.buffer.write(data)
-                sys.stdout.buffer.flush()
-            if pd.get_current_status() not in (PDStatus.RUNNING, PDStatus.PAUSED) and not data:
-                offset, data = pd.read_console(offset, timeout=2.0)
-                sys.stdout.buffer.write(data)
-                sys.stdout.buffer.flush()
-                break
+        try:
+            _start_and_stream(pd, args, check)
+        except (KeyboardInterrupt, BrokenPipeError):
+            pd.destroy()        # Ctrl-C or a closed pipe ends the PD, in bmid as in session mode
+            raise
         status = pd.get_current_status()
         params = {c.name for c in pd.list_runtime_params("/system")}
         exit_status = pd.get_runtime_param("/system/exit-status") if "/system/exit-status" in params else None

@@ -80,15 +80,16 @@ def check_name(mgr: Any, name: str, pd_id: int | None = None) -> None:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from ..cli import prepare_pd
+    from ..cli import held_interrupts, prepare_pd
     argv = args.args[1:] if args.args[:1] == ["--"] else args.args
-    with bmi_open(args.uri) as mgr:
+    with bmi_open(args.uri) as mgr, held_interrupts() as check:
         if args.name is not None:
             check_name(mgr, args.name)
-        pd = prepare_pd(mgr, args, argv, {NAME_PARAM: args.name} if args.name is not None else {})
+        pd = prepare_pd(mgr, args, argv, check, {NAME_PARAM: args.name} if args.name is not None else {})
         try:
             if args.start:
                 pd.request_status_change(PDStatus.RUNNING)
+            check()
         except BaseException:
             pd.destroy()                # nothing half-built is left behind
             raise

@@ -106,6 +106,19 @@ def test_ctrl_c_during_create_ends_quietly_and_leaves_nothing(daemon, tmp_path):
         assert mgr.describe() == [] or all(r["status"] == "DESTROYED" for r in mgr.describe())
 
 
+def test_ctrl_c_during_run_destroys_the_pd_in_bmid_too(daemon):
+    run = subprocess.Popen([*BMI, "run", busybox_path(), "--", "busybox", "sleep", "100"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, env=dict(os.environ, BMI_URI=daemon.uri))
+    with daemon.open() as mgr:
+        deadline = time.monotonic() + 30
+        while [r["status"] for r in mgr.describe()] != ["RUNNING"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=60)
+        assert run.returncode == 130 and b"Traceback" not in err, err
+        assert all(r["status"] == "DESTROYED" for r in mgr.describe())
+
+
 def test_show_tells_everything_in_one_call(daemon):
     made = bmi("create", "--json", "--image", busybox_path(), "--name", "web", "--start", "--priority", "3",
                "--mem", "48M", "--env", "GREETING=hi", "--", "busybox", "sh", "-c", "echo $GREETING; exec busybox sleep 100",
