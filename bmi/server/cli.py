@@ -3,11 +3,12 @@ and xen:///system (bmid --uri xen:///system).
 
     bmi --uri linux:///system create --image /bin/busybox --name web -- busybox httpd -f
     bmi list
-    bmi start web ; bmi console web ; bmi param get web /system/memory/current
+    bmi start web ; bmi show web ; bmi console web ; bmi param get web /system/memory/current
     bmi attest web --nonce 00112233 ; bmi destroy web
 
-PDs are named by id or by the config parameter /name (set by create --name).
-Human tables by default, --json everywhere.
+PDs are named by id or by the config parameter /name (set by create --name; never all digits, unique).
+Human tables by default, --json everywhere.  Against a session URI these commands refuse (bmi/cli.py's
+main): the PDs would end with the command.
 """
 from __future__ import annotations
 
