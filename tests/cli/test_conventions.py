@@ -51,6 +51,34 @@ def test_exit_status_and_json_error_shape_are_the_same_for_every_command(tmp_pat
     assert human.stderr.splitlines()[-1].startswith("bmi: ImageError: setup_pd of PD 1: unknown image format")
 
 
+#: One failing invocation of every command, and the status it must end with.
+FAILING = {
+    "info": (["--uri", "linux:///nowhere"], 2),
+    "run": (["/no/such/image"], 2),
+    "bundle": (["/no/such/prog", "-o", "/nonexistent/x.cpio"], 2),
+    "verify": (["/no/such/report.json", "--nonce", "00", "--expect-digest", "00"], 2),
+    "seal": (["--policy", "/no/such/policy.json", "--secret-file", "/x", "-o", "/nonexistent/blob"], 2),
+    "eventlog": ([], 1),
+    "tpm": ([], 1),
+    **{command: (args, 1) for command, args in {
+        "allow": ["1", "2"], "connections": ["1"], "list": [], "create": ["--image", "/bin/true"],
+        "show": ["1"], "start": ["1"], "pause": ["1"], "resume": ["1"], "shutdown": ["1"], "restart": ["1"],
+        "destroy": ["1"], "param": ["get", "1", "/system/status"], "config": ["get", "1", "/name"],
+        "attest": ["1", "--nonce", "00"], "console": ["1"], "events": []}.items()},
+}
+
+
+def test_every_command_fails_with_one_json_object():
+    from bmi.cli import build_parser
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    assert commands == set(FAILING), "a new command needs its failing invocation here"
+    env = dict(os.environ, BMI_TPM_TCTI="device:/nonexistent")     # no TPM to reach: tpm and eventlog fail
+    for command, (args, status) in FAILING.items():
+        done = bmi(command, *args, "--json", env=env)
+        assert done.returncode == status, (command, done.stdout, done.stderr)
+        _json_error(done)
+
+
 def test_run_exits_with_the_pds_status():
     assert bmi("run", busybox_path(), "--", "busybox", "sh", "-c", "exit 42").returncode == 42
 
@@ -206,18 +234,12 @@ def test_no_traceback_even_for_a_bug(monkeypatch, capsys):
     """An unexpected exception is one line too (BMI_DEBUG=1 shows the traceback)."""
     from bmi import cli
     monkeypatch.delenv("BMI_DEBUG", raising=False)
-    monkeypatch.setattr(cli, "cmd_info", lambda args: {}["boom"])
-    monkeypatch.setattr(cli, "build_parser", _parser_with(cli, "info", lambda args: {}["boom"]))
+    monkeypatch.setattr(cli, "_run", lambda args: {}["boom"])
     assert cli.main(["info", "--json"]) == 1
     error = json.loads(capsys.readouterr().out)["error"]
     assert error["type"] == "RuntimeError" and "internal error: KeyError" in error["message"]
-
-
-def _parser_with(cli, command, func):
-    build = cli.build_parser
-
-    def parser():
-        p = build()
-        p._subparsers._group_actions[0].choices[command].set_defaults(func=func)
-        return p
-    return parser
+    assert cli.main(["info"]) == 1
+    assert capsys.readouterr().err.startswith("bmi: RuntimeError: internal error: KeyError: 'boom'")
+    monkeypatch.setenv("BMI_DEBUG", "1")
+    with pytest.raises(KeyError):
+        cli.main(["info"])
