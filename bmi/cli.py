@@ -285,6 +285,10 @@ def cmd_allow(args: argparse.Namespace) -> int:
         src, dst = resolve(mgr, args.src), resolve(mgr, args.dst).get_pd_id()
         src.set_allowed_connections(dst, policies, args.disable_existing)
         now = src.get_allowed_connections(dst)
+    if args.json:
+        print(json.dumps({"pd": src.get_pd_id(), "towards": dst,
+                          "allowed": [{"type": p.con_type.name, "mode": _mode_text(p.mode)} for p in now]}))
+        return 0
     names = ", ".join(f"{p.con_type.name} {_mode_text(p.mode)}" for p in now) or "nothing"
     print(f"bmi: PD {src.get_pd_id()} may now open towards PD {dst}: {names}", file=sys.stderr)
     return 0
@@ -369,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     allow.add_argument("--mode", type=parse_mode, default=3, help="r, w or rw, seen from SRC (default rw)")
     allow.add_argument("--disable-existing", action="store_true",
                        help="cut live connections the new policy no longer allows")
+    allow.add_argument("--json", action="store_true", help="print the policy now in force as JSON")
     allow.set_defaults(func=cmd_allow)
 
     conns = sub.add_parser("connections", help="the live connections of a PD (/interfaces/connections)")

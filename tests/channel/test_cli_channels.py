@@ -30,6 +30,9 @@ def test_allow_sets_and_withdraws_the_policy_and_cuts(on, as_pd, capsys):
     assert a.get_allowed_connections(b.get_pd_id()) == [ConnectionPolicy(CT.IPC, bmi.READ),
                                                         ConnectionPolicy(CT.SHM, bmi.READ)]
     assert "IPC r, SHM r" in capsys.readouterr().err
+    assert cli.main(["allow", src, dst, "--type", "ipc", "--type", "shm", "--mode", "r", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"pd": a.get_pd_id(), "towards": b.get_pd_id(), "allowed": [
+        {"type": "IPC", "mode": "r"}, {"type": "SHM", "mode": "r"}]}
     ca, cb = as_pd(a), as_pd(b)
     conn = ca.connect(b.get_pd_id(), CT.IPC, bmi.READ)
     assert cli.main(["connections", src, "--json"]) == 0
