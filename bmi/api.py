@@ -20,7 +20,7 @@ from .channel.connections import Registry, lines as connection_lines
 from .drivers.base import Driver, ExitInfo, Progress
 from .errors import (BMIError, InvalidArgument, InvalidState, NoSuchDomain, NotSupported,
                      PermissionDenied, ResourceError)
-from .params import Leaf, ParamTree, const, normalize, parse_int
+from .params import Leaf, ParamTree, const, normalize, parse_allow, parse_int
 from .types import (ConnectionIntegrityPolicy, ConnectionPolicy, ConnectionType, IntegrityPolicy,
                     IntegrityReport, PDDescription, PDStatus, RuntimeCapability)
 
@@ -580,6 +580,8 @@ class PDController:
             raise InvalidArgument(f"set_config_param {path!r} of PD {self._id}: value must be a str without NUL",
                                   pd_id=self._id)
         pd = self._owned("set_config_param")
+        if path == "/boot/allow":
+            parse_allow(value, what=f"set_config_param {path}", pd_id=self._id)
         with pd.lock:
             self._driver.check_config(pd.handle, path, value)
             pd.config[path] = value
@@ -745,6 +747,8 @@ class PDController:
         leaves["/interfaces/connections"] = Leaf(get=lambda: connection_lines(registry.live(pid), pid))
         leaves["/system/parent"] = const(str(pd.parent))
         leaves.update(_CONNECTION_CAPABILITIES)
+        if drv.channels:
+            leaves["/capability/connections/fd-passing"] = const(_fd_passing(pd))
         for status, names in _CAPABILITY_PARAMS.items():
             if status in drv.capabilities:
                 for name in names:
@@ -764,6 +768,18 @@ _CONNECTION_CAPABILITIES = {
     "/capability/connections/shm-revocable": const(
         "no: revoking an SHM connection stops nothing already mapped or held; only new connections are refused"),
 }
+
+
+def _fd_passing(pd: _PD) -> str:
+    """Whether fds can ride pd's IPC, STREAM and EVENT connections (past their modes and revocation)."""
+    from .channel.sockets import fd_passing_refusable
+    if not fd_passing_refusable():
+        return ("possible: this kernel has no SO_PASSRIGHTS (Linux 6.16 and later have it), so a socket passed "
+                "over a connection outlives the connection's mode and its revocation")
+    if "io_uring" in parse_allow(pd.config.get("/boot/allow", ""), what="/boot/allow", pd_id=pd.pd_id):
+        return ("possible towards this PD: its /boot/allow lists io_uring, whose socket commands can turn "
+                "SO_PASSRIGHTS back on past the seccomp filter")
+    return "refused: connection ends have SO_PASSRIGHTS off and the seccomp filter refuses turning it on"
 
 
 class CallerScope:

@@ -107,6 +107,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             pd.set_config_param(f"/boot/env/{name}", value)
         if args.caps:
             pd.set_config_param("/boot/capabilities", args.caps)
+        if args.allow:
+            pd.set_config_param("/boot/allow", args.allow)
         pd.request_status_change(PDStatus.RUNNING)
         if args.attest:
             nonce = bytes.fromhex(args.nonce) if args.nonce else os.urandom(32)
@@ -233,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment (repeatable)")
     run.add_argument("--caps", metavar="LIST", help="capabilities the program keeps in its own namespaces, "
                      "e.g. net_raw,net_bind_service or all (default: none, like bwrap)")
+    run.add_argument("--allow", metavar="LIST", help="kernel surface refused by default that the PD may use: "
+                     "io_uring (config /boot/allow)")
     run.add_argument("--banks", default="sha256", help="digest banks, e.g. sha256,sha384 (default sha256)")
     run.add_argument("--attest", action="store_true", help="print an integrity report (JSON) on stderr")
     run.add_argument("--nonce", help="hex nonce for --attest (default: 32 random bytes)")

@@ -120,6 +120,23 @@ def parse_int(value: str, *, what: str, pd_id: int, lo: int, hi: int, unit_suffi
     return number
 
 
+#: What the config parameter /boot/allow may list: kernel surface a PD is refused unless its config allows it.
+ALLOWABLE = {
+    "io_uring": "the io_uring syscalls (io_uring_setup, io_uring_enter, io_uring_register): kernel attack surface "
+                "Docker's default profile blocks too, and its socket commands bypass the seccomp filter",
+}
+
+
+def parse_allow(value: str, *, what: str, pd_id: int | None) -> frozenset[str]:
+    """The names in a /boot/allow value ("io_uring", space or comma separated); unknown names are refused."""
+    names = frozenset(value.replace(",", " ").split())
+    unknown = sorted(names - ALLOWABLE.keys())
+    if unknown:
+        raise InvalidArgument(f"{what} of PD {pd_id}: {', '.join(map(repr, unknown))} cannot be allowed "
+                              f"(known: {', '.join(sorted(ALLOWABLE))})", pd_id=pd_id)
+    return names
+
+
 def const(value: str) -> Leaf:
     """A read-only parameter with a fixed value."""
     return Leaf(get=lambda: value)

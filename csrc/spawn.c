@@ -32,6 +32,7 @@
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -248,17 +249,36 @@ static const int denied_syscalls[] = {
 };
 
 #define N_DENIED (sizeof denied_syscalls / sizeof denied_syscalls[0])
+/* io_uring runs socket and file operations from kernel workers the filter never sees (Docker's default
+ * profile blocks it too); denied unless the PD's /boot/allow lists io_uring (BMI_SPAWN_IO_URING) */
+static const int io_uring_syscalls[] = {425 /* io_uring_setup */, 426 /* io_uring_enter */,
+                                        427 /* io_uring_register */};
+#define N_IO_URING (sizeof io_uring_syscalls / sizeof io_uring_syscalls[0])
+#define SO_PASSRIGHTS_ 83   /* Linux 6.16: off on the connection ends bmi hands out, so no fd passes over them */
 #define RET_ERRNO(e) BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (e))
 #define LD_NR BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr))
-#define LD_ARG0 BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[0]))
+#define LD_ARG(i) BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[i]))
+#define LD_ARG0 LD_ARG(0)
+
+static unsigned deny_each(struct sock_filter *f, unsigned n, const int *nrs, unsigned count)
+{
+    for (unsigned i = 0; i < count; i++) {
+        f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (unsigned)nrs[i], 0, 1);
+        f[n++] = (struct sock_filter)RET_ERRNO(EPERM);
+    }
+    return n;
+}
 
 /* x86_64 only (anything else, including x32, is killed); EPERM for the
- * calls that reach kernel or host state; clone3 gets ENOSYS (its flags are
- * in memory, unreadable by BPF) so libc falls back to clone, whose flags we
- * can check; personality may only be queried or set to PER_LINUX. */
-static int apply_seccomp(void)
+ * calls that reach kernel or host state, for io_uring unless allowed, and
+ * for setsockopt(SOL_SOCKET, SO_PASSRIGHTS) (whatever the value: turning
+ * fd passing back on is what it would be for); clone3 gets ENOSYS (its
+ * flags are in memory, unreadable by BPF) so libc falls back to clone,
+ * whose flags we can check; personality may only be queried or set to
+ * PER_LINUX. */
+static int apply_seccomp(int flags)
 {
-    struct sock_filter f[18 + 2 * N_DENIED];
+    struct sock_filter f[25 + 2 * (N_DENIED + N_IO_URING)];
     unsigned n = 0;
     f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
     f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0);
@@ -266,10 +286,16 @@ static int apply_seccomp(void)
     f[n++] = (struct sock_filter)LD_NR;
     f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, 0x40000000u /* x32 */, 0, 1);
     f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS);
-    for (unsigned i = 0; i < N_DENIED; i++) {
-        f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (unsigned)denied_syscalls[i], 0, 1);
-        f[n++] = (struct sock_filter)RET_ERRNO(EPERM);
-    }
+    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_setsockopt, 0, 5);
+    f[n++] = (struct sock_filter)LD_ARG(1);
+    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SOL_SOCKET, 0, 3);
+    f[n++] = (struct sock_filter)LD_ARG(2);
+    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SO_PASSRIGHTS_, 0, 1);
+    f[n++] = (struct sock_filter)RET_ERRNO(EPERM);
+    f[n++] = (struct sock_filter)LD_NR;
+    n = deny_each(f, n, denied_syscalls, N_DENIED);
+    if (!(flags & BMI_SPAWN_IO_URING))
+        n = deny_each(f, n, io_uring_syscalls, N_IO_URING);
     f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_clone3_, 0, 1);
     f[n++] = (struct sock_filter)RET_ERRNO(ENOSYS);
     f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_clone, 0, 3);
@@ -606,7 +632,7 @@ static __attribute__((noreturn)) void pd_init(struct cfg *c)
     int sfd = signalfd(-1, &set, SFD_CLOEXEC);
     int ep[2];
     if (sfd < 0 || pipe2(ep, O_CLOEXEC)) fail(ef, BMI_SPAWN_ERESOURCE, "init set-up", NULL);
-    if ((c->flags & BMI_SPAWN_SECCOMP) && apply_seccomp())
+    if ((c->flags & BMI_SPAWN_SECCOMP) && apply_seccomp(c->flags))
         fail(ef, BMI_SPAWN_ERESOURCE, "installing the seccomp filter", NULL);
     pid_t prog = (pid_t)syscall(SYS_clone, SIGCHLD, 0, NULL, NULL, 0);
     if (prog < 0) fail(ef, BMI_SPAWN_ERESOURCE, "forking the program", NULL);

@@ -15,6 +15,7 @@ from cffi import FFI
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CSRC = os.path.relpath(os.path.normpath(os.path.join(_HERE, "..", "..", "csrc")))
 _SPAWN_C = os.path.join(_CSRC, "spawn.c")
+_SOCKMAKER_C = os.path.join(_CSRC, "sockmaker.c")
 
 
 def _build_init() -> str:
@@ -50,7 +51,7 @@ ffibuilder.cdef(_CDEF)
 ffibuilder.set_source(
     "bmi._spawn",
     '#include "spawn.h"\n' + _EMBED,
-    sources=[_SPAWN_C],
+    sources=[_SPAWN_C, _SOCKMAKER_C],
     include_dirs=[_CSRC],
     extra_compile_args=["-O2", "-Wall", "-Wextra"],
 )

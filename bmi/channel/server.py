@@ -78,7 +78,8 @@ class ChannelServer:
     # -- called by the layer ----------------------------------------------------------------
     def open(self, pd_id: int) -> int:
         """A fresh channel for pd_id (any previous one is dropped); returns the PD's end (caller closes it)."""
-        layer, pd_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        layer, pd_end = self._registry.sockets.pair(socket.SOCK_SEQPACKET, fds=True, what=f"channel of PD {pd_id}",
+                                                    pd_id=pd_id)
         self.attach(pd_id, layer)
         return pd_end.detach()
 

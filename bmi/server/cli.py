@@ -83,6 +83,8 @@ def cmd_create(args: argparse.Namespace) -> int:
                 pd.set_config_param("/boot/cmdline", shlex.join(argv))
             if args.caps:
                 pd.set_config_param("/boot/capabilities", args.caps)
+            if args.allow:
+                pd.set_config_param("/boot/allow", args.allow)
             if args.start:
                 pd.request_status_change(PDStatus.RUNNING)
         except BaseException:
@@ -225,6 +227,8 @@ def register(sub: Any) -> None:
     create.add_argument("--name", help="a name to address the PD by (config parameter /name)")
     create.add_argument("--caps", metavar="LIST", help="capabilities it keeps in its namespaces, e.g. "
                         "net_bind_service (default: none)")
+    create.add_argument("--allow", metavar="LIST", help="kernel surface refused by default that it may use: "
+                        "io_uring (config /boot/allow)")
     create.add_argument("--start", action="store_true", help="start it right away")
     create.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS", help="the PD's argv")
     for verb, status in STATUS_VERBS.items():

@@ -9,10 +9,11 @@
 #include <stdint.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
-static int g_chan = -1, g_conn = -1;
+static int g_chan = -1, g_conn = -1, g_side = -1;   /* g_side: a socket passed over (or made for) g_conn */
 static char g_out[MAX_MESSAGE];
 
 static void fail(const char *cmd, int rc)
@@ -37,6 +38,63 @@ static size_t conn_size(void)
 {
     struct stat st;
     return fstat(g_conn, &st) == 0 ? (size_t)st.st_size : 0;
+}
+
+/* Bind fd to the abstract NAME ("-": autobind); print the name it got ("@..." as in /proc/net/unix). */
+static void bind_abstract(int fd, const char *name)
+{
+    struct sockaddr_un u = {.sun_family = AF_UNIX};
+    size_t len = strcmp(name, "-") ? strlen(name) : 0;
+    if (len >= sizeof u.sun_path - 1) len = sizeof u.sun_path - 2;
+    memcpy(u.sun_path + 1, name, len);
+    socklen_t l = (socklen_t)(len ? offsetof(struct sockaddr_un, sun_path) + 1 + len : sizeof(sa_family_t));
+    if (bind(fd, (struct sockaddr *)&u, l) < 0) { sys_result("bindabs", -1); return; }
+    struct sockaddr_un got;
+    socklen_t gl = sizeof got;
+    memset(&got, 0, sizeof got);
+    getsockname(fd, (struct sockaddr *)&got, &gl);
+    printf("bindabs: ok @%.*s\n", (int)(gl - offsetof(struct sockaddr_un, sun_path) - 1), got.sun_path + 1);
+}
+
+/* Send one end of a new socketpair over g_conn (SCM_RIGHTS); keep the other as g_side. */
+static void pass_fd(void)
+{
+    int sp[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, sp)) { sys_result("passfd", -1); return; }
+    union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } control;
+    memset(&control, 0, sizeof control);
+    struct iovec iov = {"f", 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                         .msg_controllen = sizeof control.buf};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &sp[1], sizeof(int));
+    sys_result("passfd", sendmsg(g_conn, &msg, MSG_NOSIGNAL));
+    close(sp[1]);
+    if (g_side >= 0) close(g_side);
+    g_side = sp[0];
+}
+
+/* Wait up to ms for a message on g_conn; an fd that came with it becomes g_side. */
+static void recv_fd(int ms)
+{
+    struct pollfd p = {g_conn, POLLIN, 0};
+    if (poll(&p, 1, ms) == 0) { printf("recvfd: timeout\n"); return; }
+    union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } control;
+    char byte;
+    struct iovec iov = {&byte, 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                         .msg_controllen = sizeof control.buf};
+    ssize_t got = recvmsg(g_conn, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (got < 0) { sys_result("recvfd", -1); return; }
+    if (got == 0) { printf("recvfd: EOF\n"); return; }
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    if (!c || c->cmsg_type != SCM_RIGHTS) { printf("recvfd: none\n"); return; }
+    if (g_side >= 0) close(g_side);
+    memcpy(&g_side, CMSG_DATA(c), sizeof(int));
+    printf("recvfd: ok\n");
 }
 
 /* Runs one command; returns how many arguments it used. */
@@ -121,6 +179,37 @@ static int run(char **a, int n)
         sys_result(cmd, fd);
         if (fd >= 0) close(fd);
         return 0;
+    }
+    if (!strcmp(cmd, "bindabs") && n > 2) {
+        bind_abstract(strcmp(a[1], "chan") ? g_conn : g_chan, a[2]);
+        return 2;
+    }
+    if (!strcmp(cmd, "passfd")) {
+        pass_fd();
+        return 0;
+    }
+    if (!strcmp(cmd, "recvfd") && n > 1) {
+        recv_fd(atoi(a[1]));
+        return 1;
+    }
+    if (!strcmp(cmd, "sidesend") && n > 1) {
+        sys_result(cmd, send(g_side, a[1], strlen(a[1]), MSG_NOSIGNAL));
+        return 1;
+    }
+    if (!strcmp(cmd, "siderecv") && n > 1) {
+        struct pollfd p = {g_side, POLLIN, 0};
+        char buf[256];
+        if (g_side < 0 || poll(&p, 1, atoi(a[1])) == 0) { printf("siderecv: timeout\n"); return 1; }
+        ssize_t got = recv(g_side, buf, sizeof buf - 1, MSG_DONTWAIT);
+        if (got < 0) sys_result(cmd, -1);
+        else if (got == 0) printf("siderecv: EOF\n");   /* nobody holds the other end */
+        else { buf[got] = 0; printf("siderecv: %s\n", buf); }
+        return 1;
+    }
+    if (!strcmp(cmd, "passrights") && n > 2) {   /* passrights chan|conn 0|1: setsockopt SO_PASSRIGHTS */
+        int on = atoi(a[2]);
+        sys_result(cmd, setsockopt(strcmp(a[1], "chan") ? g_conn : g_chan, SOL_SOCKET, 83, &on, sizeof on));
+        return 2;
     }
     if (!strcmp(cmd, "wait") && n > 3) {
         long deadline = atol(a[3]) / 20;

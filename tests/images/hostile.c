@@ -186,6 +186,11 @@ int main(int argc, char **argv)
         result("hostname", sethostname("owned", 5));
         close(open("/tmp/locked", O_WRONLY | O_CREAT, 0));
         result("dac", open("/tmp/locked", O_RDONLY));
+    } else if (!strcmp(a, "iouring")) { /* io_uring_setup(8, params): kernel surface refused by default */
+        unsigned char params[120] = {0};  /* struct io_uring_params */
+        long fd = syscall(425, 8, params);
+        result(a, fd);
+        if (fd >= 0) close((int)fd);
     } else if (!strcmp(a, "forkbomb")) {
         int ok = 0, again = 0;
         time_t end = time(NULL) + atoi(x);

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 from ...errors import InvalidArgument, InvalidState, NotSupported, ResourceError
 from ...image import PDImage
 from ...integrity.measure import measure_into
-from ...params import Leaf, const, parse_int
+from ...params import Leaf, const, parse_allow, parse_int
 from ...types import PDDescription, PDStatus
 from ..base import Driver, ExitInfo, HostResources, Progress
 from . import cgroups, formats, spawn
@@ -197,7 +197,10 @@ class LinuxDriver(Driver):
                                 outer_gid=self._outer_ids[1], hostname=f"pd{pd.pd_id}",
                                 tmpfs_bytes=pd.desc.mem, pd_id=pd.pd_id,
                                 keep_caps=spawn.capability_mask(config.get("/boot/capabilities", ""),
-                                                                f"start of PD {pd.pd_id}", pd.pd_id))
+                                                                f"start of PD {pd.pd_id}", pd.pd_id),
+                                io_uring="io_uring" in parse_allow(config.get("/boot/allow", ""),
+                                                                   what=f"start of PD {pd.pd_id}: /boot/allow",
+                                                                   pd_id=pd.pd_id))
         except BaseException:
             os.close(console_r)
             os.close(status_r)

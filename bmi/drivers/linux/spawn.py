@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import select
+import socket
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -94,7 +95,7 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
           console_fd: int, status_fd: int, lifeline_fd: int = -1, channel_fd: int = -1,
           cgroup_procs: Sequence[str] = (), outer_uid: int | None = None, outer_gid: int | None = None,
           hostname: str = "pd", tmpfs_bytes: int = 0, seccomp: bool = True, landlock: bool = True,
-          keep_caps: int = 0, pd_id: int | None = None) -> Spawned:
+          keep_caps: int = 0, io_uring: bool = False, pd_id: int | None = None) -> Spawned:
     """Run the sealed memfd `exec_fd` (static ELF, or newc cpio root with /init) as a new PD.
 
     Returns once the program has been exec'd (or raises, leaving no process
@@ -111,7 +112,8 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
 
     The program is uid 0 of its user namespace with no capabilities there
     but those in the `keep_caps` mask (bit n = capability n, see
-    capability_mask).
+    capability_mask).  Its seccomp filter refuses io_uring unless `io_uring`
+    is true, and always refuses turning SO_PASSRIGHTS on.
     """
     who = _who(pd_id)
     for fd, name, optional in ((exec_fd, "exec_fd", False), (console_fd, "console_fd", False),
@@ -153,7 +155,8 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
     pid = _ffi.new("int *")
     pidfd = _ffi.new("int *")
     err = _ffi.new("char[]", 512)
-    flags = (lib.BMI_SPAWN_SECCOMP if seccomp else 0) | (lib.BMI_SPAWN_LANDLOCK if landlock else 0)
+    flags = ((lib.BMI_SPAWN_SECCOMP if seccomp else 0) | (lib.BMI_SPAWN_LANDLOCK if landlock else 0)
+             | (lib.BMI_SPAWN_IO_URING if io_uring else 0))
     rc = lib.bmi_spawn(exec_fd, int(bool(archive)), c_argv, c_env, console_fd, status_fd, lifeline_fd,
                        channel_fd, c_cg, uid, gid, encoded_host, tmpfs_bytes, flags, keep_caps, pid, pidfd, err,
                        len(err))
@@ -195,6 +198,20 @@ def landlock_abi() -> int:
 def seccomp_available() -> bool:
     """Whether seccomp filters can be installed here."""
     return bool(_shim().bmi_seccomp_available())
+
+
+def start_socket_maker() -> tuple[socket.socket, int, int]:
+    """Start the process that makes the sockets handed to PDs in an empty network namespace (csrc/sockmaker.c).
+
+    Returns its socket, pid and pidfd (the caller reaps it: closing the socket ends it).
+    """
+    lib = _shim()
+    pid, pidfd = _ffi.new("int *"), _ffi.new("int *")
+    fd = lib.bmi_sockmaker_start(pid, pidfd)
+    if fd < 0:
+        raise ResourceError(f"starting the socket maker in an empty network namespace failed: "
+                            f"{os.strerror(_ffi.errno)}")
+    return socket.socket(fileno=fd), pid[0], pidfd[0]
 
 
 def default_outer_ids() -> tuple[int, int]:
