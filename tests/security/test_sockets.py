@@ -79,7 +79,7 @@ def test_colluding_pds_cannot_pass_a_socket_past_read_only_and_revocation(mgr):
         pytest.skip(f"this kernel ({os.uname().release}) has no SO_PASSRIGHTS (Linux 6.16+): connections can "
                     f"carry fds, as /capability/connections/fd-passing says")
     b = run_pd(mgr, "chanpeer", ["accept", W, "+", "passfd", "+", "siderecv", "3000", "+",
-                                 "wait", "/test/step", "revoked", W, "+", "passfd", "+", "siderecv", "3000"])
+                                 "wait", "/test/step", "revoked", W, "+", "siderecv", "3000", "+", "passfd"])
     a = run_pd(mgr, "chanpeer", ["connect", str(b.get_pd_id()), "IPC", "1", "0", "+", "recvfd", "3000", "+",
                                  "sidesend", "before", "+", "wait", "/test/step", "revoked", W, "+",
                                  "sidesend", "after"], start=False)
