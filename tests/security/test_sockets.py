@@ -132,3 +132,35 @@ def test_io_uring_is_refused_unless_allowed(mgr):
     if host_disabled:
         pytest.skip(f"the host disables io_uring itself (kernel.io_uring_disabled): the PD got {got}")
     assert got == "ok"
+
+
+def test_sockets_kept_across_a_bmid_restart_stay_out_of_the_host(tmp_path):
+    """bmid's fd keeper holds the channel and a pending connection end over a SIGKILL; they are still the empty
+    namespace's sockets, and still refuse fds."""
+    from tests.server.bmid import running_bmid
+    names = [f"bmi-squat-{os.getpid()}-conn", f"bmi-squat-{os.getpid()}-chan"]
+    with running_bmid(tmp_path) as daemon:
+        with daemon.open() as mgr:
+            c = run_pd(mgr, "chanpeer", ["print", "idle", "sleep", "2500", "+", "accept", "20000", "+",
+                                         "bindabs", "conn", names[0], "+", "bindabs", "chan", names[1], "+",
+                                         "passfd", "+", "wait", "/test/step", "done", "30000"])
+            c_id = c.get_pd_id()
+            a = run_pd(mgr, "chanpeer", ["connect", str(c_id), "IPC", "3", "0", "+", "print", "idle", "+",
+                                         "recv", "40000"], start=False)
+            a.set_allowed_connections(c_id, [ConnectionPolicy(CT.IPC, bmi.RW)])
+            a.request_status_change(bmi.PDStatus.RUNNING)
+            wait_console(a, "print: idle")
+            assert c.get_runtime_param("/interfaces/connections").endswith(" pending")
+        daemon.kill()
+        daemon.start()
+        with daemon.open() as mgr:
+            c = mgr.get_controller(c_id)
+            text = wait_console(c, "passfd: ", timeout=30)
+            assert [line for line in text.splitlines() if line.startswith("bindabs: ")] == [
+                f"bindabs: ok @{name}" for name in names]
+            for name in names:
+                assert_not_on_the_host(name)
+            if fd_passing_refusable():
+                assert "passfd: EPERM" in text
+            step(c, "done")
+            lines(c)
