@@ -28,6 +28,7 @@ import os
 import socket
 import sys
 import threading
+from collections import deque
 
 from ..errors import ResourceError
 
@@ -51,37 +52,34 @@ def fd_passing_refusable() -> bool:
 
 
 class SocketMaker:
-    """Makes socket pairs in an empty network namespace (see the module's docstring); thread-safe."""
+    """Makes socket pairs in an empty network namespace (see the module's docstring); thread-safe.
+
+    One pair of each kind is asked for ahead, so that the maker makes it
+    while the caller uses the last one: a pair costs two syscalls here, not
+    a round trip through another process.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
-        self._pid = self._pidfd = -1
+        self._pidfd = -1
+        self._asked: deque[int] = deque()               # kinds asked for, replies not read yet
+        self._ready: dict[int, tuple[int, int]] = {}    # a pair made ahead, per kind
 
     def pair(self, kind: int, *, fds: bool, what: str, pd_id: int | None = None) -> tuple[socket.socket, socket.socket]:
         """A connected AF_UNIX pair of `kind`; with fds=False neither end accepts fds (where the kernel can refuse)."""
         with self._lock:
-            for attempt in (1, 2):          # a maker that died (killed by hand) is replaced once
-                if self._sock is None:
-                    from ..drivers.linux.spawn import start_socket_maker
-                    self._sock, self._pid, self._pidfd = start_socket_maker()
-                try:
-                    self._sock.send(kind.to_bytes(4, sys.byteorder))
-                    data, got, _, _ = socket.recv_fds(self._sock, 4, 2)
-                except OSError as e:
-                    data, got, failure = b"", [], e.strerror
-                else:
-                    failure = "it ended" if not data else None
-                if failure is None or attempt == 2:
-                    break
+            try:
+                got = self._take(kind)
+            except OSError:                 # the maker died (killed by hand): a new one, once
                 self._stop()
-        if len(data) != 4 or len(got) != (2 if data == bytes(4) else 0):
-            for fd in got:
-                os.close(fd)
-            if failure is None:
-                code = int.from_bytes(data[:4], sys.byteorder) if len(data) == 4 else errno.EPROTO
-                failure = os.strerror(code)
-            raise ResourceError(f"{what}: making the socket pair failed: {failure}", pd_id=pd_id)
+                try:
+                    got = self._take(kind)
+                except OSError as e:
+                    self._stop()
+                    raise ResourceError(f"{what}: the socket maker failed: {e.strerror or e}", pd_id=pd_id) from None
+        if isinstance(got, int):
+            raise ResourceError(f"{what}: making the socket pair failed: {os.strerror(got)}", pd_id=pd_id)
         ends = socket.socket(fileno=got[0]), socket.socket(fileno=got[1])
         try:
             if not fds and fd_passing_refusable():
@@ -93,7 +91,55 @@ class SocketMaker:
             raise ResourceError(f"{what}: turning fd passing off failed: {e.strerror}", pd_id=pd_id) from None
         return ends
 
+    def _take(self, kind: int) -> tuple[int, int] | int:
+        """A pair of `kind` (the one made ahead, if it is there) or the maker's errno; asks for the next one."""
+        if self._sock is None:
+            from ..drivers.linux.spawn import start_socket_maker
+            self._sock, _, self._pidfd = start_socket_maker()
+        self._collect(None)
+        if kind not in self._ready and kind not in self._asked:
+            self._ask(kind)
+        got = self._ready.pop(kind) if kind in self._ready else self._collect(kind)
+        if not isinstance(got, int):
+            self._ask(kind)
+        return got
+
+    def _ask(self, kind: int) -> None:
+        assert self._sock is not None
+        self._sock.send(kind.to_bytes(4, sys.byteorder))
+        self._asked.append(kind)
+
+    def _collect(self, kind: int | None) -> tuple[int, int] | int | None:
+        """Read the maker's replies: all that are there (kind None), or until the one for `kind`, returned."""
+        assert self._sock is not None
+        while self._asked:
+            try:
+                data, got, _, _ = socket.recv_fds(self._sock, 4, 2, 0 if kind is not None else socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return None
+            if not data:
+                raise BrokenPipeError(errno.EPIPE, "the socket maker ended")
+            asked = self._asked.popleft()
+            code = int.from_bytes(data, sys.byteorder) if len(data) == 4 else errno.EPROTO
+            if code or len(got) != 2:
+                for fd in got:
+                    os.close(fd)
+                if asked == kind:
+                    return code or errno.EPROTO
+                continue
+            for fd in self._ready.pop(asked, ()):
+                os.close(fd)
+            if asked == kind:
+                return got[0], got[1]
+            self._ready[asked] = (got[0], got[1])
+        return None
+
     def _stop(self) -> None:
+        for pair in self._ready.values():
+            for fd in pair:
+                os.close(fd)
+        self._ready.clear()
+        self._asked.clear()
         if self._sock is None:
             return
         self._sock.close()              # the maker reads EOF and exits
@@ -103,7 +149,7 @@ class SocketMaker:
         except ChildProcessError:
             pass
         os.close(self._pidfd)
-        self._pid = self._pidfd = -1
+        self._pidfd = -1
 
     def close(self) -> None:
         with self._lock:
