@@ -101,7 +101,10 @@ class SocketMaker:
             self._ask(kind)
         got = self._ready.pop(kind) if kind in self._ready else self._collect(kind)
         if not isinstance(got, int):
-            self._ask(kind)
+            try:
+                self._ask(kind)
+            except OSError:             # the next call finds the maker gone and starts another
+                pass
         return got
 
     def _ask(self, kind: int) -> None:
