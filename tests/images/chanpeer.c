@@ -97,6 +97,18 @@ static void recv_fd(int ms)
     printf("recvfd: ok\n");
 }
 
+/* Wait up to ms for a message on fd and print it ("CMD: text", EOF, timeout, or the errno). */
+static void recv_print(const char *cmd, int fd, int ms)
+{
+    struct pollfd p = {fd, POLLIN, 0};
+    char buf[256];
+    if (fd < 0 || poll(&p, 1, ms) == 0) { printf("%s: timeout\n", cmd); return; }
+    ssize_t got = recv(fd, buf, sizeof buf - 1, MSG_DONTWAIT);
+    if (got < 0) sys_result(cmd, -1);
+    else if (got == 0) printf("%s: EOF\n", cmd);
+    else { buf[got] = 0; printf("%s: %s\n", cmd, buf); }
+}
+
 /* Runs one command; returns how many arguments it used. */
 static int run(char **a, int n)
 {
@@ -141,18 +153,8 @@ static int run(char **a, int n)
         else printf("accept: ok peer=%d type=%s mode=%d\n", peer, type, mode);
         return 1;
     }
-    if (!strcmp(cmd, "send") && n > 1) {
-        sys_result(cmd, send(g_conn, a[1], strlen(a[1]), MSG_NOSIGNAL));
-        return 1;
-    }
     if (!strcmp(cmd, "recv") && n > 1) {
-        struct pollfd p = {g_conn, POLLIN, 0};
-        char buf[256];
-        if (poll(&p, 1, atoi(a[1])) == 0) { printf("recv: timeout\n"); return 1; }
-        ssize_t got = recv(g_conn, buf, sizeof buf - 1, MSG_DONTWAIT);
-        if (got < 0) sys_result(cmd, -1);
-        else if (got == 0) printf("recv: EOF\n");
-        else { buf[got] = 0; printf("recv: %s\n", buf); }
+        recv_print(cmd, g_conn, atoi(a[1]));
         return 1;
     }
     if (!strcmp(cmd, "shmw") && n > 1) {
@@ -192,18 +194,12 @@ static int run(char **a, int n)
         recv_fd(atoi(a[1]));
         return 1;
     }
-    if (!strcmp(cmd, "sidesend") && n > 1) {
-        sys_result(cmd, send(g_side, a[1], strlen(a[1]), MSG_NOSIGNAL));
+    if ((!strcmp(cmd, "send") || !strcmp(cmd, "sidesend")) && n > 1) {
+        sys_result(cmd, send(strcmp(cmd, "sidesend") ? g_conn : g_side, a[1], strlen(a[1]), MSG_NOSIGNAL));
         return 1;
     }
     if (!strcmp(cmd, "siderecv") && n > 1) {
-        struct pollfd p = {g_side, POLLIN, 0};
-        char buf[256];
-        if (g_side < 0 || poll(&p, 1, atoi(a[1])) == 0) { printf("siderecv: timeout\n"); return 1; }
-        ssize_t got = recv(g_side, buf, sizeof buf - 1, MSG_DONTWAIT);
-        if (got < 0) sys_result(cmd, -1);
-        else if (got == 0) printf("siderecv: EOF\n");   /* nobody holds the other end */
-        else { buf[got] = 0; printf("siderecv: %s\n", buf); }
+        recv_print(cmd, g_side, atoi(a[1]));
         return 1;
     }
     if (!strcmp(cmd, "passrights") && n > 2) {   /* passrights chan|conn 0|1: setsockopt SO_PASSRIGHTS */
