@@ -1,4 +1,5 @@
-"""cffi build of bmi._spawn: the Linux PD spawn path (csrc/spawn.c), all C from clone to exec.
+"""cffi build of bmi._spawn: the Linux PD spawn path (csrc/spawn.c), all C from clone to exec,
+and the socket maker (csrc/sockmaker.c) that makes the sockets handed to PDs in an empty network namespace.
 
 The PD's pid 1 is a small static program, bmi-init, built from the same
 spawn.c (-DBMI_PD_INIT_MAIN) and linked into the shim as bytes; the shim
