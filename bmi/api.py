@@ -581,10 +581,23 @@ class PDController:
                                   pd_id=self._id)
         pd = self._owned("set_config_param")
         if path == "/boot/allow":
-            parse_allow(value, what=f"set_config_param {path}", pd_id=self._id)
+            self._check_allow(value)
         with pd.lock:
             self._driver.check_config(pd.handle, path, value)
             pd.config[path] = value
+
+    def _check_allow(self, value: str) -> None:
+        """/boot/allow names known surface; a PD may allow its child only what it is allowed itself."""
+        what = f"set_config_param /boot/allow of PD {self._id}"
+        wanted = parse_allow(value, what=what, pd_id=self._id)
+        if self._caller == MANAGER_PD:
+            return
+        own = parse_allow(self._mgr._pd(self._caller, what).config.get("/boot/allow", ""), what=what,
+                          pd_id=self._caller)
+        if wanted - own:
+            raise PermissionDenied(f"{what} by PD {self._caller}: {', '.join(sorted(wanted - own))} is more than "
+                                   f"PD {self._caller} is allowed itself (its /boot/allow: "
+                                   f"{' '.join(sorted(own)) or 'nothing'})", pd_id=self._id)
 
     def get_config_param(self, name: str) -> str:
         path = normalize(name, what="get_config_param", pd_id=self._id)

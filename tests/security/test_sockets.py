@@ -164,3 +164,20 @@ def test_sockets_kept_across_a_bmid_restart_stay_out_of_the_host(tmp_path):
                 assert "passfd: EPERM" in text
             step(c, "done")
             lines(c)
+
+
+def test_a_pd_cannot_allow_its_child_io_uring_it_is_not_allowed_itself(mgr):
+    call = ["call", "set_config_param", '{"pd":2,"name":"/boot/allow","value":"io_uring"}']
+    parent = run_pd(mgr, "chanpeer", ["call", "allocate_pd", f'{{"mem":{16 << 20}}}', "+", *call], mem=64 << 20)
+    got = lines(parent)["call"]
+    assert got[0] == "ok 2" and got[1].startswith("error -32004 ") and "more than PD 1 is allowed itself" in got[1]
+    with pytest.raises(bmi.InvalidArgument, match="not set"):
+        mgr.get_controller(2).get_config_param("/boot/allow")
+    # a parent allowed io_uring may pass it on
+    allowed = run_pd(mgr, "chanpeer", ["call", "allocate_pd", f'{{"mem":{16 << 20}}}', "+",
+                                       "call", "set_config_param", '{"pd":4,"name":"/boot/allow","value":"io_uring"}'],
+                     mem=64 << 20, start=False)
+    allowed.set_config_param("/boot/allow", "io_uring")
+    allowed.request_status_change(bmi.PDStatus.RUNNING)
+    assert lines(allowed)["call"] == ["ok 4", "ok null"]
+    assert mgr.get_controller(4).get_config_param("/boot/allow") == "io_uring"
