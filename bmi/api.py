@@ -820,6 +820,7 @@ class PDController:
 
         def set_cpus(value: str) -> None:
             drv.set_cpus(handle, parse_int(value, what="/system/cpu/current", pd_id=pid, lo=1, hi=pd.cpus_max))
+            drv.set_performance(handle, pd.performance)     # the share is of the new count: keep the percent
 
         def set_performance(value: str) -> None:
             percent = parse_int(value, what="/system/cpu/performance", pd_id=pid, lo=1, hi=100)

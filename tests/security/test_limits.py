@@ -1,10 +1,11 @@
-"""A PD (tests/images/parent.c) makes a child over its channel and tries to give it more than it has,
+"""A PD (tests/images/chanpeer.c) makes a child over its channel and tries to give it more than it has,
 to make the layer hold more memory than it has, to wedge its channel with an oversized reply, and
 to learn which PD ids exist.  Each attack must fail, and the layer must keep answering.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 
@@ -19,10 +20,10 @@ CHILD_MEM = 8 * MB
 
 
 def parent(mgr, *argv: str, mem: int = 32 * MB, performance: int = 100, before=None) -> bmi.PDController:
-    """Run parent.c with argv; before(pd) may change the PD before it starts."""
+    """Run chanpeer with argv, waiting at most 5 s for each reply; before(pd) may change the PD before it starts."""
     pd = mgr.allocate_pd(PDDescription(mem=mem, performance=performance))
-    pd.setup_pd(bmi.FileImage(str(build("parent"))))
-    pd.set_config_param("/boot/cmdline", shlex.join(["parent", *argv]))
+    pd.setup_pd(bmi.FileImage(str(build("chanpeer"))))
+    pd.set_config_param("/boot/cmdline", shlex.join(["chanpeer", "patience", "5000", "+", *argv]))
     if before is not None:
         before(pd)
     pd.request_status_change(bmi.PDStatus.RUNNING)
@@ -30,7 +31,7 @@ def parent(mgr, *argv: str, mem: int = 32 * MB, performance: int = 100, before=N
 
 
 def call(method: str, **params) -> tuple[str, str, str, str]:
-    """argv of parent.c for one call; "CHILD" stands for the id of the child the PD made."""
+    """argv of chanpeer for one call; "CHILD" stands for the id of the child the PD made."""
     return "+", "call", method, json.dumps(params, separators=(",", ":")).replace('"CHILD"', "CHILD")
 
 
@@ -84,7 +85,8 @@ def test_a_child_is_allocated_within_its_parents_limits(mgr):
 
 
 def test_lowering_a_pds_limits_lowers_its_childrens(mgr):
-    pd = parent(mgr, "child", str(CHILD_MEM), "+", "wait", "/test/step", "1", "20000")
+    pd = parent(mgr, "child", str(CHILD_MEM), "+", "wait", "/test/step", "1", "20000",
+                *call("set_runtime_param", pd="CHILD", name="/system/cpu/current", value="1"))
     wait_console(pd, "child: ok")
     child = child_of(mgr, pd)
     pd.set_runtime_param("/system/cpu/performance", "30")
@@ -95,8 +97,20 @@ def test_lowering_a_pds_limits_lowers_its_childrens(mgr):
     assert child.get_priority() == -2
     with pytest.raises(bmi.PermissionDenied, match=r"performance of PD \d+: 90 is above its parent PD"):
         child.set_runtime_param("/system/cpu/performance", "90")         # not even the manager: lift the parent
-    step(pd, "1")
-    lines(pd)
+    step(pd, "1")                   # the parent changes its child's CPUs: the share stays 30 % of them
+    assert results(lines(pd)) == ["ok null"]
+    if mgr.uri.startswith("linux:///session"):
+        assert cpu_quota(mgr, child.get_pd_id()) == 30_000           # of a 100 ms period, on 1 CPU
+
+
+def cpu_quota(mgr, pd_id: int) -> int:
+    """The CFS quota (us per 100 ms) of a session PD's cpu group, v1 or v2."""
+    group = mgr._pds[pd_id].handle.groups._group("cpu", "read the quota")
+    for name in ("cpu.max", "cpu.cfs_quota_us"):
+        if os.path.exists(os.path.join(group.path, name)):
+            with open(os.path.join(group.path, name)) as f:
+                return int(f.read().split()[0])
+    raise AssertionError(f"no CFS quota file in {group.path}")
 
 
 def test_a_child_gets_no_capability_its_parent_lacks(mgr):
@@ -145,7 +159,7 @@ def test_a_sparse_image_larger_than_the_supplier_is_refused_before_copying(mgr):
 # -- item 7: no reply can wedge a channel -----------------------------------------------------------------
 def test_an_oversized_console_log_does_not_wedge_the_channel(mgr):
     pd = parent(mgr, "child", str(CHILD_MEM), "self",
-                *call("set_config_param", pd="CHILD", name="/boot/cmdline", value="parent spew 102400"),
+                *call("set_config_param", pd="CHILD", name="/boot/cmdline", value="chanpeer spew 102400"),
                 *call("request_status_change", pd="CHILD", status="RUNNING"),
                 "+", "wait", "/test/step", "1", "20000",
                 *call("get_runtime_param", pd="CHILD", name="/console/log"),
