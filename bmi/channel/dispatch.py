@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any, Callable
 
+from ..api import CallerScope
 from ..errors import ImageError, InvalidArgument
 from ..params import normalize
 from ..types import PDDescription
@@ -152,8 +153,9 @@ class Dispatcher:
     def m_get_runtime_param(self, scope: Any, params: dict, fd: None) -> str:
         _names(params, ("name",))
         value = self._ctl(scope, params).get_runtime_param(params["name"])
-        if normalize(params["name"], what="get_runtime_param", pd_id=None) == "/console/log":
-            return _tail_that_fits(value)
+        if isinstance(scope, CallerScope) and normalize(params["name"], what="get_runtime_param",
+                                                        pd_id=None) == "/console/log":
+            return _tail_that_fits(value)       # a PD's channel has one frame per reply (bmid's clients more)
         return value
 
     def m_list_runtime_params(self, scope: Any, params: dict, fd: None) -> list[dict]:

@@ -42,6 +42,17 @@ def child_of(mgr, pd: bmi.PDController) -> bmi.PDController:
     return mgr.get_controller(kids[0])
 
 
+@pytest.fixture(params=["session", "bmid"])
+def any_mgr(request, tmp_path):
+    """A session manager, or a client of a bmid of this test's own (its PD channels are bmid's)."""
+    if request.param == "session":
+        yield request.getfixturevalue("mgr")
+        return
+    from tests.server.bmid import running_bmid
+    with running_bmid(tmp_path) as d, d.open() as m:
+        yield m
+
+
 def results(out: dict[str, list[str]], key: str = "call") -> list[str]:
     return out.get(key, [])
 
@@ -157,7 +168,8 @@ def test_a_sparse_image_larger_than_the_supplier_is_refused_before_copying(mgr):
 
 
 # -- item 7: no reply can wedge a channel -----------------------------------------------------------------
-def test_an_oversized_console_log_does_not_wedge_the_channel(mgr):
+def test_an_oversized_console_log_does_not_wedge_the_channel(any_mgr):
+    mgr = any_mgr
     pd = parent(mgr, "child", str(CHILD_MEM), "self",
                 *call("set_config_param", pd="CHILD", name="/boot/cmdline", value="chanpeer spew 102400"),
                 *call("request_status_change", pd="CHILD", status="RUNNING"),
@@ -178,6 +190,7 @@ def test_an_oversized_console_log_does_not_wedge_the_channel(mgr):
 
 
 def test_a_reply_over_the_frame_is_an_error_the_caller_gets(mgr):
+    """Session mode: only an in-process manager can set a value larger than a frame."""
     pd = parent(mgr, "child", str(CHILD_MEM), "+", "wait", "/test/step", "1", "20000",
                 *call("get_config_param", pd="CHILD", name="/big"), *call("get_version"),
                 *call("get_config_param", pd="CHILD", name="/small"))
@@ -231,16 +244,6 @@ NAMING_ANOTHER_PD = [
 def _params(params: dict, pd_id: int) -> str:
     text = json.dumps(params, separators=(",", ":"))
     return text.replace('"X"', str(pd_id)).replace('"CHILD"', "CHILD")
-
-
-@pytest.fixture(params=["session", "bmid"])
-def any_mgr(request, tmp_path):
-    if request.param == "session":
-        yield request.getfixturevalue("mgr")
-        return
-    from tests.server.bmid import running_bmid
-    with running_bmid(tmp_path) as d, d.open() as m:
-        yield m
 
 
 def test_a_pd_cannot_tell_existing_unknown_and_destroyed_pds_apart(any_mgr):
