@@ -114,6 +114,22 @@ def test_lowering_a_pds_limits_lowers_its_childrens(mgr):
         assert cpu_quota(mgr, child.get_pd_id()) == 30_000           # of a 100 ms period, on 1 CPU
 
 
+def test_lowered_limits_of_children_outlive_a_restart_of_bmid(tmp_path):
+    from tests.server.bmid import running_bmid
+    with running_bmid(tmp_path) as d:
+        with d.open() as mgr:
+            pd = parent(mgr, "child", str(CHILD_MEM), "+", "sleep", "60000")
+            wait_console(pd, "child: ok")
+            child = child_of(mgr, pd).get_pd_id()
+            pd.set_runtime_param("/system/cpu/performance", "30")
+            pd.set_priority(-4)
+        d.kill()
+        d.start()
+        with d.open() as mgr:
+            assert mgr.get_controller(child).get_runtime_param("/system/cpu/performance") == "30"
+            assert mgr.get_controller(child).get_priority() == -4
+
+
 def cpu_quota(mgr, pd_id: int) -> int:
     """The CFS quota (us per 100 ms) of a session PD's cpu group, v1 or v2."""
     group = mgr._pds[pd_id].handle.groups._group("cpu", "read the quota")
