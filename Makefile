@@ -31,7 +31,12 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h bmi/_build/*.py) 
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# A venv made before a shim could be built (libxen-dev came later) lacks it,
+# and pip sees nothing to redo: rebuild when missing.py names one.
 venv: deps $(STAMP)
+	@$(PY) bmi/_build/missing.py >/dev/null || { \
+		echo "rebuilding: $$($(PY) bmi/_build/missing.py)"; \
+		$(PY) -m pip install -q -e '.[test]' && $(PY) bmi/_build/missing.py; }
 
 demo: venv
 	$(VENV)/bin/bmi info
@@ -44,7 +49,7 @@ bench: venv
 	$(PY) bench/spawn.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info bmi/*.so bmi/_*_cffi.c tests/.build
+	rm -rf $(VENV) build dist *.egg-info bmi/*.so bmi/_*_cffi.c tests/.build
 
 # --- QEMU test rigs (rig/): kernels and hypervisors this host lacks ---------
 # Boot the Debian kernel (pure cgroup v2) or Xen with it as dom0 in QEMU TCG
@@ -53,7 +58,7 @@ RIG_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static cpio \
 	xen-hypervisor-4.17-amd64 xen-utils-4.17 libxen-dev xenstore-utils
 XEN_TESTS ?=
 
-.PHONY: rig-deps test-cgroup2 test-xen
+.PHONY: rig-deps test-cgroup2 test-xen test-fresh
 
 rig-deps:
 	@$(MAKE) --no-print-directory deps DEB_PACKAGES='$(RIG_PACKAGES)'
@@ -63,3 +68,8 @@ test-cgroup2: venv rig-deps
 
 test-xen: venv rig-deps
 	$(PY) rig/rig.py xen -- $(XEN_TESTS)
+
+# The quick start (make demo, make test) in a fresh debootstrap'ed Debian 12
+# root with a fresh clone of HEAD: what a new machine does.  See rig/fresh.sh.
+test-fresh:
+	rig/fresh.sh

@@ -2,7 +2,7 @@
 
 1. get_integrity_link (IntegrityService.integrity_link) vs a raw tpm2-pytss
    quote with the same AK, PCRs and qualifying data (goal: ratio <= 1.2).
-2. link + offline verify_report vs `tpm2_quote` + `tpm2_checkquote`
+2. link + offline verify_report (pinned AK) vs `tpm2_quote` + `tpm2_checkquote`
    (stock tpm2-tools, one process each, as a shell script would do).
 Runs alternate (A, B, A, B ...) so drift hits both; prints medians and ratios.
 Usage: python bench/integrity.py [--n 200] [--tools-n 20]
@@ -63,10 +63,11 @@ def main() -> int:
             esys.close()
             tcti.close()
 
+        ak = svc.attestation_key().pem          # pinned, as a verifier does
         report = svc.integrity_link(nonce, pd)
         t0 = time.perf_counter()
         for _ in range(opts.n):
-            verify_report(report, nonce=nonce, pd_integrity=pd)
+            verify_report(report, nonce=nonce, pd_integrity=pd, ak=ak)
         print(f"verify_report alone     {(time.perf_counter() - t0) / opts.n * 1e3:7.3f} ms")
 
         if not (shutil.which("tpm2_quote") and shutil.which("tpm2_checkquote")):
@@ -75,7 +76,7 @@ def main() -> int:
         env = {**os.environ, "TPM2TOOLS_TCTI": f"swtpm:path={sock}", "TSS2_LOG": "all+none"}
         work = os.path.join(state, "tools")
         os.mkdir(work)
-        svc.integrity_link(nonce, pd).export_tpm2_tools(work)
+        svc.integrity_link(nonce, pd).export_tpm2_tools(work, ak=ak)
 
         def tools():
             subprocess.run(["tpm2_quote", "-c", hex(AK_HANDLE), "-l", svc.selection, "-q", qual.hex(),
@@ -86,7 +87,7 @@ def main() -> int:
                            stdout=subprocess.DEVNULL)
 
         def ours_full():
-            verify_report(svc.integrity_link(nonce, pd), nonce=nonce, pd_integrity=pd)
+            verify_report(svc.integrity_link(nonce, pd), nonce=nonce, pd_integrity=pd, ak=ak)
 
         ours, anchor = alternate(ours_full, tools, opts.tools_n)
         print(f"link + verify_report    {ours:7.3f} ms   tpm2_quote + tpm2_checkquote {anchor:7.3f} ms   "

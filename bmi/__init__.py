@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+from typing import Any
 
 from .api import DeviceManager, PDController, PDManagement
 from .errors import (BMIError, DriverUnavailable, ImageError, IntegrityError, InvalidArgument, InvalidState,
@@ -23,10 +24,13 @@ __version__ = "0.1.0"
 
 
 def verify_report(report: IntegrityReport, *, nonce: bytes, pd_integrity: bytes,
-                  pcrs: dict[int, bytes] | None = None) -> None:
-    """Check an IntegrityReport offline; raises IntegrityError naming the failed check."""
+                  pcrs: dict[int, bytes] | None = None, ak: Any = None, trust_report_key: bool = False) -> None:
+    """Check an IntegrityReport offline against the attestation key `ak` pinned beforehand
+    (PEM, cryptography public key or "sha256:<hex>" fingerprint of mgr.get_attestation_key());
+    raises IntegrityError naming the failed check, or saying how to pin when `ak` is missing.
+    trust_report_key=True accepts the key the report carries and warns: anyone can forge that."""
     from .integrity.verify import verify_report as verify
-    verify(report, nonce=nonce, pd_integrity=pd_integrity, pcrs=pcrs)
+    verify(report, nonce=nonce, pd_integrity=pd_integrity, pcrs=pcrs, ak=ak, trust_report_key=trust_report_key)
 
 
 def wrap_credentials(policy: IntegrityPolicy, secret: bytes, storage_public: bytes) -> bytes:

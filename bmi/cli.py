@@ -22,8 +22,9 @@ examples:
   bmi run /bin/busybox -- busybox sh -c 'echo hello from $(hostname); ip link'
   bmi run --mem 32M --cpus 1 --performance 50 ./static-prog -- prog --flag
   bmi bundle /usr/bin/python3 -o py.cpio && bmi run py.cpio -- python3 -c 'print(1)'
+  bmi tpm --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["ak_fingerprint"])'  # enrol the AK
   bmi run --attest --nonce 0011 --attest-out report.json ./static-prog
-  bmi verify report.json --nonce 0011 --expect-image ./static-prog
+  bmi verify report.json --nonce 0011 --expect-image ./static-prog --ak sha256:<enrolled fingerprint>
 """
 
 

@@ -17,12 +17,15 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .channel import protocol as p
 from .errors import BMIError, InvalidArgument, NotSupported, ResourceError
 from .types import (RW, ConnectionPolicy, ConnectionType, IntegrityPolicy, IntegrityReport, PDDescription,
                     PDStatus, RuntimeCapability)
+
+if TYPE_CHECKING:
+    from .integrity.keys import AttestationKey
 
 URI = "pd:///"
 
@@ -167,6 +170,10 @@ class PDClient:
 
     def get_device_manager(self) -> Any:
         raise NotSupported("get_device_manager: a PD cannot assign host devices")
+
+    def get_attestation_key(self) -> "AttestationKey":
+        from .integrity.keys import AttestationKey
+        return AttestationKey.from_wire(self._channel.value("get_attestation_key"))
 
     # -- connections ----------------------------------------------------------------------------
     def my_id(self) -> int:

@@ -19,7 +19,7 @@ import select
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 from .channel import protocol as p
@@ -29,6 +29,9 @@ from .integrity.measure import measure_into
 from .pd import Channel, RemoteController
 from .server.board import BoardReader
 from .types import ConnectionPolicy, IntegrityPolicy, PDDescription, PDStatus
+
+if TYPE_CHECKING:
+    from .integrity.keys import AttestationKey
 
 LINUX_URI = "linux:///system"
 XEN_URI = "xen:///system"
@@ -371,6 +374,10 @@ class SystemClient:
 
     def get_storage_public(self) -> bytes:
         return bytes.fromhex(self._channel.value("get_storage_public"))
+
+    def get_attestation_key(self) -> "AttestationKey":
+        from .integrity.keys import AttestationKey
+        return AttestationKey.from_wire(self._channel.value("get_attestation_key"))
 
     def integrity_service(self) -> Any:
         raise NotSupported("integrity_service: the TPM belongs to bmid; use `bmi tpm` on the host as root")

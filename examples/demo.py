@@ -33,11 +33,13 @@ def main() -> int:
         print("status:", pd.get_current_status().name)
         pd.request_status_change(bmi.PDStatus.RUNNING)
         try:
+            ak = mgr.get_attestation_key()      # a verifier enrols this beforehand, over a trusted channel
+            print(f"attestation key (under the TPM's EK): {ak.fingerprint}")
             nonce = os.urandom(32)
             report = pd.get_integrity_link(nonce)
             print(f"integrity report from a {report.tpm} TPM: quote over PCRs {report.pcr_selection}")
-            bmi.verify_report(report, nonce=nonce, pd_integrity=bytes.fromhex(expected))
-            print("verified offline: signature, nonce and PD measurement match")
+            bmi.verify_report(report, nonce=nonce, pd_integrity=bytes.fromhex(expected), ak=ak.fingerprint)
+            print("verified offline: signature by the pinned AK, nonce and PD measurement match")
         except bmi.NotSupported as e:
             print("integrity:", e)
         pd.request_status_change(bmi.PDStatus.SHUTDOWN)

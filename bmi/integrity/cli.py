@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,9 @@ def _emit(data: Any, as_json: bool, text: str) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .keys import fingerprint, load_pem, resolve
     from .report import IntegrityReport
-    from .verify import verify_report
+    from .verify import UnpinnedKeyWarning, verify_report
     try:
         report = IntegrityReport.from_json(Path(args.report).read_text())
     except OSError as e:
@@ -83,14 +85,37 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if not sep or not index.isdigit():
             raise InvalidArgument(f"verify: --pcr {item!r} is not N=HEX")
         pcrs[int(index)] = _hex(value, f"--pcr {index}")
+    ak = _pinned_key(args.ak)
+    trusted = bool(args.trust_report_key)
     try:
-        verify_report(report, nonce=_hex(args.nonce, "--nonce"), pd_integrity=expected, pcrs=pcrs)
+        with warnings.catch_warnings():      # said below, once, in the CLI's own words
+            warnings.simplefilter("ignore", UnpinnedKeyWarning)
+            verify_report(report, nonce=_hex(args.nonce, "--nonce"), pd_integrity=expected, pcrs=pcrs, ak=ak,
+                          trust_report_key=trusted)
     except IntegrityError as e:
-        _emit({"ok": False, "error": str(e)}, args.json, f"FAILED: {e}")
+        _emit({"ok": False, "error": str(e), "trusted_report_key": trusted}, args.json, f"FAILED: {e}")
         return 1
-    _emit({"ok": True, "pd_integrity": expected.hex(), "tpm": report.tpm, "pcr_selection": report.pcr_selection},
-          args.json, f"OK: PD {expected.hex()} on a {report.tpm} TPM, quoted {report.pcr_selection}")
+    signer = resolve(ak, "verify").fingerprint if ak else fingerprint(load_pem(report.pubkey, "verify"))
+    if trusted:
+        print(f"WARNING: trusted the attestation key inside the report ({signer}); anyone can make such a "
+              "report. Pin the machine's AK with --ak FILE|FINGERPRINT (from `bmi tpm` at enrolment).",
+              file=sys.stderr)
+    _emit({"ok": True, "pd_integrity": expected.hex(), "tpm": report.tpm, "pcr_selection": report.pcr_selection,
+           "ak_fingerprint": signer, "trusted_report_key": trusted},
+          args.json, f"OK: PD {expected.hex()} on a {report.tpm} TPM, quoted {report.pcr_selection}, "
+                     f"signed by {'the UNPINNED key ' if trusted else 'the pinned AK '}{signer}")
     return 0
+
+
+def _pinned_key(value: str | None) -> str | None:
+    """--ak: a fingerprint as is, else the PEM in that file."""
+    if value is None or value.strip().lower().startswith("sha256:"):
+        return value
+    try:
+        return Path(value).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"verify: cannot read --ak {value}: {getattr(e, 'strerror', None) or e}; "
+                              "give the AK's PEM file or its fingerprint sha256:<hex>") from None
 
 
 def cmd_seal(args: argparse.Namespace) -> int:
@@ -135,8 +160,12 @@ def cmd_tpm(args: argparse.Namespace) -> int:
         info = service.describe()
         if args.storage_public_out:
             Path(args.storage_public_out).write_bytes(service.storage_public())
-    text = "\n".join(f"{k:<17} {v}" for k, v in info.items() if k != "ak_public_pem") + "\n" + info["ak_public_pem"]
-    _emit(info, args.json, text.rstrip())
+    long = ("ak_public_pem", "ak_public_area", "ek_public_pem", "ek_public_area", "ek_certificate")
+    text = "\n".join(f"{k:<17} {v}" for k, v in info.items() if k not in long)
+    text += "\nAK (pin this: `bmi verify --ak`):\n" + info["ak_public_pem"]
+    text += "EK:\n" + info["ek_public_pem"]
+    text += f"EK certificate:  {'in NV (see --json)' if info['ek_certificate'] else 'none in NV'}"
+    _emit(info, args.json, text)
     return 0
 
 
@@ -144,15 +173,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the integrity subcommands to `bmi`."""
     raw = argparse.RawDescriptionHelpFormatter
     verify = sub.add_parser("verify", help="check an integrity report offline (no TPM needed)",
-                            description="Verify REPORT.json (from `bmi run --attest`): the TPM signature, the "
-                                        "nonce, the PD measurement and the quoted PCRs. Exit 0 if it holds, "
-                                        "1 naming the failed check.")
+                            description="Verify REPORT.json (from `bmi run --attest`): the TPM signature by "
+                                        "the pinned attestation key (--ak), the nonce, the PD measurement and "
+                                        "the quoted PCRs. Exit 0 if it holds, 1 naming the failed check.")
     verify.add_argument("report", metavar="REPORT.json")
     verify.add_argument("--nonce", required=True, metavar="HEX", help="the nonce the report was asked with")
     want = verify.add_mutually_exclusive_group(required=True)
     want.add_argument("--expect-image", metavar="FILE", help="the image the PD must run (its SHA-256)")
     want.add_argument("--expect-digest", metavar="HEX", help="the SHA-256 the PD must have")
     verify.add_argument("--pcr", action="append", default=[], metavar="N=HEX", help="expected PCR value (repeatable)")
+    pin = verify.add_mutually_exclusive_group()
+    pin.add_argument("--ak", metavar="FILE|FINGERPRINT",
+                     help="the machine's attestation key, obtained beforehand (`bmi tpm` shows its PEM and "
+                          "fingerprint): a PEM file or sha256:<hex>. Required unless --trust-report-key")
+    pin.add_argument("--trust-report-key", action="store_true",
+                     help="accept the key inside the report (anyone can forge such a report; says so)")
     verify.add_argument("--json", action="store_true", help="machine-readable output")
     verify.set_defaults(func=cmd_verify)
 
@@ -172,7 +207,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     log.add_argument("--json", action="store_true", help="CEL-JSON records")
     log.set_defaults(func=cmd_eventlog)
 
-    tpm = sub.add_parser("tpm", help="show the TPM bmi uses (kind, PCR banks, TVL PCR value, AK)")
+    tpm = sub.add_parser("tpm", help="show the TPM bmi uses (kind, PCR banks, TVL PCR value, AK and EK)")
     tpm.add_argument("--json", action="store_true", help="machine-readable output")
     tpm.add_argument("--storage-public-out", metavar="FILE",
                      help="also write the storage public part for `bmi seal --storage-public`")

@@ -124,7 +124,7 @@ def encode_storage_public(public_area: bytes, selection: str, values: dict[int, 
                       indent=1).encode()
 
 
-def decode_storage_public(data: bytes) -> tuple[wire.EccStorageKey, str, list[bytes]]:
+def decode_storage_public(data: bytes) -> tuple[wire.PublicKey, str, list[bytes]]:
     """(parent key, selection text, PCR values in selection order); ValueError if malformed."""
     try:
         doc = json.loads(bytes(data))

@@ -6,8 +6,9 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ..errors import InvalidArgument
+from ..errors import IntegrityError, InvalidArgument
 
 FORMAT = "bmi-integrity-report-v1"
 
@@ -65,16 +66,25 @@ class IntegrityReport:
             raise InvalidArgument(f"IntegrityReport.from_json: not a bmi integrity report: "
                                   f"{type(e).__name__}: {e}") from None
 
-    def export_tpm2_tools(self, directory: str | Path, *, nonce: bytes | None = None) -> Path:
+    def export_tpm2_tools(self, directory: str | Path, *, nonce: bytes | None = None, ak: Any = None) -> Path:
         """Write quote.msg, quote.sig, quote.pcrs, ak.pub.pem, qualification.hex for tpm2_checkquote.
 
-        qualification.hex is SHA-256(nonce || pd_integrity) when `nonce` is
-        given (what the verifier expects), else the quote's own extraData.
-        quote.pcrs is tpm2-tools' "serialized" layout: the C structs
-        TPML_PCR_SELECTION, a u32 count and that many TPML_DIGEST, in
-        little-endian host layout.
+        ak.pub.pem is the pinned `ak` (PEM, public key or fingerprint, as
+        for verify_report) once the signature is checked against it
+        (IntegrityError if not); without `ak` it is the key the report
+        carries, with a warning: tpm2_checkquote then proves nothing about
+        who signed.  qualification.hex is SHA-256(nonce || pd_integrity)
+        when `nonce` is given (what the verifier expects), else the quote's
+        own extraData.  quote.pcrs is tpm2-tools' "serialized" layout: the
+        C structs TPML_PCR_SELECTION, a u32 count and that many TPML_DIGEST,
+        in little-endian host layout.
         """
-        from . import wire      # not at import time: bmi.types imports this module
+        from . import keys, verify, wire      # not at import time: bmi.types imports this module
+        what = "export_tpm2_tools"
+        key = verify.signing_key(self, ak, trust_report_key=ak is None, what=what)
+        why = None if ak is None else verify.check_signature(self, key)
+        if why is not None:
+            raise IntegrityError(f"{what}: signature check failed: {why}", pd_id=self.pd_id)
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         bank, pcrs = wire.parse_selection(self.pcr_selection)
@@ -97,6 +107,6 @@ class IntegrityReport:
         (out / "quote.msg").write_bytes(self.attestation)
         (out / "quote.sig").write_bytes(self.signature)
         (out / "quote.pcrs").write_bytes(sel + digests)
-        (out / "ak.pub.pem").write_bytes(self.pubkey)
+        (out / "ak.pub.pem").write_text(keys.to_pem(key))
         (out / "qualification.hex").write_text(qual.hex())
         return out

@@ -29,6 +29,7 @@ from ..errors import IntegrityError, InvalidArgument
 from ..types import IntegrityPolicy, ProtectedCredentials
 from . import credentials, eventlog, selfmeasure, wire
 from .credentials import policy_digest
+from .keys import AttestationKey
 from .report import IntegrityReport
 from .tpm import TPM
 
@@ -115,15 +116,29 @@ class IntegrityService:
         """What `bmi tpm` and `bmi info` show."""
         values = self._tpm.pcr_read("sha256", self.pcrs)
         records = self._log.records()
+        ak = self.attestation_key()
         return {
             "kind": self.tpm_kind, "tcti": self._tpm.tcti, "pcr_banks": self._banks,
             "pcr_selection": self.selection, "tvl_pcr": self.tvl_pcr,
             "tvl_pcr_value": values[self.tvl_pcr].hex(), "pd_pcr": self.pd_pcr,
             "tvl_measurement": self.tvl.digest.hex(), "tvl_files": self.tvl.files,
-            "ak_public_pem": self._tpm.ak_pem.decode(), "eventlog_path": str(self._log.path),
-            "eventlog_records": len(records),
+            "eventlog_path": str(self._log.path), "eventlog_records": len(records),
             "eventlog_replays": eventlog.replay(records, self.tvl_pcr) == values[self.tvl_pcr],
+            "ak_fingerprint": ak.fingerprint, "ak_public_pem": ak.pem, "ak_public_area": ak.public_area.hex(),
+            "ek_public_pem": ak.ek_pem, "ek_public_area": ak.ek_public_area.hex(),
+            "ek_certificate": ak.ek_certificate,
         }
+
+    def attestation_key(self) -> AttestationKey:
+        """The AK a verifier pins, with the EK it was created under (mgr.get_attestation_key)."""
+        ek_area, ek_cert = self._tpm.endorsement()
+        return AttestationKey.from_public_areas(self._tpm.ak_public_area, ek_area, ek_cert, self.tpm_kind)
+
+    def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
+        """The secret of a credential made with bmi.integrity.verify.make_credential for this TPM's EK and AK."""
+        if not isinstance(credential_blob, bytes) or not isinstance(encrypted_secret, bytes):
+            raise InvalidArgument("activate_credential: the credential blob and secret must be bytes")
+        return self._tpm.activate_credential(credential_blob, encrypted_secret)
 
     def record_pd(self, pd_id: int, name: str, digests: Mapping[str, bytes], *, extend: bool = False) -> None:
         """Log a PD's measurement; extend it into pd_pcr only when asked (spec 6.2: PDs independent)."""

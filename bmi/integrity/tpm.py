@@ -9,6 +9,15 @@ every multi-command sequence runs under an exclusive file lock and first
 flushes transient objects a crashed process may have left behind.  The
 swtpm is shared by every bmi process using the same state directory and
 stopped by the last one to close (users hold a shared lock on users.lock).
+
+Keys: the storage key is a primary of the owner hierarchy.  The AK (ECC
+P-256, ECDSA: a quote is about 5x faster than with RSA-2048) is a child
+of the endorsement key (the TCG default EK template, ECC P-256, or
+RSA-2048 when the TPM's NV only has an RSA EK certificate): its quotes
+carry the TPM's real reset and restart counts, and a verifier can prove
+it sits beside the EK with MakeCredential/ActivateCredential.  The EK is
+recreated from its template when needed (it is deterministic), never
+persisted.
 """
 from __future__ import annotations
 
@@ -29,13 +38,18 @@ from . import wire
 os.environ.setdefault("TSS2_LOG", "all+none")   # expected failures must not spam stderr
 from tpm2_pytss import (  # noqa: E402
     ESAPI, ESYS_TR, TCTILdr, TPM2_ALG, TPM2_CAP, TPM2_HC, TPM2_RC, TPM2_SE, TPM2B_DIGEST, TPM2B_ENCRYPTED_SECRET,
-    TPM2B_PRIVATE, TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMA_OBJECT, TPML_DIGEST_VALUES, TPML_PCR_SELECTION,
-    TPMS_KEYEDHASH_PARMS, TPMS_SENSITIVE_CREATE, TPMT_HA, TPMT_PUBLIC, TPMT_SIG_SCHEME, TPMT_SYM_DEF,
-    TPMT_SYM_DEF_OBJECT, TPMU_HA, TPMU_PUBLIC_PARMS, TSS2_Exception,
+    TPM2B_ID_OBJECT, TPM2B_PRIVATE, TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMA_OBJECT, TPML_DIGEST_VALUES,
+    TPML_PCR_SELECTION, TPMS_KEYEDHASH_PARMS, TPMS_SENSITIVE_CREATE, TPMT_HA, TPMT_PUBLIC, TPMT_SIG_SCHEME,
+    TPMT_SYM_DEF, TPMT_SYM_DEF_OBJECT, TPMU_HA, TPMU_PUBLIC_PARMS, TSS2_Exception,
 )
+from tpm2_pytss.utils import NVReadEK, NoSuchIndex, create_ek_template  # noqa: E402
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
 
 STORAGE_HANDLE = 0x81000B10     # owner-hierarchy persistent handles bmi owns
-AK_HANDLE = 0x81000B11
+AK_HANDLE = 0x81000B12          # the AK under the EK
+OLD_AK_HANDLE = 0x81000B11      # bmi < 0.2 kept an owner-hierarchy primary AK here: evicted on open
+EK_CERT_INDEXES = {"EK-ECC256": 0x01C0000A, "EK-RSA2048": 0x01C00002}   # TCG EK credential profile, low range
 _KEY_ATTRS = (TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN
               | TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.NODA)
 _TEMPLATES = {
@@ -198,7 +212,9 @@ class TPM:
         self._tctildr: TCTILdr | None = None
         self._handles: dict[int, ESYS_TR] = {}
         self.ak_pem = b""
+        self.ak_public_area = b""
         self.storage_public_area = b""
+        self._ek: tuple[bytes, str | None] | None = None     # (EK TPMT_PUBLIC, certificate PEM), once read
 
     @classmethod
     def open(cls, config: Mapping[str, str]) -> "TPM":
@@ -229,10 +245,12 @@ class TPM:
             self._tctildr = self._call("connect", lambda: TCTILdr(name, conf or None))
             self._esys = self._call("connect", lambda: ESAPI(self._tctildr))
             with self.exclusive():
+                self._evict_old_ak()
                 for handle in (STORAGE_HANDLE, AK_HANDLE):
                     self._handles[handle] = self._ensure_key(handle)
             ak_pub, _, _ = self._call("read AK", self._esys.read_public, self._handles[AK_HANDLE])
             self.ak_pem = ak_pub.to_pem()
+            self.ak_public_area = ak_pub.publicArea.marshal()
             st_pub, _, _ = self._call("read storage key", self._esys.read_public, self._handles[STORAGE_HANDLE])
             self.storage_public_area = st_pub.publicArea.marshal()
         except BaseException:
@@ -247,29 +265,123 @@ class TPM:
         except TSS2_Exception as e:
             raise IntegrityError(f"TPM {what} failed on the {self.kind} TPM ({self.tcti}): {e}") from None
 
-    def _ensure_key(self, handle: int) -> ESYS_TR:
-        """The persistent key at `handle`, created and persisted the first time."""
-        spec, attrs = _TEMPLATES[handle]
-        template = TPM2B_PUBLIC.parse(spec, objectAttributes=attrs)
+    def _persistent(self, handle: int) -> ESYS_TR | None:
+        """The object at a persistent handle, or None when the handle is free."""
         try:
-            tr = self._esys.tr_from_tpmpublic(handle)
+            return self._esys.tr_from_tpmpublic(handle)
         except TSS2_Exception as e:
             if e.rc & 0xFF != TPM2_RC.HANDLE & 0xFF:
                 raise IntegrityError(f"TPM read key 0x{handle:08x} failed ({self.tcti}): {e}") from None
-            tr = None
+            return None
+
+    @staticmethod
+    def _matches(tr_public: TPM2B_PUBLIC, handle: int) -> bool:
+        spec, attrs = _TEMPLATES[handle]
+        a, b = tr_public.publicArea, TPM2B_PUBLIC.parse(spec, objectAttributes=attrs).publicArea
+        return (a.type, a.nameAlg, int(a.objectAttributes)) == (b.type, b.nameAlg, int(b.objectAttributes)) \
+            and a.parameters.eccDetail.marshal() == b.parameters.eccDetail.marshal()
+
+    def _evict_old_ak(self) -> None:
+        """Drop the owner-hierarchy AK an older bmi persisted: it is not rooted in the EK."""
+        tr = self._persistent(OLD_AK_HANDLE)
+        if tr is not None and self._matches(self._call("read key", self._esys.read_public, tr)[0], AK_HANDLE):
+            self._call("evict the old AK", self._esys.evict_control, ESYS_TR.OWNER, tr, OLD_AK_HANDLE)
+
+    def _ensure_key(self, handle: int) -> ESYS_TR:
+        """The persistent key at `handle`, created and persisted the first time."""
+        spec, attrs = _TEMPLATES[handle]
+        tr = self._persistent(handle)
         if tr is not None:
-            have, _, _ = self._call("read key", self._esys.read_public, tr)
-            a, b = have.publicArea, template.publicArea
-            if (a.type, a.nameAlg, int(a.objectAttributes)) != (b.type, b.nameAlg, int(b.objectAttributes)) \
-                    or a.parameters.eccDetail.marshal() != b.parameters.eccDetail.marshal():
+            if not self._matches(self._call("read key", self._esys.read_public, tr)[0], handle):
                 raise IntegrityError(f"TPM persistent handle 0x{handle:08x} holds a key that is not bmi's "
                                      f"({spec}); evict it or use another TPM")
             return tr
-        transient = self._call("create key", self._esys.create_primary, None, template, ESYS_TR.OWNER)[0]
+        template = TPM2B_PUBLIC.parse(spec, objectAttributes=attrs)
+        if handle == AK_HANDLE:
+            transient = self._create_ak(template)
+        else:
+            transient = self._call("create key", self._esys.create_primary, None, template, ESYS_TR.OWNER)[0]
         try:
             return self._call("persist key", self._esys.evict_control, ESYS_TR.OWNER, transient, handle)
         finally:
             self._flush(transient)
+
+    def _ek_template(self) -> tuple[TPM2B_PUBLIC, str | None]:
+        """The EK's template and certificate (PEM) from NV: ECC P-256 unless only an RSA certificate exists."""
+        reader = NVReadEK(self._esys)
+        found = {}
+        for ek_type in EK_CERT_INDEXES:
+            try:
+                found[ek_type] = reader(EK_CERT_INDEXES[ek_type])
+            except NoSuchIndex:
+                continue
+            except TSS2_Exception as e:
+                raise IntegrityError(f"TPM read EK certificate ({ek_type}) failed ({self.tcti}): {e}") from None
+        ek_type = "EK-RSA2048" if "EK-RSA2048" in found and "EK-ECC256" not in found else "EK-ECC256"
+        cert, template = self._call("read EK template", create_ek_template, ek_type, reader)
+        pem = None
+        if cert:
+            der = bytes(cert)
+            if der[:2] == b"\x30\x82":          # NV areas may be padded past the DER SEQUENCE
+                der = der[:4 + int.from_bytes(der[2:4], "big")]
+            try:
+                pem = x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM).decode("ascii")
+            except ValueError as e:
+                raise IntegrityError(f"TPM EK certificate at NV 0x{EK_CERT_INDEXES[ek_type]:08x} is not "
+                                     f"DER X.509 ({e})") from None
+        return template, pem
+
+    @contextlib.contextmanager
+    def _endorsement(self) -> Iterator[tuple[ESYS_TR, Callable[[], ESYS_TR]]]:
+        """A transient EK and a maker of PolicySecret(endorsement) sessions (its authPolicy); both flushed after.
+
+        Call inside exclusive().  A policy session is consumed by each use.
+        """
+        template, cert = self._ek_template()
+        ek, public = self._call("create EK", self._esys.create_primary, None, template, ESYS_TR.ENDORSEMENT)[:2]
+        sessions: list[ESYS_TR] = []
+
+        def policy() -> ESYS_TR:
+            sess = self._call("start policy session", self._esys.start_auth_session, ESYS_TR.NONE, ESYS_TR.NONE,
+                              TPM2_SE.POLICY, TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256)
+            sessions.append(sess)
+            self._call("PolicySecret(endorsement) (bmi needs the endorsement hierarchy's auth value empty)",
+                       self._esys.policy_secret, ESYS_TR.ENDORSEMENT, sess)
+            return sess
+        try:
+            self._ek = (public.publicArea.marshal(), cert)
+            yield ek, policy
+        finally:
+            for tr in (*sessions, ek):
+                self._flush(tr)
+
+    def _create_ak(self, template: TPM2B_PUBLIC) -> ESYS_TR:
+        """A new AK under the EK, loaded (transient): the caller persists it."""
+        with self._endorsement() as (ek, policy):
+            private, public = self._call("create AK under the EK", self._esys.create, ek, None, template,
+                                         session1=policy())[:2]
+            return self._call("load AK", self._esys.load, ek, private, public, session1=policy())
+
+    def endorsement(self) -> tuple[bytes, str | None]:
+        """(EK TPMT_PUBLIC, EK certificate PEM or None); the EK is made once per connection."""
+        while self._ek is None:              # _endorsement() records it
+            with self.exclusive(), self._endorsement():
+                pass
+        return self._ek
+
+    def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
+        """TPM2_ActivateCredential with the AK and the EK: the secret only this TPM can recover."""
+        try:
+            blob, secret = TPM2B_ID_OBJECT(credential_blob), TPM2B_ENCRYPTED_SECRET(encrypted_secret)
+        except (TSS2_Exception, ValueError, TypeError) as e:
+            raise IntegrityError(f"activate_credential: malformed credential: {e}") from None
+        with self.exclusive(), self._endorsement() as (ek, policy):
+            try:
+                return bytes(self._esys.activate_credential(self._handles[AK_HANDLE], ek, blob, secret,
+                                                            session1=ESYS_TR.PASSWORD, session2=policy()))
+            except TSS2_Exception as e:
+                raise IntegrityError("activate_credential: the TPM refused the credential: it was not made "
+                                     f"for this TPM's EK and AK, or was altered ({e})") from None
 
     def _flush(self, tr: ESYS_TR) -> None:
         with contextlib.suppress(TSS2_Exception):

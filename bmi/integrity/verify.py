@@ -7,33 +7,87 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from typing import Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from ..errors import IntegrityError, InvalidArgument
 from ..types import IntegrityPolicy
-from . import credentials, wire
+from . import credentials, keys, wire
+from .keys import PinnedKey, PublicKeyType
 from .report import IntegrityReport
 
 
+UNPINNED = ("no attestation key pinned: pass ak= (CLI: --ak FILE|FINGERPRINT) with the AK you enrolled "
+            "beforehand over a channel you trust (mgr.get_attestation_key(), `bmi tpm`); the key inside a "
+            "report proves nothing, anyone can re-sign a report with their own. Only trust_report_key=True "
+            "(CLI: --trust-report-key) accepts the report's own key")
+
+
+class UnpinnedKeyWarning(UserWarning):
+    """A report was checked against the key it carries itself (trust_report_key=True)."""
+
+
+def signing_key(report: IntegrityReport, ak: object = None, *, trust_report_key: bool = False,
+                what: str = "verify_report") -> PublicKeyType:
+    """The key the report's signature must verify with: the pinned one, or (loudly) the report's own.
+
+    IntegrityError when nothing is pinned and trust_report_key is not set,
+    or when the report's key is not the pinned AK.
+    """
+    if ak is not None and trust_report_key:
+        raise InvalidArgument(f"{what}: give ak= or trust_report_key=True, not both")
+    if ak is None and not trust_report_key:
+        raise IntegrityError(f"{what}: {UNPINNED}", pd_id=report.pd_id)
+    pin = keys.resolve(ak, what) if ak is not None else None
+    try:
+        carried = keys.load_pem(report.pubkey, f"{what}: the report's key")
+        carried_fp = keys.pem_fingerprint(report.pubkey, f"{what}: the report's key")
+    except InvalidArgument as e:
+        raise IntegrityError(f"{what}: signature check failed: {e}", pd_id=report.pd_id) from None
+    if pin is None:
+        warnings.warn(f"{what}: trusting the attestation key the report carries ({carried_fp}): "
+                      "anyone can forge such a report; pin the AK with ak=", UnpinnedKeyWarning, stacklevel=3)
+    elif carried_fp != pin.fingerprint:
+        raise IntegrityError(f"{what}: signature check failed: the report names the key "
+                             f"{carried_fp}, not the pinned AK {pin.fingerprint}", pd_id=report.pd_id)
+    return pin.key if pin is not None and pin.key is not None else carried
+
+
+def check_signature(report: IntegrityReport, key: PublicKeyType) -> str | None:
+    """None if `key` signed report.attestation (ECDSA TPMT_SIGNATURE), else why not."""
+    try:
+        halg, der = wire.ecdsa_der(report.signature)
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            return "the attestation key is not an ECC key"
+        key.verify(der, report.attestation, ec.ECDSA(wire.crypto_hash(halg)))
+    except InvalidSignature:
+        return f"the quote is not signed by the AK {keys.fingerprint(key)}"
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
 def verify_report(report: IntegrityReport, *, nonce: bytes, pd_integrity: bytes,
-                  pcrs: Mapping[int, bytes] | None = None) -> None:
+                  pcrs: Mapping[int, bytes] | None = None, ak: PinnedKey | None = None,
+                  trust_report_key: bool = False) -> None:
     """Raise IntegrityError naming the failed check, in this order:
 
-    attestation (well-formed TPM quote), signature (by report.pubkey over
-    the attestation), PD measurement (report.pd_integrity == pd_integrity),
-    nonce (extraData == SHA-256(nonce || pd_integrity)), PCR digest (the
+    attestation key (`ak` pinned, else refused unless trust_report_key),
+    attestation (well-formed TPM quote), signature (by the pinned AK over
+    the attestation; with a fingerprint, report.pubkey must have it),
+    PD measurement (report.pd_integrity == pd_integrity), nonce
+    (extraData == SHA-256(nonce || pd_integrity)), PCR digest (the
     reported PCR values are the quoted ones), PCR value (each of `pcrs`
-    equals the reported value).  Trusting report.pubkey is the caller's
-    business (compare it with the AK you enrolled).
+    equals the reported value).
     """
     if not isinstance(report, IntegrityReport):
         raise InvalidArgument(f"verify_report: expected an IntegrityReport, got {type(report).__name__}")
     if not isinstance(nonce, bytes) or not isinstance(pd_integrity, bytes):
         raise InvalidArgument("verify_report: nonce and pd_integrity must be bytes")
+    key = signing_key(report, ak, trust_report_key=trust_report_key)
 
     def fail(check: str, why: str) -> IntegrityError:
         return IntegrityError(f"verify_report: {check} check failed: {why}", pd_id=report.pd_id)
@@ -45,14 +99,9 @@ def verify_report(report: IntegrityReport, *, nonce: bytes, pd_integrity: bytes,
         raise fail("attestation", str(e)) from None
     if quote.magic != wire.TPM_GENERATED:
         raise fail("attestation", "not generated by a TPM (magic is not TPM_GENERATED)")
-    try:
-        key = load_pem_public_key(report.pubkey)
-        halg, der = wire.ecdsa_der(report.signature)
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            raise ValueError("the attestation key is not an ECC key")
-        key.verify(der, report.attestation, ec.ECDSA(wire.crypto_hash(halg)))
-    except (ValueError, TypeError, InvalidSignature) as e:
-        raise fail("signature", str(e) or "the signature does not match the attestation and key") from None
+    why = check_signature(report, key)
+    if why is not None:
+        raise fail("signature", why)
     if report.pd_integrity != pd_integrity:
         raise fail("PD measurement", f"the report is for {report.pd_integrity.hex()}, "
                                      f"expected {pd_integrity.hex()}")
@@ -93,3 +142,27 @@ def wrap_credentials(policy: IntegrityPolicy, secret: bytes, storage_public: byt
     dup, seed = wire.duplicate(parent, public, sensitive)
     blob = credentials.new_blob(credentials.KIND_DUPLICATED, selection, public, dup, seed)
     return credentials.seal_payload(blob, key, policy, secret)
+
+
+def make_credential(ak: "keys.AttestationKey", secret: bytes) -> tuple[bytes, bytes]:
+    """What a verifier (Keylime's registrar) sends a machine to prove its AK sits beside its EK.
+
+    Checks that ak.public_area is a restricted signing key with ak.pem as
+    its public key, then TPM2_MakeCredential to the EK in ak.ek_public_area
+    for the AK's name.  Returns (credential_blob, encrypted_secret); only
+    that TPM, with that AK loaded, gets `secret` back
+    (IntegrityService.activate_credential).  Check the EK itself (its
+    certificate chain) before relying on the answer.
+    """
+    if not isinstance(ak, keys.AttestationKey):
+        raise InvalidArgument(f"make_credential: expected an AttestationKey, got {type(ak).__name__}")
+    if not isinstance(secret, bytes) or not 0 < len(secret) <= 32:
+        raise InvalidArgument("make_credential: the secret must be 1..32 bytes")
+    try:
+        parsed = keys.check_ak_public(ak.public_area)
+        ek = wire.parse_public(ak.ek_public_area, "EK TPMT_PUBLIC")
+        if keys.fingerprint(parsed.key) != ak.fingerprint:
+            raise ValueError(f"the AK's public area is not the key {ak.fingerprint}")
+        return wire.make_credential(ek, parsed.name, secret)
+    except ValueError as e:
+        raise InvalidArgument(f"make_credential: {e}") from None

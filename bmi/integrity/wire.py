@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
@@ -31,6 +31,7 @@ ALG_KEYEDHASH = 0x0008
 ALG_NULL = 0x0010
 ALG_ECDSA = 0x0018
 ALG_ECC = 0x0023
+ALG_RSA = 0x0001
 ALG_AES = 0x0006
 ALG_CFB = 0x0043
 ECC_NIST_P256 = 0x0003
@@ -39,9 +40,13 @@ ST_ATTEST_QUOTE = 0x8018
 CC_POLICY_PCR = 0x0000017F
 
 # TPMA_OBJECT bits
+FIXED_TPM = 1 << 1
+FIXED_PARENT = 1 << 4
+SENSITIVE_DATA_ORIGIN = 1 << 5
 NO_DA = 1 << 10
 RESTRICTED = 1 << 16
 DECRYPT = 1 << 17
+SIGN = 1 << 18
 
 _CRYPTO_HASH = {"sha1": hashes.SHA1, "sha256": hashes.SHA256,
                 "sha384": hashes.SHA384, "sha512": hashes.SHA512}
@@ -149,20 +154,24 @@ class Quote:
     extra_data: bytes
     selection: list[tuple[str, tuple[int, ...]]]
     pcr_digest: bytes
+    reset_count: int = 0        # obfuscated by the TPM unless the signer is in the endorsement hierarchy
+    restart_count: int = 0
 
 
 def parse_quote(attest: bytes) -> Quote:
     r = Reader(attest, "TPMS_ATTEST")
     magic, typ = r.u32(), r.u16()
     signer, extra = r.tpm2b(), r.tpm2b()
-    r.take(8 + 4 + 4 + 1)            # clockInfo: clock, resetCount, restartCount, safe
+    r.u64()                          # clockInfo: clock, resetCount, restartCount, safe
+    resets, restarts = r.u32(), r.u32()
+    r.u8()
     r.u64()                          # firmwareVersion
     if typ != ST_ATTEST_QUOTE:
         raise ValueError(f"TPMS_ATTEST: type 0x{typ:04x} is not a quote")
     selection = _read_selection(r)
     digest = r.tpm2b()
     r.end()
-    return Quote(magic, typ, signer, extra, selection, digest)
+    return Quote(magic, typ, signer, extra, selection, digest, resets, restarts)
 
 
 def ecdsa_der(signature: bytes) -> tuple[str, bytes]:
@@ -186,38 +195,84 @@ def crypto_hash(name: str) -> hashes.HashAlgorithm:
 # ---- objects for TPM2_Create / TPM2_Import ----------------------------------
 
 @dataclass(frozen=True)
-class EccStorageKey:
-    """A parent's TPMT_PUBLIC as far as duplication needs it."""
+class PublicKey:
+    """A key's TPMT_PUBLIC as far as verifiers, MakeCredential and duplication need it."""
 
     public_area: bytes       # marshalled TPMT_PUBLIC (for its name)
+    type: int                # ALG_ECC or ALG_RSA
     name_alg: str
     attributes: int
+    sym_alg: int             # ALG_NULL for signing keys
     sym_bits: int
-    point: ec.EllipticCurvePublicKey
+    sym_mode: int
+    scheme: int              # ALG_NULL, ALG_ECDSA, ...
+    scheme_hash: int
+    curve: int               # 0 for RSA
+    key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
     @property
     def name(self) -> bytes:
         return struct.pack(">H", ALG_IDS[self.name_alg]) + hashlib.new(self.name_alg, self.public_area).digest()
 
+    @property
+    def point(self) -> ec.EllipticCurvePublicKey:
+        if not isinstance(self.key, ec.EllipticCurvePublicKey):
+            raise ValueError("TPMT_PUBLIC: not an ECC key")
+        return self.key
 
-def parse_storage_key(public_area: bytes) -> EccStorageKey:
-    """Parse a marshalled TPMT_PUBLIC that must be a restricted ECC P-256 decrypt key with AES-CFB."""
-    r = Reader(public_area, "storage key TPMT_PUBLIC")
+
+_CURVES = {ECC_NIST_P256: ec.SECP256R1, 0x0004: ec.SECP384R1, 0x0005: ec.SECP521R1}
+
+
+def parse_public(public_area: bytes, what: str = "TPMT_PUBLIC") -> PublicKey:
+    """Parse a marshalled TPMT_PUBLIC of an ECC or RSA key (Part 2, 12.2.4)."""
+    r = Reader(public_area, what)
     typ, name_alg, attrs = r.u16(), r.u16(), r.u32()
     r.tpm2b()                                            # authPolicy
-    if typ != ALG_ECC or name_alg not in ALG_NAMES:
-        raise ValueError("storage key: not an ECC key with a known name algorithm")
-    sym, bits, mode = r.u16(), r.u16(), r.u16()
-    scheme, curve, kdf = r.u16(), r.u16(), r.u16()
-    x, y = r.tpm2b(), r.tpm2b()
+    if typ not in (ALG_ECC, ALG_RSA) or name_alg not in ALG_NAMES:
+        raise ValueError(f"{what}: not an ECC or RSA key with a known name algorithm")
+    sym, bits, mode = r.u16(), 0, 0
+    if sym != ALG_NULL:
+        bits, mode = r.u16(), r.u16()
+    scheme, scheme_hash = r.u16(), 0
+    if scheme != ALG_NULL:
+        scheme_hash = r.u16()
+        if scheme == 0x001A:                             # ECDAA carries a count too
+            r.u16()
+    if typ == ALG_RSA:
+        key_bits, exponent = r.u16(), r.u32() or 65537
+        modulus, curve = int.from_bytes(r.tpm2b(), "big"), 0
+    else:
+        curve, kdf = r.u16(), r.u16()
+        if kdf != ALG_NULL:
+            r.u16()
+        x, y = r.tpm2b(), r.tpm2b()
     r.end()
+    try:
+        if typ == ALG_RSA:
+            if modulus.bit_length() != key_bits:
+                raise ValueError(f"the RSA modulus is not {key_bits} bits")
+            key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey = \
+                rsa.RSAPublicNumbers(exponent, modulus).public_key()
+        else:
+            if curve not in _CURVES:
+                raise ValueError(f"unsupported ECC curve 0x{curve:04x}")
+            key = ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"),
+                                                _CURVES[curve]()).public_key()
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    return PublicKey(bytes(public_area), typ, ALG_NAMES[name_alg], attrs, sym, bits, mode, scheme, scheme_hash,
+                     curve, key)
+
+
+def parse_storage_key(public_area: bytes) -> PublicKey:
+    """Parse a marshalled TPMT_PUBLIC that must be a restricted ECC P-256 decrypt key with AES-CFB."""
+    key = parse_public(public_area, "storage key TPMT_PUBLIC")
     need = RESTRICTED | DECRYPT
-    if attrs & need != need or (sym, mode) != (ALG_AES, ALG_CFB) or curve != ECC_NIST_P256 \
-            or scheme != ALG_NULL or kdf != ALG_NULL:
+    if key.type != ALG_ECC or key.attributes & need != need or (key.sym_alg, key.sym_mode) != (ALG_AES, ALG_CFB) \
+            or key.curve != ECC_NIST_P256 or key.scheme != ALG_NULL:
         raise ValueError("storage key: not a restricted P-256 decryption key with AES-CFB")
-    point = ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"),
-                                          ec.SECP256R1()).public_key()
-    return EccStorageKey(bytes(public_area), ALG_NAMES[name_alg], attrs, bits, point)
+    return key
 
 
 def sealed_object(data: bytes, auth_policy: bytes) -> tuple[bytes, bytes]:
@@ -243,26 +298,61 @@ def kdfa(alg: str, key: bytes, label: bytes, context: bytes, bits: int) -> bytes
                      fixed=None).derive(key)
 
 
-def duplicate(parent: EccStorageKey, public_area: bytes, sensitive: bytes) -> tuple[bytes, bytes]:
+def _seed(parent: PublicKey, label: bytes) -> tuple[bytes, bytes]:
+    """A fresh seed only `parent`'s TPM can recover: (seed, TPM2B_ENCRYPTED_SECRET buffer).
+
+    ECC: ephemeral ECDH and KDFe (Part 1, 11.4.10.3), the buffer is the
+    ephemeral TPMS_ECC_POINT; RSA: the OAEP ciphertext with the parent's
+    name algorithm and `label` (Part 1, B.10.3).
+    """
+    digest_size = hashlib.new(parent.name_alg).digest_size
+    if parent.type == ALG_RSA:
+        seed = os.urandom(digest_size)
+        halg = crypto_hash(parent.name_alg)
+        return seed, parent.key.encrypt(seed, padding.OAEP(padding.MGF1(halg), halg, label))
+    point = parent.point
+    eph = ec.generate_private_key(point.curve)
+    size = (point.curve.key_size + 7) // 8
+    en, pn = eph.public_key().public_numbers(), point.public_numbers()
+    ex, ey, px = en.x.to_bytes(size, "big"), en.y.to_bytes(size, "big"), pn.x.to_bytes(size, "big")
+    z = eph.exchange(ec.ECDH(), point)
+    seed = ConcatKDFHash(algorithm=crypto_hash(parent.name_alg), length=digest_size,
+                         otherinfo=label + ex + px).derive(z)
+    return seed, tpm2b(ex) + tpm2b(ey)
+
+
+def _protect(parent: PublicKey, seed: bytes, name: bytes, plaintext: bytes) -> bytes:
+    """Outer wrap: AES-CFB under KDFa(STORAGE, name) and its HMAC under KDFa(INTEGRITY) (Part 1, 23.3.2)."""
+    if (parent.sym_alg, parent.sym_mode) != (ALG_AES, ALG_CFB):
+        raise ValueError("parent key: its symmetric algorithm is not AES-CFB")
+    digest_bits = hashlib.new(parent.name_alg).digest_size * 8
+    sym_key = kdfa(parent.name_alg, seed, b"STORAGE", name, parent.sym_bits)
+    enc = Cipher(algorithms.AES(sym_key), CFB(bytes(16))).encryptor()
+    wrapped = enc.update(plaintext) + enc.finalize()
+    hmac_key = kdfa(parent.name_alg, seed, b"INTEGRITY", b"", digest_bits)
+    return tpm2b(hmac.new(hmac_key, wrapped + name, parent.name_alg).digest()) + wrapped
+
+
+def duplicate(parent: PublicKey, public_area: bytes, sensitive: bytes) -> tuple[bytes, bytes]:
     """TPM2 duplication (Part 1, 23.3) without inner wrapper.
 
     Returns (duplicate, inSymSeed) as the buffers of TPM2B_PRIVATE and
-    TPM2B_ENCRYPTED_SECRET: an ephemeral ECDH with the parent gives the
-    seed (KDFe, label DUPLICATE), which keys the AES-CFB outer wrap
-    (KDFa STORAGE) and its HMAC (KDFa INTEGRITY).
+    TPM2B_ENCRYPTED_SECRET: a seed for the parent (label DUPLICATE) keys
+    the outer wrap of the sensitive area.
     """
-    eph = ec.generate_private_key(ec.SECP256R1())
-    size = 32
-    en, pn = eph.public_key().public_numbers(), parent.point.public_numbers()
-    ex, ey, px = en.x.to_bytes(size, "big"), en.y.to_bytes(size, "big"), pn.x.to_bytes(size, "big")
-    z = eph.exchange(ec.ECDH(), parent.point)
-    digest_bits = hashlib.new(parent.name_alg).digest_size * 8
-    seed = ConcatKDFHash(algorithm=crypto_hash(parent.name_alg), length=digest_bits // 8,
-                         otherinfo=b"DUPLICATE\0" + ex + px).derive(z)
-    name = object_name(public_area)
-    sym_key = kdfa(parent.name_alg, seed, b"STORAGE", name, parent.sym_bits)
-    enc = Cipher(algorithms.AES(sym_key), CFB(bytes(16))).encryptor()
-    dup_sensitive = enc.update(tpm2b(sensitive)) + enc.finalize()
-    hmac_key = kdfa(parent.name_alg, seed, b"INTEGRITY", b"", digest_bits)
-    outer = hmac.new(hmac_key, dup_sensitive + name, parent.name_alg).digest()
-    return tpm2b(outer) + dup_sensitive, tpm2b(ex) + tpm2b(ey)
+    seed, encrypted_seed = _seed(parent, b"DUPLICATE\0")
+    return _protect(parent, seed, object_name(public_area), tpm2b(sensitive)), encrypted_seed
+
+
+def make_credential(ek: PublicKey, object_name: bytes, credential: bytes) -> tuple[bytes, bytes]:
+    """TPM2_MakeCredential in software (Part 1, 24): what a verifier sends a TPM to prove key residency.
+
+    Returns (credentialBlob, secret) as the buffers of TPM2B_ID_OBJECT and
+    TPM2B_ENCRYPTED_SECRET.  Only the TPM holding `ek`'s private key, with
+    the object named `object_name` loaded, recovers `credential`
+    (TPM2_ActivateCredential).
+    """
+    if not 0 < len(credential) <= hashlib.new(ek.name_alg).digest_size:
+        raise ValueError("MakeCredential: the credential must be 1..digest-size bytes")
+    seed, encrypted_seed = _seed(ek, b"IDENTITY\0")
+    return _protect(ek, seed, object_name, tpm2b(credential)), encrypted_seed

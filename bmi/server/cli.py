@@ -198,7 +198,8 @@ EXAMPLES = {
              "  bmi --uri linux:///system param set web /system/memory/current 32M",
     "config": "example:\n  bmi --uri linux:///system config set web /boot/cmdline 'busybox sleep 60'",
     "attest": "example:\n  bmi --uri linux:///system attest web --nonce 00ff --out report.json\n"
-              "  bmi verify report.json --nonce 00ff --expect-image /bin/busybox",
+              "  bmi verify report.json --nonce 00ff --expect-image /bin/busybox \\\n"
+              "      --ak ak.pem             # the AK's PEM from `bmi tpm` on the host",
     "console": "example:\n  bmi --uri linux:///system console web -f",
     "events": "examples:\n  bmi --uri linux:///system events --json          # until Ctrl-C\n"
               "  bmi --uri linux:///system events --since 0 --timeout 1   # the stored log, then stop",

@@ -1,4 +1,4 @@
-"""The `bmid` command: run the daemon in the foreground (systemd: dist/bmid.service, dist/bmid-xen.service)."""
+"""The `bmid` command: run the daemon in the foreground (systemd: systemd/bmid.service, systemd/bmid-xen.service)."""
 from __future__ import annotations
 
 import argparse

@@ -8,7 +8,16 @@ from tests.server.bmid import Bmid
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "session_only(reason): the test needs an in-process manager; "
-                                       "skipped in the linux:///system run")
+                                       "not collected for the linux:///system run")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A session_only test's system-mode copy does not apply anywhere: deselect it, never skip it."""
+    inapplicable = [item for item in items if item.get_closest_marker("session_only")
+                    and getattr(item, "callspec", None) and item.callspec.params.get("mgr") == "system"]
+    if inapplicable:
+        config.hook.pytest_deselected(items=inapplicable)
+        items[:] = [item for item in items if item not in inapplicable]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,9 +42,6 @@ def mgr(request, bmid):
             m.shutdown_grace = 2.0
             yield m
         return
-    marker = request.node.get_closest_marker("session_only")
-    if marker:
-        pytest.skip(f"session mode only: {marker.args[0]}")
     if bmid is None:
         pytest.skip("bmid needs root (namespaces and cgroups for PDs of any user)")
     with bmid.open() as m:

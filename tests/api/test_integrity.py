@@ -23,16 +23,29 @@ def _digest(path):
 
 def test_integrity_link_binds_nonce_and_measurement(tmgr):
     pd = _ready(tmgr)
+    ak = tmgr.get_attestation_key()
     report = pd.get_integrity_link(b"nonce-1")
     assert report.pd_integrity == _digest(busybox_path())
     assert report.tpm == "software"
-    bmi.verify_report(report, nonce=b"nonce-1", pd_integrity=_digest(busybox_path()))
+    bmi.verify_report(report, nonce=b"nonce-1", pd_integrity=_digest(busybox_path()), ak=ak.pem)
     with pytest.raises(bmi.IntegrityError, match="nonce"):
-        bmi.verify_report(report, nonce=b"nonce-2", pd_integrity=_digest(busybox_path()))
+        bmi.verify_report(report, nonce=b"nonce-2", pd_integrity=_digest(busybox_path()), ak=ak.pem)
     with pytest.raises(bmi.IntegrityError):
-        bmi.verify_report(report, nonce=b"nonce-1", pd_integrity=b"\0" * 32)
+        bmi.verify_report(report, nonce=b"nonce-1", pd_integrity=b"\0" * 32, ak=ak.pem)
     again = bmi.IntegrityReport.from_json(report.to_json())
-    bmi.verify_report(again, nonce=b"nonce-1", pd_integrity=_digest(busybox_path()))
+    bmi.verify_report(again, nonce=b"nonce-1", pd_integrity=_digest(busybox_path()), ak=ak.fingerprint)
+
+
+def test_attestation_key_is_the_reports_signer(tmgr):
+    ak = tmgr.get_attestation_key()
+    assert ak.fingerprint.startswith("sha256:") and ak.pem.startswith("-----BEGIN PUBLIC KEY-----")
+    assert _ready(tmgr).get_integrity_link(b"n").pubkey.decode() == ak.pem
+    assert tmgr.get_attestation_key() == ak
+
+
+def test_attestation_key_without_integrity_says_why(mgr):
+    with pytest.raises(bmi.NotSupported, match="integrity=False"):
+        mgr.get_attestation_key()
 
 
 @pytest.mark.parametrize("nonce", [b"", b"x" * 65, "text", None])

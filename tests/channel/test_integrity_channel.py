@@ -26,7 +26,9 @@ def test_a_pd_gets_its_integrity_link_and_its_credentials(tmgr):
         with bmi.pd.open(fd) as client:
             me = client.get_controller()
             report = me.get_integrity_link(b"from-inside")
-            bmi.verify_report(report, nonce=b"from-inside", pd_integrity=digest)
+            ak = client.get_attestation_key()                  # a PD learns the layer's AK too
+            assert ak == tmgr.get_attestation_key()
+            bmi.verify_report(report, nonce=b"from-inside", pd_integrity=digest, ak=ak.pem.encode())
             policy = IntegrityPolicy(pd_integrity=digest)
             blob = tmgr.seal_credentials(policy, b"s3cret")
             assert me.get_protected_credentials(policy, blob) == b"s3cret"

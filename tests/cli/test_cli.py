@@ -106,10 +106,15 @@ def test_run_attest_then_verify(tmp_path):
     done = run("run", "--attest", "--nonce", "00ff", "--attest-out", str(report), busybox_path(), "--",
                "busybox", "true", env=env)
     assert done.returncode == 0, done.stderr
-    done = run("verify", str(report), "--nonce", "00ff", "--expect-image", busybox_path(), env=env)
+    tpm = run("tpm", "--json", env=env)                  # enrolment: the verifier learns the AK
+    assert tpm.returncode == 0, tpm.stderr
+    ak = json.loads(tpm.stdout)["ak_fingerprint"]
+    done = run("verify", str(report), "--nonce", "00ff", "--expect-image", busybox_path(), "--ak", ak, env=env)
     assert done.returncode == 0, done.stderr + done.stdout
-    done = run("verify", str(report), "--nonce", "00fe", "--expect-image", busybox_path(), env=env)
+    done = run("verify", str(report), "--nonce", "00fe", "--expect-image", busybox_path(), "--ak", ak, env=env)
     assert done.returncode != 0 and "nonce" in (done.stderr + done.stdout).lower()
+    done = run("verify", str(report), "--nonce", "00ff", "--expect-image", busybox_path(), env=env)
+    assert done.returncode == 1 and "--ak" in done.stdout and "Traceback" not in done.stderr
 
 
 def test_uri_goes_before_or_after_the_command():

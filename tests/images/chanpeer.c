@@ -1,6 +1,7 @@
 /* chanpeer: a PD that uses its BMI channel (through csrc/bmi_client.c).
  * `chanpeer CMD ARGS [+ CMD ARGS ...]`; each command prints "CMD: result".
- * The test drives it in steps through config params (`wait NAME VALUE`). */
+ * The test drives it in steps through config params (`wait NAME VALUE`).
+ * `child MEM` makes a child PD; in call parameters the word CHILD is its id. */
 #define _GNU_SOURCE
 #include "../../csrc/bmi_client.c"
 
@@ -9,11 +10,13 @@
 #include <stdint.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
 static int g_chan = -1, g_conn = -1, g_side = -1;   /* g_side: a socket passed over (or made for) g_conn */
+static long g_child = -1;
 static char g_out[MAX_MESSAGE];
 
 static void fail(const char *cmd, int rc)
@@ -32,6 +35,43 @@ static void ms_sleep(long ms)
 {
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
+}
+
+/* params with every CHILD replaced by the child's id */
+static const char *with_child(const char *params)
+{
+    static char buf[MAX_MESSAGE];
+    size_t n = 0;
+    for (const char *p = params; *p && n < sizeof buf - 24;) {
+        if (!strncmp(p, "CHILD", 5)) {
+            n += (size_t)snprintf(buf + n, sizeof buf - n, "%ld", g_child);
+            p += 5;
+        } else buf[n++] = *p++;
+    }
+    buf[n] = 0;
+    return buf;
+}
+
+/* One request (fd_in: -1 or an fd to pass), printed as "CMD: ok RESULT" or the error; returns its rc. */
+static int call(const char *cmd, const char *method, const char *params, int fd_in)
+{
+    int fd, rc = bmi_call(g_chan, method, with_child(params), fd_in, g_out, sizeof g_out, &fd);
+    if (fd >= 0) close(fd);
+    if (rc) fail(cmd, rc); else printf("%s: ok %s\n", cmd, g_out);
+    return rc;
+}
+
+/* An image of `size` bytes, all holes after its first 4 ("\177ELF"); -1 with errno set on failure. */
+static int sparse_image(long size)
+{
+    int fd = memfd_create("image", MFD_CLOEXEC);
+    if (fd >= 0 && (write(fd, "\177ELF", 4) != 4 || ftruncate(fd, size) < 0)) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        fd = -1;
+    }
+    return fd;
 }
 
 static size_t conn_size(void)
@@ -131,10 +171,40 @@ static int run(char **a, int n)
         return 1;
     }
     if (!strcmp(cmd, "call") && n > 2) {
-        rc = bmi_call(g_chan, a[1], a[2], -1, g_out, sizeof g_out, &fd);
-        if (fd >= 0) close(fd);
-        if (rc) fail(cmd, rc); else printf("call: ok %s\n", g_out);
+        call(cmd, a[1], a[2], -1);
         return 2;
+    }
+    if (!strcmp(cmd, "callfd") && n > 2) {      /* callfd METHOD PARAMS: passing a 4-byte image */
+        fd = sparse_image(4);
+        if (fd < 0) sys_result(cmd, -1); else { call("call", a[1], a[2], fd); close(fd); }
+        return 2;
+    }
+    if (!strcmp(cmd, "child") && n > 1) {       /* child MEM: allocate_pd of MEM bytes (JSON may follow) */
+        char params[256];
+        snprintf(params, sizeof params, "{\"mem\":%s}", a[1]);
+        if (call(cmd, "allocate_pd", params, -1) == 0) g_child = atol(g_out);
+        return 1;
+    }
+    if (!strcmp(cmd, "image") && n > 1) {       /* image SIZE: setup_pd of the child from a sparse memfd */
+        fd = sparse_image(atol(a[1]));
+        if (fd < 0) sys_result(cmd, -1); else { call(cmd, "setup_pd", "{\"pd\":CHILD}", fd); close(fd); }
+        return 1;
+    }
+    if (!strcmp(cmd, "self")) {                 /* self: setup_pd of the child with this program */
+        fd = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
+        if (fd < 0) sys_result(cmd, -1); else { call(cmd, "setup_pd", "{\"pd\":CHILD}", fd); close(fd); }
+        return 0;
+    }
+    if (!strcmp(cmd, "spew") && n > 1) {        /* spew N: N bytes of console output */
+        for (long left = atol(a[1]); left > 0; left -= 64)
+            printf("%.*s\n", (int)(left < 64 ? left - 1 : 63),
+                   "spew-spew-spew-spew-spew-spew-spew-spew-spew-spew-spew-spew-spew");
+        return 1;
+    }
+    if (!strcmp(cmd, "patience") && n > 1) {    /* patience MS: a reply not there by then is "io EAGAIN" */
+        struct timeval t = {atol(a[1]) / 1000, atol(a[1]) % 1000 * 1000};
+        sys_result(cmd, setsockopt(g_chan, SOL_SOCKET, SO_RCVTIMEO, &t, sizeof t));
+        return 1;
     }
     if (!strcmp(cmd, "connect") && n > 4) {
         if (g_conn >= 0) close(g_conn);

@@ -32,6 +32,14 @@ def test_tpm_and_eventlog(bmi, capsys, tmp_path):
     assert bmi("tpm", "--json", "--storage-public-out", str(tmp_path / "sp.json")) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "software" and info["tvl_pcr"] == 13 and "sha256" in info["pcr_banks"]
+    with IntegrityService.open() as svc:
+        ak = svc.attestation_key()
+    assert (info["ak_fingerprint"], info["ak_public_pem"]) == (ak.fingerprint, ak.pem)
+    assert info["ek_public_pem"] == ak.ek_pem and info["ek_public_area"] == ak.ek_public_area.hex()
+    assert info["ek_certificate"] is None                  # our swtpm has no EK certificate in NV
+    assert bmi("tpm") == 0
+    text = capsys.readouterr().out
+    assert f"ak_fingerprint    {ak.fingerprint}" in text and ak.pem in text and ak.ek_pem in text
     assert json.loads((tmp_path / "sp.json").read_text())["pcr_selection"] == info["pcr_selection"]
     assert bmi("eventlog", "--ima") == 0
     line = capsys.readouterr().out.strip()
@@ -63,12 +71,44 @@ def test_verify(bmi, capsys, tmp_path, state_dir):
     digest = hashlib.sha256(image.read_bytes()).digest()
     with IntegrityService.open() as svc:     # the commands' config: the same TVL
         report = svc.integrity_link(b"\x01\x02", digest)
+        ak = svc.attestation_key()
     (tmp_path / "r.json").write_text(report.to_json())
-    assert bmi("verify", str(tmp_path / "r.json"), "--nonce", "0102", "--expect-image", str(image)) == 0
+    (tmp_path / "ak.pem").write_text(ak.pem)
+    pin = ("--ak", str(tmp_path / "ak.pem"))
+    assert bmi("verify", str(tmp_path / "r.json"), "--nonce", "0102", "--expect-image", str(image), *pin) == 0
     assert capsys.readouterr().out.startswith("OK: PD")
-    assert bmi("verify", str(tmp_path / "r.json"), "--nonce", "0103", "--expect-digest", digest.hex(), "--json") == 1
+    assert bmi("verify", str(tmp_path / "r.json"), "--nonce", "0102", "--expect-image", str(image),
+               "--ak", ak.fingerprint, "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is True and out["trusted_report_key"] is False and out["ak_fingerprint"] == ak.fingerprint
+    assert bmi("verify", str(tmp_path / "r.json"), "--nonce", "0103", "--expect-digest", digest.hex(), "--json",
+               *pin) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is False and "nonce check failed" in out["error"]
     assert bmi("verify", str(tmp_path / "r.json"), "--nonce", "0102", "--expect-digest", digest.hex(),
-               "--pcr", f"13={'00' * 32}") == 1
+               "--pcr", f"13={'00' * 32}", *pin) == 1
     assert "PCR value check failed" in capsys.readouterr().out
+    with pytest.raises(InvalidArgument, match="cannot read --ak .*nowhere.pem"):
+        bmi("verify", str(tmp_path / "r.json"), "--nonce", "0102", "--expect-image", str(image),
+            "--ak", str(tmp_path / "nowhere.pem"))
+    with pytest.raises(InvalidArgument, match="not a fingerprint"):
+        bmi("verify", str(tmp_path / "r.json"), "--nonce", "0102", "--expect-image", str(image), "--ak", "sha256:12")
+
+
+def test_verify_unpinned(bmi, capsys, tmp_path, state_dir):
+    """Without --ak a genuine report is refused, saying how to pin; --trust-report-key accepts it loudly."""
+    digest = hashlib.sha256(b"img").digest()
+    with IntegrityService.open() as svc:
+        (tmp_path / "r.json").write_text(svc.integrity_link(b"\x01", digest).to_json())
+    args = ("verify", str(tmp_path / "r.json"), "--nonce", "01", "--expect-digest", digest.hex())
+    assert bmi(*args) == 1
+    out = capsys.readouterr()
+    assert out.out.startswith("FAILED: ") and "--ak FILE|FINGERPRINT" in out.out and "WARNING" not in out.err
+    assert bmi(*args, "--json") == 1
+    assert "--ak" in json.loads(capsys.readouterr().out)["error"]
+    assert bmi(*args, "--trust-report-key") == 0
+    out = capsys.readouterr()
+    assert "signed by the UNPINNED key" in out.out and out.err.startswith("WARNING: trusted the attestation key")
+    assert bmi(*args, "--trust-report-key", "--json") == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["trusted_report_key"] is True and out.err.startswith("WARNING: ")

@@ -30,7 +30,8 @@ def test_quote_verifies_offline_against_expected_pcrs(service):
     assert report.pcr_selection == "sha256:0,1,2,3,4,5,6,7,13"
     tvl_value = bytes.fromhex(service.describe()["tvl_pcr_value"])
     assert report.pcr_values[13] == tvl_value != bytes(32)      # the TVL measured itself
-    verify_report(report, nonce=NONCE, pd_integrity=PD, pcrs={13: tvl_value, 0: bytes(32)})
+    verify_report(report, nonce=NONCE, pd_integrity=PD, pcrs={13: tvl_value, 0: bytes(32)},
+                  ak=service.attestation_key().pem)
 
 
 def _other_key_pem() -> bytes:
@@ -52,26 +53,28 @@ def test_each_tampered_field_fails_its_check(service, change, check):
     report = service.integrity_link(NONCE, PD)
     tampered = dataclasses.replace(report, **change(report))
     with pytest.raises(IntegrityError, match=f"{check} check failed"):
-        verify_report(tampered, nonce=NONCE, pd_integrity=PD)
+        verify_report(tampered, nonce=NONCE, pd_integrity=PD, ak=service.attestation_key().fingerprint)
 
 
 def test_wrong_nonce_changed_image_and_unexpected_pcr_are_refused(service):
+    ak = service.attestation_key()
     report = service.integrity_link(NONCE, PD)
     with pytest.raises(IntegrityError, match="nonce check failed"):
-        verify_report(report, nonce=b"another nonce", pd_integrity=PD)
+        verify_report(report, nonce=b"another nonce", pd_integrity=PD, ak=ak)
     with pytest.raises(IntegrityError, match="PD measurement check failed"):
-        verify_report(report, nonce=NONCE, pd_integrity=hashlib.sha256(b"other image").digest())
+        verify_report(report, nonce=NONCE, pd_integrity=hashlib.sha256(b"other image").digest(), ak=ak)
     with pytest.raises(IntegrityError, match="PCR value check failed: PCR 13"):
-        verify_report(report, nonce=NONCE, pd_integrity=PD, pcrs={13: bytes(32)})
+        verify_report(report, nonce=NONCE, pd_integrity=PD, pcrs={13: bytes(32)}, ak=ak)
 
 
 def test_changed_tvl_pcr_is_refused_by_expected_values(service):
+    ak = service.attestation_key()
     before = service.integrity_link(NONCE, PD)
     service.record_pd(1, "pd-1", {"sha256": PD}, extend=True)      # extends the TVL PCR (pd_pcr = tvl_pcr)
     after = service.integrity_link(NONCE, PD)
-    verify_report(after, nonce=NONCE, pd_integrity=PD)               # self-consistent ...
+    verify_report(after, nonce=NONCE, pd_integrity=PD, ak=ak)         # self-consistent ...
     with pytest.raises(IntegrityError, match="PCR value check failed: PCR 13"):
-        verify_report(after, nonce=NONCE, pd_integrity=PD, pcrs={13: before.pcr_values[13]})
+        verify_report(after, nonce=NONCE, pd_integrity=PD, pcrs={13: before.pcr_values[13]}, ak=ak)
 
 
 @pytest.mark.parametrize("nonce", [b"", bytes(65), "text"])
@@ -82,10 +85,11 @@ def test_bad_nonce_is_invalid_argument(service, nonce):
 
 
 def test_json_round_trip(service):
+    ak = service.attestation_key()
     report = service.integrity_link(NONCE, PD, pd_id=2)
     again = IntegrityReport.from_json(report.to_json())
     assert again == report
-    verify_report(again, nonce=NONCE, pd_integrity=PD)
+    verify_report(again, nonce=NONCE, pd_integrity=PD, ak=ak)
     with pytest.raises(InvalidArgument, match="not a bmi integrity report"):
         IntegrityReport.from_json('{"format": "bmi-integrity-report-v1", "pd_integrity": "zz"}')
 
@@ -93,7 +97,7 @@ def test_json_round_trip(service):
 @pytest.mark.skipif(shutil.which("tpm2_checkquote") is None, reason="tpm2-tools (tpm2_checkquote) not installed")
 def test_tpm2_checkquote_accepts_export(service, tmp_path):
     report = service.integrity_link(NONCE, PD)
-    out = report.export_tpm2_tools(tmp_path / "q", nonce=NONCE)
+    out = report.export_tpm2_tools(tmp_path / "q", nonce=NONCE, ak=service.attestation_key().pem)
 
     def checkquote(qual: str) -> subprocess.CompletedProcess:
         return subprocess.run(["tpm2_checkquote", "-u", "ak.pub.pem", "-m", "quote.msg", "-s", "quote.sig",

@@ -89,7 +89,7 @@ _WORKER = textwrap.dedent("""
     with IntegrityService.open(config={"state_dir": sys.argv[1], "tpm": "swtpm"}) as s:
         for i in range(15):
             nonce = f"{sys.argv[2]}-{i}".encode()
-            verify_report(s.integrity_link(nonce, pd), nonce=nonce, pd_integrity=pd)
+            verify_report(s.integrity_link(nonce, pd), nonce=nonce, pd_integrity=pd, ak=s.attestation_key())
             assert s.unseal(s.seal(IntegrityPolicy(pd), nonce)).secret == nonce
     print("ok")
 """)

@@ -109,19 +109,29 @@ def test_initramfs_without_a_kernel_release_refuses_modules(tmp_path):
         initramfs.build(f, init="/dev/null", modules=["9p"])
 
 
+PASSED = "echo '7 passed, 3 deselected in 240.12s (0:04:00)'; "
+
+
 @pytest.mark.parametrize("script, expected", [
-    ("echo booting; echo 'BMI-RIG-RESULT 0'", 0),
-    ("echo 'BMI-RIG-RESULT 0'; echo 'BMI-RIG-RESULT 3'", 3),     # the last result counts
-    ("echo 'not BMI-RIG-RESULT 0'; exit 0", 1),                 # a marker must start the line
-    ("echo 'BMI-RIG-RESULT 0\r'", 0),                          # serial consoles end lines with CR LF
-    ("echo panic; exit 0", 1),                                  # no result line: a crash
+    (PASSED + "echo 'BMI-RIG-RESULT 0'", 0),
+    (PASSED + "echo 'BMI-RIG-RESULT 0'; echo 'BMI-RIG-RESULT 3'", 3),     # the last result counts
+    (PASSED + "echo 'not BMI-RIG-RESULT 0'; exit 0", 1),                 # a marker must start the line
+    (PASSED + "echo 'BMI-RIG-RESULT 0\r'", 0),                          # serial consoles end lines with CR LF
+    ("echo panic; exit 0", 1),                                           # no result line: a crash
+    ("echo booting; echo 'BMI-RIG-RESULT 0'", 1),                        # rc 0 but no pytest summary
+    ("echo '=== 0 passed, 7 skipped in 3.00s ==='; echo 'BMI-RIG-RESULT 0'", 1),   # nothing passed
+    ("echo '======= 2 passed in 3.00s ======='; echo 'BMI-RIG-RESULT 0'", 0),
 ])
 def test_verdict_comes_from_the_last_result_line(tmp_path, capsys, script, expected):
     log = tmp_path / "serial.log"
     assert rig.boot("t", ["sh", "-c", script], 30, str(log)) == expected
     kept = log.read_text()
     assert kept.startswith("$ sh -c") and ("panic" in kept or "BMI-RIG-RESULT" in kept)
-    assert "rig t:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "rig t:" in out
+    if "passed in" in script or PASSED in script:
+        assert "passed" in out.split("rig t:", 1)[1]          # the verdict line carries pytest's counts
+    assert (tmp_path / "t.verdict").read_text().startswith("rig t:")
 
 
 def test_hung_vm_is_killed_at_the_hard_timeout(tmp_path, capsys):

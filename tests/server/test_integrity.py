@@ -33,8 +33,10 @@ def test_reports_and_credentials_survive_a_bmid_crash(daemon):
         pd.setup_pd(bmi.FileImage(busybox_path()))
         pd.set_config_param("/boot/cmdline", "busybox sleep 100")
         pd.request_status_change(bmi.PDStatus.RUNNING)
+        ak = mgr.get_attestation_key()               # enrolment: pinned before the crash
         before = pd.get_integrity_link(b"before")
-        bmi.verify_report(before, nonce=b"before", pd_integrity=measured)
+        assert before.pubkey.decode() == ak.pem and ak.tpm == "software"
+        bmi.verify_report(before, nonce=b"before", pd_integrity=measured, ak=ak.fingerprint)
         blob = mgr.seal_credentials(policy, b"kept across restarts")
         assert pd.get_protected_credentials(policy, blob) == b"kept across restarts"
         pd_id = pd.get_pd_id()
@@ -46,9 +48,10 @@ def test_reports_and_credentials_survive_a_bmid_crash(daemon):
         after = pd.get_integrity_link(b"after")
         assert after.pd_integrity == measured and after.pubkey == before.pubkey
         assert after.pcr_values == before.pcr_values          # the TVL is unchanged: no second extend
-        bmi.verify_report(after, nonce=b"after", pd_integrity=measured)
+        assert mgr.get_attestation_key() == ak
+        bmi.verify_report(after, nonce=b"after", pd_integrity=measured, ak=ak.pem)
         with pytest.raises(bmi.IntegrityError, match="nonce"):
-            bmi.verify_report(after, nonce=b"before", pd_integrity=measured)
+            bmi.verify_report(after, nonce=b"before", pd_integrity=measured, ak=ak.pem)
         assert pd.get_protected_credentials(policy, blob) == b"kept across restarts"
         other = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
         other.setup_pd(bmi.BytesImage(open(busybox_path(), "rb").read() + b"\0"))

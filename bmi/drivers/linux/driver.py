@@ -117,7 +117,9 @@ class LinuxDriver(Driver):
     def host_resources(self) -> HostResources:
         with open("/proc/meminfo") as f:
             total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
-        return HostResources(cpus=len(os.sched_getaffinity(0)), memory=total)
+        with open("/proc/sys/kernel/pid_max") as f:
+            pid_max = int(f.read())
+        return HostResources(cpus=len(os.sched_getaffinity(0)), memory=total, pids=pid_max)
 
     # -- allocation and images ----------------------------------------------------------------
     def allocate(self, pd_id: int, desc: PDDescription) -> LinuxPD:
@@ -150,6 +152,9 @@ class LinuxDriver(Driver):
         elif name.startswith("/boot/env/") and not _ENV_NAME.match(name[len("/boot/env/"):]):
             raise InvalidArgument(f"set_config_param {name} of PD {pd.pd_id}: not a valid environment "
                                   f"variable name", pd_id=pd.pd_id)
+
+    def config_grants(self, name: str, value: str) -> int | None:
+        return spawn.capability_mask(value, f"set_config_param {name}") if name == "/boot/capabilities" else None
 
     def load(self, pd: LinuxPD, image: PDImage, banks: Sequence[str],
              progress: Progress | None) -> dict[str, bytes]:

@@ -412,9 +412,11 @@ def _in_mount_namespace(scenario: str) -> subprocess.CompletedProcess:
         env={**os.environ, "PYTHONPATH": repo}, capture_output=True, text=True, timeout=60)
 
 
-needs_hybrid = pytest.mark.skipif(
-    not HYBRID or shutil.which("unshare") is None,
-    reason="needs a hybrid v1+v2 host and unshare(1) to hide one of the two")
+def needs_hybrid(test):
+    """Marked hybrid_host (a pure-v2 rig deselects these) and skipped where there is no hybrid layout."""
+    return pytest.mark.hybrid_host(pytest.mark.skipif(
+        not HYBRID or shutil.which("unshare") is None,
+        reason="needs a hybrid v1+v2 host and unshare(1) to hide one of the two")(test))
 
 
 @needs_hybrid

@@ -1,0 +1,1 @@
+../../csrc/bmi_client.h

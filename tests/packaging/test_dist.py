@@ -1,0 +1,123 @@
+"""The sdist and the wheel, built out of the checkout and each installed into a fresh venv.
+
+`python -m build` runs on a copy of the source tree (the checkout gets no
+build/ or egg-info), makes the sdist and builds the wheel from it (in this
+venv, which has the build requirements: --no-isolation saves two build
+environments); each is then pip-installed into its own empty venv outside
+the tree (the sdist through pip's isolated build, as a user's would be),
+whose `bmi` must report the layer and run a measured PD.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import busybox_path
+
+ROOT = Path(__file__).resolve().parents[2]
+# build output and local state that a source tree may hold but a build must not see
+NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "out", "*.egg-info", "__pycache__",
+                                    ".pytest_cache", ".hypothesis", ".build", "*.so", "*.o")
+# what the wheel carries besides the code: the C PD client, the protocol, the units, the licence
+DATA = ["bmi/data/bmi_client.c", "bmi/data/bmi_client.h", "bmi/data/protocol.md",
+        "bmi/data/bmid.service", "bmi/data/bmid-xen.service"]
+ABI3_TAG = "cp311-abi3-" + sysconfig.get_platform().replace("-", "_").replace(".", "_")
+TIMEOUT = 600
+
+pytestmark = pytest.mark.slow
+
+
+def _run(*argv, cwd: Path, **kw) -> subprocess.CompletedProcess:
+    """Run outside the checkout, with no path or venv of ours leaking in."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    return subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT, **kw)
+
+
+def _check(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert done.returncode == 0, f"{' '.join(done.args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def _checkout_entries() -> set[str]:
+    """Where a build in the checkout would leave its output: the top level and the package."""
+    return {p.relative_to(ROOT).as_posix() for p in (*ROOT.iterdir(), *(ROOT / "bmi").iterdir())}
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("build", reason="the `build` package (test extra: pip install -e '.[test]') is missing")
+    work = tmp_path_factory.mktemp("dist")
+    src = work / "src"
+    before = _checkout_entries()
+    shutil.copytree(ROOT, src, symlinks=True, ignore=NOT_SOURCE)
+    _check(_run(sys.executable, "-m", "build", "--no-isolation", "--outdir", work / "out", src, cwd=work))
+    sdists, wheels = sorted((work / "out").glob("bmi-*.tar.gz")), sorted((work / "out").glob("bmi-*.whl"))
+    assert len(sdists) == 1 and len(wheels) == 1, sorted((work / "out").iterdir())
+    return {"sdist": sdists[0], "wheel": wheels[0], "work": work, "litter": _checkout_entries() - before}
+
+
+@pytest.fixture(scope="module")
+def venvs(dists) -> dict[str, Path]:
+    """One fresh venv per artifact, installed side by side by this venv's pip (pip's cache serves both)."""
+    def install(kind: str) -> Path:
+        venv = dists["work"] / f"venv-{kind}"
+        _check(_run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=dists["work"]))
+        _check(_run(sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", dists[kind],
+                    cwd=dists["work"]))
+        return venv
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(("sdist", "wheel"), pool.map(install, ("sdist", "wheel"))))
+
+
+def test_checkout_gets_no_build_litter(dists):
+    assert not dists["litter"]
+
+
+def test_wheel_carries_the_data_and_is_abi3(dists):
+    wheel = dists["wheel"]
+    assert wheel.name == f"bmi-0.1.0-{ABI3_TAG}.whl"
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        tags = [line.split(": ", 1)[1] for line in zf.read("bmi-0.1.0.dist-info/WHEEL").decode().splitlines()
+                if line.startswith("Tag: ")]
+        assert zf.read("bmi/data/bmi_client.h") == (ROOT / "csrc" / "bmi_client.h").read_bytes()
+        assert zf.read("bmi/data/bmid.service") == (ROOT / "systemd" / "bmid.service").read_bytes()
+    assert tags == [ABI3_TAG]
+    for name in DATA + ["bmi-0.1.0.dist-info/licenses/LICENSE"]:
+        assert name in names
+    shims = [n for n in names if n.endswith(".so")]
+    assert "bmi/_spawn.abi3.so" in shims and "bmi/_measure.abi3.so" in shims
+    assert all(n.endswith(".abi3.so") for n in shims), shims
+    assert not [n for n in names if n.startswith("bmi/_build/")]
+
+
+@pytest.mark.parametrize("kind", ["sdist", "wheel"])
+def test_installed_bmi_runs_a_pd(venvs, dists, kind):
+    venv, cwd = venvs[kind], dists["work"]
+    where = _check(_run(venv / "bin" / "python", "-c",
+                        "import bmi, importlib.resources as r; print(bmi.__file__);"
+                        "print(r.files('bmi').joinpath('data/bmi_client.h').read_text(), end='')", cwd=cwd))
+    path, header = where.stdout.split("\n", 1)
+    assert Path(path).is_relative_to(venv)
+    assert header == (ROOT / "csrc" / "bmi_client.h").read_text()
+
+    info = json.loads(_check(_run(venv / "bin" / "bmi", "info", "--json", cwd=cwd)).stdout)
+    assert info["driver"] == "linux"
+
+    busybox = busybox_path()
+    done = _run(venv / "bin" / "bmi", "run", busybox, "--", "busybox", "sh", "-c", "echo hi from a PD; exit 3",
+                cwd=cwd)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "hi from a PD\n"
+    assert "sha256:" + hashlib.sha256(Path(busybox).read_bytes()).hexdigest() in done.stderr
