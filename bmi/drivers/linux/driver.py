@@ -125,11 +125,15 @@ class LinuxDriver(Driver):
         groups = cgroups.PDCgroups.create(self.cgroup_name(pd_id), pd_id=pd_id)
         try:
             self._limit(groups, desc.mem, desc.cpu, desc.performance, 0, DEFAULT_PIDS_MAX)
-            ids = self._ids.acquire(pd_id)
+            ids = self._take_ids(pd_id)
         except BaseException:
             groups.destroy()
             raise
         return LinuxPD(pd_id, desc, groups, ids=ids)
+
+    def _take_ids(self, pd_id: int) -> uids.IdLease:
+        """The PD's own host uid/gid, held until it is destroyed."""
+        return self._ids.acquire(pd_id)
 
     @staticmethod
     def _limit(groups: cgroups.PDCgroups, mem: int, cpus: int, performance: int, priority: int,
@@ -184,8 +188,7 @@ class LinuxDriver(Driver):
         if pd.image_fd is None:
             raise InvalidState(f"start of PD {pd.pd_id}: no image loaded", pd_id=pd.pd_id)
         self._discard_run(pd)
-        ids = pd.ids or self._ids.acquire(pd.pd_id)     # (an adopted PD whose uid was lost gets a new one)
-        pd.ids = ids
+        ids = pd.ids = pd.ids or self._take_ids(pd.pd_id)    # (an adopted PD whose uid was lost: a new one)
         argv = shlex.split(config.get("/boot/cmdline", "")) or ["init"]
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/", "BMI_PD_ID": str(pd.pd_id)}
         env.update({k[len("/boot/env/"):]: v for k, v in config.items() if k.startswith("/boot/env/")})

@@ -30,7 +30,7 @@ import pwd
 import struct
 from dataclasses import dataclass
 
-from ...errors import ResourceError
+from ...errors import InvalidArgument, ResourceError
 
 #: 0x70000000 and up: unused by systemd's map of uid ranges (its container block ends at 0x6fffffff).
 DEFAULT_RANGE = (0x70000000, 65536)
@@ -62,7 +62,7 @@ def parse_range(text: str, what: str) -> tuple[int, int]:
     except ValueError:
         start = count = -1
     if not sep or start < 1 or count < 1 or start + count - 1 > _MAX_ID:
-        raise ResourceError(f"{what}: {text!r} is not start:count with 1 <= start and start+count-1 <= {_MAX_ID}")
+        raise InvalidArgument(f"{what}: {text!r} is not start:count with 1 <= start and start+count-1 <= {_MAX_ID}")
     return start, count
 
 
@@ -115,7 +115,7 @@ class IdPool:
                 start, count = parse_range(env[ENV_RANGE], ENV_RANGE)
                 if start < subuid[0] or start < subgid[0] or start + count > subuid[0] + subuid[1] \
                         or start + count > subgid[0] + subgid[1]:
-                    raise ResourceError(f"{ENV_RANGE} {env[ENV_RANGE]} is outside uid {euid}'s /etc/subuid "
+                    raise InvalidArgument(f"{ENV_RANGE} {env[ENV_RANGE]} is outside uid {euid}'s /etc/subuid "
                                         f"{subuid[0]}:{subuid[1]} or /etc/subgid {subgid[0]}:{subgid[1]}")
             if count < 1:
                 self.reason = f"uid {euid}'s /etc/subuid and /etc/subgid ranges do not overlap"
@@ -175,7 +175,7 @@ class IdPool:
     def reclaim(self, uid: int) -> IdLease | None:
         """Take exactly `uid` again (a PD adopted after its lock was lost); None if another holds it."""
         if self.range is None:
-            return None
+            return IdLease(os.geteuid(), os.getegid())
         fd = self._open_lock()
         if self._lock(fd, uid):
             return IdLease(uid, uid, fd)
