@@ -6,16 +6,20 @@ inside real PDs (tests/images/hostile.c) or from other host users.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 
 import pytest
 
 import bmi
 from bmi import PDDescription
 from tests.channel.progs import lines, run_pd, wait_console
+from tests.server.bmid import running_bmid
 
 MB = 1 << 20
 NOBODY = 65534
@@ -141,3 +145,35 @@ def test_uids_are_shared_safely_between_managers_and_come_back_when_one_dies(sma
         other.wait(10)
         other.stdout.close()
         other.stdin.close()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    with running_bmid(tmp_path) as d:
+        yield d
+
+
+def _stored_ids(d) -> dict[int, list[int]]:
+    with closing(sqlite3.connect(os.path.join(d.state_dir, "bmid.sqlite3"))) as db:
+        rows = db.execute("SELECT pd_id, record FROM pds").fetchall()
+    return {pd_id: json.loads(record)["ids"] for pd_id, record in rows}
+
+
+def test_bmid_keeps_an_adopted_pds_uid_through_a_crash(daemon):
+    """The uid of a PD that outlives bmid must not go to another PD, during bmid's absence or after it."""
+    with daemon.open() as mgr:
+        pd = run_pd(mgr, "chanpeer", ["sleep", "60000"])
+        pd_id = pd.get_pd_id()
+    (uid, gid) = _stored_ids(daemon)[pd_id]
+    daemon.kill()
+    with bmi.open("linux:///session", integrity=False) as mgr:  # another manager while bmid is down
+        assert mgr._pds[mgr.allocate_pd(PDDescription(mem=16 * MB)).get_pd_id()].handle.ids.uid != uid
+    daemon.start()
+    with daemon.open() as mgr:
+        assert mgr.get_controller(pd_id).get_current_status() is bmi.PDStatus.RUNNING
+        other = run_pd(mgr, "chanpeer", ["sleep", "60000"])
+        assert _stored_ids(daemon)[pd_id] == [uid, gid]
+        assert _stored_ids(daemon)[other.get_pd_id()][0] != uid
+        mgr.get_controller(pd_id).destroy()             # destroyed: its uid is free for the next PD
+        again = mgr.allocate_pd(PDDescription(mem=16 * MB))
+        assert _stored_ids(daemon)[again.get_pd_id()][0] == uid
