@@ -167,6 +167,24 @@ def test_explicit_outer_ids_are_mapped(probe):
         assert next(x for x in status if x.startswith("Gid:")).split()[1:] == ["4322"] * 4
 
 
+NS_GET_OWNER_UID = 0xB704      # _IO(0xb7, 0x4)
+
+
+def test_the_pds_user_namespace_belongs_to_its_outer_uid(probe):
+    """Per-user limits inside are charged to the namespace's owner: the PD's uid, not the manager's."""
+    import array
+    import fcntl
+    with PD(probe, ["probe", "sleep", "30"], outer_uid=4321, outer_gid=4322) as pd:
+        fd = os.open(f"/proc/{pd.spawned.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            owner = array.array("I", [0])
+            fcntl.ioctl(fd, NS_GET_OWNER_UID, owner, True)
+        finally:
+            os.close(fd)
+    assert owner[0] == (4321 if os.geteuid() == 0 else os.geteuid())
+    assert (os.geteuid(), os.getegid()) == (os.getuid(), os.getgid())      # the manager's thread got its ids back
+
+
 def test_concurrent_spawns_from_threads_do_not_leak_into_each_other(probe):
     """Each PD's init closes the fds it inherited from spawns racing in other threads."""
     from concurrent.futures import ThreadPoolExecutor
