@@ -806,11 +806,13 @@ static long start_init(const struct cfg *c, int *pidfd, struct start **out)
      * that owner: this thread alone (raw syscalls, not glibc's all-threads set*id) becomes the PD's ids
      * for the clone; ruid and suid stay 0, so it gets its capabilities back right after */
     int own = (c->flags & BMI_SPAWN_OWN_USERNS) != 0;
+    int dumpable = own ? prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) : 0;   /* an euid change clears it: restore it */
     if (!own || (syscall(SYS_setresgid, -1, c->outer_gid, -1) == 0 && syscall(SYS_setresuid, -1, c->outer_uid, -1) == 0))
         pid = clone(init_child, stack + INIT_STACK, CLONE_VM | CLONE_PIDFD | PD_NAMESPACES | SIGCHLD, s, pidfd);
     int e = errno;
     if (own && (syscall(SYS_setresuid, -1, euid, -1) || syscall(SYS_setresgid, -1, egid, -1)))
         abort();    /* a manager thread left with a PD's ids must not go on */
+    if (own && dumpable > 0) prctl(PR_SET_DUMPABLE, dumpable, 0, 0, 0);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (pid < 0) {
         finish_init(s);
