@@ -17,7 +17,7 @@ holder dies, so a crashed manager's uids come back by themselves.
 
 A manager that is not root can only map ids it was given: its own
 /etc/subuid and /etc/subgid ranges through newuidmap/newgidmap, when it has
-both; otherwise every PD maps the manager's own uid (IdPool.per_pd False,
+both; otherwise every PD maps the manager's own uid (IdPool.range None,
 with the reason).
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import os
 import pwd
 import struct
 from dataclasses import dataclass
+from typing import Mapping
 
 from ...errors import InvalidArgument, ResourceError
 
@@ -88,7 +89,7 @@ def _flock(start: int, kind: int = fcntl.F_WRLCK) -> bytes:
 class IdPool:
     """Where a manager takes its PDs' host ids from."""
 
-    def __init__(self, environ: dict[str, str] | None = None):
+    def __init__(self, environ: Mapping[str, str] | None = None):
         env = os.environ if environ is None else environ
         self.map_helper = False          # True: ids are mapped with newuidmap/newgidmap (not root)
         self.reason = ""                 # why PDs share one uid, when they do
@@ -98,7 +99,10 @@ class IdPool:
         if euid == 0:
             self.range = parse_range(env[ENV_RANGE], ENV_RANGE) if env.get(ENV_RANGE) else DEFAULT_RANGE
             return
-        user = pwd.getpwuid(euid).pw_name if _has_passwd(euid) else str(euid)
+        try:
+            user = pwd.getpwuid(euid).pw_name
+        except KeyError:
+            user = str(euid)
         subuid, subgid = _sub_range("/etc/subuid", user, euid), _sub_range("/etc/subgid", user, euid)
         helpers = [h for h in MAP_HELPERS if not os.access(h, os.X_OK)]
         runtime = env.get("XDG_RUNTIME_DIR") or f"/run/user/{euid}"
@@ -122,10 +126,6 @@ class IdPool:
             else:
                 self.range, self.map_helper = (start, count), True
                 self.lock_file = os.path.join(runtime, "bmi-uids.lock")
-
-    @property
-    def per_pd(self) -> bool:
-        return self.range is not None
 
     def capability(self) -> str:
         """The /capability/isolation/per-pd-uid value: "yes" or "no: <reason>"."""
@@ -162,7 +162,7 @@ class IdPool:
             for uid in range(start, start + count):
                 if not self._lock(fd, uid):
                     continue
-                if not _has_passwd(uid) and not _has_group(uid):
+                if not _named(uid):
                     return IdLease(uid, uid, fd)
                 fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(uid, fcntl.F_UNLCK))    # a real user's id: skip it
         except BaseException:
@@ -182,19 +182,13 @@ class IdPool:
         os.close(fd)
         return None
 
-    @staticmethod
-    def adopt(uid: int, gid: int, fd: int) -> IdLease:
-        """A lease whose lock fd came back from elsewhere (bmid's fd keeper)."""
-        return IdLease(uid, gid, fd)
-
-    @staticmethod
-    def _lock(fd: int, uid: int) -> bool:
+    def _lock(self, fd: int, uid: int) -> bool:
         try:
             fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(uid))
         except OSError as e:
             if e.errno in (errno.EAGAIN, errno.EACCES):
                 return False
-            raise ResourceError(f"locking host uid {uid} in {LOCK_FILE}: {e.strerror}") from None
+            raise ResourceError(f"locking host uid {uid} in {self.lock_file}: {e.strerror}") from None
         return True
 
 
@@ -206,9 +200,12 @@ def _has_passwd(uid: int) -> bool:
     return True
 
 
-def _has_group(gid: int) -> bool:
+def _named(uid: int) -> bool:
+    """Whether a user or group of the host has this number (then no PD may have it)."""
+    if _has_passwd(uid):
+        return True
     try:
-        grp.getgrgid(gid)
+        grp.getgrgid(uid)
     except KeyError:
         return False
     return True
