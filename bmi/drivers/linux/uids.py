@@ -18,7 +18,8 @@ holder dies, so a crashed manager's uids come back by themselves.
 A manager that is not root can only map ids it was given: its own
 /etc/subuid and /etc/subgid ranges through newuidmap/newgidmap, when it has
 both; otherwise every PD maps the manager's own uid (IdPool.range None,
-with the reason).
+with the reason).  So does a root manager whose user namespace lacks the
+block (a container): its PDs are all nobody (65534), as before.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ LOCK_FILE = "/run/bmi/uids.lock"
 ENV_RANGE = "BMI_UID_RANGE"
 MAP_HELPERS = ("/usr/bin/newuidmap", "/usr/bin/newgidmap")     # the paths csrc/spawn.c runs
 _MAX_ID = 2**31 - 2     # above, many tools read ids as negative
+NOBODY = 65534          # a root manager's PDs when they cannot have ids of their own (as before per-PD ids)
 
 
 @dataclass
@@ -81,6 +83,17 @@ def _sub_range(path: str, user: str, uid: int) -> tuple[int, int] | None:
     return None
 
 
+def _mapped(ids: tuple[int, int], map_file: str) -> bool:
+    """Whether every id of the range exists in our user namespace (one extent of its uid_map/gid_map)."""
+    start, count = ids
+    try:
+        with open(map_file) as f:
+            extents = [tuple(int(x) for x in line.split()) for line in f if line.strip()]
+    except OSError:
+        return False
+    return any(inside <= start and start + count <= inside + length for inside, _, length in extents)
+
+
 def _flock(start: int, kind: int = fcntl.F_WRLCK) -> bytes:
     """struct flock for byte `start` (x86_64 layout: short, short, off_t, off_t, pid_t)."""
     return struct.pack("hhqqi4x", kind, os.SEEK_SET, start, 1, 0)
@@ -96,8 +109,18 @@ class IdPool:
         self.lock_file = LOCK_FILE
         self.range: tuple[int, int] | None = None
         euid = os.geteuid()
+        self.shared = (euid, os.getegid())       # what every PD maps when they cannot have their own
         if euid == 0:
-            self.range = parse_range(env[ENV_RANGE], ENV_RANGE) if env.get(ENV_RANGE) else DEFAULT_RANGE
+            self.shared = (NOBODY, NOBODY)
+            wanted = parse_range(env[ENV_RANGE], ENV_RANGE) if env.get(ENV_RANGE) else DEFAULT_RANGE
+            if _mapped(wanted, "/proc/self/uid_map") and _mapped(wanted, "/proc/self/gid_map"):
+                self.range = wanted
+            elif env.get(ENV_RANGE):
+                raise InvalidArgument(f"{ENV_RANGE} {env[ENV_RANGE]}: these ids are not all mapped in the manager's "
+                                      "user namespace (see /proc/self/uid_map and gid_map)")
+            else:
+                self.reason = (f"the default block {wanted[0]}:{wanted[1]} is not mapped in the manager's user "
+                               f"namespace; set {ENV_RANGE}=start:count to ids it has")
             return
         try:
             user = pwd.getpwuid(euid).pw_name
@@ -155,7 +178,7 @@ class IdPool:
     def acquire(self, pd_id: int) -> IdLease:
         """The lowest free id of the range for PD pd_id; ResourceError when every one is taken."""
         if self.range is None:
-            return IdLease(os.geteuid(), os.getegid())
+            return IdLease(*self.shared)
         start, count = self.range
         fd = self._open_lock()
         try:
@@ -175,7 +198,7 @@ class IdPool:
     def reclaim(self, uid: int) -> IdLease | None:
         """Take exactly `uid` again (a PD adopted after its lock was lost); None if another holds it."""
         if self.range is None:
-            return IdLease(os.geteuid(), os.getegid())
+            return IdLease(*self.shared)
         fd = self._open_lock()
         if self._lock(fd, uid):
             return IdLease(uid, uid, fd)

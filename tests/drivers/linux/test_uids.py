@@ -40,3 +40,21 @@ def test_a_manager_without_a_subuid_range_says_why_pds_share_its_uid():
     capability, lease = done.stdout.splitlines()
     assert capability == "no: the manager runs as uid 65534, which has no /etc/subuid and /etc/subgid range"
     assert lease == "IdLease(uid=65534, gid=65534, fd=-1)"      # today's single mapping of its own ids
+
+
+_IN_A_SMALL_USERNS = ("from bmi.drivers.linux.uids import IdPool; import os; p = IdPool({}); "
+                      "print(p.capability()); print(p.acquire(1)); os.environ['BMI_UID_RANGE'] = '100000:10'; "
+                      "IdPool()")
+
+
+def test_a_root_manager_whose_namespace_lacks_the_block_keeps_one_shared_mapping():
+    """Root of a container that maps few ids: PDs stay nobody, and the parameter says why."""
+    done = subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-c", _IN_A_SMALL_USERNS],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    if done.returncode != 0 and "unshare failed" in done.stderr:
+        pytest.skip(f"no user namespaces here: {done.stderr.strip()}")
+    capability, lease = done.stdout.splitlines()
+    assert capability.startswith("no: the default block 1879048192:65536 is not mapped in the manager's user "
+                                 "namespace; set BMI_UID_RANGE")
+    assert lease == "IdLease(uid=65534, gid=65534, fd=-1)"
+    assert "InvalidArgument: BMI_UID_RANGE 100000:10: these ids are not all mapped" in done.stderr
