@@ -262,7 +262,8 @@ class SystemDriver(LinuxDriver, Keeping):
             log.warning("adopt PD %d: its host uid %d was lost with the fd keeper and is now another PD's; "
                         "it gets a new one at its next start", pd_id, ids[0])
             return None
-        self._keeper.put(f"pd{pd_id}.uid", lease.fd)
+        if lease.fd >= 0:
+            self._keeper.put(f"pd{pd_id}.uid", lease.fd)
         return lease
 
     @staticmethod
