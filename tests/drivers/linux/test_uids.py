@@ -28,6 +28,15 @@ def test_the_default_block_is_no_users_and_not_systemds():
     assert IdPool({}).capability() == "yes"
 
 
+def test_bmi_info_says_whether_pds_have_uids_of_their_own():
+    done = subprocess.run([sys.executable, "-m", "bmi.cli", "info"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("per_pd_uid ")]
+    assert line.split(None, 1)[1] == IdPool().describe()
+    assert line.split(None, 1)[1].startswith("yes (host ids " if os.geteuid() == 0 else ("yes", "no: "))
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 def test_a_manager_without_a_subuid_range_says_why_pds_share_its_uid():
     done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
