@@ -94,6 +94,8 @@ def test_proc_mem_of_a_child_is_refused(mgr):
     assert out == {"read": "EACCES", "write": "EACCES"}
     # the attack can be seen: a child that makes itself dumpable again is read
     assert lines(run_pd(mgr, "hostile", ["procmem", "consent"]))["procmem"][0] == "ok child-secret"
+    # and a process cannot open its own /proc/self/mem either (the README says so)
+    assert lines(run_pd(mgr, "hostile", ["procmem", "self"]))["procmem"][0] == "EACCES"
 
 
 @pytest.fixture
