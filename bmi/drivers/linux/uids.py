@@ -108,6 +108,7 @@ class IdPool:
         self.reason = ""                 # why PDs share one uid, when they do
         self.lock_file = LOCK_FILE
         self.range: tuple[int, int] | None = None
+        self._unnamed: set[int] = set()     # ids of the range known to be no user's or group's
         euid = os.geteuid()
         self.shared = (euid, os.getegid())       # what every PD maps when they cannot have their own
         if euid == 0:
@@ -185,7 +186,8 @@ class IdPool:
             for uid in range(start, start + count):
                 if not self._lock(fd, uid):
                     continue
-                if not _named(uid):
+                if uid in self._unnamed or not _named(uid):
+                    self._unnamed.add(uid)      # (looked up once per process: NSS may be slow)
                     return IdLease(uid, uid, fd)
                 fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(uid, fcntl.F_UNLCK))    # a real user's id: skip it
         except BaseException:
