@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 import bmi
-from bmi.drivers.linux.uids import DEFAULT_RANGE, IdPool, parse_range
+from bmi.drivers.linux.uids import DEFAULT_RANGE, MAP_HELPERS, IdPool, parse_range
+from tests.images import build
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 
@@ -67,3 +71,52 @@ def test_a_root_manager_whose_namespace_lacks_the_block_keeps_one_shared_mapping
                                  "namespace; set BMI_UID_RANGE")
     assert lease == "IdLease(uid=65534, gid=65534, fd=-1)"
     assert "InvalidArgument: BMI_UID_RANGE 100000:10: these ids are not all mapped" in done.stderr
+
+
+_SPAWN_AS_NOBODY = """
+import os, sys
+from bmi.drivers.linux import spawn as sp, uids
+from tests.images import sealed_memfd
+pool = uids.IdPool()
+print(pool.capability(), pool.map_helper, pool.range[0])
+lease = pool.acquire(1)
+console_r, console_w = os.pipe()
+status_r, status_w = os.pipe()
+image = sealed_memfd(open(sys.argv[1], "rb").read())
+child = sp.spawn(image, archive=False, argv=["probe", "uid", "+", "sleep", "30"], env={}, console_fd=console_w,
+                 status_fd=status_w, outer_uid=lease.uid, outer_gid=lease.gid, map_helper=pool.map_helper)
+os.close(console_w)
+print(os.read(console_r, 100).decode().strip())
+status = dict(line.split(":", 1) for line in open(f"/proc/{child.pid}/status"))
+print(sorted(set(status["Uid"].split() + status["Gid"].split())))
+os.kill(child.pid, 9)
+os.waitid(os.P_PIDFD, child.pidfd, os.WEXITED)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a test user an /etc/subuid range (in a private "
+                    "mount namespace) and to become that user")
+def test_a_manager_that_is_not_root_maps_its_subuid_range_with_newuidmap():
+    """nobody with an /etc/subuid range (an overlay on /etc, seen only by this test): its PD is a subuid."""
+    missing = [tool for tool in ("unshare", "setpriv") if shutil.which(tool) is None]
+    missing += [h for h in MAP_HELPERS if not os.access(h, os.X_OK)]
+    if missing:
+        pytest.skip(f"missing {', '.join(missing)} (Debian packages util-linux, uidmap)")
+    sub = 0x72000000
+    probe = build("probe")
+    scratch = tempfile.mkdtemp()
+    os.chmod(scratch, 0o755)
+    setup = (f"mount -t tmpfs tmpfs {scratch} && mkdir {scratch}/u {scratch}/w {scratch}/run && "
+             f"chmod 777 {scratch}/run && mount -t overlay overlay -o lowerdir=/etc,upperdir={scratch}/u,"
+             f"workdir={scratch}/w /etc && echo nobody:{sub}:65536 > /etc/subuid && cp /etc/subuid /etc/subgid && "
+             f"exec env PYTHONPATH={ROOT} XDG_RUNTIME_DIR={scratch}/run setpriv --reuid=65534 --regid=65534 "
+             f"--clear-groups {shlex.join([sys.executable, '-c', _SPAWN_AS_NOBODY, str(probe)])}")
+    try:
+        done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", setup],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+    finally:
+        os.rmdir(scratch)
+    if done.returncode != 0 and "overlay" in done.stderr:
+        pytest.skip(f"no overlayfs for a private /etc here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"yes True {sub}", "uid: 0 0", f"['{sub}']"]
