@@ -5,6 +5,10 @@
 #define BMI_SPAWN_SECCOMP 1
 #define BMI_SPAWN_LANDLOCK 2
 #define BMI_SPAWN_IO_URING 4   /* the PD may use io_uring (its /boot/allow lists io_uring) */
+/* the PD's user namespace is created with euid/egid = outer_uid/outer_gid, so it is theirs (root only) */
+#define BMI_SPAWN_OWN_USERNS 0x100
+/* outer_uid/outer_gid come from the caller's /etc/subuid, /etc/subgid: mapped through newuidmap/newgidmap */
+#define BMI_SPAWN_MAP_HELPER 0x200
 
 /* return codes: 0 = started; otherwise err holds "stage: reason" */
 #define BMI_SPAWN_OK 0

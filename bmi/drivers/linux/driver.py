@@ -21,7 +21,7 @@ from ...integrity.measure import measure_into
 from ...params import Leaf, const, parse_allow, parse_int
 from ...types import PDDescription, PDStatus
 from ..base import Driver, ExitInfo, HostResources, Progress
-from . import cgroups, formats, spawn
+from . import cgroups, formats, spawn, uids
 from .monitor import Console, Monitor
 
 MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_EXEC = 0x1, 0x2, 0x10
@@ -61,6 +61,7 @@ class LinuxPD:
     run: Run | None = None
     pids_max: int = DEFAULT_PIDS_MAX
     destroyed: bool = False
+    ids: uids.IdLease | None = None     # its host uid/gid, held until it is destroyed
 
 
 def _alive(pid: int) -> bool:
@@ -91,7 +92,7 @@ class LinuxDriver(Driver):
         # PD watches the read end; only this process holds the write end.
         self._lifeline_r, self._lifeline_w = os.pipe2(os.O_CLOEXEC) if lifeline else (-1, -1)
         self._monitor = Monitor()
-        self._outer_ids = spawn.default_outer_ids()
+        self._ids = uids.IdPool()
         if lifeline:
             cgroups.sweep(_SESSION_GROUP, lambda match: not _alive(int(match[1])))
 
@@ -109,7 +110,7 @@ class LinuxDriver(Driver):
             "namespaces": ", ".join(n for n in namespaces if not n.endswith("_for_children")),
             "landlock_abi": spawn.landlock_abi(),
             "seccomp": spawn.seccomp_available(),
-            "pd_uid_outside": self._outer_ids[0],
+            "per_pd_uid": self._ids.describe(),
             "capabilities": ", ".join(s.name for s in sorted(self.capabilities)),
             "not_supported": {s.name: why for s, why in self.unsupported_reasons.items()},
         }
@@ -126,10 +127,15 @@ class LinuxDriver(Driver):
         groups = cgroups.PDCgroups.create(self.cgroup_name(pd_id), pd_id=pd_id)
         try:
             self._limit(groups, desc.mem, desc.cpu, desc.performance, 0, DEFAULT_PIDS_MAX)
+            ids = self._take_ids(pd_id)
         except BaseException:
             groups.destroy()
             raise
-        return LinuxPD(pd_id, desc, groups)
+        return LinuxPD(pd_id, desc, groups, ids=ids)
+
+    def _take_ids(self, pd_id: int) -> uids.IdLease:
+        """The PD's own host uid/gid, held until it is destroyed."""
+        return self._ids.acquire(pd_id)
 
     @staticmethod
     def _limit(groups: cgroups.PDCgroups, mem: int, cpus: int, performance: int, priority: int,
@@ -187,6 +193,7 @@ class LinuxDriver(Driver):
         if pd.image_fd is None:
             raise InvalidState(f"start of PD {pd.pd_id}: no image loaded", pd_id=pd.pd_id)
         self._discard_run(pd)
+        ids = pd.ids = pd.ids or self._take_ids(pd.pd_id)    # (an adopted PD whose uid was lost: a new one)
         argv = shlex.split(config.get("/boot/cmdline", "")) or ["init"]
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/", "BMI_PD_ID": str(pd.pd_id)}
         env.update({k[len("/boot/env/"):]: v for k, v in config.items() if k.startswith("/boot/env/")})
@@ -198,8 +205,8 @@ class LinuxDriver(Driver):
             oom_base = pd.groups.oom_kills()
             child = spawn.spawn(pd.image_fd, archive=pd.archive, argv=argv, env=env, console_fd=console_w,
                                 status_fd=status_w, lifeline_fd=self._lifeline_r, channel_fd=channel_fd,
-                                cgroup_procs=pd.groups.procs_files, outer_uid=self._outer_ids[0],
-                                outer_gid=self._outer_ids[1], hostname=f"pd{pd.pd_id}",
+                                cgroup_procs=pd.groups.procs_files, outer_uid=ids.uid, outer_gid=ids.gid,
+                                map_helper=self._ids.map_helper, hostname=f"pd{pd.pd_id}",
                                 tmpfs_bytes=pd.desc.mem, pd_id=pd.pd_id,
                                 keep_caps=spawn.capability_mask(config.get("/boot/capabilities", ""),
                                                                 f"start of PD {pd.pd_id}", pd.pd_id),
@@ -326,6 +333,9 @@ class LinuxDriver(Driver):
         if pd.image_fd is not None:
             os.close(pd.image_fd)
             pd.image_fd = None
+        if pd.ids is not None:      # its processes are gone with its cgroups: the uid is free again
+            pd.ids.release()
+            pd.ids = None
         pd.destroyed = True
 
     # -- resources --------------------------------------------------------------------------
@@ -379,6 +389,7 @@ class LinuxDriver(Driver):
             "/system/pids/max": Leaf(get=lambda: str(pd.pids_max), set=set_pids_max),
             "/system/image/format": const("archive" if pd.archive else "elf") if pd.image_fd is not None
             else const("none"),
+            "/capability/isolation/per-pd-uid": const(self._ids.capability()),
         }
 
     # -- console ----------------------------------------------------------------------------
