@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEB_PACKAGES := gcc libc6-dev make pkg-config python3-venv python3-dev libssl-dev \
 	libtss2-dev swtpm swtpm-tools tpm2-tools busybox-static cpio bubblewrap openssl \
-	libxen-dev procps
+	libxen-dev procps uidmap
 STAMP  := $(VENV)/.installed
 
 .PHONY: all deps venv demo test bench clean

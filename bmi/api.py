@@ -20,7 +20,7 @@ from .channel.connections import Registry, lines as connection_lines
 from .drivers.base import Driver, ExitInfo, Progress
 from .errors import (BMIError, InvalidArgument, InvalidState, NoSuchDomain, NotSupported,
                      PermissionDenied, ResourceError)
-from .params import Leaf, ParamTree, const, normalize, parse_int
+from .params import Leaf, ParamTree, const, normalize, parse_allow, parse_int
 from .types import (ConnectionIntegrityPolicy, ConnectionPolicy, ConnectionType, IntegrityPolicy,
                     IntegrityReport, PDDescription, PDStatus, RuntimeCapability)
 
@@ -34,6 +34,10 @@ MANAGER_PD = 0
 MIN_MEMORY = 4 * 1024 * 1024          # below this not even a static binary's stack fits
 MAX_NONCE = 64
 DEFAULT_SHUTDOWN_GRACE = 5.0
+MAX_PRIORITY = 10                     # spec 7.2.2: -10..+10; higher runs more (Linux nice = -priority)
+#: What a PD's controller hands it and it hands its children: a child never gets more than its parent has
+#: (PD 0's are the host's).  "priority" is set_priority; the others are runtime parameters.
+LIMITS = ("priority", "/system/cpu/current", "/system/cpu/performance", "/system/pids/max")
 _ENDED = (PDStatus.SHUTDOWN, PDStatus.CRASHED)
 _LIVE = (PDStatus.RUNNING, PDStatus.PAUSED)
 _CAPABILITY_PARAMS = {
@@ -48,6 +52,14 @@ def _check_int(value: object, what: str, pd_id: int | None) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidArgument(f"{what}: expected an int, got {type(value).__name__}", pd_id=pd_id)
     return value
+
+
+def _whole_number(value: object) -> int | None:
+    """A decimal string's value, else None (the parameter's own setter then says what is wrong)."""
+    try:
+        return int(value, 10) if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 def _check_bytes(value: object, what: str, pd_id: int | None) -> bytes:
@@ -177,11 +189,9 @@ class PDManagement:
     def _allocate_child(self, desc: PDDescription, actual: PDDescription, parent: _PD) -> int:
         """A task tree as on L4: the child's memory leaves the parent's limit until the child is destroyed."""
         what = f"allocate_pd by PD {parent.pd_id}"
+        self._check_limit(parent.pd_id, "/system/cpu/current", actual.cpu, f"{what}: cpu")
+        self._check_limit(parent.pd_id, "/system/cpu/performance", actual.performance, f"{what}: performance")
         with parent.lock:
-            if actual.cpu > parent.cpus_max or actual.performance > parent.performance:
-                raise ResourceError(f"{what}: cpu={actual.cpu}, performance={actual.performance} exceeds the "
-                                    f"parent's own (cpu={parent.cpus_max}, performance={parent.performance})",
-                                    pd_id=parent.pd_id)
             left = self._driver.memory_limit(parent.handle)
             if actual.mem > left - MIN_MEMORY:
                 raise ResourceError(f"{what}: mem={actual.mem} bytes is more than the parent has left to give "
@@ -194,7 +204,64 @@ class PDManagement:
                 self._driver.set_memory(parent.handle, left)
                 raise
             parent.lent += actual.mem
+        self._clamp_children(parent.pd_id, LIMITS, only=pd_id)
         return pd_id
+
+    # -- limits: a child never gets more than its parent has ------------------------------------------
+    def _limit(self, pd_id: int, name: str) -> int | None:
+        """PD pd_id's own value of one of LIMITS (PD 0: the host's); None where the driver has no such limit."""
+        if name == "priority":
+            return MAX_PRIORITY if pd_id == MANAGER_PD else self._pd(pd_id, "priority").priority
+        leaf = PDController(self, pd_id)._tree().leaves.get(name)
+        return int(leaf.get()) if leaf is not None and leaf.get is not None else None
+
+    def _check_limit(self, parent: int, name: str, asked: int, what: str) -> None:
+        """Refuse giving a child of `parent` more of a limit than `parent` has itself (the host, for PD 0)."""
+        bound = self._limit(parent, name)
+        if bound is None or asked <= bound:
+            return
+        if parent == MANAGER_PD:
+            raise InvalidArgument(f"{what}: {asked} is above what the host has ({name} {bound})")
+        raise PermissionDenied(f"{what}: {asked} is above its parent PD {parent}'s own {name} ({bound}); a PD "
+                               f"gives its children at most what it has", pd_id=parent)
+
+    def _check_grants(self, parent: int, name: str, value: str, what: str) -> None:
+        """A config value that grants powers (Linux capabilities) grants a child none its parent lacks."""
+        asked = self._driver.config_grants(name, value)
+        if asked is None or parent == MANAGER_PD:
+            return
+        own = self._pd(parent, what).config.get(name, "")
+        if asked & ~self._driver.config_grants(name, own):
+            raise PermissionDenied(f"{what}: {value!r} grants more than its parent PD {parent}'s own {name} "
+                                   f"({own!r}); a PD gives its children at most what it has", pd_id=parent)
+
+    def _set_limit(self, pd_id: int, name: str, value: int) -> None:
+        if name == "priority":
+            pd = self._pd(pd_id, "set_priority")
+            with pd.lock:
+                self._driver.set_priority(pd.handle, value)
+                pd.priority = value
+        else:
+            PDController(self, pd_id)._tree().set(name, str(value))
+
+    def _clamp_children(self, pd_id: int, names: Sequence[str], only: int | None = None) -> None:
+        """Bring pd_id's children (or just `only`) down to pd_id's own limits, and theirs in turn.
+
+        Runs when a PD is allocated (its defaults, e.g. 1024 pids, may be above its
+        parent's) and when a PD's limit was lowered.
+        """
+        with self._lock:
+            children = [c.pd_id for c in self._pds.values() if c.parent == pd_id and only in (None, c.pd_id)]
+        for name in names:
+            bound = self._limit(pd_id, name)
+            if bound is None:
+                continue
+            for child in children:
+                value = self._limit(child, name)
+                if value is not None and value > bound:
+                    log.info("PD %d: %s lowered from %d to its parent PD %d's %d", child, name, value, pd_id, bound)
+                    self._set_limit(child, name, bound)
+                    self._clamp_children(child, (name,))
 
     def scoped(self, caller: int) -> "CallerScope":
         """The manager as PD `caller` sees it over its channel (every call runs as that PD)."""
@@ -434,9 +501,9 @@ class PDController:
         if not -10 <= priority <= 10:
             raise InvalidArgument(f"set_priority of PD {self._id}: {priority} is outside -10..+10", pd_id=self._id)
         pd = self._owned("set_priority")
-        with pd.lock:
-            self._driver.set_priority(pd.handle, priority)
-            pd.priority = priority
+        self._mgr._check_limit(pd.parent, "priority", priority, f"set_priority of PD {self._id}")
+        self._mgr._set_limit(self._id, "priority", priority)
+        self._mgr._clamp_children(self._id, ("priority",))
 
     def get_priority(self) -> int:
         if self._id == MANAGER_PD:
@@ -506,8 +573,12 @@ class PDController:
         """Run the image with a fresh channel to the layer (connections of an earlier run are cut)."""
         previous = pd.status
         channels = self._mgr._channels() if self._driver.channels else None
-        extra = {"channel_fd": channels.open(pd.pd_id)} if channels is not None else {}
+        extra: dict[str, int] = {}
         try:
+            for name, value in pd.config.items():   # the parent's may have been narrowed since they were set
+                self._mgr._check_grants(pd.parent, name, value, f"start of PD {pd.pd_id}: {name}")
+            if channels is not None:
+                extra["channel_fd"] = channels.open(pd.pd_id)
             self._driver.start(pd.handle, dict(pd.config), pd.priority, **extra)
         except BaseException:
             if channels is not None:
@@ -528,6 +599,8 @@ class PDController:
         what = f"setup_pd of PD {self._id}"
         _check_setup(image, banks, progress, what, self._id)
         pd = self._owned("setup_pd")
+        if self._caller != MANAGER_PD:
+            self._check_supplied_image(image, what)
         with pd.lock:
             self._mgr._refresh(pd)
             if pd.status in _LIVE or pd.status is PDStatus.SUSPENDED:
@@ -541,6 +614,16 @@ class PDController:
         if service is not None:
             service.record_pd(self._id, f"pd{self._id}", measurement)
 
+    def _check_supplied_image(self, image: Any, what: str) -> None:
+        """The layer copies an image a PD supplies: no larger than that PD's own memory limit, sparse or not."""
+        size = _check_int(image.get_image_size(), what + ": image size", self._id)
+        supplier = self._mgr._pd(self._caller, what)
+        limit = self._driver.memory_limit(supplier.handle)
+        if size > limit:
+            raise ResourceError(f"{what}: the image PD {self._caller} supplied is {size} bytes, more than its own "
+                                f"memory limit ({limit} bytes); the layer copies every byte of an image",
+                                pd_id=self._id)
+
     def set_allowed_connections(self, tid: int, policies: list[ConnectionPolicy],
                                 disable_existing: bool = False) -> None:
         what = "set_allowed_connections"
@@ -551,6 +634,11 @@ class PDController:
         pd = self._owned(what)
         if tid == self._id:
             raise InvalidArgument(f"{what} of PD {self._id}: a PD needs no connection to itself", pd_id=self._id)
+        if not self._knows(pd, tid):
+            # Whether tid exists, is gone or was never there, the caller learns nothing: a grant is
+            # refused by its own (empty) policy and an empty one has nothing to withdraw.
+            self._check_grant(tid, checked, what)
+            return
         target = self._mgr._pd(tid, f"{what} of PD {self._id} towards tid") if tid != MANAGER_PD else None
         self._check_grant(tid, checked, what)
         with pd.lock:
@@ -573,10 +661,19 @@ class PDController:
                                        f"{policy.con_type.name} mode {policy.mode}, it is not allowed that itself",
                                        pd_id=self._id)
 
+    def _knows(self, pd: _PD, tid: int) -> bool:
+        """Whether the caller may learn that tid exists: the manager; a PD that controls tid or
+        holds a policy towards it (its own, or the controlled PD's; a destroyed PD's are gone)."""
+        caller = self._caller
+        if caller == MANAGER_PD or tid == MANAGER_PD or self._mgr._controls(caller, tid) or tid in pd.policies:
+            return True
+        return tid in self._mgr._pd(caller, "connection policy").policies
+
     def get_allowed_connections(self, tid: int) -> list[ConnectionPolicy]:
+        """The policies towards tid ([] when none: for a PD caller the same whether tid exists or not)."""
         tid = _check_int(tid, f"get_allowed_connections of PD {self._id}: tid", self._id)
         pd = self._pd("get_allowed_connections")
-        if tid != MANAGER_PD:
+        if self._caller == MANAGER_PD and tid != MANAGER_PD:
             self._mgr._pd(tid, f"get_allowed_connections of PD {self._id} towards tid")
         with pd.lock:
             return list(pd.policies.get(tid, []))
@@ -588,8 +685,11 @@ class PDController:
                                   pd_id=self._id)
         pd = self._owned("set_config_param")
         self._check_boot_param(path)
+        if path == "/boot/allow":
+            self._check_allow(value)
         with pd.lock:
             self._driver.check_config(pd.handle, path, value)
+            self._mgr._check_grants(pd.parent, path, value, f"set_config_param {path} of PD {self._id}")
             pd.config[path] = value
 
     def _check_boot_param(self, path: str) -> None:
@@ -601,6 +701,19 @@ class PDController:
             names = ", ".join(k + "NAME" if k.endswith("/") else k for k in known)
             raise InvalidArgument(f"set_config_param {path!r} of PD {self._id}: not a boot parameter of the "
                                   f"{self._driver.name} driver; known: {names}", pd_id=self._id)
+
+    def _check_allow(self, value: str) -> None:
+        """/boot/allow names known surface; a PD may allow its child only what it is allowed itself."""
+        what = f"set_config_param /boot/allow of PD {self._id}"
+        wanted = parse_allow(value, what=what, pd_id=self._id)
+        if self._caller == MANAGER_PD:
+            return
+        own = parse_allow(self._mgr._pd(self._caller, what).config.get("/boot/allow", ""), what=what,
+                          pd_id=self._caller)
+        if wanted - own:
+            raise PermissionDenied(f"{what} by PD {self._caller}: {', '.join(sorted(wanted - own))} is more than "
+                                   f"PD {self._caller} is allowed itself (its /boot/allow: "
+                                   f"{' '.join(sorted(own)) or 'nothing'})", pd_id=self._id)
 
     def get_config_param(self, name: str) -> str:
         path = normalize(name, what="get_config_param", pd_id=self._id)
@@ -615,9 +728,16 @@ class PDController:
             raise InvalidArgument(f"get_config_param {path!r} of PD {self._id}: not set", pd_id=self._id) from None
 
     def set_runtime_param(self, name: str, value: str | int) -> None:
-        if self._id != MANAGER_PD:
-            self._owned("set_runtime_param")
-        self._tree().set(name, value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)          # an int is its decimal text, checked against the limits like one
+        pd = self._owned("set_runtime_param") if self._id != MANAGER_PD else None
+        path = normalize(name, what="set_runtime_param", pd_id=self._id)
+        asked = _whole_number(value) if pd is not None and path in LIMITS else None
+        if asked is not None:
+            self._mgr._check_limit(pd.parent, path, asked, f"set_runtime_param {path} of PD {self._id}")
+        self._tree().set(path, value)
+        if path in LIMITS:
+            self._mgr._clamp_children(self._id, (path,))
 
     def get_runtime_param(self, name: str) -> str:
         return self._tree().get(name)
@@ -721,7 +841,9 @@ class PDController:
             "/system/cpu/max": const(str(host.cpus)),
             "/system/cpu/min": const(str(host.cpus)),
             "/system/cpu/current": const(str(host.cpus)),
+            "/system/cpu/performance": const("100"),
             "/system/pds": Leaf(get=lambda: " ".join(map(str, self._mgr.list_pd()[1:]))),
+            **({"/system/pids/max": const(str(host.pids))} if host.pids is not None else {}),
         }
 
     def _pd_leaves(self, pd: _PD) -> dict[str, Leaf]:
@@ -733,6 +855,7 @@ class PDController:
 
         def set_cpus(value: str) -> None:
             drv.set_cpus(handle, parse_int(value, what="/system/cpu/current", pd_id=pid, lo=1, hi=pd.cpus_max))
+            drv.set_performance(handle, pd.performance)     # the share is of the new count: keep the percent
 
         def set_performance(value: str) -> None:
             percent = parse_int(value, what="/system/cpu/performance", pd_id=pid, lo=1, hi=100)
@@ -763,6 +886,8 @@ class PDController:
         leaves["/interfaces/connections"] = Leaf(get=lambda: connection_lines(registry.live(pid), pid))
         leaves["/system/parent"] = const(str(pd.parent))
         leaves.update(_CONNECTION_CAPABILITIES)
+        if drv.channels:
+            leaves["/capability/connections/fd-passing"] = const(_fd_passing(pd))
         for status, names in _CAPABILITY_PARAMS.items():
             if status in drv.capabilities:
                 for name in names:
@@ -782,6 +907,18 @@ _CONNECTION_CAPABILITIES = {
     "/capability/connections/shm-revocable": const(
         "no: revoking an SHM connection stops nothing already mapped or held; only new connections are refused"),
 }
+
+
+def _fd_passing(pd: _PD) -> str:
+    """Whether fds can ride pd's IPC, STREAM and EVENT connections (past their modes and revocation)."""
+    from .channel.sockets import fd_passing_refusable
+    if not fd_passing_refusable():
+        return ("possible: this kernel has no SO_PASSRIGHTS (Linux 6.16 and later have it), so a socket passed "
+                "over a connection outlives the connection's mode and its revocation")
+    if "io_uring" in parse_allow(pd.config.get("/boot/allow", ""), what="/boot/allow", pd_id=pd.pd_id):
+        return ("possible towards this PD: its /boot/allow lists io_uring, whose socket commands can turn "
+                "SO_PASSRIGHTS back on past the seccomp filter")
+    return "refused: connection ends have SO_PASSRIGHTS off and the seccomp filter refuses turning it on"
 
 
 class CallerScope:

@@ -84,6 +84,8 @@ def add_pd_options(parser: argparse.ArgumentParser) -> None:
                         help="environment (repeatable)")
     parser.add_argument("--caps", metavar="LIST", help="capabilities the program keeps in its own namespaces, "
                         "e.g. net_raw,net_bind_service or all (default: none, like bwrap)")
+    parser.add_argument("--allow", metavar="LIST", help="kernel surface refused by default that the PD may use: "
+                        "io_uring (config /boot/allow)")
     parser.add_argument("--banks", default="sha256", help="digest banks, e.g. sha256,sha384 (default sha256)")
 
 
@@ -128,6 +130,8 @@ def prepare_pd(mgr: Any, args: argparse.Namespace, argv: Sequence[str] | None, c
             pd.set_config_param(f"/boot/env/{name}", value)
         if args.caps:
             pd.set_config_param("/boot/capabilities", args.caps)
+        if args.allow:
+            pd.set_config_param("/boot/allow", args.allow)
         check()
         image = FileImage(args.image)
         with progress(args, image.get_image_size(), "measuring") as update:

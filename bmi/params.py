@@ -78,11 +78,9 @@ class ParamTree:
                                    pd_id=self.pd_id)
         return leaf.get()
 
-    def set(self, name: str, value: str | int) -> None:
+    def set(self, name: str, value: str) -> None:
         path, leaf = self._leaf(name, "set_runtime_param")
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, str):
+        if not isinstance(value, str):      # PDController.set_runtime_param has turned an int into its text
             raise InvalidArgument(f"set_runtime_param {path!r} of PD {self.pd_id}: value must be a str or int, "
                                   f"got {type(value).__name__}", pd_id=self.pd_id)
         if leaf.set is None:
@@ -132,6 +130,23 @@ def parse_int(value: str, *, what: str, pd_id: int, lo: int, hi: int, unit_suffi
     if not lo <= number <= hi:
         raise InvalidArgument(f"{what} of PD {pd_id}: {number} is outside [{lo}, {hi}]", pd_id=pd_id)
     return number
+
+
+#: What the config parameter /boot/allow may list: kernel surface a PD is refused unless its config allows it.
+ALLOWABLE = {
+    "io_uring": "the io_uring syscalls (io_uring_setup, io_uring_enter, io_uring_register): kernel attack surface "
+                "Docker's default profile blocks too, and its socket commands bypass the seccomp filter",
+}
+
+
+def parse_allow(value: str, *, what: str, pd_id: int | None) -> frozenset[str]:
+    """The names in a /boot/allow value ("io_uring", space or comma separated); unknown names are refused."""
+    names = frozenset(value.replace(",", " ").split())
+    unknown = sorted(names - ALLOWABLE.keys())
+    if unknown:
+        raise InvalidArgument(f"{what} of PD {pd_id}: {', '.join(map(repr, unknown))} cannot be allowed "
+                              f"(known: {', '.join(sorted(ALLOWABLE))})", pd_id=pd_id)
+    return names
 
 
 def const(value: str) -> Leaf:

@@ -32,6 +32,7 @@
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -100,6 +101,7 @@ struct cfg {
     unsigned long long tmpfs_bytes;
     int release_rd, err_wr;
     unsigned long long keep_caps; /* bit n: the program keeps capability n (in its own user namespace) */
+    int outer_uid, outer_gid;     /* who the PD's root is on the host (manager side only) */
 };
 
 /* ---------------------------------------------------------------- child helpers */
@@ -248,17 +250,36 @@ static const int denied_syscalls[] = {
 };
 
 #define N_DENIED (sizeof denied_syscalls / sizeof denied_syscalls[0])
+/* io_uring runs socket and file operations from kernel workers the filter never sees (Docker's default
+ * profile blocks it too); denied unless the PD's /boot/allow lists io_uring (BMI_SPAWN_IO_URING) */
+static const int io_uring_syscalls[] = {425 /* io_uring_setup */, 426 /* io_uring_enter */,
+                                        427 /* io_uring_register */};
+#define N_IO_URING (sizeof io_uring_syscalls / sizeof io_uring_syscalls[0])
+#define SO_PASSRIGHTS_ 83   /* Linux 6.16: off on the connection ends bmi hands out, so no fd passes over them */
 #define RET_ERRNO(e) BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (e))
 #define LD_NR BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr))
-#define LD_ARG0 BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[0]))
+#define LD_ARG(i) BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[i]))
+#define LD_ARG0 LD_ARG(0)
+
+static unsigned deny_each(struct sock_filter *f, unsigned n, const int *nrs, unsigned count)
+{
+    for (unsigned i = 0; i < count; i++) {
+        f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (unsigned)nrs[i], 0, 1);
+        f[n++] = (struct sock_filter)RET_ERRNO(EPERM);
+    }
+    return n;
+}
 
 /* x86_64 only (anything else, including x32, is killed); EPERM for the
- * calls that reach kernel or host state; clone3 gets ENOSYS (its flags are
- * in memory, unreadable by BPF) so libc falls back to clone, whose flags we
- * can check; personality may only be queried or set to PER_LINUX. */
-static int apply_seccomp(void)
+ * calls that reach kernel or host state, for io_uring unless allowed, and
+ * for setsockopt(SOL_SOCKET, SO_PASSRIGHTS) (whatever the value: turning
+ * fd passing back on is what it would be for); clone3 gets ENOSYS (its
+ * flags are in memory, unreadable by BPF) so libc falls back to clone,
+ * whose flags we can check; personality may only be queried or set to
+ * PER_LINUX. */
+static int apply_seccomp(int flags)
 {
-    struct sock_filter f[18 + 2 * N_DENIED];
+    struct sock_filter f[25 + 2 * (N_DENIED + N_IO_URING)];
     unsigned n = 0;
     f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
     f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0);
@@ -266,10 +287,16 @@ static int apply_seccomp(void)
     f[n++] = (struct sock_filter)LD_NR;
     f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, 0x40000000u /* x32 */, 0, 1);
     f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS);
-    for (unsigned i = 0; i < N_DENIED; i++) {
-        f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (unsigned)denied_syscalls[i], 0, 1);
-        f[n++] = (struct sock_filter)RET_ERRNO(EPERM);
-    }
+    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_setsockopt, 0, 5);
+    f[n++] = (struct sock_filter)LD_ARG(1);
+    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SOL_SOCKET, 0, 3);
+    f[n++] = (struct sock_filter)LD_ARG(2);
+    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SO_PASSRIGHTS_, 0, 1);
+    f[n++] = (struct sock_filter)RET_ERRNO(EPERM);
+    f[n++] = (struct sock_filter)LD_NR;
+    n = deny_each(f, n, denied_syscalls, N_DENIED);
+    if (!(flags & BMI_SPAWN_IO_URING))
+        n = deny_each(f, n, io_uring_syscalls, N_IO_URING);
     f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_clone3_, 0, 1);
     f[n++] = (struct sock_filter)RET_ERRNO(ENOSYS);
     f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_clone, 0, 3);
@@ -538,6 +565,10 @@ static int drop_caps(unsigned long long keep)
     if (syscall(SYS_capget, &head, data)) return -1;
     data[0].inheritable &= (uint32_t)keep;
     data[1].inheritable &= (uint32_t)(keep >> 32);
+    /* no effective capability at the exec: an image the PD may only execute (mode 0111) is then
+     * unreadable to it, and the kernel makes the program non-dumpable (would_dump), so no process of
+     * the PD can open its /proc/<pid>/mem; root's exec gives back the bounding set anyway */
+    data[0].effective = data[1].effective = 0;
     return (int)syscall(SYS_capset, &head, data);
 }
 
@@ -606,7 +637,7 @@ static __attribute__((noreturn)) void pd_init(struct cfg *c)
     int sfd = signalfd(-1, &set, SFD_CLOEXEC);
     int ep[2];
     if (sfd < 0 || pipe2(ep, O_CLOEXEC)) fail(ef, BMI_SPAWN_ERESOURCE, "init set-up", NULL);
-    if ((c->flags & BMI_SPAWN_SECCOMP) && apply_seccomp())
+    if ((c->flags & BMI_SPAWN_SECCOMP) && apply_seccomp(c->flags))
         fail(ef, BMI_SPAWN_ERESOURCE, "installing the seccomp filter", NULL);
     pid_t prog = (pid_t)syscall(SYS_clone, SIGCHLD, 0, NULL, NULL, 0);
     if (prog < 0) fail(ef, BMI_SPAWN_ERESOURCE, "forking the program", NULL);
@@ -695,7 +726,8 @@ static void make_init_fd(void)
         if (n <= 0) { init_errno = n < 0 ? errno : EIO; close(fd); return; }
         p += n; left -= (size_t)n;
     }
-    if (fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)) {
+    /* execute-only: the PD cannot read bmi-init, so its init is not dumpable (see drop_caps) */
+    if (fchmod(fd, 0111) || fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)) {
         init_errno = errno; close(fd); return;
     }
     init_fd = fd;
@@ -793,8 +825,20 @@ static long start_init(const struct cfg *c, int *pidfd, struct start **out)
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);   /* no handler may run in the child, on shared memory */
-    long pid = clone(init_child, stack + INIT_STACK, CLONE_VM | CLONE_PIDFD | PD_NAMESPACES | SIGCHLD, s, pidfd);
+    long pid = -1;
+    uid_t euid = geteuid();
+    gid_t egid = getegid();
+    /* a user namespace belongs to the euid that creates it, and per-user limits inside it are charged to
+     * that owner: this thread alone (raw syscalls, not glibc's all-threads set*id) becomes the PD's ids
+     * for the clone; ruid and suid stay 0, so it gets its capabilities back right after */
+    int own = (c->flags & BMI_SPAWN_OWN_USERNS) != 0;
+    int dumpable = own ? prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) : 0;   /* an euid change clears it: restore it */
+    if (!own || (syscall(SYS_setresgid, -1, c->outer_gid, -1) == 0 && syscall(SYS_setresuid, -1, c->outer_uid, -1) == 0))
+        pid = clone(init_child, stack + INIT_STACK, CLONE_VM | CLONE_PIDFD | PD_NAMESPACES | SIGCHLD, s, pidfd);
     int e = errno;
+    if (own && (syscall(SYS_setresuid, -1, euid, -1) || syscall(SYS_setresgid, -1, egid, -1)))
+        abort();    /* a manager thread left with a PD's ids must not go on */
+    if (own && dumpable > 0) prctl(PR_SET_DUMPABLE, dumpable, 0, 0, 0);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (pid < 0) {
         finish_init(s);
@@ -820,6 +864,33 @@ static int write_proc(pid_t pid, const char *file, const char *text)
     return rc;
 }
 
+/* /usr/bin/newuidmap|newgidmap PID 0 ID 1: the setuid helpers that map a non-root caller's /etc/subuid ids */
+static int run_map_helper(const char *helper, pid_t pid, int id)
+{
+    char spid[24], sid[24];
+    snprintf(spid, sizeof spid, "%d", (int)pid);
+    snprintf(sid, sizeof sid, "%d", id);
+    char *argv[] = {(char *)helper, spid, "0", sid, "1", NULL};
+    char *envp[] = {"PATH=/usr/bin:/bin", NULL};
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);   /* nothing of ours may run in the vfork child */
+    pid_t child = vfork();
+    if (child == 0) {
+        execve(helper, argv, envp);
+        _exit(127);
+    }
+    int e = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (child < 0) { errno = e; return -1; }
+    int st;
+    while (waitpid(child, &st, 0) < 0)
+        if (errno != EINTR) return -1;
+    if (WIFEXITED(st) && WEXITSTATUS(st) == 0) return 0;
+    errno = EPERM;
+    return -1;
+}
+
 static int put_err(char *err, size_t errlen, int kind, int e, const char *stage, const char *detail)
 {
     snprintf(err, errlen, "%s%s%s: %s", stage, detail && *detail ? " " : "", detail ? detail : "", strerror(e));
@@ -835,6 +906,10 @@ int bmi_spawn(int exec_fd, int archive, char *argv[], char *envp[],
 {
     if (exec_fd < 0 || console_fd < 0 || status_fd < 0 || !argv || !argv[0] || !envp || !hostname)
         return put_err(err, errlen, BMI_SPAWN_EINVAL, EINVAL, "spawn arguments", "(fd, argv or hostname)");
+    /* execute-only for the PD (it is owned by us, not by anyone mapped into the PD): the program is then
+     * not dumpable and its memory not readable through /proc/<pid>/mem by other processes of the PD */
+    if (!archive && fchmod(exec_fd, 0111))
+        return put_err(err, errlen, BMI_SPAWN_ERESOURCE, errno, "making the image execute-only", NULL);
     int rel[2], ep[2];
     if (pipe2(rel, O_CLOEXEC)) return put_err(err, errlen, BMI_SPAWN_ERESOURCE, errno, "pipe", NULL);
     if (pipe2(ep, O_CLOEXEC)) {
@@ -843,7 +918,7 @@ int bmi_spawn(int exec_fd, int archive, char *argv[], char *envp[],
         return put_err(err, errlen, BMI_SPAWN_ERESOURCE, e, "pipe", NULL);
     }
     struct cfg c = {exec_fd, archive, console_fd, status_fd, lifeline_fd, channel_fd, flags,
-                    argv, envp, hostname, tmpfs_bytes, rel[0], ep[1], keep_caps};
+                    argv, envp, hostname, tmpfs_bytes, rel[0], ep[1], keep_caps, outer_uid, outer_gid};
     int pidfd = -1;
     struct start *started = NULL;
     long pid = start_init(&c, &pidfd, &started);
@@ -859,10 +934,14 @@ int bmi_spawn(int exec_fd, int archive, char *argv[], char *envp[],
     }
     char map[64];
     snprintf(map, sizeof map, "0 %d 1\n", outer_uid);
-    if (write_proc((pid_t)pid, "setgroups", "deny") || write_proc((pid_t)pid, "uid_map", map))
+    if (write_proc((pid_t)pid, "setgroups", "deny"))
+        kind = put_err(err, errlen, BMI_SPAWN_ERESOURCE, errno, "writing setgroups", NULL);
+    else if (flags & BMI_SPAWN_MAP_HELPER ? run_map_helper("/usr/bin/newuidmap", (pid_t)pid, outer_uid)
+                                          : write_proc((pid_t)pid, "uid_map", map))
         kind = put_err(err, errlen, BMI_SPAWN_ERESOURCE, errno, "writing uid_map", map);
     snprintf(map, sizeof map, "0 %d 1\n", outer_gid);
-    if (!kind && write_proc((pid_t)pid, "gid_map", map))
+    if (!kind && (flags & BMI_SPAWN_MAP_HELPER ? run_map_helper("/usr/bin/newgidmap", (pid_t)pid, outer_gid)
+                                               : write_proc((pid_t)pid, "gid_map", map)))
         kind = put_err(err, errlen, BMI_SPAWN_ERESOURCE, errno, "writing gid_map", map);
     char pidtxt[24];
     snprintf(pidtxt, sizeof pidtxt, "%ld\n", pid);

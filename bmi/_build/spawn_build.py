@@ -1,4 +1,5 @@
-"""cffi build of bmi._spawn: the Linux PD spawn path (csrc/spawn.c), all C from clone to exec.
+"""cffi build of bmi._spawn: the Linux PD spawn path (csrc/spawn.c), all C from clone to exec,
+and the socket maker (csrc/sockmaker.c) that makes the sockets handed to PDs in an empty network namespace.
 
 The PD's pid 1 is a small static program, bmi-init, built from the same
 spawn.c (-DBMI_PD_INIT_MAIN) and linked into the shim as bytes; the shim
@@ -15,6 +16,7 @@ from cffi import FFI
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CSRC = os.path.relpath(os.path.normpath(os.path.join(_HERE, "..", "..", "csrc")))
 _SPAWN_C = os.path.join(_CSRC, "spawn.c")
+_SOCKMAKER_C = os.path.join(_CSRC, "sockmaker.c")
 
 
 def _build_init() -> str:
@@ -50,7 +52,7 @@ ffibuilder.cdef(_CDEF)
 ffibuilder.set_source(
     "bmi._spawn",
     '#include "spawn.h"\n' + _EMBED,
-    sources=[_SPAWN_C],
+    sources=[_SPAWN_C, _SOCKMAKER_C],
     include_dirs=[_CSRC],
     extra_compile_args=["-O2", "-Wall", "-Wextra"],
 )

@@ -8,7 +8,9 @@ towards the destination and enforced by the kernel:
 
 - IPC (SOCK_SEQPACKET), STREAM (SOCK_STREAM), EVENT (SOCK_SEQPACKET carrying
   8-byte counters): READ shuts the source's sending side, WRITE its
-  receiving side; shutdown cannot be undone by either PD.
+  receiving side; shutdown cannot be undone by either PD.  Neither end
+  accepts fds (SO_PASSRIGHTS off, see sockets.py), so no other socket can
+  ride a connection past its mode or its revocation.
 - SHM: a memfd of fixed size (sealed against shrink/grow) chmod 0444 and
   owned by the layer; a read-only side gets an O_RDONLY fd, so PROT_WRITE
   MAP_SHARED mappings fail (EACCES) and it cannot reopen the file for
@@ -29,6 +31,7 @@ from typing import Callable, Iterable
 from ..errors import InvalidArgument, ResourceError
 from ..types import READ, WRITE, ConnectionType
 from .protocol import mode_name
+from .sockets import SocketMaker
 
 INBOX_LIMIT = 16                       # connections waiting for one PD's accept
 MAX_SHM = 1 << 30
@@ -70,6 +73,7 @@ class Registry:
         self._inbox: dict[int, deque[Connection]] = {}
         self._ids = itertools.count(1)
         self._on_incoming = on_incoming
+        self.sockets = SocketMaker()       # every socket pair handed to a PD (channels too) is made here
 
     def make(self, source: int, dest: int, con_type: ConnectionType, mode: int, size: int = 0) -> tuple[Connection, int]:
         """Create the pair, queue the dest's end for its accept; return the source's fd (caller owns it)."""
@@ -96,12 +100,8 @@ class Registry:
         self._on_incoming(dest)
         return conn, src_fd
 
-    @staticmethod
-    def _socket_pair(conn: Connection, what: str) -> tuple[int, int]:
-        try:
-            src, dst = socket.socketpair(socket.AF_UNIX, _SOCKET_KIND[conn.con_type])
-        except OSError as e:
-            raise ResourceError(f"{what}: socketpair failed: {e.strerror}", pd_id=conn.source) from None
+    def _socket_pair(self, conn: Connection, what: str) -> tuple[int, int]:
+        src, dst = self.sockets.pair(_SOCKET_KIND[conn.con_type], fds=False, what=what, pd_id=conn.source)
         try:
             if conn.con_type is ConnectionType.EVENT:
                 for s in (src, dst):
@@ -220,6 +220,7 @@ class Registry:
         self.cut()
         with self._lock:
             self._inbox.clear()
+        self.sockets.close()
 
 
 def lines(conns: Iterable[Connection], pd_id: int) -> str:

@@ -5,14 +5,19 @@ Who may do what is decided in bmi/api.py, as for every other caller.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable
 
+from ..api import CallerScope
 from ..errors import ImageError, InvalidArgument
+from ..params import normalize
 from ..types import PDDescription
 from . import protocol as p
 
 MAX_BANKS = 4
+#: Bytes of one reply left for a result (the rest is jsonrpc, id and the braces).
+RESULT_ROOM = p.MAX_MESSAGE - 512
 
 
 class FdImage:
@@ -151,7 +156,11 @@ class Dispatcher:
 
     def m_get_runtime_param(self, scope: Any, params: dict, fd: None) -> str:
         _names(params, ("name",))
-        return self._ctl(scope, params).get_runtime_param(params["name"])
+        value = self._ctl(scope, params).get_runtime_param(params["name"])
+        if isinstance(scope, CallerScope) and normalize(params["name"], what="get_runtime_param",
+                                                        pd_id=None) == "/console/log":
+            return _tail_that_fits(value)       # a PD's channel has one frame per reply (bmid's clients more)
+        return value
 
     def m_list_runtime_params(self, scope: Any, params: dict, fd: None) -> list[dict]:
         _names(params, (), ("root",))
@@ -168,3 +177,9 @@ class Dispatcher:
         policy = p.integrity_policy_from_wire(params["policy"])
         blob = p.hex_bytes(params["protected_credentials"], "protected_credentials")
         return self._ctl(scope, params).get_protected_credentials(policy, blob).hex()
+
+
+def _tail_that_fits(text: str) -> str:
+    """The most recent part of a log whose JSON fits one reply (a character takes 1 to 12 bytes there)."""
+    excess = len(json.dumps(text)) - RESULT_ROOM
+    return text[excess:] if excess > 0 else text

@@ -78,7 +78,8 @@ class ChannelServer:
     # -- called by the layer ----------------------------------------------------------------
     def open(self, pd_id: int) -> int:
         """A fresh channel for pd_id (any previous one is dropped); returns the PD's end (caller closes it)."""
-        layer, pd_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        layer, pd_end = self._registry.sockets.pair(socket.SOCK_SEQPACKET, fds=True, what=f"channel of PD {pd_id}",
+                                                    pd_id=pd_id)
         self.attach(pd_id, layer)
         return pd_end.detach()
 
@@ -327,24 +328,48 @@ class ChannelServer:
                 ch.running = False
                 return
             msg_id, method, params, fd = ch.queue.popleft()
+        try:
+            self._answer(ch, msg_id, method, params, fd)
+        except Exception:           # the worker lives on: the next request of this PD is served
+            log.exception("PD %d: answering %s failed inside the layer", ch.pd_id, method)
+        self._pool_next(ch)
+
+    def _answer(self, ch: _Channel, msg_id: Any, method: str, params: dict, fd: int | None) -> None:
+        """Run one request and send its reply, or an error the caller gets in its place."""
         out_fd = None
         try:
             value, out_fd = self._handler(ch.pd_id, method, params, fd)
-            reply = p.result(msg_id, value)
+            data = self._encoded(ch.pd_id, method, p.result(msg_id, value))
         except Exception as e:      # a request must never take the server down
             if not isinstance(e, (p.ProtocolError, p.errors.BMIError)):
                 log.exception("PD %d: %s failed inside the layer", ch.pd_id, method)
-            reply = p.error_from(msg_id, e)
+            data = p.encode(p.error_from(msg_id, e))
+            if out_fd is not None:
+                os.close(out_fd)
+                out_fd = None
         finally:
             if fd is not None:
                 os.close(fd)
         self._answered(ch.pd_id, msg_id)
         try:
-            self._reply(ch, reply, (out_fd,) if out_fd is not None else ())
+            self._send(ch, data, (out_fd,) if out_fd is not None else ())
         finally:
             if out_fd is not None:
                 os.close(out_fd)
-        self._pool_next(ch)
+
+    @staticmethod
+    def _encoded(pd_id: int, method: str, reply: dict) -> bytes:
+        """The reply's record; one that JSON cannot carry or that exceeds the frame is the caller's error."""
+        try:
+            data = p.encode(reply)
+        except (TypeError, ValueError) as e:
+            log.error("PD %d: the reply to %s cannot be encoded: %s", pd_id, method, e)
+            raise p.ProtocolError(p.INTERNAL_ERROR, f"{method}: the layer could not encode its reply") from None
+        if len(data) > p.MAX_MESSAGE:
+            raise p.errors.ResourceError(
+                f"{method} by PD {pd_id}: the reply was {len(data)} bytes, over the channel's frame of "
+                f"{p.MAX_MESSAGE} bytes; ask for less at a time (a narrower root, a shorter value)", pd_id=pd_id)
+        return data
 
     def _pool_next(self, ch: _Channel) -> None:
         with self._lock:
@@ -359,11 +384,15 @@ class ChannelServer:
             ch.running = False
 
     def _reply(self, ch: _Channel, message: dict, fds: tuple[int, ...] = ()) -> None:
+        self._send(ch, p.encode(message), fds)
+
+    def _send(self, ch: _Channel, data: bytes, fds: tuple[int, ...] = ()) -> None:
+        """One record without blocking; a PD that cannot take it has its channel dropped."""
         with ch.lock:
             if ch.closed:
                 return
             try:
-                p.send(ch.sock, message, fds, blocking=False)
+                p.send_encoded(ch.sock, data, fds, blocking=False)
                 return
             except BlockingIOError:
                 why = "it does not read its replies"

@@ -33,6 +33,8 @@ class HostResources:
 
     cpus: int
     memory: int
+    #: How many processes the host can run (Linux: kernel.pid_max); None where the driver has no such limit.
+    pids: int | None = None
 
 
 class Driver(abc.ABC):
@@ -132,6 +134,11 @@ class Driver(abc.ABC):
         rendezvous the hypervisor guards) act here; on Linux the channel
         server checks the policy at each connect, so nothing is to be done.
         """
+
+    def config_grants(self, name: str, value: str) -> int | None:
+        """The powers a config value grants as a bit set (Linux: /boot/capabilities), so the layer can keep
+        a child's within its parent's; None for a parameter that grants nothing."""
+        return None
 
     def extra_params(self, handle: Any) -> dict[str, Any]:
         """Driver-specific runtime parameters (name -> params.Leaf)."""

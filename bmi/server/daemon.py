@@ -418,8 +418,9 @@ class Daemon:
         try:
             return self._dispatch(caller, method, params, fd)
         finally:
-            self.persist(None if method == "destroy" else [t for t in (target, caller) if isinstance(t, int) and t],
-                         op)
+            # destroy removes descendants; a lowered limit lowers theirs (api.LIMITS): store them all
+            everyone = method in ("destroy", "set_priority", "set_runtime_param")
+            self.persist(None if everyone else [t for t in (target, caller) if isinstance(t, int) and t], op)
 
     def _settle(self, pd_id: Any) -> None:
         """Store (and show on the board) an exit this read noticed before the exit watcher did.

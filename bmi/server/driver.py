@@ -10,7 +10,9 @@ the Xen one).  The Linux one below differs from session mode's in: from session 
   keeper (keeper.py), so a SIGKILL of bmid breaks none of them;
 - adopt() rebuilds a LinuxPD from a stored record: the cgroups by name,
   the image from the keeper (re-hashed against the stored measurement),
-  and the running init only if pid, start time and cgroup all match.
+  and the running init only if pid, start time and cgroup all match;
+- the lock on each PD's host uid (uids.py) is kept too, so no manager
+  hands that uid to another PD while bmid is down or after it restarts.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from ..drivers.base import ExitInfo, Progress
-from ..drivers.linux import cgroups, spawn
+from ..drivers.linux import cgroups, spawn, uids
 from ..drivers.linux.driver import DEFAULT_PIDS_MAX, LinuxDriver, LinuxPD, Run, process_start
 from ..drivers.linux.monitor import Monitor
 from ..image import PDImage
@@ -153,6 +155,16 @@ class SystemDriver(LinuxDriver, Keeping):
         finally:
             self._starting.pd = None
 
+    def _take_ids(self, pd_id: int) -> uids.IdLease:
+        ids = super()._take_ids(pd_id)
+        if ids.fd >= 0:
+            try:
+                self._keeper.put(f"pd{pd_id}.uid", ids.fd)
+            except BaseException:
+                ids.release()
+                raise
+        return ids
+
     def _keep_console(self, console_r: int) -> None:
         """Called by start() (through the monitor) once the PD runs: keep its console and status pipes."""
         pd: LinuxPD | None = getattr(self._starting, "pd", None)
@@ -172,7 +184,7 @@ class SystemDriver(LinuxDriver, Keeping):
 
     def record(self, pd: LinuxPD) -> dict[str, Any]:
         return {"cgroup": pd.groups.name, "archive": pd.archive, "pids_max": pd.pids_max,
-                "run": self.run_identity(pd)}
+                "ids": [pd.ids.uid, pd.ids.gid] if pd.ids is not None else None, "run": self.run_identity(pd)}
 
     def run_identity(self, pd: LinuxPD) -> dict[str, int] | None:
         """What identifies the PD's running init for a later adoption (None when it is not running)."""
@@ -189,11 +201,11 @@ class SystemDriver(LinuxDriver, Keeping):
     def allocation_intent(self, pd_id: int) -> dict[str, Any]:
         return {"cgroup": self.cgroup_name(pd_id)}
 
-    @staticmethod
-    def roll_back_allocation(pd_id: int, intent: Mapping[str, Any]) -> None:
+    def roll_back_allocation(self, pd_id: int, intent: Mapping[str, Any]) -> None:
         groups = reopen_cgroups(intent["cgroup"], pd_id)
         if groups is not None:
             groups.destroy()
+        self._keeper.drop(f"pd{pd_id}.uid")
 
     # -- adoption ---------------------------------------------------------------------------
     def adopt(self, pd_id: int, desc: PDDescription, record: dict[str, Any]) -> Adopted:
@@ -203,7 +215,8 @@ class SystemDriver(LinuxDriver, Keeping):
         if remade:      # (some) lost while bmid was away: a PD gets its limits back before anything runs
             self._limit(groups, desc.mem - record.get("lent", 0), record["cpus_max"], record["performance"],
                         record["priority"], pids_max)
-        pd = LinuxPD(pd_id, desc, groups, pids_max=pids_max, archive=record.get("archive", False))
+        pd = LinuxPD(pd_id, desc, groups, pids_max=pids_max, archive=record.get("archive", False),
+                     ids=self._kept_ids(pd_id, record.get("ids")))
         measurement = stored_measurement(record)
         if measurement:
             pd.image_fd = kept_image(self._keeper, pd_id, measurement)
@@ -226,6 +239,22 @@ class SystemDriver(LinuxDriver, Keeping):
         self._watch(pd, run, console_r)
         live = PDStatus.PAUSED if groups.frozen() else PDStatus.RUNNING
         return Adopted(pd, live, None, pd.image_fd is not None)
+
+    def _kept_ids(self, pd_id: int, ids: list[int] | None) -> uids.IdLease | None:
+        """The PD's host uid as the keeper held it; else taken again if still free (None: a new one at start)."""
+        if not ids:
+            return None
+        fd = self._keeper.get(f"pd{pd_id}.uid")
+        if fd is not None:
+            return uids.IdLease(ids[0], ids[1], fd)
+        lease = self._ids.reclaim(ids[0])
+        if lease is None:
+            log.warning("adopt PD %d: its host uid %d was lost with the fd keeper and is now another PD's; "
+                        "it gets a new one at its next start", pd_id, ids[0])
+            return None
+        if lease.fd >= 0:
+            self._keeper.put(f"pd{pd_id}.uid", lease.fd)
+        return lease
 
     @staticmethod
     def _identify(ident: dict[str, int], groups: cgroups.PDCgroups) -> int | None:

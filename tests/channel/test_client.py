@@ -59,7 +59,7 @@ def test_child_pds_take_memory_out_of_the_parent_and_die_with_it(mgr, as_pd):
     client = as_pd(a)
     with pytest.raises(bmi.ResourceError, match="more than the parent has left"):
         client.allocate_pd(PDDescription(mem=62 * MB))
-    with pytest.raises(bmi.ResourceError, match="exceeds the parent's own"):
+    with pytest.raises(bmi.PermissionDenied, match=r"cpu: 2 is above its parent PD \d+'s own /system/cpu/current \(1\)"):
         client.allocate_pd(PDDescription(mem=8 * MB, cpu=64))
     child = client.allocate_pd(PDDescription(mem=16 * MB))
     assert a.get_runtime_param("/system/memory/current") == str(48 * MB)

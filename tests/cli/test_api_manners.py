@@ -63,7 +63,7 @@ def test_description_takes_sizes_and_holds_bytes(mgr):
 def test_boot_typos_are_refused_by_the_api(mgr):
     pd = mgr.allocate_pd(bmi.PDDescription(mem="32M"))
     with pytest.raises(bmi.InvalidArgument, match=r"'/boot/cmdlin'.*known: /boot/cmdline, /boot/capabilities, "
-                                                   r"/boot/env/NAME"):
+                                                   r"/boot/allow, /boot/env/NAME"):
         pd.set_config_param("/boot/cmdlin", "busybox true")
     for bad in ("/boot", "/boot/env", "/boot/env/"):
         with pytest.raises(bmi.InvalidArgument, match="not a boot parameter"):

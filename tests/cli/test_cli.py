@@ -59,6 +59,16 @@ def test_run_caps():
     assert bad.returncode == 2 and "'fly' is not a Linux capability" in bad.stderr
 
 
+def test_run_allow_io_uring():
+    from tests.channel.progs import build
+    hostile = str(build("hostile"))
+    assert run("run", hostile, "--", "hostile", "iouring").stdout == "iouring: EPERM\n"
+    allowed = run("run", "--allow", "io_uring", hostile, "--", "hostile", "iouring")
+    assert allowed.stdout == "iouring: ok\n", allowed.stderr
+    bad = run("run", "--allow", "fly", hostile, "--", "hostile", "iouring")
+    assert bad.returncode == 2 and "'fly' cannot be allowed" in bad.stderr
+
+
 def test_run_bad_image_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad"
     bad.write_bytes(b"not an image")

@@ -200,7 +200,7 @@ def test_boot_typos_and_bare_env_are_refused(daemon):
     assert bmi("create", "--image", busybox_path(), "--name", "web", uri=daemon.uri).returncode == 0
     typo = bmi("config", "set", "web", "/boot/cmdlin", "busybox true", uri=daemon.uri)
     assert typo.returncode == 2
-    assert "/boot/cmdline, /boot/capabilities, /boot/env/NAME" in typo.stderr and "'/boot/cmdlin'" in typo.stderr
+    assert "/boot/cmdline, /boot/capabilities, /boot/allow, /boot/env/NAME" in typo.stderr and "'/boot/cmdlin'" in typo.stderr
     assert bmi("config", "set", "web", "/boot/env/DEBUG", "1", uri=daemon.uri).returncode == 0
     assert bmi("config", "set", "web", "/app/mode", "fast", uri=daemon.uri).returncode == 0   # not /boot/: kept
     bare = bmi("run", "--env", "FOO", busybox_path())

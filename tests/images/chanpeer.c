@@ -1,6 +1,7 @@
 /* chanpeer: a PD that uses its BMI channel (through csrc/bmi_client.c).
  * `chanpeer CMD ARGS [+ CMD ARGS ...]`; each command prints "CMD: result".
- * The test drives it in steps through config params (`wait NAME VALUE`). */
+ * The test drives it in steps through config params (`wait NAME VALUE`).
+ * `child MEM` makes a child PD; in call parameters the word CHILD is its id. */
 #define _GNU_SOURCE
 #include "../../csrc/bmi_client.c"
 
@@ -9,10 +10,13 @@
 #include <stdint.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
-static int g_chan = -1, g_conn = -1;
+static int g_chan = -1, g_conn = -1, g_side = -1;   /* g_side: a socket passed over (or made for) g_conn */
+static long g_child = -1;
 static char g_out[MAX_MESSAGE];
 
 static void fail(const char *cmd, int rc)
@@ -33,10 +37,116 @@ static void ms_sleep(long ms)
     nanosleep(&ts, NULL);
 }
 
+/* params with every CHILD replaced by the child's id */
+static const char *with_child(const char *params)
+{
+    static char buf[MAX_MESSAGE];
+    size_t n = 0;
+    for (const char *p = params; *p && n < sizeof buf - 24;) {
+        if (!strncmp(p, "CHILD", 5)) {
+            n += (size_t)snprintf(buf + n, sizeof buf - n, "%ld", g_child);
+            p += 5;
+        } else buf[n++] = *p++;
+    }
+    buf[n] = 0;
+    return buf;
+}
+
+/* One request (fd_in: -1 or an fd to pass), printed as "CMD: ok RESULT" or the error; returns its rc. */
+static int call(const char *cmd, const char *method, const char *params, int fd_in)
+{
+    int fd, rc = bmi_call(g_chan, method, with_child(params), fd_in, g_out, sizeof g_out, &fd);
+    if (fd >= 0) close(fd);
+    if (rc) fail(cmd, rc); else printf("%s: ok %s\n", cmd, g_out);
+    return rc;
+}
+
+/* An image of `size` bytes, all holes after its first 4 ("\177ELF"); -1 with errno set on failure. */
+static int sparse_image(long size)
+{
+    int fd = memfd_create("image", MFD_CLOEXEC);
+    if (fd >= 0 && (write(fd, "\177ELF", 4) != 4 || ftruncate(fd, size) < 0)) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        fd = -1;
+    }
+    return fd;
+}
+
 static size_t conn_size(void)
 {
     struct stat st;
     return fstat(g_conn, &st) == 0 ? (size_t)st.st_size : 0;
+}
+
+/* Bind fd to the abstract NAME ("-": autobind); print the name it got ("@..." as in /proc/net/unix). */
+static void bind_abstract(int fd, const char *name)
+{
+    struct sockaddr_un u = {.sun_family = AF_UNIX};
+    size_t len = strcmp(name, "-") ? strlen(name) : 0;
+    if (len >= sizeof u.sun_path - 1) len = sizeof u.sun_path - 2;
+    memcpy(u.sun_path + 1, name, len);
+    socklen_t l = (socklen_t)(len ? offsetof(struct sockaddr_un, sun_path) + 1 + len : sizeof(sa_family_t));
+    if (bind(fd, (struct sockaddr *)&u, l) < 0) { sys_result("bindabs", -1); return; }
+    struct sockaddr_un got;
+    socklen_t gl = sizeof got;
+    memset(&got, 0, sizeof got);
+    getsockname(fd, (struct sockaddr *)&got, &gl);
+    printf("bindabs: ok @%.*s\n", (int)(gl - offsetof(struct sockaddr_un, sun_path) - 1), got.sun_path + 1);
+}
+
+/* Send one end of a new socketpair over g_conn (SCM_RIGHTS); keep the other as g_side. */
+static void pass_fd(void)
+{
+    int sp[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, sp)) { sys_result("passfd", -1); return; }
+    union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } control;
+    memset(&control, 0, sizeof control);
+    struct iovec iov = {"f", 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                         .msg_controllen = sizeof control.buf};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &sp[1], sizeof(int));
+    sys_result("passfd", sendmsg(g_conn, &msg, MSG_NOSIGNAL));
+    close(sp[1]);
+    if (g_side >= 0) close(g_side);
+    g_side = sp[0];
+}
+
+/* Wait up to ms for a message on g_conn; an fd that came with it becomes g_side. */
+static void recv_fd(int ms)
+{
+    struct pollfd p = {g_conn, POLLIN, 0};
+    if (poll(&p, 1, ms) == 0) { printf("recvfd: timeout\n"); return; }
+    union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } control;
+    char byte;
+    struct iovec iov = {&byte, 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                         .msg_controllen = sizeof control.buf};
+    ssize_t got = recvmsg(g_conn, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (got < 0) { sys_result("recvfd", -1); return; }
+    if (got == 0) { printf("recvfd: EOF\n"); return; }
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    if (!c || c->cmsg_type != SCM_RIGHTS) { printf("recvfd: none\n"); return; }
+    if (g_side >= 0) close(g_side);
+    memcpy(&g_side, CMSG_DATA(c), sizeof(int));
+    printf("recvfd: ok\n");
+}
+
+/* Wait up to ms for a message on fd and print it ("CMD: text", EOF, timeout, or the errno). */
+static void recv_print(const char *cmd, int fd, int ms)
+{
+    struct pollfd p = {fd, POLLIN, 0};
+    char buf[256];
+    if (fd < 0 || poll(&p, 1, ms) == 0) { printf("%s: timeout\n", cmd); return; }
+    ssize_t got = recv(fd, buf, sizeof buf - 1, MSG_DONTWAIT);
+    if (got < 0) sys_result(cmd, -1);
+    else if (got == 0) printf("%s: EOF\n", cmd);
+    else { buf[got] = 0; printf("%s: %s\n", cmd, buf); }
 }
 
 /* Runs one command; returns how many arguments it used. */
@@ -61,10 +171,40 @@ static int run(char **a, int n)
         return 1;
     }
     if (!strcmp(cmd, "call") && n > 2) {
-        rc = bmi_call(g_chan, a[1], a[2], -1, g_out, sizeof g_out, &fd);
-        if (fd >= 0) close(fd);
-        if (rc) fail(cmd, rc); else printf("call: ok %s\n", g_out);
+        call(cmd, a[1], a[2], -1);
         return 2;
+    }
+    if (!strcmp(cmd, "callfd") && n > 2) {      /* callfd METHOD PARAMS: passing a 4-byte image */
+        fd = sparse_image(4);
+        if (fd < 0) sys_result(cmd, -1); else { call("call", a[1], a[2], fd); close(fd); }
+        return 2;
+    }
+    if (!strcmp(cmd, "child") && n > 1) {       /* child MEM: allocate_pd of MEM bytes (JSON may follow) */
+        char params[256];
+        snprintf(params, sizeof params, "{\"mem\":%s}", a[1]);
+        if (call(cmd, "allocate_pd", params, -1) == 0) g_child = atol(g_out);
+        return 1;
+    }
+    if (!strcmp(cmd, "image") && n > 1) {       /* image SIZE: setup_pd of the child from a sparse memfd */
+        fd = sparse_image(atol(a[1]));
+        if (fd < 0) sys_result(cmd, -1); else { call(cmd, "setup_pd", "{\"pd\":CHILD}", fd); close(fd); }
+        return 1;
+    }
+    if (!strcmp(cmd, "self")) {                 /* self: setup_pd of the child with this program */
+        fd = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
+        if (fd < 0) sys_result(cmd, -1); else { call(cmd, "setup_pd", "{\"pd\":CHILD}", fd); close(fd); }
+        return 0;
+    }
+    if (!strcmp(cmd, "spew") && n > 1) {        /* spew N: N bytes of console output */
+        for (long left = atol(a[1]); left > 0; left -= 64)
+            printf("%.*s\n", (int)(left < 64 ? left - 1 : 63),
+                   "spew-spew-spew-spew-spew-spew-spew-spew-spew-spew-spew-spew-spew");
+        return 1;
+    }
+    if (!strcmp(cmd, "patience") && n > 1) {    /* patience MS: a reply not there by then is "io EAGAIN" */
+        struct timeval t = {atol(a[1]) / 1000, atol(a[1]) % 1000 * 1000};
+        sys_result(cmd, setsockopt(g_chan, SOL_SOCKET, SO_RCVTIMEO, &t, sizeof t));
+        return 1;
     }
     if (!strcmp(cmd, "connect") && n > 4) {
         if (g_conn >= 0) close(g_conn);
@@ -83,18 +223,8 @@ static int run(char **a, int n)
         else printf("accept: ok peer=%d type=%s mode=%d\n", peer, type, mode);
         return 1;
     }
-    if (!strcmp(cmd, "send") && n > 1) {
-        sys_result(cmd, send(g_conn, a[1], strlen(a[1]), MSG_NOSIGNAL));
-        return 1;
-    }
     if (!strcmp(cmd, "recv") && n > 1) {
-        struct pollfd p = {g_conn, POLLIN, 0};
-        char buf[256];
-        if (poll(&p, 1, atoi(a[1])) == 0) { printf("recv: timeout\n"); return 1; }
-        ssize_t got = recv(g_conn, buf, sizeof buf - 1, MSG_DONTWAIT);
-        if (got < 0) sys_result(cmd, -1);
-        else if (got == 0) printf("recv: EOF\n");
-        else { buf[got] = 0; printf("recv: %s\n", buf); }
+        recv_print(cmd, g_conn, atoi(a[1]));
         return 1;
     }
     if (!strcmp(cmd, "shmw") && n > 1) {
@@ -121,6 +251,31 @@ static int run(char **a, int n)
         sys_result(cmd, fd);
         if (fd >= 0) close(fd);
         return 0;
+    }
+    if (!strcmp(cmd, "bindabs") && n > 2) {
+        bind_abstract(strcmp(a[1], "chan") ? g_conn : g_chan, a[2]);
+        return 2;
+    }
+    if (!strcmp(cmd, "passfd")) {
+        pass_fd();
+        return 0;
+    }
+    if (!strcmp(cmd, "recvfd") && n > 1) {
+        recv_fd(atoi(a[1]));
+        return 1;
+    }
+    if ((!strcmp(cmd, "send") || !strcmp(cmd, "sidesend")) && n > 1) {
+        sys_result(cmd, send(strcmp(cmd, "sidesend") ? g_conn : g_side, a[1], strlen(a[1]), MSG_NOSIGNAL));
+        return 1;
+    }
+    if (!strcmp(cmd, "siderecv") && n > 1) {
+        recv_print(cmd, g_side, atoi(a[1]));
+        return 1;
+    }
+    if (!strcmp(cmd, "passrights") && n > 2) {   /* passrights chan|conn 0|1: setsockopt SO_PASSRIGHTS */
+        int on = atoi(a[2]);
+        sys_result(cmd, setsockopt(strcmp(a[1], "chan") ? g_conn : g_chan, SOL_SOCKET, 83, &on, sizeof on));
+        return 2;
     }
     if (!strcmp(cmd, "wait") && n > 3) {
         long deadline = atol(a[3]) / 20;

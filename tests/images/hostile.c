@@ -16,9 +16,12 @@
 #include <sys/sysmacros.h>
 #include <signal.h>
 #include <sys/ioctl.h>
+#include <stdint.h>
+#include <sys/inotify.h>
 #include <sys/ipc.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/shm.h>
 #include <sys/un.h>
@@ -134,6 +137,47 @@ static void sleep_ms(long ms)
     nanosleep(&t, NULL);
 }
 
+/* Read (or write) a secret in a forked child's memory through /proc/<child>/mem; "consent": the child
+ * first makes itself dumpable again (PR_SET_DUMPABLE 1), "self": our own /proc/self/mem. */
+static void procmem(const char *how)
+{
+    static volatile char secret[16] = "child-secret";
+    char got[16] = {0};
+    pid_t child = 0;
+    int p[2];
+    if (strcmp(how, "self")) {
+        if (pipe(p)) { result("procmem", -1); return; }
+        child = fork();
+        if (child == 0) {
+            if (!strcmp(how, "consent")) prctl(PR_SET_DUMPABLE, 1, 0, 0, 0);
+            if (write(p[1], "x", 1) != 1) _exit(1);
+            pause();
+            _exit(0);
+        }
+        char b;
+        if (child < 0 || read(p[0], &b, 1) != 1) { result("procmem", -1); return; }
+    }
+    char path[64];
+    snprintf(path, sizeof path, child ? "/proc/%d/mem" : "/proc/self/mem", (int)child);
+    int fd = open(path, !strcmp(how, "write") ? O_RDWR : O_RDONLY);
+    long rc = fd;
+    if (fd >= 0 && !strcmp(how, "write")) rc = pwrite(fd, "owned", 5, (off_t)(uintptr_t)secret);
+    else if (fd >= 0) rc = pread(fd, got, sizeof got, (off_t)(uintptr_t)secret);
+    if (rc >= 0 && !strcmp(how, "write")) printf("procmem: ok wrote\n");
+    else if (rc >= 0) printf("procmem: ok %s\n", got);
+    else result("procmem", -1);
+    if (child > 0) { kill(child, SIGKILL); waitpid(child, NULL, 0); }
+}
+
+/* Create inotify instances until the kernel refuses; hold them for ms milliseconds. */
+static void inotify_exhaust(long ms)
+{
+    int n = 0;
+    while (n < 100000 && inotify_init1(IN_CLOEXEC) >= 0) n++;
+    printf("inotify: %d %s\n", n, strerrorname_np(errno));
+    sleep_ms(ms);
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -161,6 +205,8 @@ int main(int argc, char **argv)
         printf("\n");
     } else if (!strcmp(a, "kill")) result(a, kill(atoi(x), SIGKILL));
     else if (!strcmp(a, "ptrace")) result(a, ptrace(PTRACE_ATTACH, atoi(x), 0, 0));
+    else if (!strcmp(a, "procmem")) procmem(x);
+    else if (!strcmp(a, "inotify")) inotify_exhaust(atol(x));
     else if (!strcmp(a, "sysv")) result(a, shmget((key_t)strtol(x, NULL, 0), 0, 0));
     else if (!strcmp(a, "posixshm")) {
         char path[256];
@@ -186,6 +232,11 @@ int main(int argc, char **argv)
         result("hostname", sethostname("owned", 5));
         close(open("/tmp/locked", O_WRONLY | O_CREAT, 0));
         result("dac", open("/tmp/locked", O_RDONLY));
+    } else if (!strcmp(a, "iouring")) { /* io_uring_setup(8, params): kernel surface refused by default */
+        unsigned char params[120] = {0};  /* struct io_uring_params */
+        long fd = syscall(425, 8, params);
+        result(a, fd);
+        if (fd >= 0) close((int)fd);
     } else if (!strcmp(a, "forkbomb")) {
         int ok = 0, again = 0;
         time_t end = time(NULL) + atoi(x);

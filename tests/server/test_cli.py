@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 
 from tests.helpers import busybox_path
@@ -79,3 +80,20 @@ def test_events_replay_and_follow(daemon):
     session = subprocess.run([sys.executable, "-m", "bmi.cli", "--uri", "linux:///session", "events"],
                              capture_output=True, text=True, timeout=60)
     assert session.returncode == 1 and "PDs of linux:///session end with this command" in session.stderr
+
+
+def test_create_allow_io_uring(daemon):
+    from tests.channel.progs import build
+    hostile = str(build("hostile"))
+    made = _bmi(daemon, "create", "--json", "--image", hostile, "--allow", "io_uring", "--start", "--",
+                "hostile", "iouring")
+    assert made.returncode == 0, made.stderr
+    pd = str(json.loads(made.stdout)["pd"])
+    assert _bmi(daemon, "config", "get", pd, "/boot/allow").stdout.strip() == "io_uring"
+    deadline = time.monotonic() + 30
+    while (out := _bmi(daemon, "console", pd).stdout) == "" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert out == "iouring: ok\n"
+    bad = _bmi(daemon, "create", "--image", hostile, "--allow", "fly")
+    assert bad.returncode == 2 and "'fly' cannot be allowed" in bad.stderr
+    assert [r["pd"] for r in json.loads(_bmi(daemon, "list", "--json").stdout)] == [int(pd)]   # nothing half-built

@@ -159,7 +159,15 @@ def kept(tmp_path):
     """(store, keeper, make_registry) on a private state dir; the keeper ends holding nothing."""
     store = Store(str(tmp_path))
     keeper = Keeper(os.path.join(str(tmp_path), "keeper.sock"))
-    yield store, keeper, lambda: KeptConnections(store, keeper, lambda pd_id: None)
+    made: list[KeptConnections] = []
+
+    def make_registry() -> KeptConnections:
+        made.append(KeptConnections(store, keeper, lambda pd_id: None))
+        return made[-1]
+
+    yield store, keeper, make_registry
+    for registry in made:               # the socket maker each started (a registry "killed" is not closed)
+        registry.sockets.close()
     keeper.drop("")
     keeper.close()
     store.close()

@@ -18,10 +18,10 @@ from typing import Any, Mapping, Sequence
 from ...errors import InvalidArgument, InvalidState, NotSupported, ResourceError
 from ...image import PDImage
 from ...integrity.measure import measure_into
-from ...params import Leaf, const, parse_int
+from ...params import Leaf, const, parse_allow, parse_int
 from ...types import PDDescription, PDStatus
 from ..base import Driver, ExitInfo, HostResources, Progress
-from . import cgroups, formats, spawn
+from . import cgroups, formats, spawn, uids
 from .monitor import Console, Monitor
 
 MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_EXEC = 0x1, 0x2, 0x10
@@ -61,6 +61,7 @@ class LinuxPD:
     run: Run | None = None
     pids_max: int = DEFAULT_PIDS_MAX
     destroyed: bool = False
+    ids: uids.IdLease | None = None     # its host uid/gid, held until it is destroyed
 
 
 def _alive(pid: int) -> bool:
@@ -102,7 +103,7 @@ def _signal_name(number: int) -> str:
 
 class LinuxDriver(Driver):
     name = "linux"
-    boot_params = ("/boot/cmdline", "/boot/capabilities", "/boot/env/")
+    boot_params = ("/boot/cmdline", "/boot/capabilities", "/boot/allow", "/boot/env/")
     capabilities = frozenset({PDStatus.PAUSED, PDStatus.RESTARTING})
     unsupported_reasons = {PDStatus.SUSPENDED: NO_SUSPEND}
     channels = True
@@ -112,7 +113,7 @@ class LinuxDriver(Driver):
         # PD watches the read end; only this process holds the write end.
         self._lifeline_r, self._lifeline_w = os.pipe2(os.O_CLOEXEC) if lifeline else (-1, -1)
         self._monitor = Monitor()
-        self._outer_ids = spawn.default_outer_ids()
+        self._ids = uids.IdPool()
         if lifeline:
             cgroups.sweep(_SESSION_GROUP, lambda match: not _alive(int(match[1])))
 
@@ -130,7 +131,7 @@ class LinuxDriver(Driver):
             "namespaces": ", ".join(n for n in namespaces if not n.endswith("_for_children")),
             "landlock_abi": spawn.landlock_abi(),
             "seccomp": spawn.seccomp_available(),
-            "pd_uid_outside": self._outer_ids[0],
+            "per_pd_uid": self._ids.describe(),
             "capabilities": ", ".join(s.name for s in sorted(self.capabilities)),
             "not_supported": {s.name: why for s, why in self.unsupported_reasons.items()},
         }
@@ -138,17 +139,24 @@ class LinuxDriver(Driver):
     def host_resources(self) -> HostResources:
         with open("/proc/meminfo") as f:
             total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
-        return HostResources(cpus=len(os.sched_getaffinity(0)), memory=total)
+        with open("/proc/sys/kernel/pid_max") as f:
+            pid_max = int(f.read())
+        return HostResources(cpus=len(os.sched_getaffinity(0)), memory=total, pids=pid_max)
 
     # -- allocation and images ----------------------------------------------------------------
     def allocate(self, pd_id: int, desc: PDDescription) -> LinuxPD:
         groups = cgroups.PDCgroups.create(self.cgroup_name(pd_id), pd_id=pd_id)
         try:
             self._limit(groups, desc.mem, desc.cpu, desc.performance, 0, DEFAULT_PIDS_MAX)
+            ids = self._take_ids(pd_id)
         except BaseException:
             groups.destroy()
             raise
-        return LinuxPD(pd_id, desc, groups)
+        return LinuxPD(pd_id, desc, groups, ids=ids)
+
+    def _take_ids(self, pd_id: int) -> uids.IdLease:
+        """The PD's own host uid/gid, held until it is destroyed."""
+        return self._ids.acquire(pd_id)
 
     @staticmethod
     def _limit(groups: cgroups.PDCgroups, mem: int, cpus: int, performance: int, priority: int,
@@ -171,6 +179,9 @@ class LinuxDriver(Driver):
         elif name.startswith("/boot/env/") and not _ENV_NAME.match(name[len("/boot/env/"):]):
             raise InvalidArgument(f"set_config_param {name} of PD {pd.pd_id}: not a valid environment "
                                   f"variable name", pd_id=pd.pd_id)
+
+    def config_grants(self, name: str, value: str) -> int | None:
+        return spawn.capability_mask(value, f"set_config_param {name}") if name == "/boot/capabilities" else None
 
     def load(self, pd: LinuxPD, image: PDImage, banks: Sequence[str],
              progress: Progress | None) -> dict[str, bytes]:
@@ -203,6 +214,7 @@ class LinuxDriver(Driver):
         if pd.image_fd is None:
             raise InvalidState(f"start of PD {pd.pd_id}: no image loaded", pd_id=pd.pd_id)
         self._discard_run(pd)
+        ids = pd.ids = pd.ids or self._take_ids(pd.pd_id)    # (an adopted PD whose uid was lost: a new one)
         argv = shlex.split(config.get("/boot/cmdline", "")) or ["init"]
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/", "BMI_PD_ID": str(pd.pd_id)}
         env.update({k[len("/boot/env/"):]: v for k, v in config.items() if k.startswith("/boot/env/")})
@@ -214,11 +226,14 @@ class LinuxDriver(Driver):
             oom_base = pd.groups.oom_kills()
             child = spawn.spawn(pd.image_fd, archive=pd.archive, argv=argv, env=env, console_fd=console_w,
                                 status_fd=status_w, lifeline_fd=self._lifeline_r, channel_fd=channel_fd,
-                                cgroup_procs=pd.groups.procs_files, outer_uid=self._outer_ids[0],
-                                outer_gid=self._outer_ids[1], hostname=f"pd{pd.pd_id}",
+                                cgroup_procs=pd.groups.procs_files, outer_uid=ids.uid, outer_gid=ids.gid,
+                                map_helper=self._ids.map_helper, hostname=f"pd{pd.pd_id}",
                                 tmpfs_bytes=pd.desc.mem, pd_id=pd.pd_id,
                                 keep_caps=spawn.capability_mask(config.get("/boot/capabilities", ""),
-                                                                f"start of PD {pd.pd_id}", pd.pd_id))
+                                                                f"start of PD {pd.pd_id}", pd.pd_id),
+                                io_uring="io_uring" in parse_allow(config.get("/boot/allow", ""),
+                                                                   what=f"start of PD {pd.pd_id}: /boot/allow",
+                                                                   pd_id=pd.pd_id))
         except BaseException:
             os.close(console_r)
             os.close(status_r)
@@ -339,6 +354,9 @@ class LinuxDriver(Driver):
         if pd.image_fd is not None:
             os.close(pd.image_fd)
             pd.image_fd = None
+        if pd.ids is not None:      # its processes are gone with its cgroups: the uid is free again
+            pd.ids.release()
+            pd.ids = None
         pd.destroyed = True
 
     # -- resources --------------------------------------------------------------------------
@@ -392,6 +410,7 @@ class LinuxDriver(Driver):
             "/system/pids/max": Leaf(get=lambda: str(pd.pids_max), set=set_pids_max),
             "/system/image/format": const("archive" if pd.archive else "elf") if pd.image_fd is not None
             else const("none"),
+            "/capability/isolation/per-pd-uid": const(self._ids.capability()),
         }
         run = pd.run
         if run is not None and not run.exited.is_set():

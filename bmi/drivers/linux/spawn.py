@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import select
+import socket
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -94,7 +95,8 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
           console_fd: int, status_fd: int, lifeline_fd: int = -1, channel_fd: int = -1,
           cgroup_procs: Sequence[str] = (), outer_uid: int | None = None, outer_gid: int | None = None,
           hostname: str = "pd", tmpfs_bytes: int = 0, seccomp: bool = True, landlock: bool = True,
-          keep_caps: int = 0, pd_id: int | None = None) -> Spawned:
+          keep_caps: int = 0, io_uring: bool = False, map_helper: bool = False,
+          pd_id: int | None = None) -> Spawned:
     """Run the sealed memfd `exec_fd` (static ELF, or newc cpio root with /init) as a new PD.
 
     Returns once the program has been exec'd (or raises, leaving no process
@@ -111,7 +113,14 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
 
     The program is uid 0 of its user namespace with no capabilities there
     but those in the `keep_caps` mask (bit n = capability n, see
-    capability_mask).
+    capability_mask).  Its seccomp filter refuses io_uring unless `io_uring`
+    is true, and always refuses turning SO_PASSRIGHTS on.  Outside it is
+    outer_uid/outer_gid; when we are root the user namespace is created with
+    those as euid/egid, so it is theirs (per-user limits are charged to
+    them).  map_helper: the ids are from our /etc/subuid and /etc/subgid,
+    mapped with newuidmap/newgidmap.  An ELF image is made execute-only
+    (mode 0111), which keeps the program's memory from the PD's other
+    processes (see csrc/spawn.c, drop_caps).
     """
     who = _who(pd_id)
     for fd, name, optional in ((exec_fd, "exec_fd", False), (console_fd, "console_fd", False),
@@ -153,7 +162,12 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
     pid = _ffi.new("int *")
     pidfd = _ffi.new("int *")
     err = _ffi.new("char[]", 512)
-    flags = (lib.BMI_SPAWN_SECCOMP if seccomp else 0) | (lib.BMI_SPAWN_LANDLOCK if landlock else 0)
+    flags = ((lib.BMI_SPAWN_SECCOMP if seccomp else 0) | (lib.BMI_SPAWN_LANDLOCK if landlock else 0)
+             | (lib.BMI_SPAWN_IO_URING if io_uring else 0))
+    if map_helper:
+        flags |= lib.BMI_SPAWN_MAP_HELPER
+    elif os.geteuid() == 0 and uid != 0:
+        flags |= lib.BMI_SPAWN_OWN_USERNS
     rc = lib.bmi_spawn(exec_fd, int(bool(archive)), c_argv, c_env, console_fd, status_fd, lifeline_fd,
                        channel_fd, c_cg, uid, gid, encoded_host, tmpfs_bytes, flags, keep_caps, pid, pidfd, err,
                        len(err))
@@ -197,8 +211,23 @@ def seccomp_available() -> bool:
     return bool(_shim().bmi_seccomp_available())
 
 
+def start_socket_maker() -> tuple[socket.socket, int, int]:
+    """Start the process that makes the sockets handed to PDs in an empty network namespace (csrc/sockmaker.c).
+
+    Returns its socket, pid and pidfd (the caller reaps it: closing the socket ends it).
+    """
+    lib = _shim()
+    pid, pidfd = _ffi.new("int *"), _ffi.new("int *")
+    fd = lib.bmi_sockmaker_start(pid, pidfd)
+    if fd < 0:
+        raise ResourceError(f"starting the socket maker in an empty network namespace failed: "
+                            f"{os.strerror(_ffi.errno)}")
+    return socket.socket(fileno=fd), pid[0], pidfd[0]
+
+
 def default_outer_ids() -> tuple[int, int]:
-    """Who the PD's root is outside: nobody when we are root, else the caller (the only id it may map)."""
+    """Who the PD's root is outside when the caller names nobody: nobody when we are root, else the
+    caller (the only id it may map).  The driver always names the PD's own ids (uids.IdPool)."""
     if os.getuid() == 0:
         return _NOBODY, _NOBODY
     return os.getuid(), os.getgid()

@@ -1,6 +1,9 @@
 """The Linux spawn path, tested with real PDs from the inside (a static probe program)."""
 from __future__ import annotations
 
+import array
+import ctypes
+import fcntl
 import os
 import pathlib
 import select
@@ -165,6 +168,24 @@ def test_explicit_outer_ids_are_mapped(probe):
         status = pathlib.Path(f"/proc/{pd.spawned.pid}/status").read_text().splitlines()
         assert next(x for x in status if x.startswith("Uid:")).split()[1:] == ["4321"] * 4
         assert next(x for x in status if x.startswith("Gid:")).split()[1:] == ["4322"] * 4
+
+
+NS_GET_OWNER_UID = 0xB704      # _IO(0xb7, 0x4)
+
+
+def test_the_pds_user_namespace_belongs_to_its_outer_uid(probe):
+    """Per-user limits inside are charged to the namespace's owner: the PD's uid, not the manager's."""
+    dumpable = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)
+    with PD(probe, ["probe", "sleep", "30"], outer_uid=4321, outer_gid=4322) as pd:
+        fd = os.open(f"/proc/{pd.spawned.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            owner = array.array("I", [0])
+            fcntl.ioctl(fd, NS_GET_OWNER_UID, owner, True)
+        finally:
+            os.close(fd)
+    assert owner[0] == (4321 if os.geteuid() == 0 else os.geteuid())
+    assert (os.geteuid(), os.getegid()) == (os.getuid(), os.getgid())      # the manager's thread got its ids back
+    assert ctypes.CDLL(None).prctl(3, 0, 0, 0, 0) == dumpable            # PR_GET_DUMPABLE: and stays as it was
 
 
 def test_concurrent_spawns_from_threads_do_not_leak_into_each_other(probe):
