@@ -31,11 +31,8 @@ def _fds() -> dict[int, str]:
 
 
 def _our_cgroups() -> set[str]:
-    from bmi.drivers.linux import cgroups
-    found: set[str] = set()
-    for tree in cgroups._layout():
-        found.update(glob.glob(os.path.join(tree.own, f"bmi-{os.getpid()}-*")))
-    return found
+    from bmi.drivers.linux.cgroups import groups_of_this_process
+    return groups_of_this_process(f"bmi-{os.getpid()}-")
 
 
 def _settle(check, before, timeout: float = 3.0):

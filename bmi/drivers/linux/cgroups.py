@@ -21,6 +21,7 @@ makes only the calls that need it fail, with NotSupported saying why.
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import re
 import signal
@@ -145,6 +146,14 @@ def _layout() -> list[_Tree]:
                     offered = frozenset()
                 v2 = _Tree(2, mount, own, offered & _V2_CONTROLLERS)
     return trees + ([v2] if v2 else [])
+
+
+def groups_of_this_process(prefix: str) -> set[str]:
+    """Paths of the PD groups named prefix* under this process's own groups, in every hierarchy.
+
+    For leak checks (the test suite's, the pytest plugin's bmi_no_leaks).
+    """
+    return {path for tree in _layout() for path in glob.glob(os.path.join(tree.own, glob.escape(prefix) + "*"))}
 
 
 def cgroup_version() -> int:
