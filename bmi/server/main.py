@@ -56,7 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         integrity=not args.no_integrity, shutdown_grace=args.shutdown_grace)
         daemon.listen()
     except BMIError as e:
-        print(f"bmid: {type(e).__name__}: {e}", file=sys.stderr)
+        print(_one_line(e), file=sys.stderr)
+        return 1
+    except Exception as e:          # never a traceback: one line saying what, where and what to do
+        print(f"bmid: start in {state_dir}: unexpected {type(e).__name__}: {e}; run `bmid -v` for details and "
+              f"report it", file=sys.stderr)
+        logging.getLogger("bmi.bmid").debug("start failed", exc_info=True)
         return 1
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
@@ -72,6 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     daemon.ledger.close()
     daemon.board.close()
     os._exit(0)
+
+
+def _one_line(e: BaseException) -> str:
+    """`bmid: <what> <where>: <why>; <what to do>` (messages from deeper down may already start with bmid:)."""
+    text = " ".join(str(e).split())
+    return text if text.startswith("bmid: ") else f"bmid: {text}"
 
 
 if __name__ == "__main__":
