@@ -386,10 +386,12 @@ class Daemon:
                 if op.method == "destroy":
                     log.info("finishing the destruction of PD %d", op.pd_id)
                     self.mgr._destroy(pd)
-                elif op.method == "request_status_change" and op.detail.get("status") == "SHUTDOWN":
+                elif op.method == "request_status_change" and op.detail.get("status") == "SHUTDOWN" and \
+                        records[pd.pd_id]["status"] in (s.name for s in _LIVE):
                     self._finish_shutdown(pd)
             except BMIError as e:
                 log.warning("finishing %s of PD %s after a restart: %s", op.method, op.pd_id, e)
+        test_pause(self.state_dir, "restore")
         self.persist(ops=[op.op_id for op in pending])
         for key in release:
             self.keeper.drop(key)
@@ -402,7 +404,7 @@ class Daemon:
         """A SHUTDOWN bmid was asked for before it died: a PD that ended meanwhile ended because of it."""
         if pd.status in _LIVE:
             self.mgr.get_controller(pd.pd_id).request_status_change(PDStatus.SHUTDOWN)
-        elif pd.status is PDStatus.CRASHED and pd.ended is not None and pd.ended.reason != "oom":
+        elif pd.ended is not None and pd.ended.reason != "oom":
             pd.status = PDStatus.SHUTDOWN
             pd.ended = ExitInfo(PDStatus.SHUTDOWN, pd.ended.exit_status, f"shutdown requested; {pd.ended.reason}")
 
@@ -519,7 +521,10 @@ class Daemon:
             pd = self.mgr._pds.get(pd_id) if isinstance(pd_id, int) else None
         cached = self._cache.get(pd_id) if pd is not None else None
         if cached is not None and pd.status.name != cached["status"]:
-            self.persist([pd_id])
+            try:
+                self.persist([pd_id])
+            except BMIError as e:       # a full disk: the exit watcher stores it once there is room
+                log.warning("storing the exit of PD %d: %s", pd_id, e)
 
     def _channel_call(self, caller: int, method: str, params: dict, fd: int | None) -> tuple[Any, int | None]:
         return self.call(caller, method, params, fd)
