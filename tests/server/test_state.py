@@ -45,6 +45,12 @@ def _pid(d: Bmid, pd_id: int) -> int:
     return _records(d)[pd_id]["run"]["pid"]
 
 
+def _spend_reserve(d: Bmid) -> None:
+    """As if an earlier commit had spent bmid's reserve on the state filesystem."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(d.state_dir, RESERVE_FILE))
+
+
 def _db_bytes(d: Bmid) -> bytes:
     with open(os.path.join(d.state_dir, "bmid.sqlite3"), "rb") as f:
         return f.read()
@@ -126,7 +132,7 @@ def test_an_exit_while_the_disk_is_full_is_stored_once_there_is_room(tmp_path, s
         d.start()
         with d.open() as mgr:
             pd = _run(mgr, TERM_EXITS_7)
-            os.unlink(os.path.join(d.state_dir, RESERVE_FILE))     # as if an earlier commit had spent it
+            _spend_reserve(d)
             state_fs.fill()
             pid = _pid(d, pd.get_pd_id())
             os.kill(pid, 15)
@@ -151,7 +157,7 @@ def test_an_exit_status_survives_a_restart_that_dies_before_storing_it(tmp_path,
             pd_id = _run(mgr, "busybox sleep 0.5; exit 7").get_pd_id()
         d.kill()
         time.sleep(1.5)                                     # the PD exits 7 while bmid is down
-        os.unlink(os.path.join(d.state_dir, RESERVE_FILE))
+        _spend_reserve(d)
         state_fs.fill()
         line = d.refused()                                  # full at start: refused before any adoption
         assert "full" in line and d.state_dir in line, line
