@@ -27,8 +27,8 @@ TERM_EXITS_7 = "trap \"exit 7\" TERM; while :; do busybox sleep 0.1; done"
 
 
 @contextlib.contextmanager
-def _bmid(directory, **kw):
-    """A started Bmid whose PDs are all destroyed at the end, whatever state the test left it in."""
+def _bmid(directory, fs: SmallFs | None = None, **kw):
+    """A Bmid whose PDs are all destroyed at the end, whatever state the test left it (or its fs) in."""
     require_root()
     d = Bmid(str(directory), **kw)
     try:
@@ -36,6 +36,8 @@ def _bmid(directory, **kw):
     finally:
         d.kill()
         d.env.clear()
+        if fs is not None:
+            fs.free()
         with contextlib.suppress(Exception):
             d.start()
         d.close()
@@ -93,7 +95,7 @@ def test_a_shutdown_cut_off_by_a_kill_is_shutdown_with_its_exit_status(tmp_path)
 def test_a_full_disk_never_loses_an_acknowledged_change(tmp_path, state_fs: SmallFs):
     """Every set_config_param is either acknowledged and kept through a SIGKILL, or refused as `full` and not
     visible; after space is freed the same call is stored."""
-    with _bmid(state_fs.path, socket_dir=str(tmp_path)) as d:
+    with _bmid(state_fs.path, state_fs, socket_dir=str(tmp_path)) as d:
         d.start()
         with d.open() as mgr:
             pd = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
@@ -128,7 +130,7 @@ def test_a_full_disk_never_loses_an_acknowledged_change(tmp_path, state_fs: Smal
 
 
 def test_an_exit_while_the_disk_is_full_is_stored_once_there_is_room(tmp_path, state_fs: SmallFs):
-    with _bmid(state_fs.path, socket_dir=str(tmp_path)) as d:
+    with _bmid(state_fs.path, state_fs, socket_dir=str(tmp_path)) as d:
         d.start()
         with d.open() as mgr:
             pd = _run(mgr, TERM_EXITS_7)
@@ -151,7 +153,7 @@ def test_an_exit_while_the_disk_is_full_is_stored_once_there_is_room(tmp_path, s
 
 # -- (3) an exit status and a failed restart ---------------------------------------------------------
 def test_an_exit_status_survives_a_restart_that_dies_before_storing_it(tmp_path, state_fs: SmallFs):
-    with _bmid(state_fs.path, socket_dir=str(tmp_path)) as d:
+    with _bmid(state_fs.path, state_fs, socket_dir=str(tmp_path)) as d:
         d.start()
         with d.open() as mgr:
             pd_id = _run(mgr, "busybox sleep 0.5; exit 7").get_pd_id()
@@ -254,3 +256,49 @@ def test_a_read_only_state_directory_is_refused(tmp_path):
         d.start()
         with d.open() as mgr:
             assert mgr.get_controller(pd_id).get_current_status() is bmi.PDStatus.RUNNING
+
+
+# -- (5) a client that outlives a restart ----------------------------------------------------------------
+def test_a_client_and_its_controllers_outlive_a_restart_of_bmid(daemon):
+    with daemon.open() as mgr:
+        pd = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
+        pd.set_config_param("/name", "kept")
+        stream = mgr.events(timeout=30)
+        daemon.kill()
+        with pytest.raises(bmi.ResourceError):
+            mgr.list_pd()                               # bmid is down: an error, not a stale board
+        with pytest.raises(bmi.ResourceError, match=r"events\(since="):
+            next(stream)                                # not a silent end of the iteration
+        last = stream.last
+        stream.close()
+        daemon.start()
+        assert mgr.list_pd() == [0, pd.get_pd_id()]    # the same client, connected again
+        assert pd.get_config_param("/name") == "kept"  # and a controller made before the restart
+        pd.set_priority(2)
+        assert pd.get_priority() == 2
+        with mgr.events(since=last, timeout=5) as resumed:
+            other = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
+            event = next(resumed)
+        assert (event.pd_id, event.status) == (other.get_pd_id(), bmi.PDStatus.ALLOCATED)
+
+
+# -- (6) events ----------------------------------------------------------------------------------------------
+def test_restarts_and_changes_found_at_adoption_are_events_with_the_pds_name(daemon):
+    with daemon.open() as mgr:
+        pd = _run(mgr, TICKER)
+        pd.set_config_param("/name", "web")
+        with mgr.events(timeout=15) as stream:
+            pd.request_status_change(bmi.PDStatus.RESTARTING)
+            got = [next(stream) for _ in range(2)]
+        assert [(e.pd_id, e.status, e.name) for e in got] == [
+            (pd.get_pd_id(), bmi.PDStatus.RESTARTING, "web"), (pd.get_pd_id(), bmi.PDStatus.RUNNING, "web")]
+        brief = _run(mgr, "busybox sleep 0.5; exit 3")
+        brief.set_config_param("/name", "brief")
+        with mgr.events() as now:
+            last = now.last
+    daemon.kill()
+    time.sleep(1.5)                                     # brief ends while bmid is down
+    daemon.start()
+    with daemon.open() as mgr:
+        seen = [(e.pd_id, e.status, e.name) for e in mgr.events(since=last, timeout=1)]
+    assert (brief.get_pd_id(), bmi.PDStatus.SHUTDOWN, "brief") in seen, seen
