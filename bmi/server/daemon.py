@@ -702,14 +702,14 @@ def _lock_socket(path: str, state_dir: str) -> int:
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as e:
-        raise ResourceError(f"lock the socket {path}: cannot open {lock}: {e.strerror}; choose another --socket "
+        raise StateError(f"lock the socket {path}: cannot open {lock}: {e.strerror}; choose another --socket "
                             f"or make its directory writable by root") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "a bmid"
         os.close(fd)
-        raise ResourceError(f"serve on {path}: another bmid serves that socket ({holder}); stop it first, or "
+        raise StateError(f"serve on {path}: another bmid serves that socket ({holder}); stop it first, or "
                             f"give this one another --socket") from None
     try:
         note = f"pid {os.getpid()}, state in {state_dir}".encode()

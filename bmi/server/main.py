@@ -10,9 +10,11 @@ import sys
 from typing import Sequence
 
 from ..errors import BMIError
-from ..store import DEFAULT_STATE_DIR
+from ..store import DEFAULT_STATE_DIR, StateError
 from ..system import BMIDS, LINUX_URI, XEN_URI, default_socket
 from .daemon import Daemon
+
+EXIT_STATE = 78     # EX_CONFIG: the state cannot be used until the operator acts (the message says how)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon = Daemon(state_dir=state_dir, uri=args.uri, socket_path=socket_path, group=group,
                         integrity=not args.no_integrity, shutdown_grace=args.shutdown_grace)
         daemon.listen()
+    except StateError as e:         # restarting will not help: systemd's RestartPreventExitStatus
+        print(_one_line(e), file=sys.stderr)
+        return EXIT_STATE
     except BMIError as e:
         print(_one_line(e), file=sys.stderr)
         return 1

@@ -87,6 +87,7 @@ class Bmid:
              "--socket", self.socket, "--no-integrity", *self.extra], stdin=subprocess.DEVNULL,
             capture_output=True, text=True, timeout=START_TIMEOUT, env={**os.environ, **self.env})
         assert proc.returncode != 0, f"bmid started: {proc.stderr}"
+        self.exit_status = proc.returncode
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("bmid: "), f"not one `bmid:` line: {proc.stderr}"
         return lines[0]

@@ -207,6 +207,7 @@ def test_a_database_damaged_behind_its_header_is_refused_and_left_as_it_is(tmp_p
         for _ in range(2):                                  # every start refuses
             line = d.refused()
             assert "corrupt" in line and path in line and "restore it from a backup" in line, line
+            assert d.exit_status == 78                      # systemd: RestartPreventExitStatus=78
         assert _db_bytes(d) == damaged, "bmid changed the damaged database"
         assert _running(pid), "a refusing bmid touched the PD"
         os.unlink(path)                 # removed: still no empty start while the PD's keeper and cgroups remain
