@@ -217,20 +217,12 @@ class Store:
         with self._lock:
             for attempt in (1, 2):
                 try:
-                    self._db.execute("BEGIN IMMEDIATE")
-                    try:
-                        result = work(self._db)
-                        self._db.execute("COMMIT")
-                    except BaseException:
-                        if self._db.in_transaction:
-                            self._db.execute("ROLLBACK")
-                        raise
+                    with self._transaction() as db:
+                        result = work(db)
                 except (OSError, sqlite3.Error) as e:
                     if attempt == 1 and is_full(e) and self._spend_reserve():
                         continue
-                    if is_full(e):
-                        raise self.full_error("storing a change") from None
-                    raise state_failure(e, "write the bmid state database", self.path) from None
+                    raise self._failure(e) from None
                 if after is not None:
                     after(result)
                 return result
@@ -241,18 +233,27 @@ class Store:
         """One write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on error); no reserve."""
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
+                with self._transaction() as db:
+                    yield db
             except (OSError, sqlite3.Error) as e:
-                if is_full(e):
-                    raise self.full_error("storing a change") from None
-                raise state_failure(e, "write the bmid state database", self.path) from None
+                raise self._failure(e) from None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (the caller holds the lock)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+    def _failure(self, e: BaseException) -> StateError:
+        if is_full(e):
+            return self.full_error("storing a change")
+        return state_failure(e, "write the bmid state database", self.path)
 
     def close(self) -> None:
         with self._lock:

@@ -759,13 +759,17 @@ def _refuse_fresh_state_beside_leftovers(state_dir: str, earlier: list[int]) -> 
 
 def test_pause(state_dir: str, *points: str) -> None:
     """For tests of the crash windows: with one of points in $BMID_TEST_PAUSE, say so (a file paused-<point>
-    in the state directory) and block this thread for good, so the test can SIGKILL bmid exactly here."""
+    in the state directory) and block this thread until the test SIGKILLs bmid exactly here or lets it go on
+    (a file resume-<point>)."""
     wanted = set(os.environ.get(TEST_PAUSE, "").split())
     for point in points:
         if point in wanted:
             with open(os.path.join(state_dir, f"paused-{point}"), "w"):
                 pass
-            threading.Event().wait()
+            resume = os.path.join(state_dir, f"resume-{point}")
+            while not os.path.exists(resume):
+                time.sleep(0.01)
+            os.unlink(resume)
 
 
 def _send_reply(conn: socket.socket, reply: dict, fds: tuple[int, ...]) -> None:

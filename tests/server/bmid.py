@@ -102,6 +102,11 @@ class Bmid:
             time.sleep(0.02)
         os.unlink(marker)
 
+    def resume(self, point: str) -> None:
+        """Let bmid, stopped at point (see wait_paused), go on."""
+        with open(os.path.join(self.state_dir, f"resume-{point}"), "w"):
+            pass
+
     def open(self) -> bmi.PDManagement:
         return bmi.open(self.uri)
 

@@ -129,6 +129,45 @@ def test_a_full_disk_never_loses_an_acknowledged_change(tmp_path, state_fs: Smal
             assert mgr.get_controller(pd.get_pd_id()).get_config_param("/big") == refused
 
 
+def test_a_change_made_that_cannot_be_stored_stops_bmid_and_is_rolled_back(tmp_path, state_fs: SmallFs):
+    """The intent stored, the change made, then the disk fills and there is no reserve left: bmid stops
+    (exit 75) rather than keep in memory what it could not store, and the next start rolls the change back."""
+    with _bmid(state_fs.path, state_fs, socket_dir=str(tmp_path)) as d:
+        d.start()
+        with d.open() as mgr:
+            pd_id = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20)).get_pd_id()
+            mgr.get_controller(pd_id).set_config_param("/big", "before")
+        d.kill()
+        d.env["BMID_TEST_PAUSE"] = "commit:set_config_param"
+        d.start()
+        mgr = d.open()
+        failed: list[BaseException] = []
+
+        def change() -> None:
+            try:
+                mgr.get_controller(pd_id).set_config_param("/big", BIG)
+            except bmi.BMIError as e:
+                failed.append(e)
+
+        asked = threading.Thread(target=change)
+        asked.start()
+        d.wait_paused("commit:set_config_param")            # the change is made, not yet stored
+        _spend_reserve(d)
+        state_fs.fill()
+        d.resume("commit:set_config_param")
+        asked.join(30)
+        mgr.close()
+        assert failed and isinstance(failed[0], bmi.ResourceError), failed   # never acknowledged
+        assert d.proc.wait(10) == 75
+        d.proc.stderr.close()
+        d.proc = None
+        state_fs.free()
+        d.env.clear()
+        d.start()
+        with d.open() as mgr:
+            assert mgr.get_controller(pd_id).get_config_param("/big") == "before"
+
+
 def test_an_exit_while_the_disk_is_full_is_stored_once_there_is_room(tmp_path, state_fs: SmallFs):
     with _bmid(state_fs.path, state_fs, socket_dir=str(tmp_path)) as d:
         d.start()
