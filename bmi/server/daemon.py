@@ -8,17 +8,30 @@ variant (bmi/server/driver.py, bmi/server/xen.py), answered on a Unix socket wit
 are those of bmi/channel/dispatch.py plus a few manager-only ones below).
 
 Crash safety, in order, for every call that changes something:
+0. while the state directory is full (the store's reserve spent and not
+   made again) the call is refused before anything happens,
 1. the intent is written to the store (ops table),
 2. the call runs,
 3. the changed PD records, any status events and the end of the intent are
-   written in one transaction,
-4. only then is the reply sent.
+   written in one transaction (from the reserve if the disk is full); if
+   even that fails bmid exits at once (FAIL_STOP) so memory never holds a
+   change the store lacks, and the next start treats it as a crash,
+4. only after the commit do the record cache, the status board and event
+   subscribers see the change, and only then is the reply sent.
+A PD's exit record is read through the fd keeper, which keeps it until the
+PD's exit is stored.  Before any of this, at start, the state is checked
+(locks, database, ledger, reserve, leftovers of an earlier bmid) and a
+state bmid cannot use is refused in one line before any PD is touched
+(docs/bmid-state.md).
 At start, restore() adopts every stored PD (driver.adopt: Linux checks pid +
 start time + cgroup, Xen domid + UUID), takes back the connections between
 PDs (connections.py), re-attaches the channels the fd keeper held, finishes what a
-pending intent asked for where that is safe (destroy, shutdown) and rolls
-back the rest (an allocation without a record, a start whose process was
-never recorded); the store's record is the truth for everything else.
+pending intent asked for where that is safe (destroy, shutdown: a PD that
+ended meanwhile is SHUTDOWN with its exit status) and rolls back the rest
+(an allocation without a record, a start whose process was never
+recorded); the store's record is the truth for everything else.  What it
+needs to say how a run ended stays with the keeper until its result is
+committed.
 """
 from __future__ import annotations
 
