@@ -7,9 +7,21 @@ between PDs (their fds are with the fd keeper), the pending operations
 (an intent log: finished or rolled back at the next start), the event log
 and a few counters.  synchronous=FULL: an acknowledged change survives a
 power cut too, not only a SIGKILL of bmid.
+
+Private to root: the directory is 0700 and the database (so its -wal and
+-shm, which SQLite creates with the database's mode) 0600 whatever the
+umask, because config values (/boot/env/...) are secrets.
+
+A full disk never loses a change bmid has made: a reserve file
+(bmid.reserve) holds RESERVE_BYTES; a commit that fails for want of space
+releases it and is retried, and from then on (until the reserve can be
+made again) every new change is refused before it begins.  A damaged
+database is never repaired, moved or replaced: bmid refuses to start and
+says what to do (StateError).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -17,12 +29,16 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from .errors import ResourceError
 
 DEFAULT_STATE_DIR = "/var/lib/bmi"
+DB_FILE = "bmid.sqlite3"
+RESERVE_FILE = "bmid.reserve"
+RESERVE_BYTES = 4 << 20         # far more than one transaction (a record is a few KiB, at most ~1 MiB)
 SCHEMA_VERSION = 1
+T = TypeVar("T")
 EVENTS_KEPT = 100_000           # older events are pruned
 
 _SCHEMA = """
@@ -43,7 +59,8 @@ CREATE TABLE IF NOT EXISTS events(
     time REAL NOT NULL,
     pd_id INTEGER NOT NULL,
     status TEXT NOT NULL,
-    reason TEXT NOT NULL);
+    reason TEXT NOT NULL,
+    name TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS conns(
     conn_id INTEGER PRIMARY KEY,
     source INTEGER NOT NULL,
@@ -73,9 +90,45 @@ class Event:
     pd_id: int
     status: str
     reason: str
+    name: str = ""              # the PD's /name config param when it had one
 
     def to_wire(self) -> dict[str, Any]:
-        return {"seq": self.seq, "time": self.time, "pd": self.pd_id, "status": self.status, "reason": self.reason}
+        return {"seq": self.seq, "time": self.time, "pd": self.pd_id, "status": self.status, "reason": self.reason,
+                "name": self.name}
+
+
+class StateError(ResourceError):
+    """bmid's state cannot be used: the message is `<what> <where>: <why>; <what to do>`."""
+
+
+def private_dir(path: str) -> None:
+    """Create path (0700) or make an existing one 0700, whatever the umask."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def state_failure(e: BaseException, what: str, where: str, *,
+                  if_corrupt: str = "restore it from a backup, or remove it if nothing of that bmid's must be "
+                                    "kept (bmid never replaces it)") -> StateError:
+    """The one-line refusal for an OSError or SQLite error met while using the state in `where`."""
+    text = str(e) if isinstance(e, sqlite3.Error) else (e.strerror or str(e))
+    low = text.lower()
+    code = getattr(e, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "full" in low:
+        return StateError(f"{what} in {where}: the state directory is full ({text}); free space there "
+                          f"(bmid keeps {RESERVE_BYTES >> 20} MiB of it in reserve) and try again")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "readonly" in low or "read-only" in low:
+        return StateError(f"{what} in {where}: the state directory is read-only or not writable ({text}); "
+                          f"bmid must write its state there: make it writable by root or choose another "
+                          f"--state-dir")
+    if isinstance(e, sqlite3.DatabaseError) and any(w in low for w in ("malformed", "not a database", "corrupt")):
+        return StateError(f"{what} in {where}: it is corrupt ({text}); {if_corrupt}")
+    return StateError(f"{what} in {where}: {text}; check the state directory")
+
+
+def is_full(e: BaseException) -> bool:
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
+        isinstance(e, sqlite3.Error) and "full" in str(e).lower())
 
 
 class Store:
@@ -83,34 +136,124 @@ class Store:
 
     def __init__(self, state_dir: str = DEFAULT_STATE_DIR):
         self.state_dir = state_dir
+        self.path = os.path.join(state_dir, DB_FILE)
+        self._reserve = os.path.join(state_dir, RESERVE_FILE)
+        #: the reserve was spent on a commit and not made again: new changes are refused
+        self.short = False
+        what = f"open the bmid state database {self.path}"
         try:
-            os.makedirs(state_dir, mode=0o700, exist_ok=True)
-            self._db = sqlite3.connect(os.path.join(state_dir, "bmid.sqlite3"), isolation_level=None,
-                                       check_same_thread=False)
+            private_dir(state_dir)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(self.path + suffix):
+                    os.chmod(self.path + suffix, 0o600)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as e:
+            raise state_failure(e, what, state_dir) from None
+        try:
+            check = self._db.execute("PRAGMA quick_check").fetchall()
+            if check != [("ok",)]:
+                raise sqlite3.DatabaseError("database disk image is malformed: "
+                                            + "; ".join(str(r[0]) for r in check[:3]))
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+            if "name" not in columns:           # a state written before events carried names
+                self._db.execute("ALTER TABLE events ADD COLUMN name TEXT NOT NULL DEFAULT ''")
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta(key, value) VALUES('schema', ?)", (str(SCHEMA_VERSION),))
+            elif row[0] != str(SCHEMA_VERSION):
+                raise StateError(f"{what}: schema {row[0]}, this bmid knows {SCHEMA_VERSION}; run the bmid that "
+                                 f"wrote it, or restore a backup this one reads")
         except (OSError, sqlite3.Error) as e:
-            raise ResourceError(f"open the bmid state in {state_dir}: {e}") from None
+            self._db.close()
+            raise state_failure(e, what, state_dir) from None
+        except BaseException:
+            self._db.close()
+            raise
         self._lock = threading.Lock()
-        version = self.meta("schema")
-        if version is None:
-            self.set_meta("schema", str(SCHEMA_VERSION))
-        elif version != str(SCHEMA_VERSION):
-            raise ResourceError(f"open the bmid state in {state_dir}: schema {version}, this bmid knows "
-                                f"{SCHEMA_VERSION}")
+
+    # -- space ----------------------------------------------------------------------------------
+    def make_reserve(self) -> bool:
+        """Hold RESERVE_BYTES of the state filesystem for commits of changes already made; False when full."""
+        try:
+            fd = os.open(self._reserve, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            if is_full(e):
+                return False
+            raise
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            os.fsync(fd)
+        except OSError as e:
+            if not is_full(e):
+                raise
+            return False
+        finally:
+            os.close(fd)
+        self.short = False
+        return True
+
+    def _spend_reserve(self) -> bool:
+        try:
+            os.unlink(self._reserve)
+        except FileNotFoundError:
+            return False
+        self.short = True
+        return True
+
+    def full_error(self, what: str) -> StateError:
+        return StateError(f"{what} was refused: the state directory {self.state_dir} is full (bmid could not store "
+                          f"it, or it has spent its reserve); free space there and try again")
+
+    def commit(self, work: Callable[[sqlite3.Connection], T], after: Callable[[T], None] | None = None) -> T:
+        """work(db) in one write transaction, then after(result) still under the store's lock.
+
+        When the disk is full the reserve is released and work() runs
+        again (it must change nothing outside the database: it is re-run).
+        """
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    with self._transaction() as db:
+                        result = work(db)
+                except (OSError, sqlite3.Error) as e:
+                    if attempt == 1 and is_full(e) and self._spend_reserve():
+                        continue
+                    raise self._failure(e) from None
+                if after is not None:
+                    after(result)
+                return result
+        raise AssertionError("unreachable")
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on error)."""
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on error); no reserve."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                with self._transaction() as db:
+                    yield db
+            except (OSError, sqlite3.Error) as e:
+                raise self._failure(e) from None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (the caller holds the lock)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
             self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+    def _failure(self, e: BaseException) -> StateError:
+        if is_full(e):
+            return self.full_error("storing a change")
+        return state_failure(e, "write the bmid state database", self.path)
 
     def close(self) -> None:
         with self._lock:
@@ -190,18 +333,18 @@ class Store:
 
     # -- events -------------------------------------------------------------------------------
     @staticmethod
-    def add_event(db: sqlite3.Connection, pd_id: int, status: str, reason: str) -> Event:
+    def add_event(db: sqlite3.Connection, pd_id: int, status: str, reason: str, name: str = "") -> Event:
         now = time.time()
-        cur = db.execute("INSERT INTO events(time, pd_id, status, reason) VALUES(?, ?, ?, ?)",
-                         (now, pd_id, status, reason))
+        cur = db.execute("INSERT INTO events(time, pd_id, status, reason, name) VALUES(?, ?, ?, ?, ?)",
+                         (now, pd_id, status, reason, name))
         seq = int(cur.lastrowid)
         if seq % 1000 == 0:
             db.execute("DELETE FROM events WHERE seq <= ?", (seq - EVENTS_KEPT,))
-        return Event(seq, now, pd_id, status, reason)
+        return Event(seq, now, pd_id, status, reason, name)
 
     def events_since(self, seq: int, limit: int = 1000) -> list[Event]:
         with self._lock:
-            rows = self._db.execute("SELECT seq, time, pd_id, status, reason FROM events WHERE seq > ? "
+            rows = self._db.execute("SELECT seq, time, pd_id, status, reason, name FROM events WHERE seq > ? "
                                     "ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
         return [Event(*row) for row in rows]
 

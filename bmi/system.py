@@ -77,11 +77,20 @@ def _connect(uri: str, path: str) -> socket.socket:
 
 
 class _BmidChannel(Channel):
-    """bmi.pd's channel to bmid: JSON-checked arguments and replies larger than one record.
+    """bmi.pd's channel to bmid: JSON-checked arguments, replies larger than one record, and a new connection
+    after bmid restarted.
 
     A reply that does not fit one record (MAX_MESSAGE) comes as records
     {"id", "more": hex of a piece of the reply's JSON} ending with "last": true.
+    The call that was in flight when bmid went away raises ResourceError;
+    the next one connects again (`generation` counts the connections).
     """
+
+    def __init__(self, fd: int, uri: str, path: str):
+        super().__init__(fd)
+        self._uri, self._path = uri, path
+        self._gone = False
+        self.generation = 0
 
     def call(self, method: str, params: dict[str, Any], fd: int | None = None) -> tuple[Any, int | None]:
         with self._lock:
@@ -93,21 +102,43 @@ class _BmidChannel(Channel):
             except (TypeError, ValueError) as e:
                 raise InvalidArgument(f"{method}: an argument cannot be sent to bmid: {e}",
                                       pd_id=params.get("pd") if isinstance(params.get("pd"), int) else None) from None
+            self._reconnect(method)
             try:
                 p.send_encoded(self._sock, data, (fd,) if fd is not None else ())
                 reply, got = self._receive(method)
             except OSError as e:
+                self._gone = True
                 raise ResourceError(f"{method}: the connection to bmid failed: {e.strerror or e}") from None
+            except ResourceError:
+                self._gone = True
+                raise
         return self._unwrap(method, reply, msg_id, got, "from bmid")
 
+    def _reconnect(self, what: str) -> None:
+        """A new connection when bmid went away since the last call (it was restarted, or is still down)."""
+        if not self._gone:
+            return
+        try:
+            sock = _connect(self._uri, self._path)
+        except (DriverUnavailable, PermissionDenied) as e:
+            raise ResourceError(f"{what}: bmid closed the connection and cannot be reached again: {e}") from None
+        old, self._sock = self._sock, sock
+        old.close()
+        self._gone = False
+        self.generation += 1
+
     def check_open(self, what: str) -> None:
-        """Raise as a request would when bmid has gone (reads from the status board ask no one)."""
-        if self._sock.fileno() < 0:
-            raise InvalidState(f"{what}: this connection to bmid is closed")
-        poller = select.poll()
-        poller.register(self._sock, select.POLLIN | select.POLLRDHUP)
-        if any(events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _, events in poller.poll(0)):
-            raise ResourceError(f"{what}: bmid closed the connection")
+        """Raise as a request would when bmid has gone and cannot be reached again (reads from the status board
+        ask no one); connect again when it was restarted."""
+        with self._lock:
+            if self._sock.fileno() < 0:
+                raise InvalidState(f"{what}: this connection to bmid is closed")
+            if not self._gone:
+                poller = select.poll()
+                poller.register(self._sock, select.POLLIN | select.POLLRDHUP)
+                self._gone = any(events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR)
+                                 for _, events in poller.poll(0))
+            self._reconnect(what)
 
     def _receive(self, method: str) -> tuple[Any, int | None]:
         pieces: list[bytes] = []
@@ -135,6 +166,7 @@ class Event:
     pd_id: int
     status: PDStatus
     reason: str
+    name: str = ""          # the PD's /name when it had one
 
 
 class EventStream:
@@ -154,7 +186,7 @@ class EventStream:
                 raise ResourceError("events: bmid closed the subscription")
             if "error" in reply:
                 p.raise_error(reply["error"])
-            #: the newest event number when the subscription started
+            #: the newest event number when the subscription started, then of the last event read
             self.last: int = reply["result"]["last"]
         except BaseException:
             self._sock.close()
@@ -164,7 +196,8 @@ class EventStream:
         return self
 
     def __next__(self) -> Event:
-        """The next event; StopIteration after `timeout` seconds without one, or when closed."""
+        """The next event; StopIteration after `timeout` seconds without one, or when closed;
+        ResourceError when bmid went away (events(since=last seen seq) resumes once it is back)."""
         if self._closed:
             raise StopIteration
         ready, _, _ = select.select([self._sock], [], [], self._timeout)
@@ -172,14 +205,22 @@ class EventStream:
             raise StopIteration
         try:
             data, fds, _ = p.receive(self._sock)
-        except OSError:
-            raise StopIteration from None
+        except OSError as e:
+            data, fds = b"", []
+            why = e.strerror or str(e)
+        else:
+            why = "it stopped or restarted"
         for fd in fds:
             os.close(fd)
         if not data:
-            raise StopIteration
+            if self._closed:
+                raise StopIteration
+            raise ResourceError(f"events: bmid ended the subscription ({why}); once it is back, "
+                                f"events(since={self.last}) resumes after the last event seen")
         event = p.decode(data)["params"]
-        return Event(event["seq"], event["time"], event["pd"], PDStatus[event["status"]], event["reason"])
+        self.last = max(self.last, event["seq"])
+        return Event(event["seq"], event["time"], event["pd"], PDStatus[event["status"]], event["reason"],
+                     event.get("name", ""))
 
     def close(self) -> None:
         self._closed = True
@@ -279,17 +320,24 @@ class SystemClient:
         self.socket_path = socket_path(uri)
         sock = _connect(uri, self.socket_path)
         try:
-            self._channel = _BmidChannel(sock.fileno())
+            self._channel = _BmidChannel(sock.fileno(), uri, self.socket_path)
         finally:
             sock.close()            # the channel holds its own dup
         self._lock = threading.Lock()
         self._closed = False
         self._board: BoardReader | None = None
         self._board_tried = False
+        self._board_generation = 0
 
     def _status_board(self, what: str) -> BoardReader | None:
         """bmid's status board, mapped on first use (None from a bmid without one)."""
         self._channel.check_open(what)
+        if self._board_generation != self._channel.generation:
+            with self._lock:            # a restarted bmid: its board, not the old one's
+                if self._board is not None:
+                    self._board.close()
+                self._board, self._board_tried = None, False
+                self._board_generation = self._channel.generation
         if not self._board_tried:
             with self._lock:
                 if not self._board_tried:
@@ -353,8 +401,11 @@ class SystemClient:
         stream = EventStream(self.uri, None, None)
 
         def pump() -> None:
-            for event in stream:
-                callback(event)
+            try:
+                for event in stream:
+                    callback(event)
+            except ResourceError:
+                return              # bmid went away: the subscription is over
 
         thread = threading.Thread(target=pump, name="bmi-events", daemon=True)
         thread.start()

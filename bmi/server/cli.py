@@ -246,9 +246,10 @@ def cmd_events(args: argparse.Namespace) -> int:
                                f"(--uri linux:///system or xen:///system)")
         with mgr.events(since=args.since, timeout=args.timeout) as stream:
             for event in stream:
-                row = {"seq": event.seq, "time": event.time, "pd": event.pd_id, "status": event.status.name,
-                       "reason": event.reason}
-                _out(args, row, f"{event.seq:>6}  PD {event.pd_id:<5} {event.status.name:<10} {event.reason}")
+                row = {"seq": event.seq, "time": event.time, "pd": event.pd_id, "name": event.name,
+                       "status": event.status.name, "reason": event.reason}
+                _out(args, row, f"{event.seq:>6}  PD {event.pd_id:<5} {event.name or '-':<12} "
+                                f"{event.status.name:<10} {event.reason}")
                 sys.stdout.flush()
     return 0
 

@@ -50,7 +50,14 @@ class KeptConnections(Registry):
         if conn.pending_fd is not None:
             fds[f"conn{conn.conn_id}.pending"] = conn.pending_fd
         self._keeper.put_all(fds)
-        self._store.add_connection(conn.describe())
+        try:
+            self._store.add_connection(conn.describe())
+        except BaseException:           # not recorded (a full disk): the keeper lets go of it too
+            try:
+                self._keeper.drop(f"conn{conn.conn_id}.")
+            except BMIError as e:
+                log.warning("connection %d: the fd keeper did not let go of it: %s", conn.conn_id, e)
+            raise
 
     def _let_go(self, conn: Connection, part: str) -> None:
         try:

@@ -8,20 +8,34 @@ variant (bmi/server/driver.py, bmi/server/xen.py), answered on a Unix socket wit
 are those of bmi/channel/dispatch.py plus a few manager-only ones below).
 
 Crash safety, in order, for every call that changes something:
+0. while the state directory is full (the store's reserve spent and not
+   made again) the call is refused before anything happens,
 1. the intent is written to the store (ops table),
 2. the call runs,
 3. the changed PD records, any status events and the end of the intent are
-   written in one transaction,
-4. only then is the reply sent.
+   written in one transaction (from the reserve if the disk is full); if
+   even that fails bmid exits at once (FAIL_STOP) so memory never holds a
+   change the store lacks, and the next start treats it as a crash,
+4. only after the commit do the record cache, the status board and event
+   subscribers see the change, and only then is the reply sent.
+A PD's exit record is read through the fd keeper, which keeps it until the
+PD's exit is stored.  Before any of this, at start, the state is checked
+(locks, database, ledger, reserve, leftovers of an earlier bmid) and a
+state bmid cannot use is refused in one line before any PD is touched
+(docs/bmid-state.md).
 At start, restore() adopts every stored PD (driver.adopt: Linux checks pid +
 start time + cgroup, Xen domid + UUID), takes back the connections between
 PDs (connections.py), re-attaches the channels the fd keeper held, finishes what a
-pending intent asked for where that is safe (destroy, shutdown) and rolls
-back the rest (an allocation without a record, a start whose process was
-never recorded); the store's record is the truth for everything else.
+pending intent asked for where that is safe (destroy, shutdown: a PD that
+ended meanwhile is SHUTDOWN with its exit status) and rolls back the rest
+(an allocation without a record, a start whose process was never
+recorded); the store's record is the truth for everything else.  What it
+needs to say how a run ended stays with the keeper until its result is
+committed.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -39,14 +53,14 @@ from ..channel.dispatch import Dispatcher
 from ..channel.server import ChannelServer, _check_request
 from ..drivers.base import ExitInfo
 from ..errors import BMIError, InvalidArgument, PermissionDenied, ResourceError
-from ..store import Event, Store
+from ..store import DB_FILE, RESERVE_BYTES, Event, StateError, Store, private_dir, state_failure
 from ..system import LINUX_URI, XEN_URI, default_socket
 from ..types import PDDescription, PDStatus
 from .board import BoardWriter
 from .connections import KeptConnections
-from .driver import Keeping, SystemDriver
+from .driver import Keeping, SystemDriver, leftover_cgroups
 from .inflight import Ledger, Pending
-from .keeper import Keeper
+from .keeper import Keeper, existing as existing_keeper
 
 log = logging.getLogger("bmi.bmid")
 
@@ -55,6 +69,9 @@ MAX_CONSOLE_CHUNK = 16 * 1024       # bytes of console per reply (hex doubles it
 MAX_WAIT = 60.0
 REPLY_PIECE = 30 * 1024         # bytes of reply JSON per record when a reply is split (hex: 60 KiB)
 EVENT_POLL = 0.5
+EXIT_RETRY = 1.0                # s between attempts to store an exit while the state directory is full
+FAIL_STOP = 75                  # bmid's exit status when it stops because it cannot store a change it made
+TEST_PAUSE = "BMID_TEST_PAUSE"  # tests only: e.g. "commit:destroy exit" stops bmid there (see test_pause)
 _LIVE = (PDStatus.RUNNING, PDStatus.PAUSED)
 
 #: Calls a read-only client (the configured group) may make.
@@ -211,22 +228,27 @@ class Daemon:
         self.state_dir = state_dir
         self.socket_path = socket_path or default_socket(uri)
         self.group = group
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        self._lockfile = os.open(os.path.join(state_dir, "bmid.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ResourceError(f"bmid: another bmid owns the state in {state_dir}") from None
-        self.store = Store(state_dir)
-        self.keeper = Keeper(os.path.join(state_dir, "keeper.sock"))
-        self._exits: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        try:
+        with contextlib.ExitStack() as undo:
+            self._lockfile = _lock_state(state_dir)
+            undo.callback(os.close, self._lockfile)
+            self._socket_lock = _lock_socket(self.socket_path, state_dir)
+            undo.callback(os.close, self._socket_lock)
+            earlier = _earlier_bmids(self._lockfile)
+            _refuse_fresh_state_beside_leftovers(state_dir, earlier)
+            self.store = Store(state_dir)
+            undo.callback(self.store.close)
+            self.ledger = Ledger(state_dir)
+            undo.callback(self.ledger.close)
+            if not self.store.make_reserve():
+                raise StateError(f"start bmid in {state_dir}: the state directory is full (bmid needs "
+                                 f"{RESERVE_BYTES >> 20} MiB there in reserve before it touches any PD); free "
+                                 f"space there and start it again")
+            _note_bmid(self._lockfile, state_dir, [p for p in earlier if leftover_cgroups([p])])
+            self.keeper = Keeper(os.path.join(state_dir, "keeper.sock"))
+            undo.callback(self.keeper.close)
+            self._exits: queue.SimpleQueue[int | None] = queue.SimpleQueue()
             self.driver: Any = system_driver(uri, self.keeper, self._exits.put)
-        except BaseException:
-            self.keeper.close()
-            self.store.close()
-            os.close(self._lockfile)
-            raise
+            undo.pop_all()
         factory = None
         if integrity:
             from ..uri import _integrity_factory
@@ -240,7 +262,6 @@ class Daemon:
         self.board.set(0, PDStatus.RUNNING)
         self._dispatch = SystemDispatcher(lambda caller: self.mgr if caller == 0 else self.mgr.scoped(caller),
                                           self.board)
-        self.ledger = Ledger(state_dir)
         if self.driver.channels:
             self.mgr._channel_server = KeptChannels(self._channel_call, self.mgr._registry, self.keeper,
                                                     self.ledger)
@@ -268,14 +289,22 @@ class Daemon:
             **self.driver.record(pd.handle),
         }
 
-    def persist(self, ids: Iterable[int] | None = None, op_id: int | None = None) -> None:
+    def persist(self, ids: Iterable[int] | None = None, op_id: int | None = None, *, ops: Iterable[int] = (),
+                restarted: int | None = None) -> None:
         """Write the records of these PDs (all when None) as they are now, with an event per status change.
 
-        The status board is updated in the same order, before the commit, so
-        it never shows a status older than one a reply or an event reported.
+        Nothing in memory (the record cache, the status board, subscribers)
+        changes before the commit succeeded: a failed commit leaves them as
+        the store has them.  The board is updated under the store's lock,
+        so it never shows a status older than one a reply or an event
+        reported.  `restarted`: that PD went through RESTARTING in this call.
         """
-        events: list[Event] = []
-        with self.store.tx() as db:
+        ended = [*ops, *(() if op_id is None else (op_id,))]
+
+        def work(db: Any) -> tuple[list[Event], dict[int, dict[str, Any] | None], dict[int, PDStatus]]:
+            events: list[Event] = []
+            written: dict[int, dict[str, Any] | None] = {}
+            shown: dict[int, PDStatus] = {}
             with self.mgr._lock:
                 current = dict(self.mgr._pds)
                 next_id = self.mgr._next_id
@@ -285,26 +314,49 @@ class Daemon:
                 if pd is None:
                     if old is not None:
                         Store.delete_pd(db, pd_id)
-                        events.append(Store.add_event(db, pd_id, PDStatus.DESTROYED.name, ""))
-                        del self._cache[pd_id]
-                    self.board.remove(pd_id)
+                        events.append(Store.add_event(db, pd_id, PDStatus.DESTROYED.name, "",
+                                                      old["config"].get("/name", "")))
+                        written[pd_id] = None
                     continue
                 record = self._record(pd)
-                self.board.set(pd_id, PDStatus[record["status"]])
-                if record != old:
+                shown[pd_id] = PDStatus[record["status"]]
+                name = record["config"].get("/name", "")
+                if pd_id == restarted:
+                    events.append(Store.add_event(db, pd_id, PDStatus.RESTARTING.name, "restart requested", name))
+                if record != old or pd_id == restarted:
                     Store.write_pd(db, record)
-                    if old is None or old["status"] != record["status"]:
+                    if old is None or old["status"] != record["status"] or pd_id == restarted:
                         reason = record["ended"]["reason"] if record["ended"] else ""
-                        events.append(Store.add_event(db, pd_id, record["status"], reason))
-                    self._cache[pd_id] = record
+                        events.append(Store.add_event(db, pd_id, record["status"], reason, name))
+                    written[pd_id] = record
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('next_id', ?)", (str(next_id),))
-            if op_id is not None:
-                Store.end(db, op_id)
-        self._publish(events)
+            for op in ended:
+                Store.end(db, op)
+            return events, written, shown
+
+        def after(result: tuple[list[Event], dict[int, dict[str, Any] | None], dict[int, PDStatus]]) -> None:
+            events, written, shown = result
+            for pd_id, record in written.items():
+                if record is None:
+                    self._cache.pop(pd_id, None)
+                    self.board.remove(pd_id)
+                else:
+                    self._cache[pd_id] = record
+            for pd_id, status in shown.items():
+                self.board.set(pd_id, status)
+            self._publish(events)
+
+        self.store.commit(work, after)
 
     # -- restart --------------------------------------------------------------------------
     def restore(self) -> None:
-        """Adopt what the store knows; finish or roll back what was pending when bmid stopped."""
+        """Adopt what the store knows; finish or roll back what was pending when bmid stopped.
+
+        Nothing a later start needs is let go of before the result is
+        stored: the keeper's copies of ended runs' pipes are dropped only
+        after the commit, so a death anywhere in here leaves the next start
+        the same picture.
+        """
         records = self.store.pds()
         pending = self.store.pending()
         next_id = int(self.store.meta("next_id") or 1)
@@ -315,8 +367,10 @@ class Daemon:
                     log.info("rolling back the allocation of PD %d (never acknowledged)", op.pd_id)
                     self.driver.roll_back_allocation(op.pd_id, op.detail)
         restored: dict[int, _PD] = {}
+        release: list[str] = []
         for pd_id, record in records.items():
-            restored[pd_id] = self._adopt(pd_id, record)
+            restored[pd_id], kept_keys = self._adopt(pd_id, record)
+            release.extend(kept_keys)
             self._cache[pd_id] = record
             next_id = max(next_id, pd_id + 1)
         with self.mgr._lock:
@@ -327,7 +381,8 @@ class Daemon:
                          and (fd := self.keeper.get(f"pd{pd_id}.channel")) is not None}
         # connections first: a channel that ends as soon as it is attached cuts them
         self.mgr._registry.restore(set(restored), set(kept_channels))
-        owed = [call for call in self.ledger.take_all() if call.pd_id in kept_channels]
+        left = self.ledger.owed()       # removed only once restore() is stored
+        owed = [call for call in left if call.pd_id in kept_channels]
         if kept_channels:
             channels = self.mgr._channels()
             for pd_id, fd in kept_channels.items():
@@ -344,18 +399,30 @@ class Daemon:
                 if op.method == "destroy":
                     log.info("finishing the destruction of PD %d", op.pd_id)
                     self.mgr._destroy(pd)
-                elif op.method == "request_status_change" and op.detail.get("status") == "SHUTDOWN":
-                    self.mgr.get_controller(pd.pd_id).request_status_change(PDStatus.SHUTDOWN)
+                elif op.method == "request_status_change" and op.detail.get("status") == "SHUTDOWN" and \
+                        records[pd.pd_id]["status"] in (s.name for s in _LIVE):
+                    self._finish_shutdown(pd)
             except BMIError as e:
                 log.warning("finishing %s of PD %s after a restart: %s", op.method, op.pd_id, e)
-        self.persist()
-        with self.store.tx() as db:
-            for op in pending:
-                Store.end(db, op.op_id)
+        test_pause(self.state_dir, "restore")
+        self.persist(ops=[op.op_id for op in pending])
+        for key in release:
+            self.keeper.drop(key)
+        for call in left:
+            self.ledger.remove(call.pd_id, call.msg_id)
         if owed:
             self.mgr._channels().take_up(owed)
 
-    def _adopt(self, pd_id: int, record: dict[str, Any]) -> _PD:
+    def _finish_shutdown(self, pd: _PD) -> None:
+        """A SHUTDOWN bmid was asked for before it died: a PD that ended meanwhile ended because of it."""
+        if pd.status in _LIVE:
+            self.mgr.get_controller(pd.pd_id).request_status_change(PDStatus.SHUTDOWN)
+        elif pd.ended is not None and pd.ended.reason != "oom":
+            pd.status = PDStatus.SHUTDOWN
+            pd.ended = ExitInfo(PDStatus.SHUTDOWN, pd.ended.exit_status, f"shutdown requested; {pd.ended.reason}")
+
+    def _adopt(self, pd_id: int, record: dict[str, Any]) -> tuple[_PD, tuple[str, ...]]:
+        """The PD, and the keeper keys to drop once it is stored."""
         desc = PDDescription(**record["desc"])
         found = self.driver.adopt(pd_id, desc, record)
         status = PDStatus[record["status"]]
@@ -377,10 +444,14 @@ class Daemon:
                    config=dict(record["config"]), policies=policies,
                    measurement={b: bytes.fromhex(h) for b, h in record["measurement"].items()},
                    performance=record["performance"], ended=previous, parent=record["parent"],
-                   lent=record["lent"])
+                   lent=record["lent"]), found.release
 
     def _reconcile_exits(self) -> None:
-        """PD exits seen by the driver's monitor: pick up the status, store it, tell subscribers."""
+        """PD exits seen by the driver's monitor: pick up the status, store it, tell subscribers.
+
+        An exit that cannot be stored (a full disk) is tried again later; its
+        record stays with the fd keeper until then, so a crash loses nothing.
+        """
         while True:
             pd_id = self._exits.get()
             if pd_id is None:
@@ -391,20 +462,31 @@ class Daemon:
                 continue
             with pd.lock:
                 self.mgr._refresh(pd)
+            test_pause(self.state_dir, "exit")
             try:
                 self.persist([pd_id])
-            except Exception:
-                log.exception("storing the exit of PD %d", pd_id)
+            except BMIError as e:
+                log.warning("storing the exit of PD %d (tried again in %gs): %s", pd_id, EXIT_RETRY, e)
+                threading.Timer(EXIT_RETRY, self._exits.put, (pd_id,)).start()
 
     # -- calls ----------------------------------------------------------------------------
     def call(self, caller: int, method: str, params: dict, fd: int | None) -> tuple[Any, int | None]:
-        """One request, with its intent and its result stored before it is answered."""
+        """One request, with its intent and its result stored before it is answered.
+
+        A change is refused before it begins while the state directory is
+        full.  Once it has run, its result is stored or bmid stops (see
+        _store_or_stop): memory never holds a change the store does not.
+        """
         if method in READ_ONLY or not hasattr(self._dispatch, "m_" + method):
             answer = self._dispatch(caller, method, params, fd)
             self._settle(params.get("pd"))
             return answer
+        if self.store.short and not self.store.make_reserve():
+            raise self.store.full_error(f"{method} by {'PD %d' % caller if caller else 'a client'}")
         target = params.get("pd", caller if caller else None)
         detail = {k: v for k, v in params.items() if k in ("status", "tid", "name")}
+        restarted = target if method == "request_status_change" and str(params.get("status")).upper() == \
+            PDStatus.RESTARTING.name and isinstance(target, int) else None
         if method == "allocate_pd":
             with self._alloc_lock:
                 pd_id = self.mgr._next_id
@@ -412,15 +494,37 @@ class Daemon:
                 try:
                     value, out = self._dispatch(caller, method, params, fd)
                 finally:
-                    self.persist([pd_id, caller] if caller else [pd_id], op)
+                    self._store_or_stop(method, [pd_id, caller] if caller else [pd_id], op)
             return value, out
         op = self.store.begin(method, target if isinstance(target, int) else None, **detail)
         try:
-            return self._dispatch(caller, method, params, fd)
+            answer = self._dispatch(caller, method, params, fd)
+        except BMIError:
+            restarted = None
+            raise
         finally:
             # destroy removes descendants; a lowered limit lowers theirs (api.LIMITS): store them all
             everyone = method in ("destroy", "set_priority", "set_runtime_param")
-            self.persist(None if everyone else [t for t in (target, caller) if isinstance(t, int) and t], op)
+            self._store_or_stop(method, None if everyone else
+                                [t for t in (target, caller) if isinstance(t, int) and t], op, restarted)
+        return answer
+
+    def _store_or_stop(self, method: str, ids: list[int] | None, op: int, restarted: int | None = None) -> None:
+        """Store what the call did; if even the reserve cannot make that possible, end bmid at once.
+
+        What the call changed outside bmid (a process started, a cgroup
+        made) cannot be taken back reliably, and memory must not hold a
+        change the store lacks; the next start finishes or rolls back the
+        call from its stored intent, as after a crash.
+        """
+        test_pause(self.state_dir, "commit", f"commit:{method}")
+        try:
+            self.persist(ids, op, restarted=restarted)
+        except BaseException as e:
+            log.critical("%s could not be stored (%s); stopping so that the next start finishes or rolls it back "
+                         "from its stored intent", method, e)
+            logging.shutdown()
+            os._exit(FAIL_STOP)
 
     def _settle(self, pd_id: Any) -> None:
         """Store (and show on the board) an exit this read noticed before the exit watcher did.
@@ -432,7 +536,10 @@ class Daemon:
             pd = self.mgr._pds.get(pd_id) if isinstance(pd_id, int) else None
         cached = self._cache.get(pd_id) if pd is not None else None
         if cached is not None and pd.status.name != cached["status"]:
-            self.persist([pd_id])
+            try:
+                self.persist([pd_id])
+            except BMIError as e:       # a full disk: the exit watcher stores it once there is room
+                log.warning("storing the exit of PD %d: %s", pd_id, e)
 
     def _channel_call(self, caller: int, method: str, params: dict, fd: int | None) -> tuple[Any, int | None]:
         return self.call(caller, method, params, fd)
@@ -580,6 +687,104 @@ class Daemon:
                 os.unlink(self.socket_path)
             except FileNotFoundError:
                 pass
+
+
+def _lock_state(state_dir: str) -> int:
+    """The state directory, private (0700), locked for this bmid: the lock file's fd."""
+    path = os.path.join(state_dir, "bmid.lock")
+    try:
+        private_dir(state_dir)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise state_failure(e, f"lock the bmid state {path}", state_dir) from None
+    try:
+        os.fchmod(fd, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateError(f"lock the bmid state in {state_dir}: another bmid owns it; stop that one first, or give "
+                         f"this one another --state-dir") from None
+    except OSError as e:
+        os.close(fd)
+        raise state_failure(e, f"lock the bmid state {path}", state_dir) from None
+    return fd
+
+
+def _lock_socket(path: str, state_dir: str) -> int:
+    """A lock beside the socket (path.lock), so a second bmid never unlinks a socket another one serves."""
+    lock = path + ".lock"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise StateError(f"lock the socket {path}: cannot open {lock}: {e.strerror}; choose another --socket "
+                            f"or make its directory writable by root") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "a bmid"
+        os.close(fd)
+        raise StateError(f"serve on {path}: another bmid serves that socket ({holder}); stop it first, or "
+                            f"give this one another --socket") from None
+    try:
+        note = f"pid {os.getpid()}, state in {state_dir}".encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, note, 0)
+    except OSError:
+        pass                    # only the refusal's wording needs it
+    return fd
+
+
+def _earlier_bmids(lock_fd: int) -> list[int]:
+    """The pids of the earlier bmids on this state whose PD cgroups may remain (one per line of bmid.lock)."""
+    text = os.pread(lock_fd, 1 << 16, 0).decode("ascii", "replace")
+    return [int(word) for word in text.split() if word.isdigit()]
+
+
+def _note_bmid(lock_fd: int, state_dir: str, earlier: list[int]) -> None:
+    """Add this bmid's pid (its PD cgroups are named by it) to those whose cgroups remain."""
+    text = "".join(f"{pid}\n" for pid in [*earlier, os.getpid()]).encode()
+    try:
+        os.pwrite(lock_fd, text, 0)
+        os.ftruncate(lock_fd, len(text))
+    except OSError as e:
+        raise state_failure(e, "note this bmid in the state lock", state_dir) from None
+
+
+def _refuse_fresh_state_beside_leftovers(state_dir: str, earlier: list[int]) -> None:
+    """Never start on an empty state while the keeper or PD cgroups of an earlier bmid on it remain."""
+    db = os.path.join(state_dir, DB_FILE)
+    if os.path.exists(db) and os.path.getsize(db) > 0:
+        return
+    sock = os.path.join(state_dir, "keeper.sock")
+    keys = existing_keeper(sock) if os.path.exists(sock) else None
+    groups = leftover_cgroups(earlier)
+    if not keys and not groups:
+        return
+    found = []
+    if keys:
+        found.append(f"the fd keeper on {sock} holds {len(keys)} fds of its PDs")
+    if groups:
+        found.append(f"{len(groups)} PD cgroups remain ({', '.join(groups[:3])}{', ...' if len(groups) > 3 else ''})")
+    raise StateError(f"start bmid in {state_dir}: the state database {db} is missing or empty but PDs of an "
+                     f"earlier bmid remain ({'; '.join(found)}); restore the database from a backup, or end those "
+                     f"PDs first (kill the processes in those cgroups and remove the cgroups, and stop the keeper "
+                     f"process `python -m bmi.server.keeper {sock}`)")
+
+
+def test_pause(state_dir: str, *points: str) -> None:
+    """For tests of the crash windows: with one of points in $BMID_TEST_PAUSE, say so (a file paused-<point>
+    in the state directory) and block this thread until the test SIGKILLs bmid exactly here or lets it go on
+    (a file resume-<point>)."""
+    wanted = set(os.environ.get(TEST_PAUSE, "").split())
+    for point in points:
+        if point in wanted:
+            with open(os.path.join(state_dir, f"paused-{point}"), "w"):
+                pass
+            resume = os.path.join(state_dir, f"resume-{point}")
+            while not os.path.exists(resume):
+                time.sleep(0.01)
+            os.unlink(resume)
 
 
 def _send_reply(conn: socket.socket, reply: dict, fds: tuple[int, ...]) -> None:

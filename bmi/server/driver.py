@@ -17,17 +17,19 @@ the Xen one).  The Linux one below differs from session mode's in: from session 
 from __future__ import annotations
 
 import abc
+import glob
 import hashlib
 import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..drivers.base import ExitInfo, Progress
 from ..drivers.linux import cgroups, spawn, uids
 from ..drivers.linux.driver import DEFAULT_PIDS_MAX, LinuxDriver, LinuxPD, Run, process_start
 from ..drivers.linux.monitor import Monitor
+from ..errors import BMIError, ResourceError
 from ..image import PDImage
 from ..types import PDDescription, PDStatus
 from .keeper import Keeper
@@ -65,6 +67,11 @@ def kept_image(keeper: Keeper, pd_id: int, measurement: Mapping[str, bytes]) -> 
     return fd
 
 
+def _kept_exit(data: bytes) -> tuple[str, int] | None:
+    """The exit record among the bytes the keeper read from a PD's exit-status pipe (b"": none)."""
+    return spawn.parse_exit(data.split(b"\n")[0][:64])
+
+
 def stored_measurement(record: Mapping[str, Any]) -> dict[str, bytes]:
     return {b: bytes.fromhex(h) for b, h in record.get("measurement", {}).items()}
 
@@ -77,6 +84,9 @@ class Adopted:
     live: PDStatus | None           # RUNNING or PAUSED: the recorded run is still there, its identity checked
     ended: ExitInfo | None          # how the recorded run ended while bmid was away
     kept: bool                      # what a later start needs (the measured image, a saved state) is back
+    #: keeper keys to drop once the adoption is stored (not before: a crash in between must leave the next
+    #: start everything it needs to say how the run ended)
+    release: tuple[str, ...] = ()
 
 
 class Keeping(abc.ABC):
@@ -177,6 +187,17 @@ class SystemDriver(LinuxDriver, Keeping):
         super()._on_exit(pd, run)
         self._exit_hook(pd.pd_id)
 
+    def _exit_record(self, pd: LinuxPD, run: Run) -> tuple[str, int] | None:
+        """Read through the keeper, which keeps the bytes: the record is never consumed before it is stored."""
+        try:
+            data = self._keeper.read(f"pd{pd.pd_id}.status")
+        except ResourceError as e:
+            log.warning("PD %d: reading its exit status through the fd keeper: %s", pd.pd_id, e)
+            data = None
+        if data is None:        # the keeper never had this pipe (or is gone): read our own end
+            return super()._exit_record(pd, run)
+        return _kept_exit(data)
+
     def destroy(self, pd: LinuxPD) -> None:
         super().destroy(pd)
         self._keeper.drop(f"pd{pd.pd_id}.")
@@ -225,9 +246,8 @@ class SystemDriver(LinuxDriver, Keeping):
         if pidfd is None:
             ended = self._ended_while_away(pd, ident) if ident else None
             groups.kill_all()           # whatever runs there is not the PD we know (a start rolled back)
-            for kind in ("console", "status", "channel"):
-                self._keeper.drop(f"pd{pd_id}.{kind}")
-            return Adopted(pd, None, ended, pd.image_fd is not None)
+            return Adopted(pd, None, ended, pd.image_fd is not None,
+                           tuple(f"pd{pd_id}.{kind}" for kind in ("console", "status", "channel")))
         status_r = self._keeper.get(f"pd{pd_id}.status")
         console_r = self._keeper.get(f"pd{pd_id}.console")
         if status_r is None:
@@ -272,13 +292,7 @@ class SystemDriver(LinuxDriver, Keeping):
 
     def _ended_while_away(self, pd: LinuxPD, ident: dict[str, int]) -> ExitInfo:
         """How a run that ended while bmid was down ended, from the exit-status pipe the keeper held."""
-        status_r = self._keeper.get(f"pd{pd.pd_id}.status")
-        record = None
-        if status_r is not None:
-            try:
-                record = spawn.read_exit(status_r)
-            finally:
-                os.close(status_r)
+        record = _kept_exit(self._keeper.read(f"pd{pd.pd_id}.status") or b"")
         oom = pd.groups.oom_kills() > ident.get("oom_base", 0)
         if oom:
             return ExitInfo(PDStatus.CRASHED, None, "oom")
@@ -287,3 +301,16 @@ class SystemDriver(LinuxDriver, Keeping):
         if record[0] == "exit":
             return ExitInfo(PDStatus.SHUTDOWN, record[1], f"exited with status {record[1]} while bmid was down")
         return ExitInfo(PDStatus.CRASHED, None, f"killed by signal {record[1]} while bmid was down")
+
+
+def leftover_cgroups(bmid_pids: Iterable[int]) -> list[str]:
+    """The PD cgroups the bmids with these pids made that still exist (paths)."""
+    found: list[str] = []
+    try:
+        trees = cgroups._layout()
+    except BMIError:
+        return found
+    for tree in trees:
+        for pid in bmid_pids:
+            found.extend(glob.glob(os.path.join(tree.own, f"bmid-{pid}-pd*")))
+    return sorted(found)

@@ -15,6 +15,7 @@ bmid at a time on a root-only SOCK_SEQPACKET socket with the channel codec
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -31,10 +32,12 @@ START_TIMEOUT = 30.0        # s: python in a Xen dom0 under TCG starts 10-20x sl
 class Keeper:
     """bmid's side of the keeper connection."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, start: bool = True):
         self.path = path
         self._sock = _connect(path)
         if self._sock is None:
+            if not start:
+                raise ResourceError(f"bmid: no fd keeper on {path}")
             _start(path)
             self._sock = _connect(path)
             if self._sock is None:
@@ -74,6 +77,14 @@ class Keeper:
     def keys(self) -> list[str]:
         return self._call("keys")[0]
 
+    def read(self, key: str) -> bytes | None:
+        """What the pipe kept under key has delivered so far (the keeper reads it and keeps the bytes until the
+        key is dropped, so a crash of bmid between reading and storing loses nothing); None: nothing kept."""
+        value, fds = self._call("read", key=key)
+        for fd in fds:
+            os.close(fd)
+        return bytes.fromhex(value) if isinstance(value, str) else None
+
     def get(self, key: str) -> int | None:
         """A new fd for what is kept under key (caller closes it), None if nothing is."""
         _, fds = self._call("get", key=key)
@@ -81,6 +92,18 @@ class Keeper:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def existing(path: str) -> list[str] | None:
+    """The keys a running keeper on path holds (None: no keeper there); starts none."""
+    try:
+        keeper = Keeper(path, start=False)
+    except ResourceError:
+        return None
+    try:
+        return keeper.keys()
+    finally:
+        keeper.close()
 
 
 def _connect(path: str) -> socket.socket | None:
@@ -121,12 +144,13 @@ def serve(path: str) -> None:
         os.dup2(devnull, fd)
     os.close(devnull)
     held: dict[str, int] = {}
+    read: dict[str, bytes] = {}
     while True:
         conn, _ = listener.accept()
         if _peer_uid(conn) != os.getuid():
             conn.close()
             continue
-        _serve_one(conn, held)
+        _serve_one(conn, held, read)
         conn.close()
         if not held:
             break
@@ -142,7 +166,20 @@ def _peer_uid(conn: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
-def _serve_one(conn: socket.socket, held: dict[str, int]) -> None:
+def _drain(fd: int) -> bytes:
+    """What a pipe has for us now, without blocking (b"" at EOF or when it has nothing)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    data = b""
+    while poller.poll(0) and len(data) < 4096:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _serve_one(conn: socket.socket, held: dict[str, int], read: dict[str, bytes]) -> None:
     while True:
         record = p.next_record(conn)
         if record is None:
@@ -160,6 +197,7 @@ def _serve_one(conn: socket.socket, held: dict[str, int]) -> None:
         if method == "put":
             keys = params.get("keys", [])
             for key, fd in zip(keys, fds):
+                read.pop(key, None)
                 old = held.pop(key, None)
                 if old is not None:
                     os.close(old)
@@ -168,6 +206,14 @@ def _serve_one(conn: socket.socket, held: dict[str, int]) -> None:
         elif method == "drop":
             for key in [k for k in held if k.startswith(params.get("prefix", "\0"))]:
                 os.close(held.pop(key))
+                read.pop(key, None)
+        elif method == "read" and params.get("key") in held:
+            key = params["key"]
+            try:
+                read[key] = read.get(key, b"") + _drain(held[key])
+            except OSError:
+                read.setdefault(key, b"")
+            value = read[key].hex()
         elif method == "keys":
             value = sorted(held)
         elif method == "get" and params.get("key") in held:

@@ -10,9 +10,11 @@ import sys
 from typing import Sequence
 
 from ..errors import BMIError
-from ..store import DEFAULT_STATE_DIR
+from ..store import DEFAULT_STATE_DIR, StateError
 from ..system import BMIDS, LINUX_URI, XEN_URI, default_socket
 from .daemon import Daemon
+
+EXIT_STATE = 78     # EX_CONFIG: the state cannot be used until the operator acts (the message says how)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +57,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon = Daemon(state_dir=state_dir, uri=args.uri, socket_path=socket_path, group=group,
                         integrity=not args.no_integrity, shutdown_grace=args.shutdown_grace)
         daemon.listen()
+    except StateError as e:         # restarting will not help: systemd's RestartPreventExitStatus
+        print(_one_line(e), file=sys.stderr)
+        return EXIT_STATE
     except BMIError as e:
-        print(f"bmid: {type(e).__name__}: {e}", file=sys.stderr)
+        print(_one_line(e), file=sys.stderr)
+        return 1
+    except Exception as e:          # never a traceback: one line saying what, where and what to do
+        print(f"bmid: start in {state_dir}: unexpected {type(e).__name__}: {e}; run `bmid -v` for details and "
+              f"report it", file=sys.stderr)
+        logging.getLogger("bmi.bmid").debug("start failed", exc_info=True)
         return 1
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
@@ -72,6 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     daemon.ledger.close()
     daemon.board.close()
     os._exit(0)
+
+
+def _one_line(e: BaseException) -> str:
+    """`bmid: <what> <where>: <why>; <what to do>` (messages from deeper down may already start with bmid:)."""
+    text = " ".join(str(e).split())
+    return text if text.startswith("bmid: ") else f"bmid: {text}"
 
 
 if __name__ == "__main__":

@@ -40,25 +40,29 @@ class Bmid:
     """One bmid serving `system` (linux:///system or xen:///system) on a state dir; restartable, SIGKILLable."""
 
     def __init__(self, directory: str, *extra: str, socket_dir: str | None = None, system: str = "linux:///system",
-                 tpm: bool = False):
-        """tpm=True: with the integrity link, on a swtpm of its own (state under directory/tpm)."""
+                 tpm: bool = False, env: dict[str, str] | None = None):
+        """tpm=True: with the integrity link, on a swtpm of its own (state under directory/tpm);
+        env: extra environment (e.g. BMID_TEST_PAUSE) for the next start()s."""
         self.state_dir = os.path.join(directory, "state")
         self.tpm_dir = os.path.join(directory, "tpm") if tpm else None
         self.socket = os.path.join(socket_dir or directory, "bmid.sock")
         self.system = system
         self.uri = f"{system}?socket={self.socket}"
         self.extra = extra
+        self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Bmid":
+    def start(self, *, ready: bool = True) -> "Bmid":
+        """Start bmid and (ready=True) wait until it serves its socket."""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bmi.server.main", "--uri", self.system, "--state-dir", self.state_dir,
              "--socket", self.socket, *(() if self.tpm_dir else ("--no-integrity",)), "--shutdown-grace", "2",
              *self.extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env={**os.environ, "BMI_STATE_DIR": self.tpm_dir, "BMI_TPM": "swtpm"} if self.tpm_dir else None)
+            env={**os.environ, **self.env,
+                 **({"BMI_STATE_DIR": self.tpm_dir, "BMI_TPM": "swtpm"} if self.tpm_dir else {})})
         deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
+        while ready and time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 proc, self.proc = self.proc, None       # a later start() or close() must not mask this
                 with proc.stderr:
@@ -71,8 +75,37 @@ class Bmid:
                 time.sleep(0.02)
             finally:
                 probe.close()
+        if not ready:
+            return self
         self.kill()
         raise RuntimeError("bmid did not come up")
+
+    def refused(self) -> str:
+        """Start bmid expecting a refusal: its one stderr line (it must exit non-zero, without a traceback)."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "bmi.server.main", "--uri", self.system, "--state-dir", self.state_dir,
+             "--socket", self.socket, "--no-integrity", *self.extra], stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=START_TIMEOUT, env={**os.environ, **self.env})
+        assert proc.returncode != 0, f"bmid started: {proc.stderr}"
+        self.exit_status = proc.returncode
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("bmid: "), f"not one `bmid:` line: {proc.stderr}"
+        return lines[0]
+
+    def wait_paused(self, point: str, timeout: float = 30.0) -> None:
+        """Until bmid (started with BMID_TEST_PAUSE) stopped at point."""
+        marker = os.path.join(self.state_dir, f"paused-{point}")
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(marker):
+            assert time.monotonic() < deadline, f"bmid never reached {point}"
+            assert self.proc is not None and self.proc.poll() is None, "bmid ended"
+            time.sleep(0.02)
+        os.unlink(marker)
+
+    def resume(self, point: str) -> None:
+        """Let bmid, stopped at point (see wait_paused), go on."""
+        with open(os.path.join(self.state_dir, f"resume-{point}"), "w"):
+            pass
 
     def open(self) -> bmi.PDManagement:
         return bmi.open(self.uri)

@@ -76,6 +76,7 @@ def test_events_replay_and_follow(daemon):
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [(r["pd"], r["status"]) for r in rows] == [(made["pd"], "ALLOCATED"), (made["pd"], "READY"),
                                                        (made["pd"], "DESTROYED")]
+    assert rows[-1]["name"] == "ev"                 # events carry the PD's name once it has one
     assert [r["seq"] for r in rows] == sorted(r["seq"] for r in rows)
     session = subprocess.run([sys.executable, "-m", "bmi.cli", "--uri", "linux:///session", "events"],
                              capture_output=True, text=True, timeout=60)

@@ -267,11 +267,15 @@ class LinuxDriver(Driver):
             waited = os.waitid(os.P_PIDFD, run.pidfd, os.WEXITED)
         except ChildProcessError:
             waited = None
-        record = spawn.read_exit(run.status_r)
+        record = self._exit_record(pd, run)
         oom = pd.groups.oom_kills() > run.oom_base
         run.ended = self._classify(run, record, waited, oom)
         run.exited.set()
         pd.console.poke()
+
+    def _exit_record(self, pd: LinuxPD, run: Run) -> tuple[str, int] | None:
+        """What the PD's init wrote on its exit-status pipe (bmid reads it through its fd keeper)."""
+        return spawn.read_exit(run.status_r)
 
     @staticmethod
     def _classify(run: Run, record: tuple[str, int] | None, waited: Any, oom: bool) -> ExitInfo:

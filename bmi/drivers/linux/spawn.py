@@ -192,9 +192,13 @@ def read_exit(status_fd: int) -> tuple[str, int] | None:
     poller.register(status_fd, select.POLLIN)
     if not poller.poll(0):
         return None
-    line = os.read(status_fd, 64)
+    return parse_exit(os.read(status_fd, 64))
+
+
+def parse_exit(line: bytes) -> tuple[str, int] | None:
+    """The record read from the exit-status pipe (b"": init was killed before the program ended)."""
     if not line:
-        return None  # init was killed before the program ended: nothing to report
+        return None
     kind, _, number = line.decode("ascii", "replace").strip().partition(" ")
     if kind not in ("exit", "signal") or not number.isdigit():
         raise ResourceError(f"reading a PD's exit status: malformed status line {line!r}")
