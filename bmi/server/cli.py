@@ -60,14 +60,35 @@ def _out(args: argparse.Namespace, value: Any, human: str) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from ..testing import owned_pds, owner_gone
     with bmi_open(args.uri) as mgr:
         rows = _describe(mgr)
+        owners = dict(owned_pds(mgr)) if args.owner else {}
+    if args.owner:          # test runs tag their PDs (config /owner, see bmi.testing)
+        for r in rows:
+            r["owner"] = owners.get(r["pd"], "")
+            r["owner_gone"] = bool(r["owner"]) and owner_gone(r["owner"])
     if args.json:
         print(json.dumps(rows, sort_keys=True))
         return 0
-    print(f"{'ID':>5}  {'NAME':<16} {'STATUS':<10} SHA256")
+    print(f"{'ID':>5}  {'NAME':<16} {'STATUS':<10} {'SHA256':<16}" + ("  OWNER" if args.owner else ""))
     for r in rows:
-        print(f"{r['pd']:>5}  {r.get('name', ''):<16} {r['status']:<10} {r.get('sha256', '')[:16]}")
+        owner = (f"  {r['owner'] or '-'}" + (" (gone)" if r["owner_gone"] else "")) if args.owner else ""
+        print(f"{r['pd']:>5}  {r.get('name', ''):<16} {r['status']:<10} {r.get('sha256', '')[:16]:<16}{owner}")
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    """destroy PD, or --owner-gone: every PD whose owning test run has ended."""
+    if args.owner_gone == (args.pd is not None):
+        raise InvalidArgument("destroy: give a PD (id or name) or --owner-gone, not both")
+    if args.pd is not None:
+        return cmd_status_change(args)
+    from ..testing import destroy_orphans
+    with bmi_open(args.uri) as mgr:
+        destroyed = destroy_orphans(mgr)
+    _out(args, {"destroyed": destroyed}, f"destroyed {len(destroyed)} PD(s) whose owner is gone: "
+                                         f"{' '.join(map(str, destroyed)) or '-'}")
     return 0
 
 
@@ -260,6 +281,8 @@ EXAMPLES = {
     "create": "examples:\n  bmi --uri linux:///system create --image /bin/busybox --name web --start -- \\\n"
               "      busybox sh -c 'while :; do date; sleep 5; done'\n  bmi --uri linux:///system create --image root.cpio --mem 128M",
     "start": "example:\n  bmi --uri linux:///system start web",
+    "destroy": "examples:\n  bmi --uri linux:///system destroy web\n"
+               "  bmi --uri linux:///system destroy --owner-gone   # PDs of killed pytest runs",
     "show": "examples:\n  bmi --uri linux:///system show web\n  bmi --uri linux:///system show 3 --json",
     "param": "examples:\n  bmi --uri linux:///system param ls web /system\n"
              "  bmi --uri linux:///system param set web /system/memory/current 32M",
@@ -284,7 +307,9 @@ def register(sub: Any) -> None:
         parser.set_defaults(func=func, needs_bmid=True)     # PDs of a session URI would end with the command
         return parser
 
-    add("list", "every PD: id, name, status, measurement", cmd_list, pd=False)
+    listing = add("list", "every PD: id, name, status, measurement", cmd_list, pd=False)
+    listing.add_argument("--owner", action="store_true",
+                         help="also the owning test run (config /owner) and whether it has ended")
     from ..cli import add_pd_options
     create = add("create", "allocate a PD, measure an image into it (and start it with --start)", cmd_create,
                  pd=False)
@@ -296,7 +321,12 @@ def register(sub: Any) -> None:
     add("show", "everything about one PD: status, name, measurement, resources, uptime, exit, connections",
         cmd_show)
     for verb, status in STATUS_VERBS.items():
-        add(verb, f"request_status_change({status.name})", cmd_status_change)
+        if verb != "destroy":
+            add(verb, f"request_status_change({status.name})", cmd_status_change)
+    destroy = add("destroy", "request_status_change(DESTROYED), or --owner-gone", cmd_destroy, pd=False)
+    destroy.add_argument("pd", metavar="PD", nargs="?", help="id or name")
+    destroy.add_argument("--owner-gone", action="store_true",
+                         help="destroy every PD whose owner (a pytest run, config /owner) has ended")
     param = add("param", "runtime parameters: get PD PATH | set PD PATH VALUE | ls PD [PATH]", cmd_param,
                 pd=False)
     param.add_argument("action", choices=["get", "set", "ls"])

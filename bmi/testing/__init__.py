@@ -137,6 +137,36 @@ def owner_gone(tag: str) -> bool:
     return _start_time(pid_number) != started
 
 
+def owned_pds(mgr: Any) -> list[tuple[int, str]]:
+    """(PD id, owner tag) of every PD with config /owner set (one call per PD)."""
+    from ..errors import BMIError
+    found = []
+    for pd_id in mgr.list_pd():
+        if pd_id == 0:
+            continue
+        try:
+            tag = mgr.get_controller(pd_id).get_config_param(OWNER_PARAM)
+        except BMIError:
+            continue            # unset, or gone meanwhile
+        if tag:
+            found.append((pd_id, tag))
+    return found
+
+
+def destroy_orphans(mgr: Any) -> list[int]:
+    """Destroy the PDs whose owner process (see owner_tag) has ended; return their ids."""
+    from ..errors import NoSuchDomain
+    destroyed = []
+    for pd_id, tag in owned_pds(mgr):
+        if owner_gone(tag):
+            try:
+                mgr.get_controller(pd_id).destroy()
+            except NoSuchDomain:
+                continue
+            destroyed.append(pd_id)
+    return destroyed
+
+
 def file_digest(path: str | os.PathLike[str]) -> bytes:
     """SHA-256 of a file: the pd_integrity a PD set up from it reports."""
     digest = hashlib.sha256()
@@ -147,4 +177,4 @@ def file_digest(path: str | os.PathLike[str]) -> bytes:
 
 
 __all__ = ["wait_status", "wait_console", "pd_client_dir", "build_pd_program", "owner_tag", "owner_gone",
-           "file_digest", "OWNER_PARAM"]
+           "owned_pds", "destroy_orphans", "file_digest", "OWNER_PARAM"]

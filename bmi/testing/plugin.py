@@ -30,7 +30,7 @@ import pytest
 
 import bmi
 
-from . import OWNER_PARAM, build_pd_program, file_digest, owner_gone, owner_tag
+from . import OWNER_PARAM, build_pd_program, destroy_orphans, file_digest, owner_tag
 
 DEFAULT_URI = "linux:///session"
 
@@ -72,19 +72,7 @@ def _sweep_orphans(mgr: Any, uri: str) -> None:
         if uri in _SWEPT:
             return
         _SWEPT.add(uri)
-    for pd_id in mgr.list_pd():
-        if pd_id == 0:
-            continue
-        try:
-            pd = mgr.get_controller(pd_id)
-            tag = pd.get_config_param(OWNER_PARAM)
-        except bmi.BMIError:
-            continue            # not ours, unset, or gone meanwhile
-        if tag and owner_gone(tag):
-            try:
-                pd.destroy()
-            except bmi.NoSuchDomain:
-                pass
+    destroy_orphans(mgr)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ left in bmid or on the host.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -99,6 +100,26 @@ def test_pds_of_a_killed_run_are_destroyed_by_the_next_run(tmp_path, system_bmid
     assert done.returncode == 0, done.stdout + done.stderr
     with system_bmid.open() as mgr:
         assert orphan not in mgr.list_pd()
+
+
+def test_cli_lists_owners_and_destroys_the_orphans(tmp_path, system_bmid):
+    dead = subprocess.Popen(["sleep", "0"])
+    dead.wait()
+    with system_bmid.open() as mgr:
+        orphan, mine = (mgr.allocate_pd(bmi.PDDescription(mem=32 << 20)) for _ in range(2))
+        orphan.set_config_param("/owner", owner_tag(os.getpid()).replace(f":{os.getpid()}:", f":{dead.pid}:"))
+        mine.set_config_param("/owner", owner_tag())
+
+        def cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "bmi.cli", "--uri", system_bmid.uri, *args],
+                                  capture_output=True, text=True, timeout=60)
+        listed = {row["pd"]: row for row in json.loads(cli("list", "--owner", "--json").stdout)}
+        assert listed[orphan.get_pd_id()]["owner_gone"] and not listed[mine.get_pd_id()]["owner_gone"]
+        assert "(gone)" in cli("list", "--owner").stdout
+        assert cli("destroy").returncode == 2                   # neither a PD nor --owner-gone
+        done = cli("destroy", "--owner-gone", "--json")
+        assert done.returncode == 0 and json.loads(done.stdout) == {"destroyed": [orphan.get_pd_id()]}
+        assert mgr.list_pd() == [0, mine.get_pd_id()]
 
 
 def test_sweep_spares_pds_of_live_owners_and_untagged_pds(tmp_path, system_bmid):
