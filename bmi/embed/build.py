@@ -6,12 +6,12 @@ imports; this is a library C programs link, built by setup.py's build_ext
 checkout).  It links this interpreter's libpython, so a wheel carrying it
 is tagged for this CPython only.
 
-    python -m bmi.embed.build [--out DIR] [--site DIR ...]
+    python -m bmi.embed.build [--out DIR] [--python PATH]
 
---site names the site-packages the embedded interpreter adds (written to
-libbmi.site next to the library): a checkout's venv.  An installed wheel
-needs none: libbmi.so sits in site-packages/bmi/embed/ and adds that
-site-packages itself.
+--python names the interpreter whose environment (a checkout's venv) the
+embedded one takes, written to libbmi.python next to the library.  An
+installed wheel needs none: libbmi.so in PREFIX/lib/pythonX.Y/site-packages
+takes PREFIX/bin/python3.
 """
 from __future__ import annotations
 
@@ -24,15 +24,18 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(HERE, "bmi.h")
 LIBRARY = "libbmi.so"
-SITE_FILE = "libbmi.site"
+PYTHON_FILE = "libbmi.python"
 #: Implemented in C (no interpreter needed): reading the error must work when starting Python failed.
 C_FUNCTIONS = ("bmi_last_error_code", "bmi_last_error", "bmi_free")
 MESSAGE_MAX = 2048
 
 _C_SOURCE = r"""
 #include <dlfcn.h>
+#include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include "bmi.h"
 
 #define BMI_EXPORT __attribute__((visibility("default")))
@@ -65,7 +68,37 @@ static const char *bmi__self_path(void)
     Dl_info info;
     return dladdr((void *)bmi__self_path, &info) && info.dli_fname ? info.dli_fname : "";
 }
-""" % {"max": MESSAGE_MAX}
+
+/* Before cffi starts the interpreter, make it the one bmi is installed for: the python named
+ * in libbmi.python next to this library (a checkout's venv), else PREFIX/bin/python3 when
+ * this library is PREFIX/lib/pythonX.Y/site-packages/bmi/embed/libbmi.so.  Python finds
+ * that program's pyvenv.cfg and site-packages as if it had been started as it. */
+__attribute__((constructor)) static void bmi__choose_python(void)
+{
+    static wchar_t *program;
+    char dir[PATH_MAX], python[PATH_MAX + 32] = "", prefix[PATH_MAX];
+    if (Py_IsInitialized() || snprintf(dir, sizeof dir, "%%s", bmi__self_path()) >= (int)sizeof dir)
+        return;
+    char *slash = strrchr(dir, '/');
+    if (!slash)
+        return;
+    *slash = 0;
+    snprintf(python, sizeof python, "%%s/%(python_file)s", dir);
+    FILE *f = fopen(python, "r");
+    python[0] = 0;
+    if (f) {
+        if (fgets(python, sizeof python, f))
+            python[strcspn(python, "\n")] = 0;
+        fclose(f);
+    } else {
+        strncat(dir, "/../../../../..", sizeof dir - strlen(dir) - 1);
+        if (realpath(dir, prefix))
+            snprintf(python, sizeof python, "%%s/bin/python3", prefix);
+    }
+    if (python[0] && access(python, X_OK) == 0 && (program = Py_DecodeLocale(python, NULL)))
+        Py_SetProgramName(program);
+}
+""" % {"max": MESSAGE_MAX, "python_file": PYTHON_FILE}
 
 _HELPERS = """
 void bmi__set_error(int code, const char *message);
@@ -74,17 +107,9 @@ const char *bmi__self_path(void);
 """
 
 _INIT_CODE = """
-import os, site, sys
+import os, sys
 from _libbmi import ffi, lib
 here = os.path.dirname(ffi.string(lib.bmi__self_path()).decode())
-try:
-    with open(os.path.join(here, %(site)r)) as f:
-        extra = [line.strip() for line in f if line.strip()]
-except FileNotFoundError:
-    extra = []
-for directory in extra:
-    if os.path.isdir(directory):
-        site.addsitedir(directory)
 root = os.path.dirname(os.path.dirname(here))     # site-packages (a wheel) or the checkout
 if root not in sys.path:
     sys.path.insert(0, root)
@@ -92,7 +117,7 @@ if not getattr(sys, "argv", None):
     sys.argv = ["libbmi"]
 from bmi.embed import capi
 capi.install(ffi, lib)
-""" % {"site": SITE_FILE}
+"""
 
 
 def declarations(header: str = HEADER) -> tuple[str, str]:
@@ -128,32 +153,32 @@ def builder():
     ffibuilder.embedding_init_code(_INIT_CODE)
     libdir = sysconfig.get_config_var("LIBDIR")
     ffibuilder.set_source("_libbmi", _C_SOURCE, include_dirs=[HERE], library_dirs=[libdir],
-                          extra_compile_args=["-O2", "-Wall", "-Wno-array-parameter"],
+                          extra_compile_args=["-O2", "-Wall", "-Wno-array-parameter", "-Wno-deprecated-declarations"],
                           extra_link_args=[f"-Wl,-rpath,{libdir}", "-ldl"])
     return ffibuilder
 
 
-def build(out_dir: str = HERE, site_dirs: list[str] | None = None) -> str:
-    """Compile libbmi.so into out_dir (and libbmi.site when site_dirs are given); return its path."""
+def build(out_dir: str = HERE, python: str | None = None) -> str:
+    """Compile libbmi.so into out_dir (and libbmi.python when `python` is given); return its path."""
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="libbmi-") as tmp:
         built = builder().compile(tmpdir=tmp, target=LIBRARY, verbose=False)
         target = os.path.join(out_dir, LIBRARY)
         os.replace(built, target + ".new")      # a running program keeps the old inode
         os.replace(target + ".new", target)
-    if site_dirs:
-        with open(os.path.join(out_dir, SITE_FILE), "w") as f:
-            f.write("".join(d + "\n" for d in site_dirs))
+    if python:
+        with open(os.path.join(out_dir, PYTHON_FILE), "w") as f:
+            f.write(python + "\n")
     return target
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bmi.embed.build", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=HERE, help="where libbmi.so goes (default: next to bmi.h)")
-    parser.add_argument("--site", action="append", default=[],
-                        help="a site-packages the embedded interpreter adds (repeatable)")
+    parser.add_argument("--python", help="the python (a venv's bin/python, not resolved) whose packages the "
+                        "embedded interpreter uses; default: PREFIX/bin/python3 of the site-packages it is in")
     args = parser.parse_args()
-    print(build(args.out, args.site))
+    print(build(args.out, args.python))
 
 
 if __name__ == "__main__":
