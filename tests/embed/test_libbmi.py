@@ -7,6 +7,7 @@ are what make them work.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import subprocess
@@ -85,7 +86,6 @@ def misuse(line: str) -> tuple[int, int, str]:
 def test_a_pd_runs_to_completion_with_its_exit_status(probe):
     out = fields(run(probe, "run", "linux:///session", busybox_path(), "busybox sh -c 'echo from-c; exit 7'"))
     with open(busybox_path(), "rb") as f:
-        import hashlib
         assert out["sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert out["version"] == "1"
     assert int(out["status"]) == bmi.PDStatus.SHUTDOWN
@@ -226,3 +226,17 @@ def test_a_pd_made_from_c_in_system_mode_is_seen_from_python(probe, tmp_path):
             assert pd.get_current_status() == bmi.PDStatus.RUNNING
             assert pd.measurement()["sha256"].hex() == out["sha256"]
             pd.destroy()
+
+
+def test_example_toolstack_builds_runs_and_prints_its_attested_digest(pkg_config_dir, tmp_path):
+    if shutil.which("swtpm") is None:
+        pytest.skip("swtpm is not installed")
+    source = os.path.join(ROOT, "examples", "toolstack.c")
+    with open(source) as f:
+        assert len(f.readlines()) < 80
+    exe = compile_c(pkg_config_dir, str(tmp_path), source)
+    out = run(exe, busybox_path(), env=bare_env(BMI_STATE_DIR=str(tmp_path / "state"), BMI_TPM="swtpm"))
+    with open(busybox_path(), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert "console: hello from a PD" in out
+    assert f": sha256:{digest}\n" in out.splitlines()[-1] + "\n" and out.splitlines()[-1].startswith("attested by sha256:")
