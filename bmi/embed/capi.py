@@ -7,7 +7,6 @@ cffi object, nothing below it sees a C error convention.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import threading
 from typing import Any, Callable
@@ -16,12 +15,12 @@ import bmi
 from bmi.channel.protocol import ERROR_CODES, INTERNAL_ERROR
 from bmi.errors import BMIError, ImageError, InvalidArgument
 
-_managers: dict[int, Any] = {}
+_managers: dict[Any, "_Open"] = {}                # bmi_manager pointer -> what it stands for
 _managers_lock = threading.Lock()
 _tokens = itertools.count(1)
 _ffi: Any = None
 _lib: Any = None
-_exports: dict[str, Callable[..., Any]] = {}
+_exports: dict[str, tuple[Callable[..., Any], Any]] = {}
 _NULL = object()         # the failure value of a call returning a pointer
 
 
@@ -33,27 +32,27 @@ def error_code(exc: BaseException) -> int:
 
 
 def _c_call(failure: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Export a function under its own name; an exception becomes `failure` and this thread's last error."""
-    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(func)
-        def call(*args: Any) -> Any:
-            try:
-                return func(*args)
-            except BaseException as e:  # noqa: BLE001 (nothing may unwind into C)
-                message = str(e) if isinstance(e, BMIError) else f"internal error: {type(e).__name__}: {e}"
-                _lib.bmi__set_error(error_code(e), message.encode("utf-8", "replace"))
-                return _ffi.NULL if failure is _NULL else failure
-        _exports[func.__name__] = call
-        return call
-    return wrap
+    """Export a function under its own name: an exception becomes `failure` (NULL for _NULL) and this
+    thread's last error (cffi's onerror: no wrapper frame on the way in)."""
+    def register(func: Callable[..., Any]) -> Callable[..., Any]:
+        _exports[func.__name__] = (func, failure)
+        return func
+    return register
+
+
+def _record_error(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+    """cffi calls this when an exported function raised; nothing may unwind into C."""
+    message = str(exc) if isinstance(exc, BMIError) else f"internal error: {exc_type.__name__}: {exc}"
+    _lib.bmi__set_error(error_code(exc), message.encode("utf-8", "replace"))
 
 
 def install(ffi: Any, lib: Any) -> None:
     """Bind every exported call to libbmi's cffi module (its embedding_init_code calls this once)."""
     global _ffi, _lib
     _ffi, _lib = ffi, lib
-    for name, call in _exports.items():
-        ffi.def_extern(name=name)(call)
+    for name, (func, failure) in _exports.items():
+        on_error = {} if failure is _NULL or failure is None else {"error": failure}
+        ffi.def_extern(name=name, onerror=_record_error, **on_error)(func)
 
 
 # -- conversions ------------------------------------------------------------------------------------
@@ -78,20 +77,34 @@ def _c_string(value: str) -> Any:
     return p
 
 
-def _manager(p: Any, what: str) -> Any:
-    with _managers_lock:
-        mgr = _managers.get(int(_ffi.cast("uintptr_t", p)))
-    if mgr is None:
+class _Open:
+    """An open manager and the controllers handed out so far (each of its calls checks its PD still exists)."""
+
+    def __init__(self, mgr: Any):
+        self.mgr = mgr
+        self.controllers: dict[int, Any] = {}
+
+
+def _open(p: Any, what: str) -> _Open:
+    found = _managers.get(p)       # cffi pointers hash by address; one dict read is atomic under the GIL
+    if found is None:
         raise InvalidArgument(f"{what}: {'NULL' if p == _ffi.NULL else 'not an open bmi_manager'}")
-    return mgr
+    return found
+
+
+def _manager(p: Any, what: str) -> Any:
+    return _open(p, what).mgr
 
 
 def _pd(p: Any, pd_id: int, what: str) -> Any:
-    mgr = _manager(p, what)
-    try:
-        return mgr.get_controller(pd_id)
-    except BMIError as e:       # say which C call asked
-        raise type(e)(str(e).replace("get_controller", what, 1), pd_id=e.pd_id) from None
+    found = _open(p, what)
+    pd = found.controllers.get(pd_id)
+    if pd is None:
+        try:
+            pd = found.controllers[pd_id] = found.mgr.get_controller(pd_id)
+        except BMIError as e:       # say which C call asked
+            raise type(e)(str(e).replace("get_controller", what, 1), pd_id=e.pd_id) from None
+    return pd
 
 
 def _store_hex(out: Any, digest: bytes | None) -> None:
@@ -105,8 +118,9 @@ def bmi_open(uri: Any) -> Any:
     mgr = bmi.open(None if uri == _ffi.NULL else _ffi.string(uri).decode("utf-8"))
     token = next(_tokens) * 16          # never reused, never dereferenced: a stale pointer is refused
     with _managers_lock:
-        _managers[token] = mgr
-    return _ffi.cast("bmi_manager *", token)
+        pointer = _ffi.cast("bmi_manager *", token)
+        _managers[pointer] = _Open(mgr)
+    return pointer
 
 
 @_c_call(None)
@@ -114,10 +128,10 @@ def bmi_close(p: Any) -> None:
     if p == _ffi.NULL:
         return
     with _managers_lock:
-        mgr = _managers.pop(int(_ffi.cast("uintptr_t", p)), None)
-    if mgr is None:
+        found = _managers.pop(p, None)
+    if found is None:
         raise InvalidArgument("bmi_close: not an open bmi_manager")
-    mgr.close()
+    found.mgr.close()
 
 
 @_c_call(0)
@@ -256,6 +270,7 @@ def bmi_wait(p: Any, pd_id: int, timeout: float, exit_status: Any) -> int:
 @_c_call(-1)
 def bmi_destroy(p: Any, pd_id: int) -> int:
     _pd(p, pd_id, "bmi_destroy").destroy()
+    _open(p, "bmi_destroy").controllers.pop(pd_id, None)
     return 0
 
 
