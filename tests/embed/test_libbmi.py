@@ -240,3 +240,28 @@ def test_example_toolstack_builds_runs_and_prints_its_attested_digest(pkg_config
         digest = hashlib.sha256(f.read()).hexdigest()
     assert "console: hello from a PD" in out
     assert f": sha256:{digest}\n" in out.splitlines()[-1] + "\n" and out.splitlines()[-1].startswith("attested by sha256:")
+
+
+def _own_errors(xml_path: str, objects: tuple[str, ...]) -> list[str]:
+    """Valgrind errors whose innermost frame (past valgrind's own malloc/str* replacements) is in `objects`."""
+    import xml.etree.ElementTree as ET
+    found = []
+    for error in ET.parse(xml_path).getroot().iter("error"):
+        frames = [(f.findtext("obj") or "", f.findtext("fn") or "?") for f in error.find("stack").iter("frame")]
+        frames = [f for f in frames if "vgpreload" not in f[0]]
+        if frames and os.path.basename(frames[0][0]) in objects:
+            found.append(f"{error.findtext('kind')} in {frames[0][1]}: {error.findtext('what')}")
+    return found
+
+
+@pytest.mark.slow
+def test_valgrind_finds_no_invalid_access_in_libbmi(probe, tmp_path):
+    """The error paths (no PD is spawned: valgrind cannot follow the in-process CLONE_VM spawn)."""
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed (Debian package valgrind)")
+    xml = tmp_path / "valgrind.xml"
+    done = subprocess.run(["valgrind", "--error-exitcode=1", "--leak-check=no", "--xml=yes", f"--xml-file={xml}",
+                           probe, "errors", DYNAMIC_ELF], capture_output=True, text=True, timeout=900,
+                          env=bare_env(PYTHONMALLOC="malloc"))
+    assert "closed_manager rc=-1" in done.stdout, done.stdout + done.stderr
+    assert _own_errors(str(xml), ("libbmi.so", os.path.basename(probe))) == []
