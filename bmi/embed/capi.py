@@ -201,30 +201,37 @@ def bmi_setup_pd_callback(p: Any, pd_id: int, get_size: Any, get_data: Any, ctx:
     return _setup(p, pd_id, _CallbackImage(get_size, get_data, ctx, pd_id), out, "bmi_setup_pd_callback")
 
 
+def _set_param(kind: str, p: Any, pd_id: int, name: Any, value: Any) -> int:
+    """set_config_param / set_runtime_param (kind "config" / "runtime")."""
+    what = f"bmi_set_{kind}_param of PD {pd_id}"
+    setter = getattr(_pd(p, pd_id, what), f"set_{kind}_param")
+    setter(_text(name, what + ": name"), _text(value, what + ": value"))
+    return 0
+
+
+def _get_param(kind: str, p: Any, pd_id: int, name: Any) -> Any:
+    what = f"bmi_get_{kind}_param of PD {pd_id}"
+    return _c_string(getattr(_pd(p, pd_id, what), f"get_{kind}_param")(_text(name, what + ": name")))
+
+
 @_c_call(-1)
 def bmi_set_config_param(p: Any, pd_id: int, name: Any, value: Any) -> int:
-    what = f"bmi_set_config_param of PD {pd_id}"
-    _pd(p, pd_id, what).set_config_param(_text(name, what + ": name"), _text(value, what + ": value"))
-    return 0
+    return _set_param("config", p, pd_id, name, value)
 
 
 @_c_call(_NULL)
 def bmi_get_config_param(p: Any, pd_id: int, name: Any) -> Any:
-    what = f"bmi_get_config_param of PD {pd_id}"
-    return _c_string(_pd(p, pd_id, what).get_config_param(_text(name, what + ": name")))
+    return _get_param("config", p, pd_id, name)
 
 
 @_c_call(-1)
 def bmi_set_runtime_param(p: Any, pd_id: int, name: Any, value: Any) -> int:
-    what = f"bmi_set_runtime_param of PD {pd_id}"
-    _pd(p, pd_id, what).set_runtime_param(_text(name, what + ": name"), _text(value, what + ": value"))
-    return 0
+    return _set_param("runtime", p, pd_id, name, value)
 
 
 @_c_call(_NULL)
 def bmi_get_runtime_param(p: Any, pd_id: int, name: Any) -> Any:
-    what = f"bmi_get_runtime_param of PD {pd_id}"
-    return _c_string(_pd(p, pd_id, what).get_runtime_param(_text(name, what + ": name")))
+    return _get_param("runtime", p, pd_id, name)
 
 
 @_c_call(-1)
