@@ -59,7 +59,11 @@ def install(ffi: Any, lib: Any) -> None:
 def _text(p: Any, what: str) -> str:
     if p == _ffi.NULL:
         raise InvalidArgument(f"{what}: NULL")
-    return _ffi.string(p).decode("utf-8")
+    raw = _ffi.string(p)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"{what}: not UTF-8 ({e.reason} at byte {e.start} of {raw[:60]!r})") from None
 
 
 def _bytes(p: Any, n: int, what: str) -> bytes:
@@ -115,7 +119,7 @@ def _store_hex(out: Any, digest: bytes | None) -> None:
 # -- spec 7.1 ---------------------------------------------------------------------------------------
 @_c_call(_NULL)
 def bmi_open(uri: Any) -> Any:
-    mgr = bmi.open(None if uri == _ffi.NULL else _ffi.string(uri).decode("utf-8"))
+    mgr = bmi.open(None if uri == _ffi.NULL else _text(uri, "bmi_open: uri"))
     token = next(_tokens) * 16          # never reused, never dereferenced: a stale pointer is refused
     with _managers_lock:
         pointer = _ffi.cast("bmi_manager *", token)

@@ -187,6 +187,23 @@ static int threads(const char *image)
     return 0;
 }
 
+/* connections: allow PD 1 towards PD 2, then two malformed policies. */
+static int connections(void)
+{
+    bmi_manager *m = open_or_fail(NULL);
+    int64_t a = bmi_allocate_pd(m, 16 << 20, 1, 100), b = bmi_allocate_pd(m, 16 << 20, 1, 100);
+    int types[] = {BMI_CONN_IPC, BMI_CONN_SHM}, modes[] = {BMI_RW, BMI_READ}, bad_type[] = {9}, bad_mode[] = {7};
+    CHECK(a);
+    CHECK(b);
+    printf("allowed=%d\n", bmi_set_allowed_connections(m, a, b, types, modes, 2, 0));
+    printf("none=%d\n", bmi_set_allowed_connections(m, a, b, NULL, NULL, 0, 1));
+    misuse("bad_type", bmi_set_allowed_connections(m, a, b, bad_type, modes, 1, 0));
+    misuse("bad_mode", bmi_set_allowed_connections(m, a, b, types, bad_mode, 1, 0));
+    misuse("to_itself", bmi_set_allowed_connections(m, a, a, types, modes, 1, 0));
+    bmi_close(m);
+    return 0;
+}
+
 /* keep URI IMAGE CMDLINE: start a PD and exit without bmi_destroy or bmi_close. */
 static int keep(const char *uri, const char *image, const char *cmdline)
 {
@@ -212,8 +229,10 @@ int main(int argc, char **argv)
         return attest(argv[2], argv[3]);
     if (!strcmp(cmd, "threads") && argc == 3)
         return threads(argv[2]);
+    if (!strcmp(cmd, "connections") && argc == 2)
+        return connections();
     if (!strcmp(cmd, "keep") && argc == 5)
         return keep(argv[2], argv[3], argv[4]);
-    fprintf(stderr, "usage: probe run|errors|images|attest|threads|keep ...\n");
+    fprintf(stderr, "usage: probe run|errors|images|attest|threads|connections|keep ...\n");
     return 2;
 }

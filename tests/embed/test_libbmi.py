@@ -152,6 +152,16 @@ def test_four_threads_at_once_each_with_its_own_last_error(probe):
     assert out["main_thread_code"] == "0"       # the workers' errors are not the main thread's
 
 
+def test_connection_policies_from_c(probe):
+    out = fields(run(probe, "connections"))
+    assert out["allowed"] == "0" and out["none"] == "0"
+    for name, text in (("bad_type", "types[0] = 9 is not a BMI_CONN_*"), ("bad_mode", "mode 7 is not READ"),
+                       ("to_itself", "no connection to itself")):
+        rc, code, message = misuse(out[name])
+        assert (rc, code) == (-1, CODES["InvalidArgument"]), (name, out[name])
+        assert text in message, (name, message)
+
+
 def _processes_with(marker: str) -> list[int]:
     found = []
     for path in glob.glob("/proc/[0-9]*/cmdline"):
