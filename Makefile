@@ -6,10 +6,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEB_PACKAGES := gcc libc6-dev make pkg-config python3-venv python3-dev libssl-dev \
 	libtss2-dev swtpm swtpm-tools tpm2-tools busybox-static cpio bubblewrap openssl \
-	libxen-dev procps uidmap
+	libxen-dev procps uidmap valgrind
 STAMP  := $(VENV)/.installed
+# libbmi (bmi/embed): the C library; bmi.pc goes where pkg-config looks (a
+# non-root user's into the venv, named by PKG_CONFIG_PATH for the demo).
+LIBBMI := bmi/embed/libbmi.python
+PKGCONFIG_DIR ?= $(if $(filter 0,$(shell id -u)),/usr/local/lib/pkgconfig,$(CURDIR)/$(VENV)/pkgconfig)
 
-.PHONY: all deps venv demo test bench clean
+.PHONY: all deps venv libbmi install-pc demo test bench clean
 
 all: venv
 
@@ -38,18 +42,32 @@ venv: deps $(STAMP)
 		echo "rebuilding: $$($(PY) bmi/_build/missing.py)"; \
 		$(PY) -m pip install -q -e '.[test]' && $(PY) bmi/_build/missing.py; }
 
-demo: venv
+# libbmi built in place for this checkout, its embedded interpreter being the venv's python.
+$(LIBBMI): $(STAMP) bmi/embed/bmi.h bmi/embed/build.py
+	$(PY) -m bmi.embed.build --python $(CURDIR)/$(PY)
+
+libbmi: venv $(LIBBMI)
+
+install-pc: libbmi
+	install -d $(PKGCONFIG_DIR)
+	$(PY) -m bmi.embed --pc > $(PKGCONFIG_DIR)/bmi.pc
+	@echo "installed $(PKGCONFIG_DIR)/bmi.pc"
+
+demo: venv install-pc
 	$(VENV)/bin/bmi info
 	$(PY) examples/demo.py
+	PKG_CONFIG_PATH=$(PKGCONFIG_DIR) sh -c 'cc examples/toolstack.c $$(pkg-config --cflags --libs bmi) -o $(VENV)/toolstack'
+	$(VENV)/toolstack
 
-test: venv
+test: venv libbmi
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: venv
+bench: venv libbmi
 	$(PY) bench/spawn.py
+	$(PY) bench/embed.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info bmi/*.so bmi/_*_cffi.c tests/.build
+	rm -rf $(VENV) build dist *.egg-info bmi/*.so bmi/_*_cffi.c bmi/embed/libbmi.* tests/.build
 
 # --- QEMU test rigs (rig/): kernels and hypervisors this host lacks ---------
 # Boot the Debian kernel (pure cgroup v2) or Xen with it as dom0 in QEMU TCG
