@@ -149,7 +149,8 @@ class Agent:
     def _registrar(self, method: str, path: str, body: dict | None = None) -> dict:
         url = f"http://{self.config.registrar}{path}"
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=30) as reply:
                 return json.loads(reply.read() or b"{}")

@@ -50,7 +50,7 @@ def runtime_policy(images: Iterable[str] = (), digests: Iterable[str] = (), any_
         d = _file_digest(path, "--any-name")
         allowed.setdefault(f"/bmi/image/{d}", []).append(d)
     return {
-        "meta": {"version": 1, "generator": "bmi keylime-policy",
+        "meta": {"version": 1, "generator": 0,          # 0: Unknown (Keylime numbers its own tools)
                  "timestamp": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())},
         "release": 0,
         "digests": {path: sorted(set(v)) for path, v in sorted(allowed.items())},
