@@ -130,6 +130,20 @@ class Site:
         self.wait_for(lambda: b"serving" in self.logs["agent"].read_bytes(), "bmi's agent", 30, proc)
         return proc
 
+    def start_bmid(self, uuid: str) -> subprocess.Popen:
+        """bmid --keylime: the agent runs inside bmid, on bmid's TPM link."""
+        config = self.root / "keylime.toml"
+        values = {"uuid": uuid, "registrar": f"127.0.0.1:{self.ports['registrar']}", "ip": "127.0.0.1",
+                  "port": self.ports["agent"], "tls_dir": str(self.root / "agent-tls"),
+                  "trusted_client_ca": str(self.keylime_dir / "cv_ca/cacert.crt")}
+        config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+        log = self.root / "bmid.log"
+        start = log.stat().st_size if log.exists() else 0
+        proc = self.spawn("bmid", [str(Path(sys.executable).parent / "bmid"), "--socket", str(self.root / "bmid.sock"),
+                                   "--state-dir", str(self.root / "bmid"), "--keylime", str(config)])
+        self.wait_for(lambda: b"READY" in log.read_bytes()[start:], "bmid", 30, proc)
+        return proc
+
     def kill(self, name: str, sig: int = signal.SIGTERM) -> None:
         proc = self.procs.pop(name, None)
         if proc is None:
@@ -145,7 +159,7 @@ class Site:
             proc.wait()
 
     def stop(self) -> None:
-        for name in ("agent", "verifier", "registrar", "swtpm"):
+        for name in ("agent", "bmid", "verifier", "registrar", "swtpm"):
             self.kill(name)
 
     def wait_for(self, ok, what: str, timeout: float = 20, proc: subprocess.Popen | None = None) -> None:

@@ -116,6 +116,7 @@ def test_fleet_attestation(site, tmp_path, capsys):
         scenario(site, tmp_path, capsys)
     finally:
         site.kill("agent")
+        site.kill("bmid")
 
 
 def scenario(site: Site, tmp_path: Path, capsys) -> None:
@@ -163,9 +164,17 @@ def scenario(site: Site, tmp_path: Path, capsys) -> None:
     updated = tmp_path / "updated.json"
     r = bmi_cli(site, "keylime-policy", "--image", f"web={image}", "--image", f"rogue={rogue}", "-o", str(updated))
     assert r.returncode == 0, r.stderr
-    site.start_agent(FRESH)
+    site.start_bmid(FRESH)                      # this time the agent runs in bmid
     site.add(FRESH, updated)
     again = wait_state(site, FRESH, "Get Quote")
     launch(site, "web", image)
     time.sleep(3 * QUOTE_INTERVAL)
-    assert wait_state(site, FRESH, "Get Quote")["attestation_count"] > again["attestation_count"]
+    grown = wait_state(site, FRESH, "Get Quote")
+    assert grown["attestation_count"] > again["attestation_count"]
+
+    # SIGKILL of bmid (and the agent in it), restart within the retry window: still attested.
+    site.kill("bmid", signal.SIGKILL)
+    site.start_bmid(FRESH)
+    launch(site, "rogue", rogue)
+    time.sleep(4 * QUOTE_INTERVAL)
+    assert wait_state(site, FRESH, "Get Quote")["attestation_count"] > grown["attestation_count"]
