@@ -21,12 +21,11 @@ import re
 import ssl
 import struct
 import threading
-import time
 import tomllib
 import urllib.error
 import urllib.request
 import uuid as uuidlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Mapping

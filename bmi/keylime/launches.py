@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from ..errors import InvalidArgument, NotSupported
-from ..integrity.eventlog import template_data
+from ..integrity.eventlog import new_boot, template_data
 from ..integrity.tpm import TPM
 
 IMA_PCR = 10                  # Keylime hard-codes it (config.IMA_PCR)
@@ -85,17 +85,8 @@ class LaunchList:
             return []
 
     def _sync_boot(self) -> None:
-        boot = str(self._tpm.reset_count())
-        try:
-            current = self._boot.read_text()
-        except FileNotFoundError:
-            current = None
-        if current == boot:
-            return
         self.dir.mkdir(mode=0o700, exist_ok=True)
-        if self.path.exists():
-            os.replace(self.path, self.path.with_name("ima.prev.log"))
-        self._boot.write_text(boot)
+        new_boot(self._boot, str(self._tpm.reset_count()), self.path, "ima.prev.log")
 
 
 def _kernel_ima_active() -> bool:

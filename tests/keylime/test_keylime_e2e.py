@@ -111,6 +111,15 @@ def quote_latencies(site: Site, n: int = 50) -> tuple[float, float]:
     return statistics.median(polls), statistics.median(raw)
 
 
+def attested_after_launch(site: Site, uuid: str, since: dict, name: str, image: Path) -> dict:
+    """Launch a PD; the verifier keeps attesting the host ("Get Quote", attestation count grows)."""
+    launch(site, name, image)
+    time.sleep(4 * QUOTE_INTERVAL)
+    status = wait_state(site, uuid, "Get Quote")
+    assert status["attestation_count"] > since["attestation_count"], status
+    return status
+
+
 def test_fleet_attestation(site, tmp_path, capsys):
     try:
         scenario(site, tmp_path, capsys)
@@ -132,20 +141,13 @@ def scenario(site: Site, tmp_path: Path, capsys) -> None:
     agent = site.start_agent(AGENT)
     launch(site, "web", image)
     site.add(AGENT, policy)
-    first = wait_state(site, AGENT, "Get Quote")
-    launch(site, "web", image)
-    time.sleep(3 * QUOTE_INTERVAL)
-    later = wait_state(site, AGENT, "Get Quote")
-    assert later["attestation_count"] > first["attestation_count"]
+    later = attested_after_launch(site, AGENT, wait_state(site, AGENT, "Get Quote"), "web", image)
 
     # SIGKILL of the agent, restart within the retry window: the persisted list still explains PCR 10.
     site.kill("agent", signal.SIGKILL)
     time.sleep(2 * RETRY_INTERVAL)
     site.start_agent(AGENT)
-    launch(site, "web", image)
-    time.sleep(4 * QUOTE_INTERVAL)
-    after_kill = wait_state(site, AGENT, "Get Quote")
-    assert after_kill["attestation_count"] > later["attestation_count"], after_kill
+    attested_after_launch(site, AGENT, later, "web", image)
     assert MAX_RETRIES * RETRY_INTERVAL > 2 * RETRY_INTERVAL
 
     verifier_s, raw_s = quote_latencies(site)
@@ -166,15 +168,9 @@ def scenario(site: Site, tmp_path: Path, capsys) -> None:
     assert r.returncode == 0, r.stderr
     site.start_bmid(FRESH)                      # this time the agent runs in bmid
     site.add(FRESH, updated)
-    again = wait_state(site, FRESH, "Get Quote")
-    launch(site, "web", image)
-    time.sleep(3 * QUOTE_INTERVAL)
-    grown = wait_state(site, FRESH, "Get Quote")
-    assert grown["attestation_count"] > again["attestation_count"]
+    grown = attested_after_launch(site, FRESH, wait_state(site, FRESH, "Get Quote"), "web", image)
 
     # SIGKILL of bmid (and the agent in it), restart within the retry window: still attested.
     site.kill("bmid", signal.SIGKILL)
     site.start_bmid(FRESH)
-    launch(site, "rogue", rogue)
-    time.sleep(4 * QUOTE_INTERVAL)
-    assert wait_state(site, FRESH, "Get Quote")["attestation_count"] > grown["attestation_count"]
+    attested_after_launch(site, FRESH, grown, "rogue", rogue)
