@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import threading
 
@@ -16,8 +17,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
         launches = LaunchList(service.tpm)
         launches.enable()
         if args.enable:
-            print(f"Keylime mode enabled for the {service.tpm_kind} TPM ({service.tpm.tcti}): PD launches go "
-                  f"to {launches.path} and PCR 10")
+            _say(args, {"ok": True, "tpm": service.tpm_kind, "list": str(launches.path)},
+                 f"Keylime mode enabled for the {service.tpm_kind} TPM ({service.tpm.tcti}): PD launches go "
+                 f"to {launches.path} and PCR 10")
             return 0
         host, _, port = (args.contact or "").rpartition(":")
         agent = Agent(service, AgentConfig.load(args.config, {
@@ -29,11 +31,16 @@ def cmd_agent(args: argparse.Namespace) -> int:
         agent.register()
         agent.start()
         try:
-            print(f"keylime agent {agent.uuid} serving https://{agent.config.ip}:{agent.config.port}", flush=True)
+            url = f"https://{agent.config.ip}:{agent.config.port}"
+            _say(args, {"ok": True, "uuid": agent.uuid, "url": url}, f"keylime agent {agent.uuid} serving {url}")
             done.wait()
         finally:
             agent.stop()
     return 0
+
+
+def _say(args: argparse.Namespace, doc: dict, text: str) -> None:
+    print(json.dumps(doc) if args.json else text, flush=True)
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
@@ -54,6 +61,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     agent.add_argument("--tls-dir", help="where the agent's key and self-signed certificate live")
     agent.add_argument("--trusted-client-ca", help="CA certificate (PEM) of the verifier and tenant")
     agent.add_argument("--tcti", help="the TPM (default: /dev/tpmrm0, $BMI_TPM_TCTI, bmi's swtpm)")
+    agent.add_argument("--json", action="store_true", help="machine-readable output")
     agent.set_defaults(func=cmd_agent)
     policy = sub.add_parser("keylime-policy", help="write a Keylime runtime policy allowing given PD images",
                             description="The JSON `keylime-policy create runtime` makes, for PD launches.")
@@ -64,5 +72,6 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     policy.add_argument("--any-name", action="append", default=[], metavar="FILE",
                         help="allow FILE as an unnamed PD (/bmi/image/<sha256>)")
     policy.add_argument("-o", "--output", help="file to write (default: stdout)")
+    policy.add_argument("--json", action="store_true", help="failures as one JSON object (the policy is JSON)")
     policy.set_defaults(func=cmd_policy)
 
