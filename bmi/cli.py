@@ -393,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         integrity_cli.register(sub)
     from .server import cli as pd_cli
     pd_cli.register(sub)
+    from .keylime import cli as keylime_cli; keylime_cli.register(sub)  # noqa: E702
     for command in sub.choices.values():     # `bmi list --uri X` as well as `bmi --uri X list`
         command.add_argument("--uri", default=argparse.SUPPRESS, help="connection URI (as before the command)")
         command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
