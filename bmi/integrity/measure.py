@@ -1,7 +1,7 @@
 """Copy a PDImage into a PD's memfd and measure it in the same pass (spec 6.5).
 
 The bytes that run are exactly the bytes hashed.  The work happens in
-csrc/measure.c with the GIL released: C reads a FileImage itself (pread),
+csrc/measure/measure.c with the GIL released: C reads a FileImage itself (pread),
 with no Python call per chunk; any other PDImage is double-buffered - Python
 pulls chunk n+1 through get_data while C threads hash and write chunk n.
 Each chunk goes to one hashing thread per bank (one thread for all banks
@@ -33,7 +33,10 @@ FILE_STEP = 16 * CHUNK_SIZE          # a FileImage reports progress this often
 _ZERO_READ_RETRIES = 3
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _BANK_BIT = {"sha256": lib.BMI_BANK_SHA256, "sha384": lib.BMI_BANK_SHA384, "sha512": lib.BMI_BANK_SHA512}
-_DIGEST_AT = {"sha256": (0, 32), "sha384": (32, 80), "sha512": (80, 144)}
+# (start, end) of each bank's digest in what bmi_meas_finish writes: the C struct's layout, from the cdef
+_DIGEST_AT = {bank: (ffi.offsetof("struct bmi_meas_digests", bank),
+                     ffi.offsetof("struct bmi_meas_digests", bank) + ffi.sizeof(field.type))
+              for bank, field in ffi.typeof("struct bmi_meas_digests").fields}
 _RESOURCE_ERRNOS = {errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EDQUOT, errno.EAGAIN, errno.EMFILE}
 
 Progress = Callable[[int, int], None]
@@ -154,7 +157,7 @@ def _report(progress: Progress | None, done: int, total: int, pd_id: int | None)
 
 
 def _raise_c(rc: int, what: str, pd_id: int | None) -> None:
-    """Turn a negative errno from csrc/measure.c into the bmi error it means."""
+    """Turn a negative errno from csrc/measure/measure.c into the bmi error it means."""
     code = -rc
     if code == errno.ENODATA:
         raise ImageError(f"measure image{_of(pd_id)}: {what}: the file ended before its announced "
@@ -200,7 +203,7 @@ class _Pipeline:
             _raise_c(rc, what, self.pd_id)
 
     def finish(self) -> dict[str, bytes]:
-        out = ffi.new(f"unsigned char[{lib.BMI_MEAS_DIGESTS}]")
+        out = ffi.new("unsigned char[]", ffi.sizeof("struct bmi_meas_digests"))
         h, self.h = self.h, None
         rc = lib.bmi_meas_finish(h, out)
         self.inflight.clear()

@@ -13,7 +13,11 @@
 #define BMI_BANK_SHA512 4
 #define BMI_MEAS_DEPTH 4
 #define BMI_MEAS_CHUNK 1048576
-#define BMI_MEAS_DIGESTS 144
+/* Where bmi_meas_finish puts each bank's digest (Python reads the layout with ffi.offsetof). */
+struct bmi_meas_digests {
+    unsigned char sha256[32], sha384[48], sha512[64];
+};
+#define BMI_MEAS_DIGESTS 144    /* sizeof(struct bmi_meas_digests) */
 
 /* mode: who produces the chunks: the caller (bmi_meas_feed) or pread of a file */
 #define BMI_MEAS_FEED 0

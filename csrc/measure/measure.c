@@ -28,7 +28,12 @@
 #define NBANKS 3
 #define MAXW (NBANKS + 1)
 
-static const size_t digest_off[NBANKS] = {0, 32, 80};
+#include <stddef.h>
+
+static const size_t digest_off[NBANKS] = {offsetof(struct bmi_meas_digests, sha256),
+                                          offsetof(struct bmi_meas_digests, sha384),
+                                          offsetof(struct bmi_meas_digests, sha512)};
+_Static_assert(sizeof(struct bmi_meas_digests) == BMI_MEAS_DIGESTS, "BMI_MEAS_DIGESTS");
 
 static const EVP_MD *bank_md(int i)
 {
