@@ -71,7 +71,7 @@ int bmi_cpio_next(struct bmi_cpio_reader *r, struct bmi_cpio_entry *e, char *err
             return say(err, errlen, BMI_CPIO_EHEX, "cpio header at offset %zu has non-hex fields", off);
     uint32_t namesize = f[11];
     if (namesize == 0 || namesize > BMI_CPIO_NAME_MAX)
-        return say(err, errlen, BMI_CPIO_ENAMESIZE, "cpio entry at offset %zu has a name of %u bytes (1..%d)",
+        return say(err, errlen, BMI_CPIO_ENAMESIZE, "cpio entry at offset %zu has a name of %u bytes (0, or over PATH_MAX, %d)",
                    off, namesize, BMI_CPIO_NAME_MAX);
     const char *name = (const char *)h + BMI_CPIO_HEADER;
     if (size - off - BMI_CPIO_HEADER < namesize || name[namesize - 1] != 0 || memchr(name, 0, namesize - 1))
@@ -95,7 +95,7 @@ int bmi_cpio_next(struct bmi_cpio_reader *r, struct bmi_cpio_entry *e, char *err
     while (name[0] == '.' && name[1] == '/') name += 2;
     if (name[0] == '.' && name[1] == 0) name += 1;
     if (escapes(name))
-        return say(err, errlen, BMI_CPIO_EESCAPE, "cpio entry '%.200s' points outside the PD root ('..')", name);
+        return say(err, errlen, BMI_CPIO_EESCAPE, "cpio entry '%.200s' has a '..' component: it would land outside the PD root", name);
     *e = (struct bmi_cpio_entry){name, strlen(name), f[0], f[1], f[4], f[7], f[8], off, doff, f[6]};
     return 1;
 }
@@ -144,8 +144,8 @@ int bmi_cpio_check(const uint8_t *buf, size_t len, char *err, size_t errlen)
                            "mounts it)", e.name);
         for (size_t i = 0; i < sizeof bound_nodes / sizeof bound_nodes[0]; i++)
             if (strcmp(e.name, bound_nodes[i]) == 0)
-                return say(err, errlen, BMI_CPIO_EMOUNTPOINT, "cpio entry '%s' is one of the device nodes the "
-                           "layer binds into /dev; leave it out of the archive", e.name);
+                return say(err, errlen, BMI_CPIO_EMOUNTPOINT, "the layer binds its own device nodes into /dev; "
+                           "archives must not contain it: %s", e.name);
         if (type == S_IFLNK && (e.size == 0 || e.size >= BMI_CPIO_NAME_MAX || memchr(buf + e.data_offset, 0, e.size)))
             return say(err, errlen, BMI_CPIO_ESYMLINK, "cpio symlink '%.200s' has an empty, over-long or NUL-holding "
                        "target", e.name);
@@ -164,7 +164,7 @@ int bmi_cpio_check(const uint8_t *buf, size_t len, char *err, size_t errlen)
     }
     if (rc < 0) return rc;
     if (init_type < 0 || init_type == S_IFDIR)
-        return say(err, errlen, BMI_CPIO_ENOINIT, "the archive has no /init program to run (build one with "
-                   "`bmi bundle`)");
+        return say(err, errlen, BMI_CPIO_ENOINIT, "the archive has no usable /init program to run (an 'init' "
+                   "that is not a directory; build one with `bmi bundle`)");
     return 0;
 }

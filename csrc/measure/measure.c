@@ -179,7 +179,8 @@ static void destroy(struct bmi_meas *m)
 
 int bmi_meas_new(int out_fd, unsigned banks, int mode, int flags, bmi_meas **out)
 {
-    if (!(banks & BMI_BANK_SHA256) || banks >= (1u << NBANKS) || mode < 0 || mode > BMI_MEAS_FILE)
+    /* banks 0: copy only (a client handing an image to a layer that measures it itself) */
+    if ((banks && !(banks & BMI_BANK_SHA256)) || banks >= (1u << NBANKS) || mode < 0 || mode > BMI_MEAS_FILE)
         return -EINVAL;
     struct bmi_meas *m = calloc(1, sizeof *m);
     if (!m)

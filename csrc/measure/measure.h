@@ -28,6 +28,7 @@ struct bmi_meas_digests {
 
 typedef struct bmi_meas bmi_meas;
 
+/* banks: BMI_BANK_* bits, sha256 among them; or 0 to copy without hashing */
 int bmi_meas_new(int out_fd, unsigned banks, int mode, int flags, bmi_meas **out);
 int bmi_meas_feed(bmi_meas *m, const unsigned char *buf, size_t len);
 int bmi_meas_file(bmi_meas *m, int in_fd, uint64_t in_off, uint64_t len);
