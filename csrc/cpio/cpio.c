@@ -79,7 +79,7 @@ int bmi_cpio_next(struct bmi_cpio_reader *r, struct bmi_cpio_entry *e, char *err
                    off);
     size_t doff = align4(off + BMI_CPIO_HEADER + namesize);
     if (doff > size || size - doff < f[6])
-        return say(err, errlen, BMI_CPIO_EDATA, "cpio entry '%.200s' claims %u bytes past the end of the archive",
+        return say(err, errlen, BMI_CPIO_EDATA, "cpio archive truncated: entry '%.200s' claims %u bytes past its end",
                    name, f[6]);
     r->off = align4(doff + f[6]);
     if (strcmp(name, "TRAILER!!!") == 0) {
@@ -140,8 +140,9 @@ int bmi_cpio_check(const uint8_t *buf, size_t len, char *err, size_t errlen)
                        "root holds only files, directories and symlinks (the layer provides /dev)", e.name);
         for (size_t i = 0; i < sizeof mount_points / sizeof mount_points[0]; i++)
             if (strcmp(e.name, mount_points[i]) == 0 && type != S_IFDIR)
-                return say(err, errlen, BMI_CPIO_EMOUNTPOINT, "cpio entry '%s' must be a directory (the layer "
-                           "mounts it)", e.name);
+                return say(err, errlen, BMI_CPIO_EMOUNTPOINT, "cpio entry '%s' is not a directory: it would "
+                           "replace a directory %s the layer mounts (make it a directory, or leave it out)",
+                           e.name, e.name);
         for (size_t i = 0; i < sizeof bound_nodes / sizeof bound_nodes[0]; i++)
             if (strcmp(e.name, bound_nodes[i]) == 0)
                 return say(err, errlen, BMI_CPIO_EMOUNTPOINT, "the layer binds its own device nodes into /dev; "
