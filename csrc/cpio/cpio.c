@@ -79,7 +79,7 @@ int bmi_cpio_next(struct bmi_cpio_reader *r, struct bmi_cpio_entry *e, char *err
                    off);
     size_t doff = align4(off + BMI_CPIO_HEADER + namesize);
     if (doff > size || size - doff < f[6])
-        return say(err, errlen, BMI_CPIO_EDATA, "cpio archive truncated: entry '%.200s' claims %u bytes past its end",
+        return say(err, errlen, BMI_CPIO_EDATA, "cpio archive truncated: entry '%.160s' claims %u bytes past its end",
                    name, f[6]);
     r->off = align4(doff + f[6]);
     if (strcmp(name, "TRAILER!!!") == 0) {
@@ -90,12 +90,12 @@ int bmi_cpio_next(struct bmi_cpio_reader *r, struct bmi_cpio_entry *e, char *err
         uint32_t sum = 0;
         for (size_t i = 0; i < f[6]; i++) sum += r->buf[doff + i];
         if (sum != f[12])
-            return say(err, errlen, BMI_CPIO_ECHECKSUM, "cpio entry '%.200s' fails its 070702 checksum", name);
+            return say(err, errlen, BMI_CPIO_ECHECKSUM, "cpio entry '%.160s' fails its 070702 checksum", name);
     }
     while (name[0] == '.' && name[1] == '/') name += 2;
     if (name[0] == '.' && name[1] == 0) name += 1;
     if (escapes(name))
-        return say(err, errlen, BMI_CPIO_EESCAPE, "cpio entry '%.200s' has a '..' component: it would land outside the PD root", name);
+        return say(err, errlen, BMI_CPIO_EESCAPE, "cpio entry '%.160s' has a '..' component: it would land outside the PD root", name);
     *e = (struct bmi_cpio_entry){name, strlen(name), f[0], f[1], f[4], f[7], f[8], off, doff, f[6]};
     return 1;
 }
@@ -104,15 +104,15 @@ int bmi_cpio_next(struct bmi_cpio_reader *r, struct bmi_cpio_entry *e, char *err
 static int check_name(const char *name, char *err, size_t errlen)
 {
     if (name[0] == '/')
-        return say(err, errlen, BMI_CPIO_EABSOLUTE, "cpio entry '%.200s' has an absolute path; a PD root archive "
-                   "holds relative names (cpio -H newc from inside the root: find . | cpio -o -H newc)", name);
+        return say(err, errlen, BMI_CPIO_EABSOLUTE, "cpio entry '%.160s' has an absolute path; a PD root archive "
+                   "holds relative names (run `find . | cpio -o -H newc` inside the root)", name);
     for (const char *c = name;;) {
         const char *s = strchr(c, '/');
         size_t n = s ? (size_t)(s - c) : strlen(c);
         if (n == 0 || (n == 1 && c[0] == '.'))
-            return say(err, errlen, BMI_CPIO_ECOMPONENT, "cpio entry '%.200s' has an empty or '.' component", name);
+            return say(err, errlen, BMI_CPIO_ECOMPONENT, "cpio entry '%.160s' has an empty or '.' component", name);
         if (n > BMI_CPIO_COMPONENT_MAX)
-            return say(err, errlen, BMI_CPIO_ECOMPONENT, "cpio entry '%.200s' has a component over %d bytes",
+            return say(err, errlen, BMI_CPIO_ECOMPONENT, "cpio entry '%.160s' has a component over %d bytes",
                        name, BMI_CPIO_COMPONENT_MAX);
         if (!s) return 0;
         c = s + 1;
@@ -136,7 +136,7 @@ int bmi_cpio_check(const uint8_t *buf, size_t len, char *err, size_t errlen)
         if ((rc = check_name(e.name, err, errlen))) return rc;
         uint32_t type = e.mode & S_IFMT;
         if (type != S_IFREG && type != S_IFDIR && type != S_IFLNK)
-            return say(err, errlen, BMI_CPIO_ESPECIAL, "cpio entry '%.200s' is a device node, fifo or socket; a PD "
+            return say(err, errlen, BMI_CPIO_ESPECIAL, "cpio entry '%.160s' is a device node, fifo or socket; a PD "
                        "root holds only files, directories and symlinks (the layer provides /dev)", e.name);
         for (size_t i = 0; i < sizeof mount_points / sizeof mount_points[0]; i++)
             if (strcmp(e.name, mount_points[i]) == 0 && type != S_IFDIR)
@@ -148,7 +148,7 @@ int bmi_cpio_check(const uint8_t *buf, size_t len, char *err, size_t errlen)
                 return say(err, errlen, BMI_CPIO_EMOUNTPOINT, "the layer binds its own device nodes into /dev; "
                            "archives must not contain it: %s", e.name);
         if (type == S_IFLNK && (e.size == 0 || e.size >= BMI_CPIO_NAME_MAX || memchr(buf + e.data_offset, 0, e.size)))
-            return say(err, errlen, BMI_CPIO_ESYMLINK, "cpio symlink '%.200s' has an empty, over-long or NUL-holding "
+            return say(err, errlen, BMI_CPIO_ESYMLINK, "cpio symlink '%.160s' has an empty, over-long or NUL-holding "
                        "target", e.name);
         if (type == S_IFREG && e.nlink > 1) {   /* bmi-init links later names of a hard-linked file */
             int i = 0;
@@ -157,7 +157,7 @@ int bmi_cpio_check(const uint8_t *buf, size_t len, char *err, size_t errlen)
             if (i == nlinks) {
                 if (nlinks == BMI_CPIO_MAX_HARDLINKS)
                     return say(err, errlen, BMI_CPIO_EHARDLINKS, "cpio archive has more than %d hard-linked "
-                               "files (at '%.200s')", BMI_CPIO_MAX_HARDLINKS, e.name);
+                               "files (at '%.160s')", BMI_CPIO_MAX_HARDLINKS, e.name);
                 links[nlinks++] = (struct link_id){e.ino, e.devmajor, e.devminor};
             }
         }

@@ -49,7 +49,7 @@ struct bmi_ll_path_beneath {
 struct rec {
     int kind, err;
     char stage[120];
-    char detail[256];
+    char detail[512];
 };
 
 struct cfg {

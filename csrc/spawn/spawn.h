@@ -36,6 +36,6 @@ int bmi_spawn(const struct bmi_spawn_args *args, int *pid_out, int *pidfd_out, c
 int bmi_landlock_abi(void);
 int bmi_seccomp_available(void);
 
-/* The socket maker (csrc/sockmaker.c): a process in an empty network namespace making the socket pairs handed
+/* The socket maker (csrc/spawn/sockmaker.c): a process in an empty network namespace making the socket pairs handed
  * to PDs.  Returns the manager's end (SOCK_SEQPACKET, close-on-exec) and the maker's pid and pidfd, or -1 and errno. */
 int bmi_sockmaker_start(int *pid_out, int *pidfd_out);

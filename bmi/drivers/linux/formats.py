@@ -49,7 +49,7 @@ def iter_cpio(data: bytes | mmap.mmap, *, what: str) -> Iterator[CpioEntry]:
     The whole archive is walked before the first entry is given, so an
     ImageError for a malformed one comes before any of its entries."""
     entries = []
-    err = _cpio.ffi.new("char[]", 512)
+    err = _cpio.ffi.new("char[]", 1024)
     reader = _cpio.ffi.new("struct bmi_cpio_reader *")
     entry = _cpio.ffi.new("struct bmi_cpio_entry *")
     with _cpio.ffi.from_buffer(data) as buf:
@@ -64,7 +64,7 @@ def iter_cpio(data: bytes | mmap.mmap, *, what: str) -> Iterator[CpioEntry]:
 
 def check_archive(data: bytes | mmap.mmap, *, what: str) -> None:
     """A PD root archive is what bmi-init unpacks: the same C check (bmi_cpio_check) decides both."""
-    err = _cpio.ffi.new("char[]", 512)
+    err = _cpio.ffi.new("char[]", 1024)
     with _cpio.ffi.from_buffer(data) as buf:
         rc = _cpio.lib.bmi_cpio_check(buf, len(buf), err, len(err))
     if rc:

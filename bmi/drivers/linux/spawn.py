@@ -161,7 +161,7 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
     c_cg, keep_cg = _cstrings(list(cgroup_procs), "cgroup_procs", pd_id)
     pid = _ffi.new("int *")
     pidfd = _ffi.new("int *")
-    err = _ffi.new("char[]", 512)
+    err = _ffi.new("char[]", 1024)
     flags = ((lib.BMI_SPAWN_SECCOMP if seccomp else 0) | (lib.BMI_SPAWN_LANDLOCK if landlock else 0)
              | (lib.BMI_SPAWN_IO_URING if io_uring else 0))
     if map_helper:
