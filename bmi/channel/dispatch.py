@@ -6,7 +6,6 @@ Who may do what is decided in bmi/api.py, as for every other caller.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable
 
 from ..api import CallerScope

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 

@@ -21,7 +21,7 @@ from ...errors import ImageError
 ELF_MAGIC = b"\x7fELF"
 CPIO_MAGICS = (b"070701", b"070702")
 CPIO_TRAILER = "TRAILER!!!"
-CPIO_HEADER = 110
+CPIO_HEADER: int = _cpio.lib.BMI_CPIO_HEADER
 PT_INTERP = 3
 _HOST_MACHINES = {"x86_64": 62, "aarch64": 183}
 
