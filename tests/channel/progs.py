@@ -12,9 +12,10 @@ import time
 import pytest
 
 import bmi
+from bmi.clientlib import pd_client_dir
 from tests.images import BUILD_DIR, HERE
 
-CLIENT = HERE.parent.parent / "csrc" / "client" / "bmi_client.c"
+CLIENT = pd_client_dir() / "bmi_client.c"      # what tests/images/*.c #include, as installed
 
 
 def build(name: str) -> pathlib.Path:
