@@ -29,7 +29,7 @@ deps:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h bmi/_build/*.py) | deps
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*/*.c csrc/*/*.h bmi/_build/*.py) | deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=77"
 	$(PY) -m pip install -q -e '.[test]'

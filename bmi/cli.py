@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
 from urllib.parse import urlsplit
 
 from . import FileImage, PDDescription, PDStatus, __version__, errors, params
+from .clientlib import pd_client_dir
 from .uri import is_session, open as bmi_open, resolve as resolve_uri
 
 PROGRESS_THRESHOLD = 64 * 1024 * 1024
@@ -186,7 +187,12 @@ def _print(data: dict[str, Any], as_json: bool) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     with bmi_open(args.uri) as mgr:
-        _print(mgr.layer_info(), args.json)
+        info = mgr.layer_info()
+    try:
+        info["pd_client_dir"] = str(pd_client_dir())
+    except errors.NotSupported as e:
+        info["pd_client_dir"] = f"none ({e})"
+    _print(info, args.json)
     return 0
 
 

@@ -1,13 +1,15 @@
 """PDImage providers (spec 7.3).
 
 A PDImage is any object with `get_image_size()` and `get_data(offset,
-length)`; these two cover the common cases.  FileImage keeps its `path` so
-the measurement code can read the file itself without a Python call per
-chunk.
+length)`; FileImage and BytesImage cover the common cases.  FileImage
+keeps its `path` and FdImage its `fd` so the measurement code can read the
+file itself without a Python call per chunk, and so a client hands a
+FileImage to the layer as its own fd, for the layer's one copy and hash.
 """
 from __future__ import annotations
 
 import os
+import stat
 from typing import Protocol, runtime_checkable
 
 from .errors import ImageError, InvalidArgument
@@ -61,3 +63,42 @@ class BytesImage:
 
     def __repr__(self) -> str:
         return f"BytesImage(<{len(self.data)} bytes>)"
+
+
+class FdImage:
+    """A PDImage read from an open file: an image a client or a PD passed with SCM_RIGHTS (setup_pd)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        try:
+            self._size = os.fstat(fd).st_size
+        except OSError as e:
+            raise ImageError(f"setup_pd: the image fd cannot be stat'ed: {e.strerror}") from None
+
+    def get_image_size(self) -> int:
+        return self._size
+
+    def get_data(self, offset: int, length: int) -> bytes:
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as e:
+            raise ImageError(f"setup_pd: reading the image fd failed: {e.strerror}") from None
+
+
+def is_plain_file_image(image: object) -> bool:
+    """A FileImage whose reading is not overridden: its bytes are the file's bytes."""
+    cls = type(image)
+    return (isinstance(image, FileImage) and cls.get_data is FileImage.get_data
+            and cls.get_image_size is FileImage.get_image_size)
+
+
+def open_file_image(image: FileImage, what: str, pd_id: int | None = None) -> int:
+    """The FileImage's file opened read-only (close-on-exec); ImageError when it cannot be, or is no longer a file."""
+    try:
+        fd = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ImageError(f"{what}: cannot open {image.path!r}: {e.strerror}", pd_id=pd_id) from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageError(f"{what}: {image.path!r} is no longer a regular file", pd_id=pd_id)
+    return fd

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .channel import protocol as p
 from .errors import BMIError, InvalidArgument, NotSupported, ResourceError
+from .image import is_plain_file_image, open_file_image
 from .types import (RW, ConnectionPolicy, ConnectionType, IntegrityPolicy, IntegrityReport, PDDescription,
                     PDStatus, RuntimeCapability)
 
@@ -237,7 +238,11 @@ class RemoteController:
         self._call("destroy")
 
     def setup_pd(self, image: Any, *, banks: Sequence[str] = ("sha256",)) -> None:
-        """Copy the image into a memfd and pass it: the layer measures what it reads from there."""
+        """Pass the image to the layer, which copies and measures it once: a FileImage as its own file, any
+        other PDImage copied into a memfd."""
+        if is_plain_file_image(image):
+            self._hand_over(open_file_image(image, f"setup_pd of PD {self._id}", self._id), banks)
+            return
         size = image.get_image_size()
         fd = os.memfd_create("bmi-child-image", os.MFD_CLOEXEC)
         try:

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 from .channel import protocol as p
 from .errors import DriverUnavailable, InvalidArgument, InvalidState, NotSupported, PermissionDenied, ResourceError
 from .api import _check_policies, _check_setup
-from .integrity.measure import measure_into
+from .integrity.measure import handover_fd
 from .pd import Channel, RemoteController
 from .server.board import BoardReader
 from .types import ConnectionPolicy, IntegrityPolicy, PDDescription, PDStatus
@@ -261,19 +261,13 @@ class SystemController(RemoteController):
 
     def setup_pd(self, image: Any, *, banks: Sequence[str] = ("sha256",),
                  progress: Callable[[int, int], None] | None = None) -> None:
-        """Copy the image into a memfd and pass that to bmid, which measures what it reads from it.
+        """Hand the image to bmid, which copies it into its own sealed memfd and hashes it, once (handover_fd).
 
-        The copy goes through the same measure_into as session mode, so a
-        misbehaving PDImage gets the same error here, before bmid sees it.
+        A misbehaving PDImage gets the same error here as in session mode,
+        before bmid sees it; bmid trusts no digest of ours.
         """
         _check_setup(image, banks, progress, f"setup_pd of PD {self._id}", self._id)
-        fd = os.memfd_create(f"bmi-image-pd{self._id}", os.MFD_CLOEXEC)
-        try:
-            measure_into(image, fd, banks=banks, progress=progress, pd_id=self._id)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._hand_over(fd, banks)
+        self._hand_over(handover_fd(image, progress=progress, pd_id=self._id), banks)
 
     def set_allowed_connections(self, tid: int, policies: list[ConnectionPolicy],
                                 disable_existing: bool = False) -> None:

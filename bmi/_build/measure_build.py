@@ -1,10 +1,10 @@
-"""cffi build of bmi._measure: the copy-and-hash hot path (csrc/measure.c, OpenSSL EVP)."""
+"""cffi build of bmi._measure: the copy-and-hash hot path (csrc/measure/measure.c, OpenSSL EVP)."""
 import os
 
 from cffi import FFI
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "csrc")
-_CSRC = os.path.relpath(os.path.normpath(_CSRC))
+_CSRC = os.path.relpath(os.path.normpath(os.path.join(_CSRC, "measure")))
 
 with open(os.path.join(_CSRC, "measure.h")) as f:
     # the header is the cdef, minus its #include lines

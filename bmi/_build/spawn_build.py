@@ -1,8 +1,8 @@
-"""cffi build of bmi._spawn: the Linux PD spawn path (csrc/spawn.c), all C from clone to exec,
-and the socket maker (csrc/sockmaker.c) that makes the sockets handed to PDs in an empty network namespace.
+"""cffi build of bmi._spawn: the Linux PD spawn path (csrc/spawn/spawn.c), all C from clone to exec,
+and the socket maker (csrc/spawn/sockmaker.c) that makes the sockets handed to PDs in an empty network namespace.
 
-The PD's pid 1 is a small static program, bmi-init, built from the same
-spawn.c (-DBMI_PD_INIT_MAIN) and linked into the shim as bytes; the shim
+The PD's pid 1 is a small static program, bmi-init (csrc/init/, with the
+one cpio parser csrc/cpio/cpio.c), linked into the shim as bytes; the shim
 runs it from a sealed memfd, so nothing but bmi's own installed files is
 executed and it is covered by the TVL's self-measurement.
 """
@@ -15,8 +15,7 @@ from cffi import FFI
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CSRC = os.path.relpath(os.path.normpath(os.path.join(_HERE, "..", "..", "csrc")))
-_SPAWN_C = os.path.join(_CSRC, "spawn.c")
-_SOCKMAKER_C = os.path.join(_CSRC, "sockmaker.c")
+_SPAWN, _INIT, _CPIO = (os.path.join(_CSRC, d) for d in ("spawn", "init", "cpio"))
 
 
 def _build_init() -> str:
@@ -25,7 +24,8 @@ def _build_init() -> str:
     os.makedirs(out_dir, exist_ok=True)
     out = os.path.abspath(os.path.join(out_dir, "bmi-init"))
     cc = shlex.split(sysconfig.get_config_var("CC") or "cc")
-    cmd = [*cc, "-static", "-O2", "-Wall", "-Wextra", "-DBMI_PD_INIT_MAIN", "-I", _CSRC, "-o", out + ".tmp", _SPAWN_C]
+    cmd = [*cc, "-static", "-O2", "-Wall", "-Wextra", "-I", _INIT, "-I", _SPAWN, "-I", _CPIO, "-o", out + ".tmp",
+           os.path.join(_INIT, "init.c"), os.path.join(_CPIO, "cpio.c")]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"building bmi-init failed (a static libc is needed: Debian libc6-dev):\n"
@@ -34,7 +34,7 @@ def _build_init() -> str:
     return out
 
 
-with open(os.path.join(_CSRC, "spawn.h")) as f:
+with open(os.path.join(_SPAWN, "spawn.h")) as f:
     # the header is the cdef, minus its #include lines
     _CDEF = "".join(line for line in f if not line.startswith("#include"))
 
@@ -52,7 +52,7 @@ ffibuilder.cdef(_CDEF)
 ffibuilder.set_source(
     "bmi._spawn",
     '#include "spawn.h"\n' + _EMBED,
-    sources=[_SPAWN_C, _SOCKMAKER_C],
-    include_dirs=[_CSRC],
+    sources=[os.path.join(_SPAWN, "spawn.c"), os.path.join(_SPAWN, "sockmaker.c")],
+    include_dirs=[_SPAWN, _INIT],
     extra_compile_args=["-O2", "-Wall", "-Wextra"],
 )

@@ -1,4 +1,4 @@
-"""cffi build of bmi._xen: the flat libxl/libxenstore shim (csrc/xen.c).
+"""cffi build of bmi._xen: the flat libxl/libxenstore shim (csrc/xen/xen.c).
 
 Built only where libxen-dev is installed (`pkg-config xenlight xenstore`);
 elsewhere `ffibuilder` is None, setup.py skips it and the Xen driver raises
@@ -10,7 +10,7 @@ import subprocess
 from cffi import FFI
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "csrc")
-_CSRC = os.path.relpath(os.path.normpath(_CSRC))
+_CSRC = os.path.relpath(os.path.normpath(os.path.join(_CSRC, "xen")))
 _PACKAGES = ["xenlight", "xenstore", "xentoollog"]
 
 

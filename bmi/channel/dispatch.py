@@ -6,11 +6,11 @@ Who may do what is decided in bmi/api.py, as for every other caller.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable
 
 from ..api import CallerScope
-from ..errors import ImageError, InvalidArgument
+from ..errors import InvalidArgument
+from ..image import FdImage
 from ..params import normalize
 from ..types import PDDescription
 from . import protocol as p
@@ -18,26 +18,6 @@ from . import protocol as p
 MAX_BANKS = 4
 #: Bytes of one reply left for a result (the rest is jsonrpc, id and the braces).
 RESULT_ROOM = p.MAX_MESSAGE - 512
-
-
-class FdImage:
-    """A PDImage read from a file a PD passed with SCM_RIGHTS (setup_pd of a child)."""
-
-    def __init__(self, fd: int):
-        self._fd = fd
-        try:
-            self._size = os.fstat(fd).st_size
-        except OSError as e:
-            raise ImageError(f"setup_pd: the image fd cannot be stat'ed: {e.strerror}") from None
-
-    def get_image_size(self) -> int:
-        return self._size
-
-    def get_data(self, offset: int, length: int) -> bytes:
-        try:
-            return os.pread(self._fd, length, offset)
-        except OSError as e:
-            raise ImageError(f"setup_pd: reading the image fd failed: {e.strerror}") from None
 
 
 def _names(params: dict, required: tuple[str, ...], optional: tuple[str, ...] = (), *,

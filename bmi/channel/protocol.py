@@ -2,7 +2,7 @@
 
 Both sides use this module: the layer's server (bmi.channel.server) and the
 Python client inside a PD (bmi.pd).  docs/protocol.md is the reference for
-other languages; csrc/bmi_client.c is the C one.  Values that JSON lacks
+other languages; csrc/client/bmi_client.c is the C one.  Values that JSON lacks
 are encoded here once: bytes as lowercase hex, enums by name.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ name, or the one autobind picks) lands in that namespace.  Made by the
 manager, that would be the host's, where a PD could squat a name a host
 service uses (X11's @/tmp/.X11-unix/X0, D-Bus).  So every socket pair
 handed to a PD is made by a small process that sits in a network namespace
-of its own, which no other process ever joins (csrc/sockmaker.c; one per
+of its own, which no other process ever joins (csrc/spawn/sockmaker.c; one per
 manager, started with the first pair): a name bound there is seen by
 nobody.  The ends are connected already, so they cannot connect anywhere
 (EISCONN), and a path name a PD binds is resolved in its own mount

@@ -1,1 +1,1 @@
-../../csrc/bmi_client.c
+../../csrc/client/bmi_client.c

@@ -1,1 +1,1 @@
-../../csrc/bmi_client.h
+../../csrc/client/bmi_client.h

@@ -1,7 +1,7 @@
 """Copy a PDImage into a PD's memfd and measure it in the same pass (spec 6.5).
 
 The bytes that run are exactly the bytes hashed.  The work happens in
-csrc/measure.c with the GIL released: C reads a FileImage itself (pread),
+csrc/measure/measure.c with the GIL released: C reads a FileImage or an FdImage itself (pread),
 with no Python call per chunk; any other PDImage is double-buffered - Python
 pulls chunk n+1 through get_data while C threads hash and write chunk n.
 Each chunk goes to one hashing thread per bank (one thread for all banks
@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from .._measure import ffi, lib
 from ..errors import ImageError, InvalidArgument, ResourceError
-from ..image import FileImage
+from ..image import FdImage, is_plain_file_image, open_file_image
 
 SUPPORTED_BANKS = ("sha256", "sha384", "sha512")
 DEFAULT_MAX_IMAGE = 4 << 30
@@ -33,7 +33,10 @@ FILE_STEP = 16 * CHUNK_SIZE          # a FileImage reports progress this often
 _ZERO_READ_RETRIES = 3
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _BANK_BIT = {"sha256": lib.BMI_BANK_SHA256, "sha384": lib.BMI_BANK_SHA384, "sha512": lib.BMI_BANK_SHA512}
-_DIGEST_AT = {"sha256": (0, 32), "sha384": (32, 80), "sha512": (80, 144)}
+# (start, end) of each bank's digest in what bmi_meas_finish writes: the C struct's layout, from the cdef
+_DIGEST_AT = {bank: (ffi.offsetof("struct bmi_meas_digests", bank),
+                     ffi.offsetof("struct bmi_meas_digests", bank) + ffi.sizeof(field.type))
+              for bank, field in ffi.typeof("struct bmi_meas_digests").fields}
 _RESOURCE_ERRNOS = {errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EDQUOT, errno.EAGAIN, errno.EMFILE}
 
 Progress = Callable[[int, int], None]
@@ -154,7 +157,7 @@ def _report(progress: Progress | None, done: int, total: int, pd_id: int | None)
 
 
 def _raise_c(rc: int, what: str, pd_id: int | None) -> None:
-    """Turn a negative errno from csrc/measure.c into the bmi error it means."""
+    """Turn a negative errno from csrc/measure/measure.c into the bmi error it means."""
     code = -rc
     if code == errno.ENODATA:
         raise ImageError(f"measure image{_of(pd_id)}: {what}: the file ended before its announced "
@@ -167,19 +170,12 @@ def _raise_c(rc: int, what: str, pd_id: int | None) -> None:
     raise ImageError(msg, pd_id=pd_id)
 
 
-def _is_plain_file_image(image: Any) -> bool:
-    """A FileImage whose reading is not overridden: its bytes are the file's bytes."""
-    cls = type(image)
-    return (isinstance(image, FileImage) and cls.get_data is FileImage.get_data
-            and cls.get_image_size is FileImage.get_image_size)
-
-
 class _Pipeline:
     """One run of the C copy-and-hash pipeline; its threads live from start to finish/abort."""
 
     def __init__(self, fd: int, banks: tuple[str, ...], mode: int, pd_id: int | None):
         self.banks, self.pd_id = banks, pd_id
-        mask = sum(_BANK_BIT[b] for b in banks)
+        mask = sum(_BANK_BIT[b] for b in banks)     # 0: copy only
         serial = lib.BMI_MEAS_SERIAL_BANKS if len(os.sched_getaffinity(0)) < 2 else 0
         handle = ffi.new("bmi_meas **")
         rc = lib.bmi_meas_new(fd, mask, mode, serial, handle)
@@ -200,7 +196,7 @@ class _Pipeline:
             _raise_c(rc, what, self.pd_id)
 
     def finish(self) -> dict[str, bytes]:
-        out = ffi.new(f"unsigned char[{lib.BMI_MEAS_DIGESTS}]")
+        out = ffi.new("unsigned char[]", ffi.sizeof("struct bmi_meas_digests"))
         h, self.h = self.h, None
         rc = lib.bmi_meas_finish(h, out)
         self.inflight.clear()
@@ -215,29 +211,27 @@ class _Pipeline:
             self.inflight.clear()
 
 
-def _load_file(pipe: _Pipeline, image: FileImage, total: int, progress: Progress | None,
+def _load_file(pipe: _Pipeline, src: int, name: str, total: int, progress: Progress | None,
                pd_id: int | None) -> None:
-    try:
-        src = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise ImageError(f"measure image{_of(pd_id)}: cannot open {image.path!r}: {e.strerror}",
-                         pd_id=pd_id) from e
-    try:
-        st = os.fstat(src)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != total:
-            raise ImageError(f"measure image{_of(pd_id)}: {image.path!r} is {st.st_size} bytes, "
-                             f"but get_image_size() said {total} (it changed)", pd_id=pd_id)
-        step = total if progress is None else FILE_STEP
-        for off in range(0, total, step):
-            n = min(step, total - off)
-            pipe.check(lib.bmi_meas_file(pipe.h, src, off, n), f"copying {image.path!r} at {off}")
-            if off + n < total:
-                _report(progress, off + n, total, pd_id)
-        if os.fstat(src).st_size != total:
-            raise ImageError(f"measure image{_of(pd_id)}: {image.path!r} changed size while being "
-                             f"loaded ({total} -> {os.fstat(src).st_size} bytes)", pd_id=pd_id)
-    finally:
-        os.close(src)
+    """C reads the file itself (pread into the pipeline's buffers): the one copy, hashed as it is written."""
+    st = os.fstat(src)
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"measure image{_of(pd_id)}: {name} is not a regular file (pass a file or a memfd)",
+                         pd_id=pd_id)
+    if fcntl.fcntl(src, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+        raise ImageError(f"measure image{_of(pd_id)}: {name} is not open for reading", pd_id=pd_id)
+    if st.st_size != total:
+        raise ImageError(f"measure image{_of(pd_id)}: {name} is {st.st_size} bytes, "
+                         f"but get_image_size() said {total} (it changed)", pd_id=pd_id)
+    step = total if progress is None else FILE_STEP
+    for off in range(0, total, step):
+        n = min(step, total - off)
+        pipe.check(lib.bmi_meas_file(pipe.h, src, off, n), f"copying {name} at {off}")
+        if off + n < total:
+            _report(progress, off + n, total, pd_id)
+    if os.fstat(src).st_size != total:
+        raise ImageError(f"measure image{_of(pd_id)}: {name} changed size while being "
+                         f"loaded ({total} -> {os.fstat(src).st_size} bytes)", pd_id=pd_id)
 
 
 def _load_generic(pipe: _Pipeline, image: Any, total: int, progress: Progress | None,
@@ -259,27 +253,80 @@ def measure_into(image: Any, fd: int, *, banks: Sequence[str] = ("sha256",),
     sha256 is always measured.  The size bound (max_size, else BMI_MAX_IMAGE)
     is checked before a byte is copied.  On any error no digest is returned
     and no thread or buffer is left; the caller discards the memfd.  The fd's
-    file position is left unspecified.
+    file position is left unspecified.  A plain FileImage or an FdImage is
+    read by C itself; any other PDImage is pulled through get_data.
     """
     wanted = _check_banks(banks, pd_id)
     if progress is not None and not callable(progress):
         raise InvalidArgument(f"measure image{_of(pd_id)}: progress must be callable, "
                               f"got {progress!r}", pd_id=pd_id)
+    return _copy(image, fd, wanted, progress, max_size, pd_id)
+
+
+def copy_into(image: Any, fd: int, *, progress: Progress | None = None, max_size: int | None = None,
+              pd_id: int | None = None) -> None:
+    """measure_into without a hash: for a client whose layer measures the copy itself (it trusts no digest of
+    ours), so each image is hashed once."""
+    _copy(image, fd, (), progress, max_size, pd_id)
+
+
+def _copy(image: Any, fd: int, wanted: tuple[str, ...], progress: Progress | None, max_size: int | None,
+          pd_id: int | None) -> dict[str, bytes]:
     limit = _limit(max_size, pd_id)
     _check_fd(fd, pd_id)
     total = _image_size(image, limit, pd_id)
-    fast = _is_plain_file_image(image)
-    pipe = _Pipeline(fd, wanted, lib.BMI_MEAS_FILE if fast else lib.BMI_MEAS_FEED, pd_id)
+    if is_plain_file_image(image):
+        src, name, owned = open_file_image(image, f"measure image{_of(pd_id)}", pd_id), repr(image.path), True
+    elif type(image) is FdImage:
+        src, name, owned = image.fd, "the image fd", False
+    else:
+        src, name, owned = -1, "", False
     try:
-        if fast:
-            _load_file(pipe, image, total, progress, pd_id)
-        else:
-            _load_generic(pipe, image, total, progress, pd_id)
-        digests = pipe.finish()
+        pipe = _Pipeline(fd, wanted, lib.BMI_MEAS_FEED if src < 0 else lib.BMI_MEAS_FILE, pd_id)
+        try:
+            if src < 0:
+                _load_generic(pipe, image, total, progress, pd_id)
+            else:
+                _load_file(pipe, src, name, total, progress, pd_id)
+            digests = pipe.finish()
+        finally:
+            pipe.abort()
     finally:
-        pipe.abort()
+        if owned:
+            os.close(src)
     _report(progress, total, total, pd_id)
     return digests
+
+
+def handover_fd(image: Any, *, progress: Progress | None = None, pd_id: int | None = None) -> int:
+    """An fd that hands `image` to a layer that copies and measures it itself (bmid); the caller closes it.
+
+    A plain FileImage goes as its own file, read-only: no copy and no hash
+    here; the layer's one pipelined copy and hash reads it into its own
+    sealed memfd, so the file may change afterwards without changing what
+    was measured.  Any other PDImage is pulled (with measure_into's checks)
+    into a memfd, unhashed.  progress is called as for measure_into; for a
+    FileImage once, when its fd is handed over.
+    """
+    what = f"setup_pd{_of(pd_id)}"
+    if progress is not None and not callable(progress):
+        raise InvalidArgument(f"{what}: progress must be callable, got {progress!r}", pd_id=pd_id)
+    if is_plain_file_image(image):
+        fd = open_file_image(image, what, pd_id)
+        try:
+            size = _image_size(FdImage(fd), _limit(None, pd_id), pd_id)
+            _report(progress, size, size, pd_id)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    fd = os.memfd_create(f"bmi-image-pd{pd_id}", os.MFD_CLOEXEC)
+    try:
+        copy_into(image, fd, progress=progress, pd_id=pd_id)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def hash_file(path: str, bank: str = "sha256") -> bytes:
@@ -301,4 +348,5 @@ def hash_file(path: str, bank: str = "sha256") -> bytes:
     return ffi.buffer(out)[:end - start]
 
 
-__all__ = ["SUPPORTED_BANKS", "DEFAULT_MAX_IMAGE", "CHUNK_SIZE", "max_image_size", "measure_into", "hash_file"]
+__all__ = ["SUPPORTED_BANKS", "DEFAULT_MAX_IMAGE", "CHUNK_SIZE", "max_image_size", "measure_into", "copy_into",
+           "handover_fd", "hash_file"]

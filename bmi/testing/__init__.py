@@ -14,10 +14,10 @@ import socket
 import subprocess
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..clientlib import pd_client_dir
 from ..errors import InvalidArgument, NotSupported
 from ..types import PDStatus
 
@@ -56,15 +56,6 @@ def wait_console(pd: Any, text_or_regex: str | re.Pattern[str], timeout: float =
         if left <= 0:
             raise AssertionError(f"PD {pd.get_pd_id()}: {pattern.pattern!r} not on its console after {timeout} s; "
                                  f"console ends with: {text[-2000:]!r}")
-
-
-def pd_client_dir() -> Path:
-    """Where the PD channel client library (bmi_client.c / bmi_client.h) is: in the package, or csrc/."""
-    shipped = Path(str(resources.files("bmi") / "data"))
-    for candidate in (shipped, Path(__file__).resolve().parents[2] / "csrc"):
-        if (candidate / "bmi_client.h").is_file() and (candidate / "bmi_client.c").is_file():
-            return candidate
-    raise NotSupported("the PD client library (bmi_client.c, bmi_client.h) is not installed with bmi")
 
 
 def build_pd_program(source_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None,

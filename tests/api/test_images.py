@@ -148,3 +148,20 @@ def test_image_size_bound_from_the_environment(mgr, monkeypatch):
     monkeypatch.setenv("BMI_MAX_IMAGE", "lots")
     with pytest.raises(bmi.InvalidArgument):
         pd.setup_pd(bmi.FileImage(busybox_path()))
+
+
+def test_a_file_changed_after_setup_runs_what_was_measured(mgr, tmp_path):
+    """System mode hands bmid the FileImage's own file: bmid's one copy and hash goes into its own sealed
+    memfd, so changing the file in place afterwards changes neither what runs nor its measurement."""
+    original = _busybox()
+    path = tmp_path / "image"
+    path.write_bytes(original)
+    pd = mgr.allocate_pd(bmi.PDDescription(mem=32 << 20))
+    pd.setup_pd(bmi.FileImage(path))
+    with open(path, "r+b") as f:        # the same inode, other bytes: a shell script that would run instead
+        f.write(b"#!/bin/sh\necho swapped\n" + b"\0" * 64)
+    pd.set_config_param("/boot/cmdline", "busybox echo measured")
+    pd.request_status_change(bmi.PDStatus.RUNNING)
+    pd.wait(10)
+    assert pd.get_runtime_param("/console/log") == "measured\n"
+    assert pd.measurement()["sha256"] == hashlib.sha256(original).digest()

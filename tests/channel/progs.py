@@ -1,4 +1,4 @@
-"""Test PD programs that use the C client: compiled statically with csrc/bmi_client.c."""
+"""Test PD programs that use the C client: compiled statically with csrc/client/bmi_client.c."""
 from __future__ import annotations
 
 import hashlib
@@ -12,16 +12,17 @@ import time
 import pytest
 
 import bmi
+from bmi.clientlib import pd_client_dir
 from tests.images import BUILD_DIR, HERE
 
-CLIENT = HERE.parent.parent / "csrc" / "bmi_client.c"
+CLIENT = pd_client_dir() / "bmi_client.c"      # what tests/images/*.c #include, as installed
 
 
 def build(name: str) -> pathlib.Path:
     """tests/images/<name>.c (which #includes the C client), cached by both sources' hash."""
     src = HERE / f"{name}.c"
     digest = hashlib.sha256(src.read_bytes() + CLIENT.read_bytes()
-                            + (HERE.parent.parent / "csrc" / "bmi_client.h").read_bytes()).hexdigest()[:16]
+                            + (CLIENT.parent / "bmi_client.h").read_bytes()).hexdigest()[:16]
     out = BUILD_DIR / f"{name}-{digest}"
     if not out.exists():
         if shutil.which("gcc") is None:

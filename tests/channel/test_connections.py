@@ -1,4 +1,4 @@
-"""Two real PDs (static C programs using csrc/bmi_client.c) talking over connections."""
+"""Two real PDs (static C programs using csrc/client/bmi_client.c) talking over connections."""
 from __future__ import annotations
 
 import pytest

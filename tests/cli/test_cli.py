@@ -33,6 +33,8 @@ def test_info_json():
     assert info["cgroup"]["version"] in ("1", "2", 1, 2)
     assert "user" in info["namespaces"] and "net" in info["namespaces"]
     assert info["api_version"] == "0.1"
+    client = info["pd_client_dir"]      # where C PD programs find bmi_client.h: the one answer of bmi.clientlib
+    assert os.path.isfile(os.path.join(client, "bmi_client.h")) and os.path.isfile(os.path.join(client, "bmi_client.c"))
 
 
 def test_run_streams_console_and_exits_with_pd_status():

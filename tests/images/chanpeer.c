@@ -1,9 +1,9 @@
-/* chanpeer: a PD that uses its BMI channel (through csrc/bmi_client.c).
+/* chanpeer: a PD that uses its BMI channel (through csrc/client/bmi_client.c).
  * `chanpeer CMD ARGS [+ CMD ARGS ...]`; each command prints "CMD: result".
  * The test drives it in steps through config params (`wait NAME VALUE`).
  * `child MEM` makes a child PD; in call parameters the word CHILD is its id. */
 #define _GNU_SOURCE
-#include "../../csrc/bmi_client.c"
+#include "../../csrc/client/bmi_client.c"
 
 #include <fcntl.h>
 #include <poll.h>

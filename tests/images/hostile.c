@@ -2,7 +2,7 @@
  * where result is "ok ..." when the attack got through, else the errno name
  * (or what it saw).  tests/security checks every one is blocked. */
 #define _GNU_SOURCE
-#include "../../csrc/bmi_client.c"
+#include "../../csrc/client/bmi_client.c"
 
 #include <arpa/inet.h>
 #include <dirent.h>

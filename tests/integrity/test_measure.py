@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bmi.errors import ImageError, InvalidArgument
-from bmi.image import BytesImage, FileImage
+from bmi.image import BytesImage, FdImage, FileImage
 from bmi.integrity.measure import (CHUNK_SIZE, DEFAULT_MAX_IMAGE, FILE_STEP, SUPPORTED_BANKS,
-                                   hash_file, max_image_size, measure_into)
+                                   copy_into, handover_fd, hash_file, max_image_size, measure_into)
 
 CHUNK = CHUNK_SIZE
 
@@ -389,3 +389,69 @@ def test_one_gib(kind):
             os.close(fd)
     finally:
         os.unlink(path)
+
+
+# -- one copy and one hash per image in system mode: FdImage, copy_into, handover_fd --------------------
+
+def test_an_fd_image_is_read_by_c_and_hashed_once(memfd, tmp_path, monkeypatch):
+    data = os.urandom(3 * CHUNK + 5)
+    image = _file_image(tmp_path, data)
+    fd = os.open(image.path, os.O_RDONLY)
+    try:
+        pulled = []
+        monkeypatch.setattr(FdImage, "get_data", lambda self, o, n: pulled.append(o) or b"")
+        assert measure_into(FdImage(fd), memfd, banks=SUPPORTED_BANKS) == _expect(data)
+    finally:
+        os.close(fd)
+    assert pulled == [] and _contents(memfd) == data       # C pread the file: no Python call per chunk
+
+
+@pytest.mark.parametrize("kind", ["pipe", "write-only", "directory"])
+def test_an_fd_image_that_is_no_readable_file_is_an_image_error(kind, memfd, tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"\x7fELF" * 100)
+    if kind == "pipe":
+        fd, w = os.pipe()
+        os.write(w, b"x" * 100)
+        os.close(w)
+    else:
+        fd = os.open(tmp_path if kind == "directory" else path, os.O_RDONLY if kind == "directory" else os.O_WRONLY)
+    try:
+        image = FdImage(fd)
+        image._size = 400                   # what a lying fstat would give: the copy still refuses
+        with pytest.raises(ImageError, match="regular file|not open for reading"):
+            measure_into(image, memfd, pd_id=4)
+    finally:
+        os.close(fd)
+    assert _contents(memfd) == b""
+
+
+def test_copy_into_copies_without_hashing(memfd):
+    data = os.urandom(2 * CHUNK + 3)
+    copy_into(BytesImage(data), memfd)
+    assert _contents(memfd) == data
+
+
+def test_handover_of_a_file_image_is_its_own_file_read_only(tmp_path):
+    data = os.urandom(CHUNK + 1)
+    image = _file_image(tmp_path, data)
+    calls = []
+    fd = handover_fd(image, progress=lambda d, t: calls.append((d, t)), pd_id=3)
+    try:
+        assert os.path.samestat(os.fstat(fd), os.stat(image.path))      # no copy
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    finally:
+        os.close(fd)
+    assert calls == [(len(data), len(data))]
+
+
+def test_handover_of_another_image_is_a_memfd_copy(memfd):
+    data = os.urandom(CHUNK + 9)
+    fd = handover_fd(ShortReads(data, [4096]))
+    try:
+        assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:") and _contents(fd) == data
+    finally:
+        os.close(fd)
+    with pytest.raises(ImageError, match="PD 5"):
+        handover_fd(BytesImage(b""), pd_id=5)

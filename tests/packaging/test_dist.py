@@ -94,7 +94,7 @@ def test_wheel_carries_the_data_and_libbmi_and_is_tagged_for_this_cpython(dists)
         names = zf.namelist()
         tags = [line.split(": ", 1)[1] for line in zf.read("bmi-0.1.0.dist-info/WHEEL").decode().splitlines()
                 if line.startswith("Tag: ")]
-        assert zf.read("bmi/data/bmi_client.h") == (ROOT / "csrc" / "bmi_client.h").read_bytes()
+        assert zf.read("bmi/data/bmi_client.h") == (ROOT / "csrc" / "client" / "bmi_client.h").read_bytes()
         assert zf.read("bmi/data/bmid.service") == (ROOT / "systemd" / "bmid.service").read_bytes()
     assert tags == [WHEEL_TAG]
     for name in DATA + ["bmi-0.1.0.dist-info/licenses/LICENSE", "bmi/embed/bmi.h", "bmi/embed/libbmi.so"]:
@@ -113,7 +113,7 @@ def test_installed_bmi_runs_a_pd(venvs, dists, kind):
                         "print(r.files('bmi').joinpath('data/bmi_client.h').read_text(), end='')", cwd=cwd))
     path, header = where.stdout.split("\n", 1)
     assert Path(path).is_relative_to(venv)
-    assert header == (ROOT / "csrc" / "bmi_client.h").read_text()
+    assert header == (ROOT / "csrc" / "client" / "bmi_client.h").read_text()
 
     info = json.loads(_check(_run(venv / "bin" / "bmi", "info", "--json", cwd=cwd)).stdout)
     assert info["driver"] == "linux"

@@ -3,7 +3,8 @@
 The checks here run on the sealed, measured copy of the image in the
 parent, so a bad image fails at setup_pd with a message that says what to
 do instead, before anything of it runs.  The extraction itself happens in
-the C spawn path inside the PD's own mount namespace.
+bmi-init inside the PD's own mount namespace; a cpio archive is parsed and
+checked by the same C code in both places (csrc/cpio/cpio.c, bmi._cpio).
 """
 from __future__ import annotations
 
@@ -12,23 +13,22 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
+from ... import _cpio
 from ...errors import ImageError
 
 ELF_MAGIC = b"\x7fELF"
 CPIO_MAGICS = (b"070701", b"070702")
 CPIO_TRAILER = "TRAILER!!!"
-CPIO_HEADER = 110
+CPIO_HEADER: int = _cpio.lib.BMI_CPIO_HEADER
 PT_INTERP = 3
 _HOST_MACHINES = {"x86_64": 62, "aarch64": 183}
-_ALLOWED_TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFLNK: "symlink"}
-MAX_PATH = 4096
 
 
 @dataclass(frozen=True)
 class CpioEntry:
-    name: str           # relative, normalised ('init', 'bin/sh')
+    name: str           # leading './' removed ('init', 'bin/sh'; '' for '.')
     mode: int
     nlink: int
     data_offset: int
@@ -39,60 +39,36 @@ def _align4(n: int) -> int:
     return (n + 3) & ~3
 
 
+def _c_error(err: Any) -> str:
+    return _cpio.ffi.string(err).decode(errors="backslashreplace")
+
+
 def iter_cpio(data: bytes | mmap.mmap, *, what: str) -> Iterator[CpioEntry]:
-    """Walk a newc archive, raising ImageError on anything malformed."""
-    pos, end = 0, len(data)
-    while True:
-        if pos + CPIO_HEADER > end:
-            raise ImageError(f"{what}: cpio archive truncated at offset {pos} (no TRAILER!!!)")
-        header = bytes(data[pos:pos + CPIO_HEADER])
-        if header[:6] not in CPIO_MAGICS:
-            raise ImageError(f"{what}: bad cpio header magic at offset {pos}: only newc ('070701') is supported")
-        try:
-            fields = [int(header[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
-        except ValueError:
-            raise ImageError(f"{what}: cpio header at offset {pos} has non-hex fields") from None
-        mode, nlink, size, namesize = fields[1], fields[4], fields[6], fields[11]
-        if not 1 <= namesize <= MAX_PATH:
-            raise ImageError(f"{what}: cpio entry at offset {pos} has a name of {namesize} bytes")
-        name_start = pos + CPIO_HEADER
-        raw = bytes(data[name_start:name_start + namesize])
-        if len(raw) != namesize or raw[-1:] != b"\0":
-            raise ImageError(f"{what}: cpio entry name at offset {pos} is truncated or not NUL-terminated")
-        try:
-            name = raw[:-1].decode()
-        except UnicodeDecodeError:
-            raise ImageError(f"{what}: cpio entry name at offset {pos} is not UTF-8") from None
-        data_offset = _align4(name_start + namesize)
-        if data_offset + size > end:
-            raise ImageError(f"{what}: cpio entry {name!r} claims {size} bytes past the end of the archive")
-        pos = _align4(data_offset + size)
-        if name == CPIO_TRAILER:
-            return
-        yield CpioEntry(_normalise(name, what), mode, nlink, data_offset, size)
+    """The entries of a newc archive, through the C parser bmi-init uses (csrc/cpio/cpio.c).
 
-
-def _normalise(name: str, what: str) -> str:
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts or "\0" in name:
-        raise ImageError(f"{what}: cpio entry {name!r} points outside the PD root ('..')")
-    return "/".join(parts)
+    The whole archive is walked before the first entry is given, so an
+    ImageError for a malformed one comes before any of its entries."""
+    entries = []
+    err = _cpio.ffi.new("char[]", 1024)
+    reader = _cpio.ffi.new("struct bmi_cpio_reader *")
+    entry = _cpio.ffi.new("struct bmi_cpio_entry *")
+    with _cpio.ffi.from_buffer(data) as buf:
+        _cpio.lib.bmi_cpio_start(reader, buf, len(buf))
+        while (rc := _cpio.lib.bmi_cpio_next(reader, entry, err, len(err))) == 1:
+            name = os.fsdecode(_cpio.ffi.unpack(entry.name, entry.name_len))
+            entries.append(CpioEntry(name, entry.mode, entry.nlink, entry.data_offset, entry.size))
+    if rc < 0:
+        raise ImageError(f"{what}: {_c_error(err)}")
+    return iter(entries)
 
 
 def check_archive(data: bytes | mmap.mmap, *, what: str) -> None:
-    """A PD root archive must be well formed, hold only files/dirs/symlinks, and have /init."""
-    init = None
-    for entry in iter_cpio(data, what=what):
-        kind = _ALLOWED_TYPES.get(stat.S_IFMT(entry.mode))
-        if kind is None:
-            raise ImageError(f"{what}: cpio entry {entry.name!r} is a device node, fifo or socket; a PD root "
-                             f"holds only files, directories and symlinks (the layer provides /dev)")
-        if entry.name in ("proc", "dev", "tmp") and kind != "directory":
-            raise ImageError(f"{what}: cpio entry {entry.name!r} must be a directory (the layer mounts it)")
-        if entry.name == "init":
-            init = entry
-    if init is None or stat.S_IFMT(init.mode) == stat.S_IFDIR:
-        raise ImageError(f"{what}: the archive has no /init program to run (build one with `bmi bundle`)")
+    """A PD root archive is what bmi-init unpacks: the same C check (bmi_cpio_check) decides both."""
+    err = _cpio.ffi.new("char[]", 1024)
+    with _cpio.ffi.from_buffer(data) as buf:
+        rc = _cpio.lib.bmi_cpio_check(buf, len(buf), err, len(err))
+    if rc:
+        raise ImageError(f"{what}: {_c_error(err)}")
 
 
 def check_elf(data: bytes | mmap.mmap, *, what: str) -> None:

@@ -1,6 +1,6 @@
 """Start a PD's process tree: the only wrapper of the C shim bmi._spawn.
 
-Everything from fork to exec happens in C (csrc/spawn.c): a copy of a
+Everything from fork to exec happens in C (csrc/spawn/spawn.c): a copy of a
 Python process must not run Python, and the PD must be mapped, placed in
 its cgroups and confined before any byte of its image runs.  This module
 checks arguments, marshals them and turns the shim's error codes into bmi
@@ -120,7 +120,7 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
     them).  map_helper: the ids are from our /etc/subuid and /etc/subgid,
     mapped with newuidmap/newgidmap.  An ELF image is made execute-only
     (mode 0111), which keeps the program's memory from the PD's other
-    processes (see csrc/spawn.c, drop_caps).
+    processes (see csrc/init/init.c, drop_caps).
     """
     who = _who(pd_id)
     for fd, name, optional in ((exec_fd, "exec_fd", False), (console_fd, "console_fd", False),
@@ -161,16 +161,20 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
     c_cg, keep_cg = _cstrings(list(cgroup_procs), "cgroup_procs", pd_id)
     pid = _ffi.new("int *")
     pidfd = _ffi.new("int *")
-    err = _ffi.new("char[]", 512)
+    err = _ffi.new("char[]", 1024)
     flags = ((lib.BMI_SPAWN_SECCOMP if seccomp else 0) | (lib.BMI_SPAWN_LANDLOCK if landlock else 0)
              | (lib.BMI_SPAWN_IO_URING if io_uring else 0))
     if map_helper:
         flags |= lib.BMI_SPAWN_MAP_HELPER
     elif os.geteuid() == 0 and uid != 0:
         flags |= lib.BMI_SPAWN_OWN_USERNS
-    rc = lib.bmi_spawn(exec_fd, int(bool(archive)), c_argv, c_env, console_fd, status_fd, lifeline_fd,
-                       channel_fd, c_cg, uid, gid, encoded_host, tmpfs_bytes, flags, keep_caps, pid, pidfd, err,
-                       len(err))
+    c_host = _ffi.new("char[]", encoded_host)
+    args = _ffi.new("struct bmi_spawn_args *", {
+        "exec_fd": exec_fd, "archive": int(bool(archive)), "argv": c_argv, "envp": c_env,
+        "console_fd": console_fd, "status_fd": status_fd, "lifeline_fd": lifeline_fd, "channel_fd": channel_fd,
+        "cgroup_procs": c_cg, "outer_uid": uid, "outer_gid": gid, "hostname": c_host,
+        "tmpfs_bytes": tmpfs_bytes, "flags": flags, "keep_caps": keep_caps})
+    rc = lib.bmi_spawn(args, pid, pidfd, err, len(err))
     if rc == lib.BMI_SPAWN_OK:
         return Spawned(pid=pid[0], pidfd=pidfd[0])
     reason = _ffi.string(err).decode(errors="backslashreplace")
@@ -216,7 +220,7 @@ def seccomp_available() -> bool:
 
 
 def start_socket_maker() -> tuple[socket.socket, int, int]:
-    """Start the process that makes the sockets handed to PDs in an empty network namespace (csrc/sockmaker.c).
+    """Start the process that makes the sockets handed to PDs in an empty network namespace (csrc/spawn/sockmaker.c).
 
     Returns its socket, pid and pidfd (the caller reaps it: closing the socket ends it).
     """

@@ -38,7 +38,7 @@ from ...errors import InvalidArgument, ResourceError
 DEFAULT_RANGE = (0x70000000, 65536)
 LOCK_FILE = "/run/bmi/uids.lock"
 ENV_RANGE = "BMI_UID_RANGE"
-MAP_HELPERS = ("/usr/bin/newuidmap", "/usr/bin/newgidmap")     # the paths csrc/spawn.c runs
+MAP_HELPERS = ("/usr/bin/newuidmap", "/usr/bin/newgidmap")     # the paths csrc/spawn/spawn.c runs
 _MAX_ID = 2**31 - 2     # above, many tools read ids as negative
 NOBODY = 65534          # a root manager's PDs when they cannot have ids of their own (as before per-PD ids)
 

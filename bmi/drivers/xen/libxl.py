@@ -1,4 +1,4 @@
-"""The one Python module that touches bmi._xen (csrc/xen.c over libxl and libxenstore).
+"""The one Python module that touches bmi._xen (csrc/xen/xen.c over libxl and libxenstore).
 
 It turns the shim's return codes into bmi exceptions that carry libxl's
 own error text, and hands out plain ints, strs and tuples only.  Every
@@ -26,9 +26,15 @@ else:
 
 INVALID_DOMID = 0xFFFFFFFF
 PERM_NONE, PERM_READ, PERM_WRITE, PERM_RW = 0, 1, 2, 3
-STATES = {1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "dying"}
-SHUTDOWN_REASONS = {0: "poweroff", 1: "reboot", 2: "suspend", 3: "crash", 4: "watchdog", 5: "soft_reset"}
-CREDIT2 = 6
+
+
+def _by_value(*names: str) -> dict[int, str]:
+    """{BMI_XEN_<NAME>: name} read from the shim's cdef (csrc/xen/xen.h); empty where the shim is not built."""
+    return {} if lib is None else {getattr(lib, "BMI_XEN_" + n.upper()): n for n in names}
+
+
+STATES = _by_value("running", "blocked", "paused", "shutdown", "dying")
+SHUTDOWN_REASONS = _by_value("poweroff", "reboot", "suspend", "crash", "watchdog", "soft_reset")
 _PATH_MAX = 4096
 
 # libxl error codes (libxl_error) -> the bmi exception they mean
@@ -175,7 +181,7 @@ class Xen:
         self._check(lib.bmi_xen_set_vcpus(self._h, domid, online, max_vcpus), "set_vcpuonline", what, pd_id)
 
     def sched(self, domid: int, *, what: str, pd_id: int | None) -> tuple[int, int, int]:
-        """(scheduler, weight, cap) of the domain; scheduler CREDIT2 is 6."""
+        """(scheduler, weight, cap) of the domain; scheduler BMI_XEN_CREDIT2 is credit2."""
         sched, weight, cap = ffi.new("int *"), ffi.new("int *"), ffi.new("int *")
         self._check(lib.bmi_xen_sched_get(self._h, domid, sched, weight, cap), "domain_sched_params_get",
                     what, pd_id)

@@ -1,19 +1,10 @@
 /*
- * Linux PD spawn path: clone into fresh namespaces, build the PD's root,
- * and exec the measured image -- with no Python between clone and exec.
- *
- * Process shape:
- *   manager --clone(CLONE_VM|NEWUSER|NEWPID|NEWNET|NEWNS|NEWIPC|NEWUTS, PIDFD)--> pid 1
- *   pid 1: waits until the manager has written its uid/gid maps and cgroup.procs,
- *          becomes root of its user namespace, and execs bmi-init (this file built
- *          with -DBMI_PD_INIT_MAIN, run from a sealed memfd): the tiny init that
- *          builds the root, forwards signals, reaps, and reports the exit
- *   pid 1  --clone--> pid 2 = the PD's program (seccomp from pid 1, then landlock, capabilities dropped)
- * CLONE_VM as in posix_spawn: no copy of the manager's page tables (ms for a
- * big Python process) and none of its memory in the PD.  Until its exec the
- * child shares the manager's memory, so it only makes raw syscalls on its own
- * stack.  Set-up errors travel back as one fixed-size record on a pipe; EOF on
- * that pipe means the program was exec'd.
+ * bmi-init: the PD's pid 1, a small static program the spawn shim (csrc/spawn/spawn.c) runs from a sealed
+ * memfd once the manager has mapped its uids and placed it in its cgroups.  It builds the PD's root (a tmpfs
+ * with proc, dev, tmp and, for a root archive, the archive unpacked through the one cpio parser,
+ * csrc/cpio/cpio.c, the same code that checked it at setup_pd), installs the seccomp filter, clones the
+ * program as pid 2 (landlock, capabilities dropped), then forwards signals, reaps, and reports the exit.
+ * Set-up errors travel back to the manager as one fixed-size record (struct rec) on a pipe.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -44,69 +35,12 @@
 
 #include "spawn.h"
 
-#ifndef CLONE_PIDFD
-#define CLONE_PIDFD 0x00001000
-#endif
-#ifndef P_PIDFD
-#define P_PIDFD 3
-#endif
-#define SYS_clone3_ 435
-#define SYS_pidfd_send_signal_ 424
-#define SYS_openat2_ 437
-#define SYS_landlock_create_ruleset_ 444
-#define SYS_landlock_add_rule_ 445
-#define SYS_landlock_restrict_self_ 446
+#include "cpio.h"
+#include "handoff.h"
 
-/* our own declarations: the installed kernel headers (6.1) predate landlock ABI 4-7 */
-struct bmi_clone_args {
-    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls,
-        set_tid, set_tid_size, cgroup;
-};
-struct bmi_ll_ruleset_attr {
-    uint64_t handled_access_fs, handled_access_net, scoped;
-};
-struct bmi_ll_path_beneath {
-    uint64_t allowed_access;
-    int32_t parent_fd;
-} __attribute__((packed));
-#define LL_CREATE_RULESET_VERSION 1u
-#define LL_RULE_PATH_BENEATH 1
-#define LL_FS_MAKE_CHAR (1ull << 6)
-#define LL_FS_MAKE_BLOCK (1ull << 11)
-#define LL_FS_ABI1 ((1ull << 13) - 1) /* EXECUTE .. MAKE_SYM */
-#define LL_FS_REFER (1ull << 13)      /* ABI 2 */
-#define LL_FS_TRUNCATE (1ull << 14)   /* ABI 3 */
-#define LL_FS_IOCTL_DEV (1ull << 15)  /* ABI 5 */
-#define LL_SCOPE_ABSTRACT_UNIX (1ull << 0) /* ABI 6 */
-#define LL_SCOPE_SIGNAL (1ull << 1)        /* ABI 6 */
+/* ---------------------------------------------------------------- helpers */
 
-#define PD_NAMESPACES (CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWNS | \
-                       CLONE_NEWIPC | CLONE_NEWUTS)
-#define CLONE_NS_MASK (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | \
-                       CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET)
-#define MAX_HARDLINKS 1024
-#define HIGH_FD 10
 
-/* One failure record, written with a single write() (< PIPE_BUF, so atomic). */
-struct rec {
-    int kind, err;
-    char stage[120];
-    char detail[128];
-};
-
-struct cfg {
-    int exec_fd, archive, console_fd, status_fd, lifeline_fd, channel_fd, flags;
-    char **argv, **envp;
-    const char *hostname;
-    unsigned long long tmpfs_bytes;
-    int release_rd, err_wr;
-    unsigned long long keep_caps; /* bit n: the program keeps capability n (in its own user namespace) */
-    int outer_uid, outer_gid;     /* who the PD's root is on the host (manager side only) */
-};
-
-/* ---------------------------------------------------------------- child helpers */
-
-#ifdef BMI_PD_INIT_MAIN   /* the child side: built into bmi-init only */
 static void copy_str(char *dst, size_t cap, const char *src, size_t n)
 {
     size_t i = 0;
@@ -163,47 +97,12 @@ static void reset_signals(void)
     sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
-#endif
-
-static void close_except(int *keep, int n)
-{
-    for (int i = 1; i < n; i++)   /* insertion sort: n is tiny */
-        for (int j = i; j > 0 && keep[j - 1] > keep[j]; j--) {
-            int t = keep[j]; keep[j] = keep[j - 1]; keep[j - 1] = t;
-        }
-    unsigned int from = 0;
-    for (int i = 0; i < n; i++) {
-        if (keep[i] < 0) continue;
-        if ((unsigned int)keep[i] > from) close_range(from, (unsigned int)keep[i] - 1, 0);
-        from = (unsigned int)keep[i] + 1;
-    }
-    close_range(from, ~0u, 0);
-}
-
-static int write_all(int fd, const char *p, size_t n)
-{
-    while (n) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) return -1;
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
 
 /* ---------------------------------------------------------------- confinement */
-
-static int landlock_abi_raw(void)
-{
-    long abi = syscall(SYS_landlock_create_ruleset_, NULL, 0, LL_CREATE_RULESET_VERSION);
-    return abi < 0 ? 0 : (int)abi;
-}
 
 /* Handle every fs access the ABI knows and allow all of it beneath "/" except
  * creating device nodes; from ABI 6 also scope abstract unix sockets and
  * signals to the PD's program (it cannot signal its init or the host). */
-#ifdef BMI_PD_INIT_MAIN
 static int apply_landlock(void)
 {
     int abi = landlock_abi_raw();
@@ -314,42 +213,10 @@ static int apply_seccomp(int flags)
     return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog);
 }
 
-/* ---------------------------------------------------------------- cpio extraction */
+/* ---------------------------------------------------------------- unpacking a root archive */
 
-struct link { unsigned long ino, maj, min; const char *name; };
-static struct link g_links[MAX_HARDLINKS]; /* child-only (copy-on-write) */
-
-static int hex8(const char *p, unsigned long *out)
-{
-    unsigned long v = 0;
-    for (int i = 0; i < 8; i++) {
-        char c = p[i];
-        int d = (c >= '0' && c <= '9') ? c - '0' : (c >= 'a' && c <= 'f') ? c - 'a' + 10
-              : (c >= 'A' && c <= 'F') ? c - 'A' + 10 : -1;
-        if (d < 0) return -1;
-        v = v << 4 | (unsigned long)d;
-    }
-    *out = v;
-    return 0;
-}
-
-/* Validate a relative archive path; return it without leading "./", or NULL. */
-static const char *clean_name(int ef, const char *name)
-{
-    while (name[0] == '.' && name[1] == '/') name += 2;
-    if (name[0] == '/') fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive entry has an absolute path", name, 120);
-    if (name[0] == 0 || (name[0] == '.' && name[1] == 0)) return NULL;
-    const char *c = name;
-    for (;;) {
-        const char *s = strchr(c, '/');
-        size_t len = s ? (size_t)(s - c) : strlen(c);
-        if (len == 0 || (len == 1 && c[0] == '.') || (len == 2 && c[0] == '.' && c[1] == '.'))
-            fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive entry has an empty, '.' or '..' component", name, 120);
-        if (len > NAME_MAX) fail_n(ef, BMI_SPAWN_EIMAGE, ENAMETOOLONG, "archive entry", name, 120);
-        if (!s) return name;
-        c = s + 1;
-    }
-}
+struct link { uint32_t ino, maj, min; const char *name; };
+static struct link g_links[BMI_CPIO_MAX_HARDLINKS];
 
 /* Open the directory containing `name` beneath root, refusing symlinks and
  * any escape; *base gets the last component. Returns root itself for top-level names. */
@@ -389,10 +256,11 @@ static void write_file(int ef, int pfd, const char *base, const char *name, unsi
     close(fd);
 }
 
-static void extract_entry(int ef, int root, const char *name, unsigned long mode, unsigned long nlink,
-                          unsigned long ino, unsigned long maj, unsigned long min,
-                          const char *data, unsigned long size, int *nlinks)
+static void extract_entry(int ef, int root, const struct bmi_cpio_entry *e, const char *data, int *nlinks)
 {
+    const char *name = e->name;
+    unsigned long mode = e->mode, nlink = e->nlink, size = (unsigned long)e->size;
+    uint32_t ino = e->ino, maj = e->devmajor, min = e->devminor;
     const char *base;
     int pfd = open_parent(ef, root, name, &base);
     unsigned long type = mode & S_IFMT;
@@ -417,7 +285,7 @@ static void extract_entry(int ef, int root, const char *name, unsigned long mode
         } else {
             write_file(ef, pfd, base, name, mode, data, size, 1);
             if (nlink > 1) {
-                if (*nlinks == MAX_HARDLINKS)
+                if (*nlinks == BMI_CPIO_MAX_HARDLINKS)   /* bmi_cpio_check refused that already */
                     fail_n(ef, BMI_SPAWN_EIMAGE, E2BIG, "archive has too many hard-linked files", name, 120);
                 g_links[(*nlinks)++] = (struct link){ino, maj, min, name};
             }
@@ -438,7 +306,9 @@ static void extract_entry(int ef, int root, const char *name, unsigned long mode
     if (pfd != root) close(pfd);
 }
 
-/* Unpack a newc archive from the sealed memfd into root. */
+
+/* Unpack a newc archive from the sealed memfd into root: bmi_cpio_check first, the very check setup_pd ran
+ * (so a refusal here says the same as there), then every entry through the same parser. */
 static void extract(int ef, int root, int exec_fd)
 {
     struct stat st;
@@ -447,43 +317,16 @@ static void extract(int ef, int root, int exec_fd)
     if (size == 0) fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive is empty", NULL, 0);
     const char *a = mmap(NULL, size, PROT_READ, MAP_PRIVATE, exec_fd, 0);
     if (a == MAP_FAILED) fail(ef, BMI_SPAWN_ERESOURCE, "mapping the image", NULL);
-    size_t off = 0;
+    char why[sizeof ((struct rec *)0)->detail];
+    if (bmi_cpio_check((const uint8_t *)a, size, why, sizeof why))
+        fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive refused:", why, sizeof why);
+    struct bmi_cpio_reader r;
+    struct bmi_cpio_entry e;
     int nlinks = 0;
-    for (;;) {
-        if (off > size || size - off < 110)
-            fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive truncated (no TRAILER!!! entry)", NULL, 0);
-        const char *h = a + off;
-        int crc = memcmp(h, "070702", 6) == 0;
-        if (!crc && memcmp(h, "070701", 6))
-            fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "not a newc cpio header (magic 070701/070702)", NULL, 0);
-        unsigned long f[13];
-        for (int i = 0; i < 13; i++)
-            if (hex8(h + 6 + 8 * i, &f[i]))
-                fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive header has a non-hex field", NULL, 0);
-        unsigned long ino = f[0], mode = f[1], nlink = f[4], fsize = f[6], maj = f[7], min = f[8],
-                      namesize = f[11], check = f[12];
-        if (namesize == 0 || namesize > PATH_MAX)
-            fail_n(ef, BMI_SPAWN_EIMAGE, ENAMETOOLONG, "archive entry name size is 0 or over PATH_MAX", NULL, 0);
-        if (size - off - 110 < namesize)
-            fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive truncated inside an entry name", NULL, 0);
-        const char *name = h + 110;
-        if (name[namesize - 1] != 0 || memchr(name, 0, namesize - 1))
-            fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive entry name is not NUL-terminated", NULL, 0);
-        size_t doff = (off + 110 + namesize + 3) & ~(size_t)3;
-        if (doff > size || size - doff < fsize)
-            fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive truncated inside entry data", name, 120);
-        if (strcmp(name, "TRAILER!!!") == 0) break;
-        if (crc) {
-            unsigned long sum = 0;
-            for (size_t i = 0; i < fsize; i++) sum += (unsigned char)a[doff + i];
-            if ((sum & 0xffffffffu) != check)
-                fail_n(ef, BMI_SPAWN_EIMAGE, EINVAL, "archive entry checksum mismatch", name, 120);
-        }
-        const char *clean = clean_name(ef, name);
-        if (clean)
-            extract_entry(ef, root, clean, mode, nlink, ino, maj, min, a + doff, fsize, &nlinks);
-        off = (doff + fsize + 3) & ~(size_t)3;
-    }
+    bmi_cpio_start(&r, (const uint8_t *)a, size);
+    while (bmi_cpio_next(&r, &e, NULL, 0) == 1)
+        if (e.name_len)
+            extract_entry(ef, root, &e, a + e.data_offset, &nlinks);
     /* /init may be a symlink (busybox); resolve it inside the new root only */
     struct open_how how;
     memset(&how, 0, sizeof how);
@@ -701,294 +544,6 @@ int main(int argc, char **argv)
     sigprocmask(SIG_SETMASK, &none, NULL);
     struct cfg c = {atoi(argv[1]), atoi(argv[2]), atoi(argv[3]), atoi(argv[4]), atoi(argv[5]), atoi(argv[6]),
                     atoi(argv[7]), &argv[13], environ, argv[8], strtoull(argv[9], NULL, 10), -1, atoi(argv[10]),
-                    strtoull(argv[11], NULL, 10)};
+                    strtoull(argv[11], NULL, 10), 0, 0};
     pd_init(&c);
 }
-#else
-/* The init program, built from this file with -DBMI_PD_INIT_MAIN at install
- * time and linked into the shim (see bmi/_build/spawn_build.py). */
-extern const unsigned char bmi_init_image[], bmi_init_image_end[];
-
-static pthread_once_t init_once = PTHREAD_ONCE_INIT;
-static int init_fd = -1, init_errno;
-
-/* A sealed memfd holding bmi-init, made once per process. */
-static void make_init_fd(void)
-{
-    const unsigned char *p = bmi_init_image;
-    size_t left = (size_t)(bmi_init_image_end - bmi_init_image);
-    int fd = memfd_create("bmi-init", MFD_CLOEXEC | MFD_ALLOW_SEALING | 0x10 /* MFD_EXEC */);
-    if (fd < 0 && errno == EINVAL) fd = memfd_create("bmi-init", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    if (fd < 0) { init_errno = errno; return; }
-    while (left) {
-        ssize_t n = write(fd, p, left);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) { init_errno = n < 0 ? errno : EIO; close(fd); return; }
-        p += n; left -= (size_t)n;
-    }
-    /* execute-only: the PD cannot read bmi-init, so its init is not dumpable (see drop_caps) */
-    if (fchmod(fd, 0111) || fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)) {
-        init_errno = errno; close(fd); return;
-    }
-    init_fd = fd;
-}
-
-struct start {
-    const struct cfg *c;
-    char **argv;      /* bmi-init's arguments, "--", then the program's (see main) */
-    char *stack;
-    char num[11][24];
-};
-
-/* Runs on its own stack in the manager's memory (CLONE_VM) until the exec:
- * syscalls only, nothing written but its own stack and its own fd table.
- * It waits for the manager to map its uids and place it in its cgroups:
- * exec'ing before the map would leave bmi-init without capabilities. */
-static int init_child(void *arg)
-{
-    const struct start *s = arg;
-    const struct cfg *c = s->c;
-    /* our copy of the manager's fd table: keep only what bmi-init needs, so that the release
-     * pipe's write end (and every socket of the manager) is the manager's alone */
-    int keep[] = {c->exec_fd, c->console_fd, c->status_fd, c->lifeline_fd, c->channel_fd, c->err_wr,
-                  c->release_rd, init_fd};
-    close_except(keep, (int)(sizeof keep / sizeof keep[0]));
-    char b;
-    ssize_t n;
-    do n = read(c->release_rd, &b, 1); while (n < 0 && errno == EINTR);
-    if (n != 1) _exit(127); /* the manager gave up; it kills and reaps us */
-    /* root of the new user namespace before the exec, so bmi-init keeps its capabilities there
-     * (raw syscalls: glibc's set*id would signal the manager's threads) */
-    const char *stage = "becoming root of the user namespace";
-    if (syscall(SYS_setresgid, 0, 0, 0) == 0 && syscall(SYS_setresuid, 0, 0, 0) == 0) {
-        int fds[] = {c->exec_fd, c->console_fd, c->status_fd, c->lifeline_fd, c->channel_fd, c->err_wr};
-        for (unsigned i = 0; i < sizeof fds / sizeof fds[0]; i++)
-            if (fds[i] >= 0) fcntl(fds[i], F_SETFD, 0);
-        syscall(SYS_execveat, init_fd, "", s->argv, c->envp, AT_EMPTY_PATH);
-        stage = "exec of bmi-init";
-    }
-    struct rec r = {.kind = BMI_SPAWN_ERESOURCE, .err = errno};
-    memcpy(r.stage, stage, strlen(stage) + 1);
-    write_all(c->err_wr, (const char *)&r, sizeof r);
-    _exit(127);
-}
-
-#define INIT_FIXED_ARGS 13   /* "bmi-init", 11 values, "--" */
-#define INIT_STACK (64 * 1024)
-
-static void finish_init(struct start *s)
-{
-    munmap(s->stack, INIT_STACK);
-    free(s->argv);
-    free(s);
-}
-
-/* Clone pid 1 into the new namespaces the way posix_spawn does (CLONE_VM: no
- * copy of the manager's page tables, which costs ms for a big Python process,
- * and none of its memory in the PD); once released it execs bmi-init, which
- * builds the PD.  Returns the pid (pidfd in *pidfd) or -1 and errno; *out must
- * be given to finish_init once the child has exec'd or been reaped. */
-static long start_init(const struct cfg *c, int *pidfd, struct start **out)
-{
-    pthread_once(&init_once, make_init_fd);
-    if (init_fd < 0) { errno = init_errno; return -1; }
-    size_t nprog = 0;
-    while (c->argv[nprog]) nprog++;
-    struct start *s = calloc(1, sizeof *s);
-    char **argv = malloc((INIT_FIXED_ARGS + nprog + 1) * sizeof(char *));
-    char *stack = mmap(NULL, INIT_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
-    if (!s || !argv || stack == MAP_FAILED) {
-        int e = errno ? errno : ENOMEM;
-        free(s); free(argv);
-        if (stack != MAP_FAILED) munmap(stack, INIT_STACK);
-        errno = e;
-        return -1;
-    }
-    s->c = c, s->argv = argv, s->stack = stack;
-    long long vals[] = {c->exec_fd, c->archive, c->console_fd, c->status_fd, c->lifeline_fd, c->channel_fd,
-                        c->flags};
-    int k = 0;
-    argv[k++] = "bmi-init";
-    for (unsigned i = 0; i < sizeof vals / sizeof vals[0]; i++) {
-        snprintf(s->num[i], sizeof s->num[i], "%lld", vals[i]);
-        argv[k++] = s->num[i];
-    }
-    argv[k++] = (char *)c->hostname;
-    snprintf(s->num[7], sizeof s->num[7], "%llu", c->tmpfs_bytes);
-    argv[k++] = s->num[7];
-    snprintf(s->num[8], sizeof s->num[8], "%d", c->err_wr);
-    argv[k++] = s->num[8];
-    snprintf(s->num[9], sizeof s->num[9], "%llu", c->keep_caps);
-    argv[k++] = s->num[9];
-    argv[k++] = "--";
-    memcpy(argv + k, c->argv, (nprog + 1) * sizeof(char *));
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);   /* no handler may run in the child, on shared memory */
-    long pid = -1;
-    uid_t euid = geteuid();
-    gid_t egid = getegid();
-    /* a user namespace belongs to the euid that creates it, and per-user limits inside it are charged to
-     * that owner: this thread alone (raw syscalls, not glibc's all-threads set*id) becomes the PD's ids
-     * for the clone; ruid and suid stay 0, so it gets its capabilities back right after */
-    int own = (c->flags & BMI_SPAWN_OWN_USERNS) != 0;
-    int dumpable = own ? prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) : 0;   /* an euid change clears it: restore it */
-    if (!own || (syscall(SYS_setresgid, -1, c->outer_gid, -1) == 0 && syscall(SYS_setresuid, -1, c->outer_uid, -1) == 0))
-        pid = clone(init_child, stack + INIT_STACK, CLONE_VM | CLONE_PIDFD | PD_NAMESPACES | SIGCHLD, s, pidfd);
-    int e = errno;
-    if (own && (syscall(SYS_setresuid, -1, euid, -1) || syscall(SYS_setresgid, -1, egid, -1)))
-        abort();    /* a manager thread left with a PD's ids must not go on */
-    if (own && dumpable > 0) prctl(PR_SET_DUMPABLE, dumpable, 0, 0, 0);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (pid < 0) {
-        finish_init(s);
-        errno = e;
-        return -1;
-    }
-    *out = s;
-    return pid;
-}
-
-/* ---------------------------------------------------------------- manager side */
-
-static int write_proc(pid_t pid, const char *file, const char *text)
-{
-    char path[64];
-    snprintf(path, sizeof path, "/proc/%d/%s", (int)pid, file);
-    int fd = open(path, O_WRONLY | O_CLOEXEC);
-    if (fd < 0) return -1;
-    int rc = write_all(fd, text, strlen(text));
-    int e = errno;
-    close(fd);
-    errno = e;
-    return rc;
-}
-
-/* /usr/bin/newuidmap|newgidmap PID 0 ID 1: the setuid helpers that map a non-root caller's /etc/subuid ids */
-static int run_map_helper(const char *helper, pid_t pid, int id)
-{
-    char spid[24], sid[24];
-    snprintf(spid, sizeof spid, "%d", (int)pid);
-    snprintf(sid, sizeof sid, "%d", id);
-    char *argv[] = {(char *)helper, spid, "0", sid, "1", NULL};
-    char *envp[] = {"PATH=/usr/bin:/bin", NULL};
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);   /* nothing of ours may run in the vfork child */
-    pid_t child = vfork();
-    if (child == 0) {
-        execve(helper, argv, envp);
-        _exit(127);
-    }
-    int e = errno;
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (child < 0) { errno = e; return -1; }
-    int st;
-    while (waitpid(child, &st, 0) < 0)
-        if (errno != EINTR) return -1;
-    if (WIFEXITED(st) && WEXITSTATUS(st) == 0) return 0;
-    errno = EPERM;
-    return -1;
-}
-
-static int put_err(char *err, size_t errlen, int kind, int e, const char *stage, const char *detail)
-{
-    snprintf(err, errlen, "%s%s%s: %s", stage, detail && *detail ? " " : "", detail ? detail : "", strerror(e));
-    return kind;
-}
-
-int bmi_spawn(int exec_fd, int archive, char *argv[], char *envp[],
-              int console_fd, int status_fd, int lifeline_fd, int channel_fd,
-              char *cgroup_procs[], int outer_uid, int outer_gid,
-              const char *hostname, unsigned long long tmpfs_bytes, int flags,
-              unsigned long long keep_caps,
-              int *pid_out, int *pidfd_out, char *err, size_t errlen)
-{
-    if (exec_fd < 0 || console_fd < 0 || status_fd < 0 || !argv || !argv[0] || !envp || !hostname)
-        return put_err(err, errlen, BMI_SPAWN_EINVAL, EINVAL, "spawn arguments", "(fd, argv or hostname)");
-    /* execute-only for the PD (it is owned by us, not by anyone mapped into the PD): the program is then
-     * not dumpable and its memory not readable through /proc/<pid>/mem by other processes of the PD */
-    if (!archive && fchmod(exec_fd, 0111))
-        return put_err(err, errlen, BMI_SPAWN_ERESOURCE, errno, "making the image execute-only", NULL);
-    int rel[2], ep[2];
-    if (pipe2(rel, O_CLOEXEC)) return put_err(err, errlen, BMI_SPAWN_ERESOURCE, errno, "pipe", NULL);
-    if (pipe2(ep, O_CLOEXEC)) {
-        int e = errno;
-        close(rel[0]); close(rel[1]);
-        return put_err(err, errlen, BMI_SPAWN_ERESOURCE, e, "pipe", NULL);
-    }
-    struct cfg c = {exec_fd, archive, console_fd, status_fd, lifeline_fd, channel_fd, flags,
-                    argv, envp, hostname, tmpfs_bytes, rel[0], ep[1], keep_caps, outer_uid, outer_gid};
-    int pidfd = -1;
-    struct start *started = NULL;
-    long pid = start_init(&c, &pidfd, &started);
-    int e = errno;
-    close(rel[0]);
-    close(ep[1]);
-    int kind = BMI_SPAWN_OK;
-    if (pid < 0) {
-        kind = put_err(err, errlen, BMI_SPAWN_ERESOURCE, e, "clone into new namespaces", NULL);
-        close(rel[1]);
-        close(ep[0]);
-        return kind;
-    }
-    char map[64];
-    snprintf(map, sizeof map, "0 %d 1\n", outer_uid);
-    if (write_proc((pid_t)pid, "setgroups", "deny"))
-        kind = put_err(err, errlen, BMI_SPAWN_ERESOURCE, errno, "writing setgroups", NULL);
-    else if (flags & BMI_SPAWN_MAP_HELPER ? run_map_helper("/usr/bin/newuidmap", (pid_t)pid, outer_uid)
-                                          : write_proc((pid_t)pid, "uid_map", map))
-        kind = put_err(err, errlen, BMI_SPAWN_ERESOURCE, errno, "writing uid_map", map);
-    snprintf(map, sizeof map, "0 %d 1\n", outer_gid);
-    if (!kind && (flags & BMI_SPAWN_MAP_HELPER ? run_map_helper("/usr/bin/newgidmap", (pid_t)pid, outer_gid)
-                                               : write_proc((pid_t)pid, "gid_map", map)))
-        kind = put_err(err, errlen, BMI_SPAWN_ERESOURCE, errno, "writing gid_map", map);
-    char pidtxt[24];
-    snprintf(pidtxt, sizeof pidtxt, "%ld\n", pid);
-    for (int i = 0; !kind && cgroup_procs && cgroup_procs[i]; i++) {
-        int fd = open(cgroup_procs[i], O_WRONLY | O_CLOEXEC);
-        if (fd < 0 || write_all(fd, pidtxt, strlen(pidtxt)))
-            kind = put_err(err, errlen, BMI_SPAWN_ERESOURCE, errno, "placing the PD in", cgroup_procs[i]);
-        if (fd >= 0) close(fd);
-    }
-    if (!kind && write_all(rel[1], "x", 1))
-        kind = put_err(err, errlen, BMI_SPAWN_ERESOURCE, errno, "releasing the PD's init", NULL);
-    close(rel[1]);
-    if (!kind) {
-        struct rec r;
-        ssize_t n;
-        do n = read(ep[0], &r, sizeof r); while (n < 0 && errno == EINTR);
-        if (n == (ssize_t)sizeof r) {
-            r.stage[sizeof r.stage - 1] = r.detail[sizeof r.detail - 1] = 0;
-            kind = put_err(err, errlen, r.kind, r.err, r.stage, r.detail);
-        } else if (n != 0) {
-            kind = put_err(err, errlen, BMI_SPAWN_ERESOURCE, n < 0 ? errno : EPROTO, "reading the set-up result", NULL);
-        }
-    }
-    close(ep[0]);
-    if (kind) { /* nothing half-built: kill and reap pid 1 (the kernel takes the rest of its namespace) */
-        siginfo_t si;
-        syscall(SYS_pidfd_send_signal_, pidfd, SIGKILL, NULL, 0);
-        while (waitid((idtype_t)P_PIDFD, (id_t)pidfd, &si, WEXITED) < 0 && errno == EINTR) {}
-        close(pidfd);
-        finish_init(started);   /* reaped: its stack and arguments are ours again */
-        return kind;
-    }
-    finish_init(started);       /* the result came after its exec: it no longer runs on our memory */
-    *pid_out = (int)pid;
-    *pidfd_out = pidfd;
-    return BMI_SPAWN_OK;
-}
-
-int bmi_landlock_abi(void)
-{
-    return landlock_abi_raw();
-}
-
-/* Filters work when the kernel knows the action we use. */
-int bmi_seccomp_available(void)
-{
-    uint32_t action = SECCOMP_RET_ERRNO;
-    return syscall(SYS_seccomp, SECCOMP_GET_ACTION_AVAIL, 0, &action) == 0;
-}
-#endif /* BMI_PD_INIT_MAIN */

@@ -28,7 +28,12 @@
 #define NBANKS 3
 #define MAXW (NBANKS + 1)
 
-static const size_t digest_off[NBANKS] = {0, 32, 80};
+#include <stddef.h>
+
+static const size_t digest_off[NBANKS] = {offsetof(struct bmi_meas_digests, sha256),
+                                          offsetof(struct bmi_meas_digests, sha384),
+                                          offsetof(struct bmi_meas_digests, sha512)};
+_Static_assert(sizeof(struct bmi_meas_digests) == BMI_MEAS_DIGESTS, "BMI_MEAS_DIGESTS");
 
 static const EVP_MD *bank_md(int i)
 {
@@ -174,7 +179,8 @@ static void destroy(struct bmi_meas *m)
 
 int bmi_meas_new(int out_fd, unsigned banks, int mode, int flags, bmi_meas **out)
 {
-    if (!(banks & BMI_BANK_SHA256) || banks >= (1u << NBANKS) || mode < 0 || mode > BMI_MEAS_FILE)
+    /* banks 0: copy only (a client handing an image to a layer that measures it itself) */
+    if ((banks && !(banks & BMI_BANK_SHA256)) || banks >= (1u << NBANKS) || mode < 0 || mode > BMI_MEAS_FILE)
         return -EINVAL;
     struct bmi_meas *m = calloc(1, sizeof *m);
     if (!m)

@@ -13,7 +13,11 @@
 #define BMI_BANK_SHA512 4
 #define BMI_MEAS_DEPTH 4
 #define BMI_MEAS_CHUNK 1048576
-#define BMI_MEAS_DIGESTS 144
+/* Where bmi_meas_finish puts each bank's digest (Python reads the layout with ffi.offsetof). */
+struct bmi_meas_digests {
+    unsigned char sha256[32], sha384[48], sha512[64];
+};
+#define BMI_MEAS_DIGESTS 144    /* sizeof(struct bmi_meas_digests) */
 
 /* mode: who produces the chunks: the caller (bmi_meas_feed) or pread of a file */
 #define BMI_MEAS_FEED 0
@@ -24,6 +28,7 @@
 
 typedef struct bmi_meas bmi_meas;
 
+/* banks: BMI_BANK_* bits, sha256 among them; or 0 to copy without hashing */
 int bmi_meas_new(int out_fd, unsigned banks, int mode, int flags, bmi_meas **out);
 int bmi_meas_feed(bmi_meas *m, const unsigned char *buf, size_t len);
 int bmi_meas_file(bmi_meas *m, int in_fd, uint64_t in_off, uint64_t len);
