@@ -928,6 +928,10 @@ class CallerScope:
     socket).  It may control itself (read only) and the PDs it created.
     """
 
+    #: A PD's channel carries one frame per reply (bmid's clients take more): the dispatcher
+    #: (bmi/channel/dispatch.py, which does not import this module) trims long results to fit.
+    one_frame_replies = True
+
     def __init__(self, mgr: PDManagement, caller: int):
         self._mgr = mgr
         self._caller = caller

@@ -27,7 +27,7 @@ from .errors import DriverUnavailable, InvalidArgument, InvalidState, NotSupport
 from .api import _check_policies, _check_setup
 from .integrity.measure import measure_into
 from .pd import Channel, RemoteController
-from .server.board import BoardReader
+from .channel.board import BoardReader
 from .types import ConnectionPolicy, IntegrityPolicy, PDDescription, PDStatus
 
 if TYPE_CHECKING:

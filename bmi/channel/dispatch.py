@@ -9,7 +9,6 @@ import json
 import os
 from typing import Any, Callable
 
-from ..api import CallerScope
 from ..errors import ImageError, InvalidArgument
 from ..params import normalize
 from ..types import PDDescription
@@ -157,8 +156,8 @@ class Dispatcher:
     def m_get_runtime_param(self, scope: Any, params: dict, fd: None) -> str:
         _names(params, ("name",))
         value = self._ctl(scope, params).get_runtime_param(params["name"])
-        if isinstance(scope, CallerScope) and normalize(params["name"], what="get_runtime_param",
-                                                        pd_id=None) == "/console/log":
+        name = normalize(params["name"], what="get_runtime_param", pd_id=None)
+        if name == "/console/log" and getattr(scope, "one_frame_replies", False):
             return _tail_that_fits(value)       # a PD's channel has one frame per reply (bmid's clients more)
         return value
 

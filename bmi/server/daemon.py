@@ -56,7 +56,7 @@ from ..errors import BMIError, InvalidArgument, PermissionDenied, ResourceError
 from ..store import DB_FILE, RESERVE_BYTES, Event, StateError, Store, private_dir, state_failure
 from ..system import LINUX_URI, XEN_URI, default_socket
 from ..types import PDDescription, PDStatus
-from .board import BoardWriter
+from ..channel.board import BoardWriter
 from .connections import KeptConnections
 from .driver import Keeping, SystemDriver, leftover_cgroups
 from .inflight import Ledger, Pending
