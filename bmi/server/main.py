@@ -75,9 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("READY", flush=True)
     daemon.serve_forever()
     # The PDs keep running; skip interpreter teardown, which would run the driver's finalizers.
-    service = daemon.mgr._integrity_service
-    if service is not None:
-        service.close()
+    daemon.mgr.close_integrity()
     daemon.store.close()
     daemon.ledger.close()
     daemon.board.close()
