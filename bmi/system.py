@@ -254,11 +254,6 @@ class SystemController(RemoteController):
         status = self._client._board_status(self._id, "get_current_status")
         return status if status is not None else super().get_current_status()
 
-    def request_status_change(self, status: PDStatus | str | int) -> None:
-        if isinstance(status, int) and not isinstance(status, bool) and status in PDStatus._value2member_map_:
-            status = PDStatus(status)
-        super().request_status_change(status)
-
     def setup_pd(self, image: Any, *, banks: Sequence[str] = ("sha256",),
                  progress: Callable[[int, int], None] | None = None) -> None:
         """Copy the image into a memfd and pass that to bmid, which measures what it reads from it.

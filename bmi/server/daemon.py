@@ -50,6 +50,7 @@ from typing import Any, Iterable
 from ..api import PDController, PDManagement
 from ..channel import protocol as p
 from ..channel.dispatch import Dispatcher
+from ..channel.methods import READ_ONLY
 from ..channel.server import ChannelServer, _check_request
 from ..errors import BMIError, InvalidArgument, PermissionDenied, ResourceError
 from ..store import DB_FILE, RESERVE_BYTES, Event, StateError, Store, private_dir, state_failure
@@ -72,19 +73,11 @@ EXIT_RETRY = 1.0                # s between attempts to store an exit while the 
 FAIL_STOP = 75                  # bmid's exit status when it stops because it cannot store a change it made
 TEST_PAUSE = "BMID_TEST_PAUSE"  # tests only: e.g. "commit:destroy exit" stops bmid there (see test_pause)
 _LIVE = (PDStatus.RUNNING, PDStatus.PAUSED)
-
-#: Calls a read-only client (the configured group) may make.
-READ_ONLY = frozenset({
-    "get_version", "list_pd", "get_controller", "get_priority", "get_current_status", "get_allowed_connections",
-    "get_config_param", "get_runtime_param", "list_runtime_params", "get_integrity_link", "describe", "layer_info",
-    "measurement", "read_console", "wait", "subscribe", "get_storage_public", "list_devices", "assigned",
-    "status_board", "get_attestation_key"})
+#: READ_ONLY (bmi/channel/methods.py): what a read-only client (the configured group) may call.
 
 
 class SystemDispatcher(Dispatcher):
     """The channel's requests plus what a manager client needs beyond them (manager callers only)."""
-
-    returns_fd = Dispatcher.returns_fd | {"status_board"}
 
     def __init__(self, scope_of: Any, board: BoardWriter):
         super().__init__(scope_of)
