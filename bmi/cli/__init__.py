@@ -17,6 +17,7 @@ from typing import Sequence
 from urllib.parse import urlsplit
 
 from .. import __version__, errors
+from ..drivers import DRIVERS
 from ..uri import is_session, resolve as resolve_uri
 from . import integrity, manage, run
 from .common import UsageError, _Parser
@@ -24,12 +25,17 @@ from .common import UsageError, _Parser
 __all__ = ["main", "build_parser"]
 
 
+def _uris() -> str:
+    """Every driver's URIs (bmi/drivers/__init__.py), as the help lists them."""
+    return "".join(f"\n  {d.session_uri} (in-process), {d.system_uri} (bmid --uri {d.system_uri}),"
+                     for d in DRIVERS.values())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="bmi", description="Create, measure, run and attest isolated protection domains (OpenTC BMI v0.1).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="URIs: linux:///session (default, in-process), linux:///system (bmid), xen:///system\n"
-               "(bmid --uri xen:///system), xen:///session (in-process), pd:///. Set BMI_URI or --uri.\n"
+        epilog=f"URIs:{_uris()}\n  pd:/// (inside a PD).\nSet BMI_URI or --uri (default linux:///session).\n"
                "Exit status: 0 done, 1 failed, 2 bad usage, 130 interrupted; `bmi run`: the PD's own.\n"
                "Run `bmi COMMAND --help` for examples.")
     parser.add_argument("--version", action="version", version=f"bmi {__version__} (BMI API v0.1)")

@@ -3,7 +3,7 @@
 One bmid per driver, like libvirt's modular daemons (virtqemud, virtxend):
 a libxl failure cannot take the Linux PDs' service down.  One PDManagement
 (the same semantics as session mode, bmi/api.py) over the driver's Keeping
-variant (bmi/server/driver.py, bmi/server/xen.py), answered on a Unix socket with the PD channel's protocol
+variant (bmi/drivers/*/system.py, bmi/drivers/keeping.py), answered on a Unix socket with the PD channel's protocol
 (JSON-RPC 2.0 over SOCK_SEQPACKET, bmi/channel/protocol.py; the requests
 are those of bmi/channel/dispatch.py plus a few manager-only ones below).
 
@@ -54,17 +54,19 @@ from ..channel.methods import READ_ONLY
 from ..channel.server import ChannelServer, _check_request
 from ..errors import BMIError, InvalidArgument, PermissionDenied, ResourceError
 from ..store import DB_FILE, RESERVE_BYTES, Event, StateError, Store, private_dir, state_failure
-from ..system import LINUX_URI, XEN_URI, default_socket
+from ..drivers import BMIDS
+from ..drivers.keeping import Keeping
+from ..drivers.linux.system import leftover_cgroups
+from ..system import LINUX_URI, default_socket
 from ..types import PDStatus
 from ..channel.board import BoardWriter
 from .connections import KeptConnections
-from .driver import Keeping, SystemDriver, leftover_cgroups
 from .inflight import Ledger, Pending
 from .keeper import Keeper, existing as existing_keeper
 
 log = logging.getLogger("bmi.bmid")
 
-URIS = (LINUX_URI, XEN_URI)
+URIS = tuple(BMIDS)
 MAX_CONSOLE_CHUNK = 16 * 1024       # bytes of console per reply (hex doubles it; MAX_MESSAGE is 64 KiB)
 MAX_WAIT = 60.0
 REPLY_PIECE = 30 * 1024         # bytes of reply JSON per record when a reply is split (hex: 60 KiB)
@@ -198,11 +200,8 @@ class KeptChannels(ChannelServer):
 
 
 def system_driver(uri: str, keeper: Keeper, on_exit: Any) -> Keeping:
-    """The driver bmid runs for uri (Xen's imported only there: it needs the libxl shim)."""
-    if uri == XEN_URI:
-        from .xen import XenSystemDriver
-        return XenSystemDriver(keeper, on_exit)
-    return SystemDriver(keeper, on_exit)
+    """The driver bmid runs for uri (imported only there: Xen's needs the libxl shim)."""
+    return BMIDS[uri].bmid_driver(keeper, on_exit)
 
 
 class Daemon:
