@@ -75,17 +75,11 @@ def check_signature(report: IntegrityReport, key: PublicKeyType) -> str | None:
 
 def export_tpm2_tools(report: "IntegrityReport", directory: str | Path, *, nonce: bytes | None = None,
                       ak: Any = None) -> Path:
-    """Write quote.msg, quote.sig, quote.pcrs, ak.pub.pem, qualification.hex for tpm2_checkquote.
+    """IntegrityReport.export_tpm2_tools (bmi/types.py says what each file holds).
 
-    ak.pub.pem is the pinned `ak` (PEM, public key or fingerprint, as
-    for verify_report) once the signature is checked against it
-    (IntegrityError if not); without `ak` it is the key the report
-    carries, with a warning: tpm2_checkquote then proves nothing about
-    who signed.  qualification.hex is SHA-256(nonce || pd_integrity)
-    when `nonce` is given (what the verifier expects), else the quote's
-    own extraData.  quote.pcrs is tpm2-tools' "serialized" layout: the
-    C structs TPML_PCR_SELECTION, a u32 count and that many TPML_DIGEST,
-    in little-endian host layout.
+    quote.pcrs is tpm2-tools' "serialized" layout: the C structs
+    TPML_PCR_SELECTION, a u32 count and that many TPML_DIGEST, in
+    little-endian host layout.
     """
     what = "export_tpm2_tools"
     key = signing_key(report, ak, trust_report_key=ak is None, what=what)
