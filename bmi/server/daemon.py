@@ -49,17 +49,17 @@ from typing import Any, Iterable
 
 from ..api import PDController, PDManagement
 from ..channel import protocol as p
+from ..channel.board import BoardWriter
 from ..channel.dispatch import Dispatcher
 from ..channel.methods import READ_ONLY
 from ..channel.server import ChannelServer, _check_request
-from ..errors import BMIError, InvalidArgument, PermissionDenied, ResourceError
-from ..store import DB_FILE, RESERVE_BYTES, Event, StateError, Store, private_dir, state_failure
 from ..drivers import BMIDS
 from ..drivers.keeping import Keeping
 from ..drivers.linux.system import leftover_cgroups
+from ..errors import BMIError, InvalidArgument, PermissionDenied, ResourceError
+from ..store import DB_FILE, RESERVE_BYTES, Event, StateError, Store, private_dir, state_failure
 from ..system import LINUX_URI, default_socket
 from ..types import PDStatus
-from ..channel.board import BoardWriter
 from .connections import KeptConnections
 from .inflight import Ledger, Pending
 from .keeper import Keeper, existing as existing_keeper
