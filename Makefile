@@ -6,10 +6,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEB_PACKAGES := gcc libc6-dev make pkg-config python3-venv python3-dev libssl-dev \
 	libtss2-dev swtpm swtpm-tools tpm2-tools busybox-static cpio bubblewrap openssl \
-	libxen-dev procps uidmap
+	libxen-dev procps uidmap valgrind
 STAMP  := $(VENV)/.installed
+# libbmi (bmi/embed): the C library; bmi.pc goes where pkg-config looks (a
+# non-root user's into the venv, named by PKG_CONFIG_PATH for the demo).
+LIBBMI := bmi/embed/libbmi.python
+PKGCONFIG_DIR ?= $(if $(filter 0,$(shell id -u)),/usr/local/lib/pkgconfig,$(CURDIR)/$(VENV)/pkgconfig)
 
-.PHONY: all deps venv demo test bench clean
+.PHONY: all deps venv libbmi install-pc demo test bench clean
 
 all: venv
 
@@ -38,18 +42,60 @@ venv: deps $(STAMP)
 		echo "rebuilding: $$($(PY) bmi/_build/missing.py)"; \
 		$(PY) -m pip install -q -e '.[test]' && $(PY) bmi/_build/missing.py; }
 
-demo: venv
+# libbmi built in place for this checkout, its embedded interpreter being the venv's python.
+$(LIBBMI): $(STAMP) bmi/embed/bmi.h bmi/embed/build.py
+	$(PY) -m bmi.embed.build --python $(CURDIR)/$(PY)
+
+libbmi: venv $(LIBBMI)
+
+install-pc: libbmi
+	install -d $(PKGCONFIG_DIR)
+	$(PY) -m bmi.embed --pc > $(PKGCONFIG_DIR)/bmi.pc
+	@echo "installed $(PKGCONFIG_DIR)/bmi.pc"
+
+demo: venv install-pc
 	$(VENV)/bin/bmi info
 	$(PY) examples/demo.py
+	PKG_CONFIG_PATH=$(PKGCONFIG_DIR) sh -c 'cc examples/toolstack.c $$(pkg-config --cflags --libs bmi) -o $(VENV)/toolstack'
+	$(VENV)/toolstack
 
-test: venv
+test: venv libbmi
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: venv
+bench: venv libbmi
 	$(PY) bench/spawn.py
+	$(PY) bench/embed.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info bmi/*.so bmi/_*_cffi.c tests/.build
+	rm -rf $(VENV) $(KEYLIME_VENV) build dist *.egg-info bmi/*.so bmi/_*_cffi.c bmi/embed/libbmi.* tests/.build
+
+# --- Fleet attestation: a stock Keylime verifier attests bmi's agent --------
+# keylime 7.14.3 from PyPI in its own venv on Debian's python3 (keylime
+# imports gpg, which python3-gpg provides); its wheel declares no
+# dependencies and ships no config templates (they are in the sdist).
+KEYLIME_VENV := .venv-keylime
+KEYLIME_PACKAGES := python3-gpg python3-venv swtpm swtpm-tools
+KEYLIME_DEPS := cryptography tornado pyzmq pyyaml requests 'sqlalchemy>=2.0.39' alembic packaging psutil \
+	lark pyasn1 pyasn1-modules jinja2 jsonschema
+
+.PHONY: keylime-venv test-keylime
+
+$(KEYLIME_VENV)/.installed:
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES='$(KEYLIME_PACKAGES)'
+	rm -rf $(KEYLIME_VENV)
+	/usr/bin/python3 -m venv $(KEYLIME_VENV)
+	$(KEYLIME_VENV)/bin/pip install -q keylime==7.14.3 $(KEYLIME_DEPS)
+	$(KEYLIME_VENV)/bin/pip download -q --no-deps --no-binary :all: keylime==7.14.3 -d $(KEYLIME_VENV)/sdist
+	tar xzf $(KEYLIME_VENV)/sdist/keylime-7.14.3.tar.gz -C $(KEYLIME_VENV)/sdist
+	mkdir -p $(KEYLIME_VENV)/gpg && ln -sfn /usr/lib/python3/dist-packages/gpg $(KEYLIME_VENV)/gpg/gpg
+	echo "$(abspath $(KEYLIME_VENV))/gpg" > $$($(KEYLIME_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/python3-gpg.pth
+	$(KEYLIME_VENV)/bin/python -c 'import keylime.signing'
+	touch $@
+
+keylime-venv: $(KEYLIME_VENV)/.installed
+
+test-keylime: venv keylime-venv
+	BMI_NO_SKIP=1 BMI_KEYLIME_VENV=$(abspath $(KEYLIME_VENV)) $(PY) -m pytest -q -rs -p no:cacheprovider tests/keylime
 
 # --- QEMU test rigs (rig/): kernels and hypervisors this host lacks ---------
 # Boot the Debian kernel (pure cgroup v2) or Xen with it as dom0 in QEMU TCG

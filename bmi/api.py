@@ -726,6 +726,8 @@ class PDController:
                 self._mgr._check_grants(pd.parent, name, value, f"start of PD {pd.pd_id}: {name}")
             if channels is not None:
                 extra["channel_fd"] = channels.open(pd.pd_id)
+            if self._mgr._integrity_service is not None:     # Keylime mode: no PD runs unrecorded
+                self._mgr._integrity_service.record_launch(pd.config.get("/name"), pd.measurement.get("sha256"))
             self._driver.start(pd.handle, dict(pd.config), pd.priority, **extra)
         except BaseException:
             if channels is not None:

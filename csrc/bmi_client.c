@@ -212,12 +212,12 @@ static int get_param(int chan, const char *method, const char *name, char *out, 
     return 0;
 }
 
-int bmi_get_config_param(int chan, const char *name, char *out, size_t cap)
+int bmi_pd_get_config_param(int chan, const char *name, char *out, size_t cap)
 {
     return get_param(chan, "get_config_param", name, out, cap);
 }
 
-int bmi_get_runtime_param(int chan, const char *name, char *out, size_t cap)
+int bmi_pd_get_runtime_param(int chan, const char *name, char *out, size_t cap)
 {
     return get_param(chan, "get_runtime_param", name, out, cap);
 }

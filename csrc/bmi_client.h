@@ -55,10 +55,10 @@ int bmi_accept(int chan, long timeout_ms, int *peer, char *type, size_t type_cap
 int bmi_my_id(int chan);
 
 /* get_config_param on this PD: the value, unescaped, in out. */
-int bmi_get_config_param(int chan, const char *name, char *out, size_t cap);
+int bmi_pd_get_config_param(int chan, const char *name, char *out, size_t cap);
 
 /* get_runtime_param on this PD. */
-int bmi_get_runtime_param(int chan, const char *name, char *out, size_t cap);
+int bmi_pd_get_runtime_param(int chan, const char *name, char *out, size_t cap);
 
 /* Helpers for result texts: the integer / string member `key` of a flat JSON object. */
 int bmi_json_int(const char *json, const char *key, long *value);

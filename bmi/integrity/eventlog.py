@@ -33,6 +33,19 @@ def event_digests(measurement: bytes, name: str, banks: Iterable[str]) -> dict[s
     return {bank: hashlib.new(bank, data).digest() for bank in banks}
 
 
+def new_boot(marker: Path, boot: str, log: Path, previous: str) -> bool:
+    """True (and `log` moved aside as `previous`) when `marker` names another TPM boot than `boot`."""
+    try:
+        if marker.read_text() == boot:
+            return False
+    except FileNotFoundError:
+        pass
+    if log.exists():
+        os.replace(log, log.with_name(previous))
+    marker.write_text(boot)
+    return True
+
+
 class EventLog:
     def __init__(self, directory: Path):
         self.path = directory / "eventlog.jsonl"
@@ -40,16 +53,8 @@ class EventLog:
 
     def sync_boot(self, boot: str) -> None:
         """Start a fresh log when the TPM was reset since the last record."""
-        try:
-            current = self._boot.read_text()
-        except FileNotFoundError:
-            current = None
-        if current == boot:
-            return
-        if self.path.exists():
-            os.replace(self.path, self.path.with_name("eventlog.prev.jsonl"))
-        self.path.touch()
-        self._boot.write_text(boot)
+        if new_boot(self._boot, boot, self.path, "eventlog.prev.jsonl"):
+            self.path.touch()
 
     def records(self) -> list[dict]:
         try:

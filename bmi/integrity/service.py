@@ -150,6 +150,21 @@ class IntegrityService:
                                  {"pd_id": pd_id, "extended": bool(extend),
                                   "digests": {k: bytes(v).hex() for k, v in digests.items()}})
 
+    @property
+    def tpm(self) -> TPM:
+        """The TPM link itself (the Keylime agent quotes its own PCR selection with it)."""
+        return self._tpm
+
+    def record_launch(self, pd_name: str | None, digest: bytes | None) -> None:
+        """A PD starts: in Keylime mode, add it to the launch list and PCR 10 (bmi.keylime.launches)."""
+        from ..keylime.launches import LaunchList, entry_name
+        launches = LaunchList(self._tpm)
+        if launches.enabled():
+            if digest is None:
+                raise InvalidArgument(f"start of PD {pd_name or ''}: Keylime mode records a PD's sha256 "
+                                      "measurement; set the PD up with the sha256 bank")
+            launches.record(digest, entry_name(pd_name, digest))
+
     def integrity_link(self, nonce: bytes, pd_integrity: bytes, *, pd_id: int | None = None) -> IntegrityReport:
         """A quote over the TVL PCRs with qualifyingData = SHA-256(nonce || pd_integrity)."""
         if not isinstance(nonce, bytes) or not 0 < len(nonce) <= MAX_NONCE:

@@ -435,6 +435,10 @@ class TPM:
         with self._mutex:
             self._call(f"PCR {pcr} extend", self._esys.pcr_extend, ESYS_TR.parse(f"PCR{pcr}"), values)
 
+    def pcr_reset(self, pcr: int) -> None:
+        with self._mutex:
+            self._call(f"PCR {pcr} reset", self._esys.pcr_reset, ESYS_TR.parse(f"PCR{pcr}"))
+
     def quote(self, selection: str, qualifying: bytes) -> tuple[bytes, bytes]:
         """(marshalled TPMS_ATTEST, marshalled TPMT_SIGNATURE) by the AK over `selection`."""
         with self._mutex:

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-integrity", action="store_true", help="run without the TPM link")
     parser.add_argument("--shutdown-grace", type=float, default=None,
                         help="seconds a PD gets to end after SHUTDOWN before it is killed (default 5)")
+    parser.add_argument("--keylime", nargs="?", const="", metavar="CONFIG",
+                        help="also run the Keylime agent on bmid's TPM (config default /etc/bmi/keylime.toml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     return parser
 
@@ -59,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon = Daemon(state_dir=state_dir, uri=args.uri, socket_path=socket_path, group=group,
                         integrity=not args.no_integrity, shutdown_grace=args.shutdown_grace)
         daemon.listen()
+        if args.keylime is not None:
+            from ..keylime.agent import run_in_bmid
+            run_in_bmid(daemon.mgr.integrity_service(), args.keylime or None)
     except StateError as e:         # restarting will not help: systemd's RestartPreventExitStatus
         print(_one_line(e), file=sys.stderr)
         return EXIT_STATE

@@ -60,6 +60,8 @@ FAILING = {
     "seal": (["--policy", "/no/such/policy.json", "--secret-file", "/x", "-o", "/nonexistent/blob"], 2),
     "eventlog": ([], 1),
     "tpm": ([], 1),
+    "keylime-agent": ([], 1),                                           # no TPM to reach
+    "keylime-policy": (["--image", "web=/no/such/image"], 2),
     **{command: (args, 1) for command, args in {
         "allow": ["1", "2"], "connections": ["1"], "list": [], "create": ["--image", "/bin/true"],
         "show": ["1"], "start": ["1"], "pause": ["1"], "resume": ["1"], "shutdown": ["1"], "restart": ["1"],

@@ -160,12 +160,12 @@ static int run(char **a, int n)
         return 0;
     }
     if (!strcmp(cmd, "config") && n > 1) {
-        rc = bmi_get_config_param(g_chan, a[1], g_out, sizeof g_out);
+        rc = bmi_pd_get_config_param(g_chan, a[1], g_out, sizeof g_out);
         if (rc) fail(cmd, rc); else printf("config: %s\n", g_out);
         return 1;
     }
     if (!strcmp(cmd, "param") && n > 1) {
-        rc = bmi_get_runtime_param(g_chan, a[1], g_out, sizeof g_out);
+        rc = bmi_pd_get_runtime_param(g_chan, a[1], g_out, sizeof g_out);
         for (char *p = g_out; *p; p++) if (*p == '\n') *p = '|';
         if (rc) fail(cmd, rc); else printf("param: %s\n", g_out);
         return 1;
@@ -280,7 +280,7 @@ static int run(char **a, int n)
     if (!strcmp(cmd, "wait") && n > 3) {
         long deadline = atol(a[3]) / 20;
         for (long i = 0; i <= deadline; i++) {
-            if (bmi_get_config_param(g_chan, a[1], g_out, sizeof g_out) == 0 && !strcmp(g_out, a[2])) {
+            if (bmi_pd_get_config_param(g_chan, a[1], g_out, sizeof g_out) == 0 && !strcmp(g_out, a[2])) {
                 printf("wait: ok\n");
                 return 3;
             }

@@ -31,7 +31,10 @@ NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "out", "*.
 # what the wheel carries besides the code: the C PD client, the protocol, the units, the licence
 DATA = ["bmi/data/bmi_client.c", "bmi/data/bmi_client.h", "bmi/data/protocol.md",
         "bmi/data/bmid.service", "bmi/data/bmid-xen.service"]
-ABI3_TAG = "cp311-abi3-" + sysconfig.get_platform().replace("-", "_").replace(".", "_")
+PLATFORM = sysconfig.get_platform().replace("-", "_").replace(".", "_")
+# libbmi.so links this interpreter's libpython: the wheel is for this CPython, not abi3 (setup.py TaggedWheel)
+CPYTHON = f"cp{sys.version_info.major}{sys.version_info.minor}"
+WHEEL_TAG = f"{CPYTHON}-{CPYTHON}-{PLATFORM}"
 TIMEOUT = 600
 
 pytestmark = pytest.mark.slow
@@ -84,19 +87,19 @@ def test_checkout_gets_no_build_litter(dists):
     assert not dists["litter"]
 
 
-def test_wheel_carries_the_data_and_is_abi3(dists):
+def test_wheel_carries_the_data_and_libbmi_and_is_tagged_for_this_cpython(dists):
     wheel = dists["wheel"]
-    assert wheel.name == f"bmi-0.1.0-{ABI3_TAG}.whl"
+    assert wheel.name == f"bmi-0.1.0-{WHEEL_TAG}.whl"
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         tags = [line.split(": ", 1)[1] for line in zf.read("bmi-0.1.0.dist-info/WHEEL").decode().splitlines()
                 if line.startswith("Tag: ")]
         assert zf.read("bmi/data/bmi_client.h") == (ROOT / "csrc" / "bmi_client.h").read_bytes()
         assert zf.read("bmi/data/bmid.service") == (ROOT / "systemd" / "bmid.service").read_bytes()
-    assert tags == [ABI3_TAG]
-    for name in DATA + ["bmi-0.1.0.dist-info/licenses/LICENSE"]:
+    assert tags == [WHEEL_TAG]
+    for name in DATA + ["bmi-0.1.0.dist-info/licenses/LICENSE", "bmi/embed/bmi.h", "bmi/embed/libbmi.so"]:
         assert name in names
-    shims = [n for n in names if n.endswith(".so")]
+    shims = [n for n in names if n.endswith(".so") and n != "bmi/embed/libbmi.so"]
     assert "bmi/_spawn.abi3.so" in shims and "bmi/_measure.abi3.so" in shims
     assert all(n.endswith(".abi3.so") for n in shims), shims
     assert not [n for n in names if n.startswith("bmi/_build/")]
@@ -121,3 +124,13 @@ def test_installed_bmi_runs_a_pd(venvs, dists, kind):
     assert done.returncode == 3, done.stderr
     assert done.stdout == "hi from a PD\n"
     assert "sha256:" + hashlib.sha256(Path(busybox).read_bytes()).hexdigest() in done.stderr
+
+    # libbmi from the installed package: a C program linked by its flags runs with no environment at all
+    if shutil.which("cc") is None or shutil.which("swtpm") is None:
+        pytest.skip("the C example needs cc and swtpm (it attests)")
+    flags = _check(_run(venv / "bin" / "python", "-m", "bmi.embed", "--cflags", "--libs", cwd=cwd)).stdout.split()
+    exe = cwd / f"toolstack-{kind}"
+    _check(_run("cc", ROOT / "examples" / "toolstack.c", *flags, "-o", exe, cwd=cwd))
+    done = subprocess.run([exe, busybox], cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT,
+                          env={"PATH": "/usr/bin:/bin", "BMI_STATE_DIR": str(cwd / f"state-{kind}"), "BMI_TPM": "swtpm"})
+    assert done.returncode == 0 and "console: hello from a PD" in done.stdout, done.stdout + done.stderr

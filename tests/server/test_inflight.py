@@ -26,6 +26,12 @@ def _owed(d: Bmid) -> list[tuple[int, str]]:
         return sorted(db.execute("SELECT pd_id, method FROM pending").fetchall())
 
 
+def _begun(d: Bmid) -> list[tuple[int, str]]:
+    """(PD, method) of every change bmid's store has begun and not yet committed."""
+    with closing(sqlite3.connect(f"file:{os.path.join(d.state_dir, 'bmid.sqlite3')}?mode=ro", uri=True)) as db:
+        return sorted(db.execute("SELECT pd_id, method FROM ops").fetchall())
+
+
 def _until(check, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -69,6 +75,8 @@ def test_a_change_cut_off_by_the_kill_is_answered_with_an_error_and_finished(dae
         child.request_status_change(bmi.PDStatus.RUNNING)
         parent.set_config_param("/go", "yes")       # the parent asks for SHUTDOWN; the child ignores SIGTERM,
         _until(lambda: (parent.get_pd_id(), "request_status_change") in _owed(daemon))   # so it takes 2 s
+        # the kill must come after the change began (else nothing was begun to finish: RUNNING is right)
+        _until(lambda: (child_id, "request_status_change") in _begun(daemon))
     daemon.kill()
     daemon.start()
     with daemon.open() as mgr:

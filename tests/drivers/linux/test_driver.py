@@ -96,8 +96,12 @@ def test_cpu_quota_holds_a_busy_loop(mgr):
     capped = share(1.5)
     assert 0.01 < capped < 0.3, capped
     pd.set_runtime_param("/system/cpu/performance", "100")
-    free = share(1.5)
-    assert free > 2 * capped, (capped, free)
+    # Uncapped, the loop takes what the host leaves it: on a busy host give it windows until one shows it.
+    frees: list[float] = []
+    deadline = time.monotonic() + 15
+    while not frees or (frees[-1] <= 2 * capped and time.monotonic() < deadline):
+        frees.append(share(1.0))
+    assert frees[-1] > 2 * capped, (capped, frees)
 
 
 def test_pids_limit(mgr):
@@ -122,7 +126,9 @@ def test_paused_pd_uses_no_cpu(mgr):
     time.sleep(0.5)
     assert _cpu_seconds(pids) - c0 < 0.05
     pd.request_status_change(PDStatus.RUNNING)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10          # a busy host may give the resumed loop little CPU at first
+    while _cpu_seconds(pids) - c0 <= 0.2 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _cpu_seconds(pids) - c0 > 0.2
 
 
