@@ -46,7 +46,7 @@ def main() -> None:
         a, b = (mgr.allocate_pd(PDDescription(mem=32 << 20)) for _ in range(2))
         clients = []
         for pd in (a, b):
-            fd = mgr._channels().open(pd.get_pd_id())
+            fd = mgr.channels().open(pd.get_pd_id())
             clients.append(bmi.pd.open(fd))
             os.close(fd)
         ca, cb = clients

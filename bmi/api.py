@@ -14,8 +14,9 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from .channel import protocol as wire
 from .channel.connections import Registry, lines as connection_lines
 from .drivers.base import Driver, ExitInfo, Progress
 from .errors import (BMIError, InvalidArgument, InvalidState, NoSuchDomain, NotSupported,
@@ -281,7 +282,7 @@ class PDManagement:
                 pd_id = pd.parent
         return False
 
-    def _channels(self) -> Any:
+    def channels(self) -> Any:
         """The server of the PD channels, started with the first PD that runs."""
         with self._lock:
             if self._channel_server is None:
@@ -380,6 +381,152 @@ class PDManagement:
             driver.destroy(pd.handle)
         driver.close()
 
+    # -- for a daemon that keeps its PDs across its own restarts (bmid, bmi/server/daemon.py) -----------------
+    def keep_pds_when_dropped(self) -> None:
+        """This manager's end (or its process's) must never destroy its PDs: no last-resort cleanup."""
+        self._finalizer.detach()
+
+    def install_channels(self, server: Any) -> None:
+        """Serve the PD channels with `server` (bmid's keeps them across restarts) instead of a
+        ChannelServer made with the first PD that runs."""
+        with self._lock:
+            self._channel_server = server
+
+    @property
+    def registry(self) -> Registry:
+        """The connections between PDs (bmid's is kept across restarts)."""
+        return self._registry
+
+    def next_id(self) -> int:
+        """The id the next allocate_pd will give (bmid writes it into the allocation's intent)."""
+        with self._lock:
+            return self._next_id
+
+    def was_destroyed(self, pd_id: int) -> bool:
+        """Whether pd_id named a PD that was destroyed (it then reports DESTROYED; a lookup says so)."""
+        with self._lock:
+            return pd_id in self._destroyed
+
+    def destroyed_ids(self) -> set[int]:
+        with self._lock:
+            return set(self._destroyed)
+
+    def status_of(self, pd_id: int) -> PDStatus | None:
+        """pd_id's status as last seen (no look at the driver), None when no such PD exists."""
+        with self._lock:
+            pd = self._pds.get(pd_id)
+        return None if pd is None else pd.status
+
+    def refresh(self, pd_id: int) -> bool:
+        """Pick up an exit the driver saw for pd_id (bmid's exit watcher); False when no such PD exists."""
+        with self._lock:
+            pd = self._pds.get(pd_id)
+        if pd is None:
+            return False
+        with pd.lock:
+            self._refresh(pd)
+        return True
+
+    def describe(self, *, refresh: bool = True) -> list[dict[str, Any]]:
+        """Every PD as one row (`bmi list`): id, name, status, parent, resources, sha256.
+
+        refresh=False reports the statuses as last seen, without asking the driver (bmid answers
+        only with what it has stored)."""
+        self._check_open("describe")
+        with self._lock:
+            pds = sorted(self._pds.values(), key=lambda x: x.pd_id)
+        rows = []
+        for pd in pds:
+            if refresh:
+                with pd.lock:
+                    self._refresh(pd)
+            rows.append({"pd": pd.pd_id, "name": pd.config.get("/name", ""), "status": pd.status.name,
+                         "parent": pd.parent, "mem": pd.desc.mem, "cpu": pd.cpus_max, "priority": pd.priority,
+                         "sha256": pd.measurement["sha256"].hex() if "sha256" in pd.measurement else ""})
+        return rows
+
+    def records(self, ids: Iterable[int] | None = None) -> tuple[dict[int, dict[str, Any]], int]:
+        """What a store keeps of these PDs (all when None; those that exist) and the next id, as now."""
+        with self._lock:
+            pds = dict(self._pds) if ids is None else {i: self._pds[i] for i in ids if i in self._pds}
+            next_id = self._next_id
+        return {pd_id: self._record(pd) for pd_id, pd in pds.items()}, next_id
+
+    def _record(self, pd: _PD) -> dict[str, Any]:
+        ended = pd.ended
+        return {
+            "pd_id": pd.pd_id, "parent": pd.parent, "status": pd.status.name, "priority": pd.priority,
+            "desc": {"mem": pd.desc.mem, "cpu": pd.desc.cpu, "performance": pd.desc.performance},
+            "cpus_max": pd.cpus_max, "performance": pd.performance, "lent": pd.lent,
+            "config": dict(pd.config),
+            "policies": {str(t): [wire.policy_to_wire(x) for x in ps] for t, ps in pd.policies.items()},
+            "measurement": {b: d.hex() for b, d in pd.measurement.items()},
+            "ended": None if ended is None else {"status": ended.status.name, "exit_status": ended.exit_status,
+                                                 "reason": ended.reason},
+            **self._driver.record(pd.handle),
+        }
+
+    def adopt(self, records: dict[int, dict[str, Any]], next_id: int,
+              destroyed: Iterable[int]) -> dict[int, tuple[PDStatus, tuple[str, ...]]]:
+        """Take over the PDs a store recorded (the driver finds each again, see Driver.adopt): for each its
+        status now and what the driver kept for it until the result is stored (keys to release then)."""
+        adopted: dict[int, _PD] = {}
+        release: dict[int, tuple[PDStatus, tuple[str, ...]]] = {}
+        for pd_id, record in records.items():
+            adopted[pd_id], kept = self._adopt(pd_id, record)
+            release[pd_id] = adopted[pd_id].status, kept
+        with self._lock:
+            self._pds.update(adopted)
+            self._next_id = max(self._next_id, next_id)
+            self._destroyed.update(destroyed)
+        return release
+
+    def _adopt(self, pd_id: int, record: dict[str, Any]) -> tuple[_PD, tuple[str, ...]]:
+        desc = PDDescription(**record["desc"])
+        found = self._driver.adopt(pd_id, desc, record)
+        status = PDStatus[record["status"]]
+        previous = record.get("ended")
+        if previous is not None:
+            previous = ExitInfo(PDStatus[previous["status"]], previous["exit_status"], previous["reason"])
+        if found.live is not None:
+            status = found.live
+        elif status in _LIVE or status is PDStatus.RESTARTING:
+            previous = found.ended or ExitInfo(PDStatus.CRASHED, None, "its start was interrupted by a bmid crash")
+            status = previous.status
+        if record.get("measurement") and not found.kept and status in (PDStatus.READY, PDStatus.SUSPENDED):
+            previous = ExitInfo(PDStatus.CRASHED, None, "its kept image or saved state was lost (the fd keeper "
+                                "ended) or no longer had its measurement; setup_pd again")
+            status = PDStatus.CRASHED
+        policies = {int(t): [wire.policy_from_wire(x) for x in ps] for t, ps in record.get("policies", {}).items()}
+        return _PD(pd_id, desc, record["cpus_max"], found.handle, status=status, priority=record["priority"],
+                   config=dict(record["config"]), policies=policies,
+                   measurement={b: bytes.fromhex(h) for b, h in record["measurement"].items()},
+                   performance=record["performance"], ended=previous, parent=record["parent"],
+                   lent=record["lent"]), found.release
+
+    def enforce_policies(self) -> None:
+        """Tell the driver every stored policy between PDs again (after adopt; Xen: its rendezvous)."""
+        with self._lock:
+            pds = dict(self._pds)
+        for pd in pds.values():
+            for tid, policies in pd.policies.items():
+                if tid in pds:
+                    self._driver.connections_changed(pd.handle, pds[tid].handle, policies)
+
+    def finish_shutdown(self, pd_id: int) -> None:
+        """A SHUTDOWN asked for before the daemon died: a PD that ended meanwhile ended because of it."""
+        pd = self._pd(pd_id, "request_status_change(SHUTDOWN)")
+        if pd.status in _LIVE:
+            self.get_controller(pd_id).request_status_change(PDStatus.SHUTDOWN)
+        elif pd.ended is not None and pd.ended.reason != "oom":
+            pd.status = PDStatus.SHUTDOWN
+            pd.ended = ExitInfo(PDStatus.SHUTDOWN, pd.ended.exit_status, f"shutdown requested; {pd.ended.reason}")
+
+    def close_integrity(self) -> None:
+        """Close the TPM link and nothing else (bmid stopping: its PDs keep running)."""
+        if self._integrity_service is not None:
+            self._integrity_service.close()
+
     # -- internals --------------------------------------------------------------------------
     def _check_open(self, what: str) -> None:
         if self._closed:
@@ -390,7 +537,7 @@ class PDManagement:
         with self._lock:
             pd = self._pds.get(pd_id)
         if pd is None:
-            why = "it was destroyed" if pd_id in self._destroyed else "no PD has that id"
+            why = "it was destroyed" if self.was_destroyed(pd_id) else "no PD has that id"
             raise NoSuchDomain(f"{what}: PD {pd_id} does not exist ({why})", pd_id=pd_id)
         return pd
 
@@ -515,7 +662,7 @@ class PDController:
         self._mgr._check_open("get_current_status")
         if self._id == MANAGER_PD:
             return PDStatus.RUNNING
-        if self._id in self._mgr._destroyed:
+        if self._mgr.was_destroyed(self._id):
             return PDStatus.DESTROYED
         pd = self._pd("get_current_status")
         with pd.lock:
@@ -572,7 +719,7 @@ class PDController:
     def _start(self, pd: _PD) -> None:
         """Run the image with a fresh channel to the layer (connections of an earlier run are cut)."""
         previous = pd.status
-        channels = self._mgr._channels() if self._driver.channels else None
+        channels = self._mgr.channels() if self._driver.channels else None
         extra: dict[str, int] = {}
         try:
             for name, value in pd.config.items():   # the parent's may have been narrowed since they were set
@@ -930,6 +1077,10 @@ class CallerScope:
     socket).  It may control itself (read only) and the PDs it created.
     """
 
+    #: A PD's channel carries one frame per reply (bmid's clients take more): the dispatcher
+    #: (bmi/channel/dispatch.py, which does not import this module) trims long results to fit.
+    one_frame_replies = True
+
     def __init__(self, mgr: PDManagement, caller: int):
         self._mgr = mgr
         self._caller = caller
@@ -983,7 +1134,7 @@ class CallerScope:
             if not _allowed(pd.policies.get(tid, []), con_type, mode):
                 raise PermissionDenied(f"{what}: no policy of PD {source} allows {con_type.name} mode {mode} "
                                        f"towards PD {tid}", pd_id=source)
-            if dest is None or dest.status is PDStatus.DESTROYED or not self._mgr._channels().has_channel(tid):
+            if dest is None or dest.status is PDStatus.DESTROYED or not self._mgr.channels().has_channel(tid):
                 raise InvalidState(f"{what}: PD {tid} is not running (no channel to accept on)", pd_id=tid)
             if con_type is ConnectionType.SHM and isinstance(size, int) and size > pd.desc.mem:
                 raise ResourceError(f"{what}: SHM of {size} bytes is more than PD {source}'s memory", pd_id=source)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Callable
 
 from .errors import InvalidArgument, PermissionDenied
 from .types import RuntimeCapability
+from .units import parse_size
 
 Getter = Callable[[], str]
 Setter = Callable[[str], None]
@@ -104,18 +104,6 @@ class ParamTree:
             else:
                 children.setdefault(child, RuntimeCapability(child, False, False))
         return [children[k] for k in sorted(children)]
-
-
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
-
-
-def parse_size(value: object, *, what: str, pd_id: int | None = None) -> int:
-    """A size in bytes: '4096', '64M', '1.5G', '2GiB' (K, M, G, T are powers of 1024)."""
-    match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
-    if match is None or ("." in match[1] and not match[2]):
-        raise InvalidArgument(f"{what}{'' if pd_id is None else f' of PD {pd_id}'}: {value!r} is not a size "
-                              f"like 4096, 64M or 1G", pd_id=pd_id)
-    return int(Decimal(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
 
 
 def parse_int(value: str, *, what: str, pd_id: int, lo: int, hi: int, unit_suffixes: bool = False) -> int:

@@ -231,8 +231,8 @@ class RemoteController:
     def get_current_status(self) -> PDStatus:
         return PDStatus[self._call("get_current_status")]
 
-    def request_status_change(self, status: PDStatus | str) -> None:
-        self._call("request_status_change", status=status.name if isinstance(status, PDStatus) else status)
+    def request_status_change(self, status: PDStatus | str | int) -> None:
+        self._call("request_status_change", status=p.status_to_wire(status))
 
     def destroy(self) -> None:
         self._call("destroy")

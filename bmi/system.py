@@ -23,35 +23,29 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 from .channel import protocol as p
+from .drivers import BMIDS, DRIVERS
 from .errors import DriverUnavailable, InvalidArgument, InvalidState, NotSupported, PermissionDenied, ResourceError
 from .api import _check_policies, _check_setup
 from .integrity.measure import handover_fd
 from .pd import Channel, RemoteController
-from .server.board import BoardReader
+from .channel.board import BoardReader
 from .types import ConnectionPolicy, IntegrityPolicy, PDDescription, PDStatus
 
 if TYPE_CHECKING:
     from .integrity.keys import AttestationKey
 
-LINUX_URI = "linux:///system"
-XEN_URI = "xen:///system"
-#: One bmid per driver: its default socket, the variable that overrides it, its systemd unit.
-BMIDS = {
-    LINUX_URI: ("/run/bmi/bmid.sock", "BMID_SOCKET", "bmid.service"),
-    XEN_URI: ("/run/bmi/bmid-xen.sock", "BMID_XEN_SOCKET", "bmid-xen.service"),
-}
+LINUX_URI = DRIVERS["linux"].system_uri          # the default
 
 
 def system_uri(uri: str) -> str:
-    """The URI without its query: the key of BMIDS."""
+    """The URI without its query: the key of BMIDS (bmi/drivers/__init__.py)."""
     parts = urlsplit(uri)
     return f"{parts.scheme}://{parts.path}"
 
 
 def default_socket(uri: str) -> str:
     """Where bmid for this URI listens unless told otherwise: $BMID_SOCKET / $BMID_XEN_SOCKET, else /run/bmi/."""
-    default, variable, _ = BMIDS[system_uri(uri)]
-    return os.environ.get(variable) or default
+    return BMIDS[system_uri(uri)].default_socket()
 
 
 def socket_path(uri: str) -> str:
@@ -70,7 +64,7 @@ def _connect(uri: str, path: str) -> socket.socket:
         if e.errno in (errno.EACCES, errno.EPERM):
             raise PermissionDenied(f"open {what}: no permission on bmid's socket {path} (root only, "
                                    f"or the group bmid was started with --group)") from None
-        unit = BMIDS[what][2]
+        unit = BMIDS[what].unit
         raise DriverUnavailable(f"open {what}: cannot reach bmid on {path}: {e.strerror}; start it with "
                                 f"`bmid --uri {what}` (systemd: systemctl start {unit})") from None
     return sock
@@ -253,11 +247,6 @@ class SystemController(RemoteController):
         """From bmid's status board when the PD is on it (no request), else from bmid."""
         status = self._client._board_status(self._id, "get_current_status")
         return status if status is not None else super().get_current_status()
-
-    def request_status_change(self, status: PDStatus | str | int) -> None:
-        if isinstance(status, int) and not isinstance(status, bool) and status in PDStatus._value2member_map_:
-            status = PDStatus(status)
-        super().request_status_change(status)
 
     def setup_pd(self, image: Any, *, banks: Sequence[str] = ("sha256",),
                  progress: Callable[[int, int], None] | None = None) -> None:

@@ -1,13 +1,19 @@
 """Spec data structures (BMI v0.1 section 7.5) and enums.
 
 Plain dataclasses so they print, compare and serialise without ceremony.
-`IntegrityReport` lives with the integrity code (it carries the verifier's
-helpers) and is re-exported here.
+The ground floor: imports only bmi.errors and bmi.units (the integrity
+export helper lazily, when it is called).
 """
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgument
+from .units import parse_size
 
 READ = 1
 WRITE = 2
@@ -62,7 +68,6 @@ class PDDescription:
 
     def __post_init__(self) -> None:
         if isinstance(self.mem, str):
-            from .params import parse_size
             object.__setattr__(self, "mem", parse_size(self.mem, what="PDDescription.mem"))
 
 
@@ -106,7 +111,76 @@ class RuntimeCapability:
     write: bool
 
 
-from .integrity.report import IntegrityReport  # noqa: E402  (re-export)
+FORMAT = "bmi-integrity-report-v1"
+
+
+@dataclass
+class IntegrityReport:
+    """Spec 7.5.3 plus what an offline verifier needs.
+
+    pd_integrity: SHA-256 of the PD image.  pubkey: the attestation key
+    (PEM SubjectPublicKeyInfo).  signature: marshalled TPMT_SIGNATURE.
+    attestation: marshalled TPMS_ATTEST (the quoted structure).
+    pcr_selection: e.g. "sha256:0,1,2,3,4,5,6,7,13".  pcr_values: index ->
+    digest.  tpm: "hardware" or "software".  pd_id: the PD reported on
+    (None: no PD, e.g. the TVL alone).  tvl_pcr: which selected PCR holds
+    the TVL's self-measurement.
+    """
+
+    pd_integrity: bytes
+    pubkey: bytes
+    signature: bytes
+    attestation: bytes = b""
+    pcr_selection: str = ""
+    pcr_values: dict[int, bytes] = field(default_factory=dict)
+    hash_alg: str = "sha256"
+    tpm: str = ""
+    pd_id: int | None = None
+    tvl_pcr: int | None = None
+
+    def to_json(self) -> str:
+        """Self-describing JSON (binary fields hex, the PEM as text) to carry between machines."""
+        return json.dumps({
+            "format": FORMAT, "pd_integrity": self.pd_integrity.hex(), "pubkey": self.pubkey.decode("ascii"),
+            "signature": self.signature.hex(), "attestation": self.attestation.hex(),
+            "pcr_selection": self.pcr_selection,
+            "pcr_values": {str(i): v.hex() for i, v in sorted(self.pcr_values.items())},
+            "hash_alg": self.hash_alg, "tpm": self.tpm, "pd_id": self.pd_id, "tvl_pcr": self.tvl_pcr,
+        }, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "IntegrityReport":
+        """Parse to_json output; InvalidArgument saying which field is wrong."""
+        try:
+            doc = json.loads(text)
+            if doc.get("format") != FORMAT:
+                raise ValueError(f"format is {doc.get('format')!r}, not {FORMAT!r}")
+            return cls(
+                pd_integrity=bytes.fromhex(doc["pd_integrity"]), pubkey=doc["pubkey"].encode("ascii"),
+                signature=bytes.fromhex(doc["signature"]), attestation=bytes.fromhex(doc["attestation"]),
+                pcr_selection=str(doc["pcr_selection"]),
+                pcr_values={int(i): bytes.fromhex(v) for i, v in doc["pcr_values"].items()},
+                hash_alg=str(doc["hash_alg"]), tpm=str(doc["tpm"]),
+                pd_id=None if doc.get("pd_id") is None else int(doc["pd_id"]),
+                tvl_pcr=None if doc.get("tvl_pcr") is None else int(doc["tvl_pcr"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InvalidArgument(f"IntegrityReport.from_json: not a bmi integrity report: "
+                                  f"{type(e).__name__}: {e}") from None
+
+    def export_tpm2_tools(self, directory: str | Path, *, nonce: bytes | None = None, ak: Any = None) -> Path:
+        """Write quote.msg, quote.sig, quote.pcrs, ak.pub.pem, qualification.hex for tpm2_checkquote.
+
+        ak.pub.pem is the pinned `ak` (PEM, public key or fingerprint, as
+        for verify_report) once the signature is checked against it
+        (IntegrityError if not); without `ak` it is the key the report
+        carries, with a warning: tpm2_checkquote then proves nothing about
+        who signed.  qualification.hex is SHA-256(nonce || pd_integrity)
+        when `nonce` is given (what the verifier expects), else the quote's
+        own extraData.  quote.pcrs is tpm2-tools' "serialized" layout.
+        """
+        from .integrity.signature import export_tpm2_tools      # needs cryptography: only when asked
+        return export_tpm2_tools(self, directory, nonce=nonce, ak=ak)
+
 
 __all__ = [
     "READ", "WRITE", "RW", "PDStatus", "ConnectionType", "PDDescription",

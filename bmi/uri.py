@@ -5,18 +5,17 @@ import os
 from urllib.parse import parse_qs, urlsplit
 
 from .api import PDManagement
+from .drivers import DRIVERS
 from .errors import DriverUnavailable, InvalidArgument
 
 DEFAULT_URI = "linux:///session"
 KNOWN = {
-    ("linux", "/session"): "the embedded Linux driver, PDs live while this process lives",
-    ("linux", "/system"): "PDs owned by bmid over /run/bmi/bmid.sock",
-    ("xen", "/session"): "Xen domains through libxl in this process; they live while it lives",
-    ("xen", "/system"): "Xen domains owned by bmid --uri xen:///system over /run/bmi/bmid-xen.sock",
+    **{key: text for d in DRIVERS.values()
+       for key, text in (((d.scheme, "/session"), d.session_help), ((d.scheme, "/system"), d.system_help))},
     ("pd", "/"): "inside a PD: the channel named by BMI_CHANNEL_FD",
 }
 #: The query options (?name=value) each URI understands.
-OPTIONS = {("linux", "/system"): ("socket",), ("xen", "/system"): ("socket",)}
+OPTIONS = {(d.scheme, "/system"): ("socket",) for d in DRIVERS.values()}
 
 
 def resolve(uri: str | None) -> str:
@@ -51,17 +50,12 @@ def open(uri: str | None = None, *, integrity: bool = True) -> PDManagement:  # 
                                   f"understands: {offered}")
     if parts.query and not parse_qs(parts.query, keep_blank_values=True):
         raise InvalidArgument(f"open {uri!r}: the query {parts.query!r} is not name=value options")
-    if key == ("linux", "/session"):
-        from .drivers.linux.driver import LinuxDriver
+    if key[1] == "/session":
         factory = _integrity_factory() if integrity else None
-        return PDManagement(LinuxDriver(), uri, integrity=factory)
-    if key in (("linux", "/system"), ("xen", "/system")):
+        return PDManagement(DRIVERS[parts.scheme].session_driver(), uri, integrity=factory)
+    if key[1] == "/system":
         from .system import SystemClient
         return SystemClient(uri)  # type: ignore[return-value]  (PDManagement-compatible, through bmid)
-    if key == ("xen", "/session"):
-        from .drivers.xen.driver import XenDriver
-        factory = _integrity_factory() if integrity else None
-        return PDManagement(XenDriver(), uri, integrity=factory)
     from .pd import PDClient        # pd:///
     return PDClient()  # type: ignore[return-value]  (PDManagement-compatible, over the channel)
 

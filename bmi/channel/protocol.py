@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import errors
 from ..types import (ConnectionIntegrityPolicy, ConnectionPolicy, ConnectionType, IntegrityPolicy,
-                     IntegrityReport, RuntimeCapability)
+                     IntegrityReport, PDStatus, RuntimeCapability)
 
 MAX_MESSAGE = 64 * 1024          # bytes of one JSON message, either direction
 MAX_FDS = 4                      # fds accepted in one message (extra ones are closed)
@@ -165,6 +165,14 @@ def con_type(value: Any) -> ConnectionType:
     if isinstance(value, str) and value.upper() in ConnectionType.__members__:
         return ConnectionType[value.upper()]
     raise ProtocolError(INVALID_PARAMS, f"con_type {value!r} is not one of {', '.join(ConnectionType.__members__)}")
+
+
+def status_to_wire(status: Any) -> Any:
+    """A PDStatus, or its value as an int, by name; anything else as given, for the layer to check
+    (bmi/api.py: one check of what a status may be, in every mode)."""
+    if isinstance(status, int) and not isinstance(status, bool) and status in PDStatus._value2member_map_:
+        return PDStatus(status).name
+    return status
 
 
 def policy_to_wire(policy: ConnectionPolicy) -> dict[str, Any]:

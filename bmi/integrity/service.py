@@ -30,7 +30,7 @@ from ..types import IntegrityPolicy, ProtectedCredentials
 from . import credentials, eventlog, selfmeasure, wire
 from .credentials import policy_digest
 from .keys import AttestationKey
-from .report import IntegrityReport
+from ..types import IntegrityReport
 from .tpm import TPM
 
 BOOT_PCRS = tuple(range(8))

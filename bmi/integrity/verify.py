@@ -7,67 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from typing import Mapping
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import IntegrityError, InvalidArgument
-from ..types import IntegrityPolicy
+from ..types import IntegrityPolicy, IntegrityReport
 from . import credentials, keys, wire
-from .keys import PinnedKey, PublicKeyType
-from .report import IntegrityReport
-
-
-UNPINNED = ("no attestation key pinned: pass ak= (CLI: --ak FILE|FINGERPRINT) with the AK you enrolled "
-            "beforehand over a channel you trust (mgr.get_attestation_key(), `bmi tpm`); the key inside a "
-            "report proves nothing, anyone can re-sign a report with their own. Only trust_report_key=True "
-            "(CLI: --trust-report-key) accepts the report's own key")
-
-
-class UnpinnedKeyWarning(UserWarning):
-    """A report was checked against the key it carries itself (trust_report_key=True)."""
-
-
-def signing_key(report: IntegrityReport, ak: object = None, *, trust_report_key: bool = False,
-                what: str = "verify_report") -> PublicKeyType:
-    """The key the report's signature must verify with: the pinned one, or (loudly) the report's own.
-
-    IntegrityError when nothing is pinned and trust_report_key is not set,
-    or when the report's key is not the pinned AK.
-    """
-    if ak is not None and trust_report_key:
-        raise InvalidArgument(f"{what}: give ak= or trust_report_key=True, not both")
-    if ak is None and not trust_report_key:
-        raise IntegrityError(f"{what}: {UNPINNED}", pd_id=report.pd_id)
-    pin = keys.resolve(ak, what) if ak is not None else None
-    try:
-        carried = keys.load_pem(report.pubkey, f"{what}: the report's key")
-        carried_fp = keys.pem_fingerprint(report.pubkey, f"{what}: the report's key")
-    except InvalidArgument as e:
-        raise IntegrityError(f"{what}: signature check failed: {e}", pd_id=report.pd_id) from None
-    if pin is None:
-        warnings.warn(f"{what}: trusting the attestation key the report carries ({carried_fp}): "
-                      "anyone can forge such a report; pin the AK with ak=", UnpinnedKeyWarning, stacklevel=3)
-    elif carried_fp != pin.fingerprint:
-        raise IntegrityError(f"{what}: signature check failed: the report names the key "
-                             f"{carried_fp}, not the pinned AK {pin.fingerprint}", pd_id=report.pd_id)
-    return pin.key if pin is not None and pin.key is not None else carried
-
-
-def check_signature(report: IntegrityReport, key: PublicKeyType) -> str | None:
-    """None if `key` signed report.attestation (ECDSA TPMT_SIGNATURE), else why not."""
-    try:
-        halg, der = wire.ecdsa_der(report.signature)
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            return "the attestation key is not an ECC key"
-        key.verify(der, report.attestation, ec.ECDSA(wire.crypto_hash(halg)))
-    except InvalidSignature:
-        return f"the quote is not signed by the AK {keys.fingerprint(key)}"
-    except (ValueError, TypeError) as e:
-        return str(e)
-    return None
+from .keys import PinnedKey
+from .signature import UNPINNED, UnpinnedKeyWarning, check_signature, signing_key  # noqa: F401 (re-exported)
 
 
 def verify_report(report: IntegrityReport, *, nonce: bytes, pd_integrity: bytes,

@@ -3,7 +3,7 @@
 One bmid per driver, like libvirt's modular daemons (virtqemud, virtxend):
 a libxl failure cannot take the Linux PDs' service down.  One PDManagement
 (the same semantics as session mode, bmi/api.py) over the driver's Keeping
-variant (bmi/server/driver.py, bmi/server/xen.py), answered on a Unix socket with the PD channel's protocol
+variant (bmi/drivers/*/system.py, bmi/drivers/keeping.py), answered on a Unix socket with the PD channel's protocol
 (JSON-RPC 2.0 over SOCK_SEQPACKET, bmi/channel/protocol.py; the requests
 are those of bmi/channel/dispatch.py plus a few manager-only ones below).
 
@@ -47,24 +47,26 @@ import threading
 import time
 from typing import Any, Iterable
 
-from ..api import PDController, PDManagement, _PD
+from ..api import PDController, PDManagement
 from ..channel import protocol as p
+from ..channel.board import BoardWriter
 from ..channel.dispatch import Dispatcher
+from ..channel.methods import READ_ONLY
 from ..channel.server import ChannelServer, _check_request
-from ..drivers.base import ExitInfo
+from ..drivers import BMIDS
+from ..drivers.keeping import Keeping
+from ..drivers.linux.system import leftover_cgroups
 from ..errors import BMIError, InvalidArgument, PermissionDenied, ResourceError
 from ..store import DB_FILE, RESERVE_BYTES, Event, StateError, Store, private_dir, state_failure
-from ..system import LINUX_URI, XEN_URI, default_socket
-from ..types import PDDescription, PDStatus
-from .board import BoardWriter
+from ..system import LINUX_URI, default_socket
+from ..types import PDStatus
 from .connections import KeptConnections
-from .driver import Keeping, SystemDriver, leftover_cgroups
 from .inflight import Ledger, Pending
 from .keeper import Keeper, existing as existing_keeper
 
 log = logging.getLogger("bmi.bmid")
 
-URIS = (LINUX_URI, XEN_URI)
+URIS = tuple(BMIDS)
 MAX_CONSOLE_CHUNK = 16 * 1024       # bytes of console per reply (hex doubles it; MAX_MESSAGE is 64 KiB)
 MAX_WAIT = 60.0
 REPLY_PIECE = 30 * 1024         # bytes of reply JSON per record when a reply is split (hex: 60 KiB)
@@ -73,19 +75,11 @@ EXIT_RETRY = 1.0                # s between attempts to store an exit while the 
 FAIL_STOP = 75                  # bmid's exit status when it stops because it cannot store a change it made
 TEST_PAUSE = "BMID_TEST_PAUSE"  # tests only: e.g. "commit:destroy exit" stops bmid there (see test_pause)
 _LIVE = (PDStatus.RUNNING, PDStatus.PAUSED)
-
-#: Calls a read-only client (the configured group) may make.
-READ_ONLY = frozenset({
-    "get_version", "list_pd", "get_controller", "get_priority", "get_current_status", "get_allowed_connections",
-    "get_config_param", "get_runtime_param", "list_runtime_params", "get_integrity_link", "describe", "layer_info",
-    "measurement", "read_console", "wait", "subscribe", "get_storage_public", "list_devices", "assigned",
-    "status_board", "get_attestation_key"})
+#: READ_ONLY (bmi/channel/methods.py): what a read-only client (the configured group) may call.
 
 
 class SystemDispatcher(Dispatcher):
     """The channel's requests plus what a manager client needs beyond them (manager callers only)."""
-
-    returns_fd = Dispatcher.returns_fd | {"status_board"}
 
     def __init__(self, scope_of: Any, board: BoardWriter):
         super().__init__(scope_of)
@@ -112,12 +106,7 @@ class SystemDispatcher(Dispatcher):
 
     def m_describe(self, scope: Any, params: dict, fd: None) -> list[dict]:
         """Every PD in one reply (what `bmi list` shows): id, name, status, parent, resources, sha256."""
-        mgr = self._manager(scope, "describe")
-        with mgr._lock:
-            pds = sorted(mgr._pds.values(), key=lambda x: x.pd_id)
-        return [{"pd": pd.pd_id, "name": pd.config.get("/name", ""), "status": pd.status.name,
-                 "parent": pd.parent, "mem": pd.desc.mem, "cpu": pd.cpus_max, "priority": pd.priority,
-                 "sha256": pd.measurement["sha256"].hex() if "sha256" in pd.measurement else ""} for pd in pds]
+        return self._manager(scope, "describe").describe(refresh=False)
 
     def m_status_board(self, scope: Any, params: dict, fd: None) -> tuple[dict[str, Any], int]:
         """A read-only descriptor of the status board (board.py): list_pd and statuses without a request."""
@@ -211,11 +200,8 @@ class KeptChannels(ChannelServer):
 
 
 def system_driver(uri: str, keeper: Keeper, on_exit: Any) -> Keeping:
-    """The driver bmid runs for uri (Xen's imported only there: it needs the libxl shim)."""
-    if uri == XEN_URI:
-        from .xen import XenSystemDriver
-        return XenSystemDriver(keeper, on_exit)
-    return SystemDriver(keeper, on_exit)
+    """The driver bmid runs for uri (imported only there: Xen's needs the libxl shim)."""
+    return BMIDS[uri].bmid_driver(keeper, on_exit)
 
 
 class Daemon:
@@ -255,7 +241,7 @@ class Daemon:
             factory = _integrity_factory()
         self.mgr = PDManagement(self.driver, uri, integrity=factory,
                                 registry=lambda on_incoming: KeptConnections(self.store, self.keeper, on_incoming))
-        self.mgr._finalizer.detach()        # bmid ending must never destroy the PDs it owns
+        self.mgr.keep_pds_when_dropped()        # bmid ending must never destroy the PDs it owns
         if shutdown_grace is not None:
             self.mgr.shutdown_grace = shutdown_grace
         self.board = BoardWriter()
@@ -263,8 +249,8 @@ class Daemon:
         self._dispatch = SystemDispatcher(lambda caller: self.mgr if caller == 0 else self.mgr.scoped(caller),
                                           self.board)
         if self.driver.channels:
-            self.mgr._channel_server = KeptChannels(self._channel_call, self.mgr._registry, self.keeper,
-                                                    self.ledger)
+            self.mgr.install_channels(KeptChannels(self._channel_call, self.mgr.registry, self.keeper,
+                                                   self.ledger))
         self._cache: dict[int, dict[str, Any]] = {}
         self._subscribers: set[queue.SimpleQueue[Event]] = set()
         self._sub_lock = threading.Lock()
@@ -275,20 +261,6 @@ class Daemon:
         threading.Thread(target=self._reconcile_exits, name="bmid-exits", daemon=True).start()
 
     # -- persistence ----------------------------------------------------------------------
-    def _record(self, pd: _PD) -> dict[str, Any]:
-        ended = pd.ended
-        return {
-            "pd_id": pd.pd_id, "parent": pd.parent, "status": pd.status.name, "priority": pd.priority,
-            "desc": {"mem": pd.desc.mem, "cpu": pd.desc.cpu, "performance": pd.desc.performance},
-            "cpus_max": pd.cpus_max, "performance": pd.performance, "lent": pd.lent,
-            "config": dict(pd.config),
-            "policies": {str(t): [p.policy_to_wire(x) for x in ps] for t, ps in pd.policies.items()},
-            "measurement": {b: d.hex() for b, d in pd.measurement.items()},
-            "ended": None if ended is None else {"status": ended.status.name, "exit_status": ended.exit_status,
-                                                 "reason": ended.reason},
-            **self.driver.record(pd.handle),
-        }
-
     def persist(self, ids: Iterable[int] | None = None, op_id: int | None = None, *, ops: Iterable[int] = (),
                 restarted: int | None = None) -> None:
         """Write the records of these PDs (all when None) as they are now, with an event per status change.
@@ -305,20 +277,17 @@ class Daemon:
             events: list[Event] = []
             written: dict[int, dict[str, Any] | None] = {}
             shown: dict[int, PDStatus] = {}
-            with self.mgr._lock:
-                current = dict(self.mgr._pds)
-                next_id = self.mgr._next_id
+            current, next_id = self.mgr.records(ids)
             todo = set(current) | set(self._cache) if ids is None else set(ids)
             for pd_id in sorted(todo):
-                pd, old = current.get(pd_id), self._cache.get(pd_id)
-                if pd is None:
+                record, old = current.get(pd_id), self._cache.get(pd_id)
+                if record is None:
                     if old is not None:
                         Store.delete_pd(db, pd_id)
                         events.append(Store.add_event(db, pd_id, PDStatus.DESTROYED.name, "",
                                                       old["config"].get("/name", "")))
                         written[pd_id] = None
                     continue
-                record = self._record(pd)
                 shown[pd_id] = PDStatus[record["status"]]
                 name = record["config"].get("/name", "")
                 if pd_id == restarted:
@@ -366,42 +335,32 @@ class Daemon:
                 if op.pd_id not in records:
                     log.info("rolling back the allocation of PD %d (never acknowledged)", op.pd_id)
                     self.driver.roll_back_allocation(op.pd_id, op.detail)
-        restored: dict[int, _PD] = {}
-        release: list[str] = []
         for pd_id, record in records.items():
-            restored[pd_id], kept_keys = self._adopt(pd_id, record)
-            release.extend(kept_keys)
             self._cache[pd_id] = record
             next_id = max(next_id, pd_id + 1)
-        with self.mgr._lock:
-            self.mgr._pds.update(restored)
-            self.mgr._next_id = next_id
-            self.mgr._destroyed.update(self.store.destroyed())
-        kept_channels = {pd_id: fd for pd_id, pd in restored.items() if self.driver.channels and pd.status in _LIVE
-                         and (fd := self.keeper.get(f"pd{pd_id}.channel")) is not None}
+        restored = self.mgr.adopt(records, next_id, self.store.destroyed())
+        release = [key for _, kept_keys in restored.values() for key in kept_keys]
+        kept_channels = {pd_id: fd for pd_id, (status, _) in restored.items() if self.driver.channels
+                         and status in _LIVE and (fd := self.keeper.get(f"pd{pd_id}.channel")) is not None}
         # connections first: a channel that ends as soon as it is attached cuts them
-        self.mgr._registry.restore(set(restored), set(kept_channels))
+        self.mgr.registry.restore(set(restored), set(kept_channels))
         left = self.ledger.owed()       # removed only once restore() is stored
         owed = [call for call in left if call.pd_id in kept_channels]
         if kept_channels:
-            channels = self.mgr._channels()
+            channels = self.mgr.channels()
             for pd_id, fd in kept_channels.items():
                 channels.attach(pd_id, socket.socket(fileno=fd), keep=False)
-        for pd in restored.values():        # what the layer enforces of the stored policies (Xen: rendezvous)
-            for tid, policies in pd.policies.items():
-                if tid in restored:
-                    self.driver.connections_changed(pd.handle, restored[tid].handle, policies)
+        self.mgr.enforce_policies()        # what the layer enforces of the stored policies (Xen: rendezvous)
         for op in pending:
-            pd = restored.get(op.pd_id) if op.pd_id is not None else None
-            if pd is None:
+            if op.pd_id not in restored:
                 continue
             try:
                 if op.method == "destroy":
                     log.info("finishing the destruction of PD %d", op.pd_id)
-                    self.mgr._destroy(pd)
+                    self.mgr.get_controller(op.pd_id).destroy()
                 elif op.method == "request_status_change" and op.detail.get("status") == "SHUTDOWN" and \
-                        records[pd.pd_id]["status"] in (s.name for s in _LIVE):
-                    self._finish_shutdown(pd)
+                        records[op.pd_id]["status"] in (s.name for s in _LIVE):
+                    self.mgr.finish_shutdown(op.pd_id)
             except BMIError as e:
                 log.warning("finishing %s of PD %s after a restart: %s", op.method, op.pd_id, e)
         test_pause(self.state_dir, "restore")
@@ -411,40 +370,7 @@ class Daemon:
         for call in left:
             self.ledger.remove(call.pd_id, call.msg_id)
         if owed:
-            self.mgr._channels().take_up(owed)
-
-    def _finish_shutdown(self, pd: _PD) -> None:
-        """A SHUTDOWN bmid was asked for before it died: a PD that ended meanwhile ended because of it."""
-        if pd.status in _LIVE:
-            self.mgr.get_controller(pd.pd_id).request_status_change(PDStatus.SHUTDOWN)
-        elif pd.ended is not None and pd.ended.reason != "oom":
-            pd.status = PDStatus.SHUTDOWN
-            pd.ended = ExitInfo(PDStatus.SHUTDOWN, pd.ended.exit_status, f"shutdown requested; {pd.ended.reason}")
-
-    def _adopt(self, pd_id: int, record: dict[str, Any]) -> tuple[_PD, tuple[str, ...]]:
-        """The PD, and the keeper keys to drop once it is stored."""
-        desc = PDDescription(**record["desc"])
-        found = self.driver.adopt(pd_id, desc, record)
-        status = PDStatus[record["status"]]
-        previous = record.get("ended")
-        if previous is not None:
-            previous = ExitInfo(PDStatus[previous["status"]], previous["exit_status"], previous["reason"])
-        if found.live is not None:
-            status = found.live
-        elif status in _LIVE or status is PDStatus.RESTARTING:
-            previous = found.ended or ExitInfo(PDStatus.CRASHED, None, "its start was interrupted by a bmid crash")
-            status = previous.status
-        if record.get("measurement") and not found.kept and status in (PDStatus.READY, PDStatus.SUSPENDED):
-            previous = ExitInfo(PDStatus.CRASHED, None, "its kept image or saved state was lost (the fd keeper "
-                                "ended) or no longer had its measurement; setup_pd again")
-            status = PDStatus.CRASHED
-        handle = found.handle
-        policies = {int(t): [p.policy_from_wire(x) for x in ps] for t, ps in record.get("policies", {}).items()}
-        return _PD(pd_id, desc, record["cpus_max"], handle, status=status, priority=record["priority"],
-                   config=dict(record["config"]), policies=policies,
-                   measurement={b: bytes.fromhex(h) for b, h in record["measurement"].items()},
-                   performance=record["performance"], ended=previous, parent=record["parent"],
-                   lent=record["lent"]), found.release
+            self.mgr.channels().take_up(owed)
 
     def _reconcile_exits(self) -> None:
         """PD exits seen by the driver's monitor: pick up the status, store it, tell subscribers.
@@ -456,12 +382,8 @@ class Daemon:
             pd_id = self._exits.get()
             if pd_id is None:
                 return
-            with self.mgr._lock:
-                pd = self.mgr._pds.get(pd_id)
-            if pd is None:
+            if not self.mgr.refresh(pd_id):
                 continue
-            with pd.lock:
-                self.mgr._refresh(pd)
             test_pause(self.state_dir, "exit")
             try:
                 self.persist([pd_id])
@@ -489,7 +411,7 @@ class Daemon:
             PDStatus.RESTARTING.name and isinstance(target, int) else None
         if method == "allocate_pd":
             with self._alloc_lock:
-                pd_id = self.mgr._next_id
+                pd_id = self.mgr.next_id()
                 op = self.store.begin(method, pd_id, **self.driver.allocation_intent(pd_id))
                 try:
                     value, out = self._dispatch(caller, method, params, fd)
@@ -532,10 +454,9 @@ class Daemon:
         A client that saw `wait` return or /system/exit-status filled in
         must not then read the old status from the board.
         """
-        with self.mgr._lock:
-            pd = self.mgr._pds.get(pd_id) if isinstance(pd_id, int) else None
-        cached = self._cache.get(pd_id) if pd is not None else None
-        if cached is not None and pd.status.name != cached["status"]:
+        status = self.mgr.status_of(pd_id) if isinstance(pd_id, int) else None
+        cached = self._cache.get(pd_id) if status is not None else None
+        if cached is not None and status.name != cached["status"]:
             try:
                 self.persist([pd_id])
             except BMIError as e:       # a full disk: the exit watcher stores it once there is room

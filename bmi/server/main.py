@@ -11,7 +11,8 @@ from typing import Sequence
 
 from ..errors import BMIError
 from ..store import DEFAULT_STATE_DIR, StateError
-from ..system import BMIDS, LINUX_URI, XEN_URI, default_socket
+from ..drivers import BMIDS
+from ..system import LINUX_URI, default_socket
 from .daemon import Daemon
 
 EXIT_STATE = 78     # EX_CONFIG: the state cannot be used until the operator acts (the message says how)
@@ -21,13 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bmid", description="Own the protection domains of one system URI across restarts; serve "
                                  "`bmi --uri URI` and bmi.open(URI).  One bmid per URI (driver).")
+    others = [uri for uri in BMIDS if uri != LINUX_URI]
     parser.add_argument("--uri", default=LINUX_URI, choices=list(BMIDS),
-                        help=f"what to serve (default {LINUX_URI}; {XEN_URI} in a Xen dom0)")
-    parser.add_argument("--socket", help=f"the Unix socket to listen on (default {BMIDS[LINUX_URI][0]}, "
-                                         f"${BMIDS[LINUX_URI][1]}; for Xen {BMIDS[XEN_URI][0]}, "
-                                         f"${BMIDS[XEN_URI][1]}; root-only)")
+                        help=f"what to serve (default {LINUX_URI}; {', '.join(others)} where its hypervisor runs)")
+    sockets = "; ".join(f"for {d.scheme} {d.socket}, ${d.socket_variable}" for d in BMIDS.values())
+    parser.add_argument("--socket", help=f"the Unix socket to listen on (default {sockets}; root-only)")
+    subdirs = ", ".join(f"for {d.scheme} its {d.state_subdir}/ subdirectory" for d in BMIDS.values() if d.state_subdir)
     parser.add_argument("--state-dir", help=f"where the SQLite state and the fd keeper live (default "
-                                            f"$BMID_STATE_DIR or {DEFAULT_STATE_DIR}; for Xen its xen/ subdirectory)")
+                                            f"$BMID_STATE_DIR or {DEFAULT_STATE_DIR}; {subdirs})")
     parser.add_argument("--group", help="a group whose members may make read-only calls (socket mode 0660)")
     parser.add_argument("--no-integrity", action="store_true", help="run without the TPM link")
     parser.add_argument("--shutdown-grace", type=float, default=None,
@@ -52,8 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bmid: no group {args.group!r}", file=sys.stderr)
         return 1
     state_dir = args.state_dir or os.environ.get("BMID_STATE_DIR") or DEFAULT_STATE_DIR
-    if args.state_dir is None and args.uri == XEN_URI:
-        state_dir = os.path.join(state_dir, "xen")     # its own store, lock and keeper
+    if args.state_dir is None and BMIDS[args.uri].state_subdir:
+        state_dir = os.path.join(state_dir, BMIDS[args.uri].state_subdir)     # its own store, lock and keeper
     socket_path = args.socket or default_socket(args.uri)
     try:
         daemon = Daemon(state_dir=state_dir, uri=args.uri, socket_path=socket_path, group=group,
@@ -80,9 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("READY", flush=True)
     daemon.serve_forever()
     # The PDs keep running; skip interpreter teardown, which would run the driver's finalizers.
-    service = daemon.mgr._integrity_service
-    if service is not None:
-        service.close()
+    daemon.mgr.close_integrity()
     daemon.store.close()
     daemon.ledger.close()
     daemon.board.close()

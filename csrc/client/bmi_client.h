@@ -27,6 +27,9 @@
 #define BMI_E_PERMISSION    (-32004)
 #define BMI_E_NOT_SUPPORTED (-32005)
 #define BMI_E_RESOURCE      (-32006)
+#define BMI_E_IMAGE         (-32007)
+#define BMI_E_INTEGRITY     (-32008)
+#define BMI_E_DRIVER        (-32009)
 #define BMI_E_BUSY          (-32011)
 
 #define BMI_READ  1

@@ -24,7 +24,7 @@ def as_pd(mgr):
     clients = []
 
     def make(pd: bmi.PDController) -> bmi.pd.PDClient:
-        fd = mgr._channels().open(pd.get_pd_id())
+        fd = mgr.channels().open(pd.get_pd_id())
         try:
             client = bmi.pd.open(fd)
         finally:

@@ -10,6 +10,7 @@ import pytest
 
 import bmi
 from bmi import ConnectionPolicy, ConnectionType as CT, PDDescription, cli
+from bmi.cli import run as run_commands
 
 MB = 1 << 20
 
@@ -18,7 +19,7 @@ MB = 1 << 20
 def on(mgr, monkeypatch):
     """Point the CLI at this test's manager (session PDs live only in their manager's process; the CLI
     refuses session URIs for these commands, so it is told a system one)."""
-    monkeypatch.setattr(cli, "bmi_open", lambda uri, integrity=True: contextlib.nullcontext(mgr))
+    monkeypatch.setattr(run_commands, "bmi_open", lambda uri, integrity=True: contextlib.nullcontext(mgr))
     monkeypatch.setenv("BMI_URI", "linux:///system")
     return mgr
 

@@ -24,7 +24,7 @@ def test_pd_uri_outside_a_pd_says_why(monkeypatch):
 
 def test_pd_uri_opens_the_channel_named_by_the_environment(mgr, monkeypatch):
     pd = mgr.allocate_pd(PDDescription(mem=32 * MB))
-    fd = mgr._channels().open(pd.get_pd_id())
+    fd = mgr.channels().open(pd.get_pd_id())
     try:
         monkeypatch.setenv("BMI_CHANNEL_FD", str(fd))
         with bmi.open("pd:///") as client:
@@ -172,7 +172,7 @@ def test_restarting_a_pd_gives_it_a_new_channel_and_cuts_the_old_connections(mgr
 
 def test_server_answers_raw_garbage_with_errors(mgr):
     a = mgr.allocate_pd(PDDescription(mem=32 * MB))
-    fd = mgr._channels().open(a.get_pd_id())
+    fd = mgr.channels().open(a.get_pd_id())
     sock = socket.socket(fileno=fd)
     try:
         for junk in (b"", b"{", b"[]", b'{"jsonrpc":"2.0"}', b'{"jsonrpc":"2.0","id":1,"method":7}',

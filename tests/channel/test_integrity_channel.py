@@ -21,7 +21,7 @@ def test_a_pd_gets_its_integrity_link_and_its_credentials(tmgr):
     pd = tmgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
     pd.setup_pd(bmi.FileImage(image))
     other = tmgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
-    fd = tmgr._channels().open(pd.get_pd_id())
+    fd = tmgr.channels().open(pd.get_pd_id())
     try:
         with bmi.pd.open(fd) as client:
             me = client.get_controller()

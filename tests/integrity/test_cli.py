@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from bmi.errors import IntegrityError, InvalidArgument
-from bmi.integrity import cli
+from bmi.cli import integrity as cli
 from bmi.integrity.service import IntegrityService
 
 pytestmark = pytest.mark.skipif(shutil.which("swtpm") is None, reason="swtpm is not installed")
@@ -81,7 +81,7 @@ def test_verify(bmi, capsys, tmp_path, state_dir):
                "--ak", ak.fingerprint, "--json") == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is True and out["trusted_report_key"] is False and out["ak_fingerprint"] == ak.fingerprint
-    with pytest.raises(IntegrityError, match="nonce check failed"):     # bmi/cli.py's main reports it (exit 1)
+    with pytest.raises(IntegrityError, match="nonce check failed"):     # bmi/cli main reports it (exit 1)
         bmi("verify", str(tmp_path / "r.json"), "--nonce", "0103", "--expect-digest", digest.hex(), "--json", *pin)
     with pytest.raises(IntegrityError, match="PCR value check failed"):
         bmi("verify", str(tmp_path / "r.json"), "--nonce", "0102", "--expect-digest", digest.hex(),

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bmi.errors import IntegrityError, InvalidArgument
-from bmi.integrity.report import IntegrityReport
+from bmi.types import IntegrityReport
 from bmi.integrity.verify import verify_report
 
 NONCE = bytes(range(20))

@@ -312,7 +312,7 @@ def as_pd_client(mgr):
     """Another PD's channel, used from here to check the layer still answers."""
     import bmi.pd
     other = mgr.allocate_pd(PDDescription(mem=32 * MB))
-    fd = mgr._channels().open(other.get_pd_id())
+    fd = mgr.channels().open(other.get_pd_id())
     client = bmi.pd.open(fd)
     os.close(fd)
     yield other, client

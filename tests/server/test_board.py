@@ -9,7 +9,7 @@ import time
 import pytest
 
 import bmi
-from bmi.server.board import BoardReader, BoardWriter
+from bmi.channel.board import BoardReader, BoardWriter
 from tests.helpers import busybox_path
 
 

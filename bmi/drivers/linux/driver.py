@@ -21,8 +21,9 @@ from ...integrity.measure import measure_into
 from ...params import Leaf, const, parse_allow, parse_int
 from ...types import PDDescription, PDStatus
 from ..base import Driver, ExitInfo, HostResources, Progress
+from ..console import Console
 from . import cgroups, formats, spawn, uids
-from .monitor import Console, Monitor
+from .monitor import Monitor
 
 MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_EXEC = 0x1, 0x2, 0x10
 SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL

@@ -35,7 +35,7 @@ from ...integrity.measure import measure_into
 from ...params import Leaf, const
 from ...types import PDDescription, PDStatus
 from ..base import Driver, ExitInfo, HostResources, Progress
-from ..linux.monitor import Console
+from ..console import Console
 from . import config as xcfg
 from . import image as ximage
 from .libxl import PERM_NONE, PERM_READ, PERM_RW, Xen

@@ -1,7 +1,7 @@
 """`bmi verify`, `bmi seal`, `bmi eventlog`, `bmi tpm`: the integrity commands.
 
-bmi/cli.py calls register(subparsers); each handler returns the exit status
-(BMIError is reported by bmi/cli.py's main).
+bmi/cli/__init__.py calls register(subparsers); each handler returns the exit status
+(BMIError is reported by its main).
 """
 from __future__ import annotations
 
@@ -64,9 +64,9 @@ def _emit(data: Any, as_json: bool, text: str) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .keys import fingerprint, load_pem, resolve
-    from .report import IntegrityReport
-    from .verify import UnpinnedKeyWarning, verify_report
+    from ..integrity.keys import fingerprint, load_pem, resolve
+    from ..types import IntegrityReport
+    from ..integrity.verify import UnpinnedKeyWarning, verify_report
     try:
         report = IntegrityReport.from_json(Path(args.report).read_text())
     except OSError as e:
@@ -87,7 +87,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         pcrs[int(index)] = _hex(value, f"--pcr {index}")
     ak = _pinned_key(args.ak)
     trusted = bool(args.trust_report_key)
-    # a failed check is an IntegrityError: bmi/cli.py's main reports it like every other error (exit 1)
+    # a failed check is an IntegrityError: bmi.cli's main reports it like every other error (exit 1)
     with warnings.catch_warnings():      # said below, once, in the CLI's own words
         warnings.simplefilter("ignore", UnpinnedKeyWarning)
         verify_report(report, nonce=_hex(args.nonce, "--nonce"), pd_integrity=expected, pcrs=pcrs, ak=ak,
@@ -123,10 +123,10 @@ def cmd_seal(args: argparse.Namespace) -> int:
     except OSError as e:
         raise InvalidArgument(f"seal: cannot read {e.filename}: {e.strerror}") from None
     if storage is not None:
-        from .verify import wrap_credentials
+        from ..integrity.verify import wrap_credentials
         blob = wrap_credentials(policy, secret, storage)
     else:
-        from .service import IntegrityService
+        from ..integrity.service import IntegrityService
         with IntegrityService.open() as service:
             blob = service.seal(policy, secret)
     Path(args.output).write_bytes(blob)
@@ -135,7 +135,7 @@ def cmd_seal(args: argparse.Namespace) -> int:
 
 
 def cmd_eventlog(args: argparse.Namespace) -> int:
-    from .service import IntegrityService
+    from ..integrity.service import IntegrityService
     with IntegrityService.open() as service:
         records = service.eventlog()
         lines = service.ima_lines()
@@ -152,7 +152,7 @@ def cmd_eventlog(args: argparse.Namespace) -> int:
 
 
 def cmd_tpm(args: argparse.Namespace) -> int:
-    from .service import IntegrityService
+    from ..integrity.service import IntegrityService
     with IntegrityService.open() as service:
         info = service.describe()
         if args.storage_public_out:

@@ -1,9 +1,6 @@
-"""What bmid needs of a driver (Keeping), and the Linux driver as bmid runs it.
+"""The Linux driver as bmid runs it (linux:///system): PDs that outlive bmid (bmi/drivers/keeping.py).
 
-bmid's PDs outlive bmid: a driver serving bmid stores what identifies each
-PD's run, hands the fds that must survive a bmid crash to the fd keeper,
-and adopts the PDs again after a restart (Keeping; bmi/server/xen.py is
-the Xen one).  The Linux one below differs from session mode's in: from session mode, all mechanisms:
+It differs from session mode's in these mechanisms:
 - no lifeline: a PD does not die with the process that started it;
 - every fd whose other end a running PD holds (console pipe, exit-status
   pipe, channel) and the sealed image memfd are also handed to the fd
@@ -16,101 +13,28 @@ the Xen one).  The Linux one below differs from session mode's in: from session 
 """
 from __future__ import annotations
 
-import abc
 import glob
-import hashlib
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from ..drivers.base import ExitInfo, Progress
-from ..drivers.linux import cgroups, spawn, uids
-from ..drivers.linux.driver import DEFAULT_PIDS_MAX, LinuxDriver, LinuxPD, Run, process_start
-from ..drivers.linux.monitor import Monitor
-from ..errors import BMIError, ResourceError
-from ..image import PDImage
-from ..types import PDDescription, PDStatus
-from .keeper import Keeper
+from ...errors import BMIError, ResourceError
+from ...image import PDImage
+from ...server.keeper import Keeper
+from ...types import PDDescription, PDStatus
+from ..base import ExitInfo, Progress
+from ..keeping import Adopted, Keeping, image_key, kept_image, stored_measurement
+from . import cgroups, spawn, uids
+from .driver import DEFAULT_PIDS_MAX, LinuxDriver, LinuxPD, Run, process_start
+from .monitor import Monitor
 
-HASH_CHUNK = 1 << 20
 log = logging.getLogger("bmi.bmid")
-
-
-def image_key(pd_id: int, measurement: Mapping[str, bytes]) -> str:
-    """The keeper key of a PD's image: names the measured content, so a half-done setup_pd is visible."""
-    bank = sorted(measurement)[0]
-    return f"pd{pd_id}.image.{bank}-{measurement[bank].hex()}"
-
-
-def kept_image(keeper: Keeper, pd_id: int, measurement: Mapping[str, bytes]) -> int | None:
-    """The kept memfd whose content has exactly the stored measurement, else None (the PD is adopted
-    without an image: it has to be set up again); other kept images are dropped."""
-    key = image_key(pd_id, measurement)
-    fd = keeper.get(key)
-    for stale in [k for k in keeper.keys() if k.startswith(f"pd{pd_id}.image.") and k != key]:
-        keeper.drop(stale)
-    if fd is None:
-        return None
-    bank = sorted(measurement)[0]
-    digest = hashlib.new(bank)
-    offset = 0
-    while chunk := os.pread(fd, HASH_CHUNK, offset):
-        digest.update(chunk)
-        offset += len(chunk)
-    if digest.digest() != measurement[bank]:
-        log.warning("adopt PD %d: the kept image no longer has its measurement; dropping it", pd_id)
-        os.close(fd)
-        keeper.drop(key)
-        return None
-    return fd
 
 
 def _kept_exit(data: bytes) -> tuple[str, int] | None:
     """The exit record among the bytes the keeper read from a PD's exit-status pipe (b"": none)."""
     return spawn.parse_exit(data.split(b"\n")[0][:64])
-
-
-def stored_measurement(record: Mapping[str, Any]) -> dict[str, bytes]:
-    return {b: bytes.fromhex(h) for b, h in record.get("measurement", {}).items()}
-
-
-@dataclass(frozen=True)
-class Adopted:
-    """A stored PD back under a restarted bmid, as its driver found it."""
-
-    handle: Any
-    live: PDStatus | None           # RUNNING or PAUSED: the recorded run is still there, its identity checked
-    ended: ExitInfo | None          # how the recorded run ended while bmid was away
-    kept: bool                      # what a later start needs (the measured image, a saved state) is back
-    #: keeper keys to drop once the adoption is stored (not before: a crash in between must leave the next
-    #: start everything it needs to say how the run ended)
-    release: tuple[str, ...] = ()
-
-
-class Keeping(abc.ABC):
-    """The mechanisms bmid needs of a driver beyond bmi.drivers.base.Driver: PDs that outlive bmid.
-
-    Such a driver never ends its PDs when bmid stops or dies, hands the fds
-    they need to the keeper, and calls on_exit(pd_id) when it sees a PD end.
-    """
-
-    @abc.abstractmethod
-    def record(self, handle: Any) -> dict[str, Any]:
-        """The driver's part of the PD's stored record; "run" identifies its current run (None: none)."""
-
-    @abc.abstractmethod
-    def adopt(self, pd_id: int, desc: PDDescription, record: dict[str, Any]) -> Adopted:
-        """A stored PD back under this bmid; its run only if it is exactly the recorded one."""
-
-    @abc.abstractmethod
-    def allocation_intent(self, pd_id: int) -> dict[str, Any]:
-        """What an allocation creates outside bmid, stored before it so a crash can roll it back."""
-
-    @abc.abstractmethod
-    def roll_back_allocation(self, pd_id: int, intent: Mapping[str, Any]) -> None:
-        """Undo an allocation bmid never acknowledged (it died in between)."""
 
 
 def reopen_cgroups(name: str, pd_id: int) -> cgroups.PDCgroups | None:

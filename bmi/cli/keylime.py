@@ -10,8 +10,8 @@ import threading
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from ..integrity.service import IntegrityService
-    from .agent import Agent, AgentConfig
-    from .launches import LaunchList
+    from ..keylime.agent import Agent, AgentConfig
+    from ..keylime.launches import LaunchList
     config = {"tcti": args.tcti} if args.tcti else {}
     with IntegrityService.open(config=config) as service:
         launches = LaunchList(service.tpm)
@@ -44,7 +44,7 @@ def _say(args: argparse.Namespace, doc: dict, text: str) -> None:
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
-    from .policy import runtime_policy, write
+    from ..keylime.policy import runtime_policy, write
     write(runtime_policy(args.image, args.digest, args.any_name), args.output)
     return 0
 

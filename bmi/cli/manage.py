@@ -7,7 +7,7 @@ and xen:///system (bmid --uri xen:///system).
     bmi attest web --nonce 00112233 ; bmi destroy web
 
 PDs are named by id or by the config parameter /name (set by create --name; never all digits, unique).
-Human tables by default, --json everywhere.  Against a session URI these commands refuse (bmi/cli.py's
+Human tables by default, --json everywhere.  Against a session URI these commands refuse (bmi/cli's
 main): the PDs would end with the command.
 """
 from __future__ import annotations
@@ -18,41 +18,15 @@ import json
 import sys
 from typing import Any
 
-from .. import PDStatus
-from ..errors import InvalidArgument, NoSuchDomain, NotSupported
+from ..errors import InvalidArgument, NotSupported
 from ..params import normalize
+from ..types import PDStatus
 from ..uri import open as bmi_open
+from .common import (NAME_PARAM, add_pd_options, connection_rows, describe, held_interrupts,
+                     prepare_pd, resolve)
 
-NAME_PARAM = "/name"
 STATUS_VERBS = {"start": PDStatus.RUNNING, "pause": PDStatus.PAUSED, "resume": PDStatus.RUNNING,
                 "shutdown": PDStatus.SHUTDOWN, "restart": PDStatus.RESTARTING, "destroy": PDStatus.DESTROYED}
-
-
-def _describe(mgr: Any) -> list[dict[str, Any]]:
-    """Every PD as a row; one call to bmid, one per PD in session mode."""
-    if hasattr(mgr, "describe"):
-        return mgr.describe()
-    rows = []
-    for pd_id in mgr.list_pd()[1:]:
-        pd = mgr.get_controller(pd_id)
-        try:
-            name = pd.get_config_param(NAME_PARAM)
-        except InvalidArgument:
-            name = ""
-        rows.append({"pd": pd_id, "name": name, "status": pd.get_current_status().name,
-                     "sha256": pd.measurement().get("sha256", b"").hex()})
-    return rows
-
-
-def resolve(mgr: Any, ref: str) -> Any:
-    """A controller for a PD given by id or name."""
-    if ref.isdigit():
-        return mgr.get_controller(int(ref))
-    matches = [r["pd"] for r in _describe(mgr) if r.get("name") == ref]
-    if len(matches) != 1:
-        why = "no PD has that name" if not matches else f"{len(matches)} PDs have that name: {matches}"
-        raise NoSuchDomain(f"{ref!r}: {why}")
-    return mgr.get_controller(matches[0])
 
 
 def _out(args: argparse.Namespace, value: Any, human: str) -> None:
@@ -62,7 +36,7 @@ def _out(args: argparse.Namespace, value: Any, human: str) -> None:
 def cmd_list(args: argparse.Namespace) -> int:
     from ..testing import owned_pds, owner_gone
     with bmi_open(args.uri) as mgr:
-        rows = _describe(mgr)
+        rows = describe(mgr)
         owners = dict(owned_pds(mgr)) if args.owner else {}
     if args.owner:          # test runs tag their PDs (config /owner, see bmi.testing)
         for r in rows:
@@ -96,13 +70,12 @@ def check_name(mgr: Any, name: str, pd_id: int | None = None) -> None:
     """A name addresses one PD: not all digits (those are ids) and not another PD's."""
     if not name or name.isdigit():
         raise InvalidArgument(f"name {name!r}: a name must not be empty or all digits (those are PD ids)")
-    taken = [r["pd"] for r in _describe(mgr) if r.get("name") == name and r["pd"] != pd_id]
+    taken = [r["pd"] for r in describe(mgr) if r.get("name") == name and r["pd"] != pd_id]
     if taken:
         raise InvalidArgument(f"name {name!r}: PD {taken[0]} has that name already; names are unique")
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from ..cli import held_interrupts, prepare_pd
     argv = args.args[1:] if args.args[:1] == ["--"] else args.args
     with bmi_open(args.uri) as mgr, held_interrupts() as check:
         if args.name is not None:
@@ -132,7 +105,6 @@ def _number(pd: Any, name: str) -> int | None:
 
 def describe_pd(pd: Any) -> dict[str, Any]:
     """Everything `bmi show` says about one PD, like `virsh dominfo`."""
-    from ..cli import connection_rows
     try:
         name = pd.get_config_param(NAME_PARAM)
     except InvalidArgument:
@@ -310,7 +282,6 @@ def register(sub: Any) -> None:
     listing = add("list", "every PD: id, name, status, measurement", cmd_list, pd=False)
     listing.add_argument("--owner", action="store_true",
                          help="also the owning test run (config /owner) and whether it has ended")
-    from ..cli import add_pd_options
     create = add("create", "allocate a PD, measure an image into it (and start it with --start)", cmd_create,
                  pd=False)
     create.add_argument("--image", required=True, help="a static ELF, or a newc cpio root with /init")

@@ -19,13 +19,13 @@ import json
 import os
 from typing import Any, Callable, Mapping
 
-from ..drivers.base import ExitInfo
-from ..drivers.xen import config as xcfg
-from ..drivers.xen import image as ximage
-from ..drivers.xen.driver import _REASONS, XenDriver, XenPD
-from ..types import PDDescription, PDStatus
-from .driver import Adopted, Keeping, image_key, kept_image, stored_measurement
-from .keeper import Keeper
+from ...server.keeper import Keeper
+from ...types import PDDescription, PDStatus
+from ..base import ExitInfo
+from ..keeping import Adopted, Keeping, image_key, kept_image, stored_measurement
+from . import config as xcfg
+from . import image as ximage
+from .driver import _REASONS, XenDriver, XenPD
 
 
 class XenSystemDriver(XenDriver, Keeping):
