@@ -116,6 +116,7 @@ class _PD:
     ended: ExitInfo | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
     parent: int = 0             # the PD that created it (0: the manager)
+    devices: dict[str, bool] = field(default_factory=dict)     # host devices assigned to it -> shared
     lent: int = 0               # memory (bytes) handed to its child PDs
 
 
@@ -885,6 +886,8 @@ class PDController:
         registry = self._mgr._registry
         leaves["/interfaces/connections"] = Leaf(get=lambda: connection_lines(registry.live(pid), pid))
         leaves["/system/parent"] = const(str(pd.parent))
+        leaves["/interfaces/devices"] = const(" ".join(sorted(pd.devices)))
+        leaves["/interfaces/network"] = const(_network_lines(pd.config))
         leaves.update(_CONNECTION_CAPABILITIES)
         if drv.channels:
             leaves["/capability/connections/fd-passing"] = const(_fd_passing(pd))
@@ -899,6 +902,16 @@ class PDController:
 def _allowed(policies: Sequence[ConnectionPolicy], con_type: ConnectionType, mode: int) -> bool:
     """A connection of this type and mode is covered by one of the policies."""
     return any(p.con_type == con_type and p.mode & mode == mode for p in policies)
+
+
+def _network_lines(config: dict[str, str]) -> str:
+    """The PD's network interfaces as its config asks for them: "eth0 veth:br0 10.0.0.2/24", one a line."""
+    lines = []
+    for key, value in sorted(config.items()):
+        if key.count("/") == 2 and key.startswith("/net/"):
+            extra = [config[key + sub] for sub in ("/address", "/gateway") if key + sub in config]
+            lines.append(" ".join([key[len("/net/"):], value, *extra]))
+    return "\n".join(lines)
 
 
 _CONNECTION_CAPABILITIES = {
@@ -990,7 +1003,12 @@ class CallerScope:
 
 
 class DeviceManager:
-    """Spec 7.1.6 (left open there): which host devices a PD gets."""
+    """Spec 7.1.6 (left open there): which host devices a PD gets.
+
+    Only the manager assigns (a PD asking over its channel is refused in
+    CallerScope).  A device belongs to one PD at a time, unless every PD that
+    has it was given it with shared=True.
+    """
 
     def __init__(self, mgr: PDManagement):
         self._mgr = mgr
@@ -1003,12 +1021,39 @@ class DeviceManager:
         pd = self._mgr._pd(_check_int(pd_id, "assigned: pd_id", None), "assigned")
         return self._mgr._driver.assigned_devices(pd.handle)
 
-    def assign(self, device: str, pd_id: int) -> None:
-        pd = self._mgr._pd(_check_int(pd_id, "assign: pd_id", None), "assign")
-        with pd.lock:
-            self._mgr._driver.assign_device(pd.handle, device)
+    def assign(self, device: str, pd_id: int, mode: int = 3, shared: bool = False) -> None:
+        """Give PD pd_id the host node `device` with access `mode` (READ, WRITE or RW)."""
+        pd_id = _check_int(pd_id, "assign: pd_id", None)
+        what = f"assign {device!r} to PD {pd_id}"
+        if isinstance(mode, bool) or mode not in (1, 2, 3):
+            raise InvalidArgument(f"{what}: mode {mode!r} is not READ (1), WRITE (2) or RW (3)", pd_id=pd_id)
+        if not isinstance(shared, bool):
+            raise InvalidArgument(f"{what}: shared must be a bool", pd_id=pd_id)
+        if pd_id == MANAGER_PD:
+            raise InvalidArgument(f"{what}: PD 0 is the manager; it has the host's devices", pd_id=pd_id)
+        pd = self._mgr._pd(pd_id, "assign")
+        with self._mgr._lock:
+            holders = {other.pd_id: other.devices[device] for other in self._mgr._pds.values()
+                       if other.pd_id != pd_id and device in other.devices}
+            exclusive = [i for i, was_shared in holders.items() if not (was_shared and shared)]
+            if exclusive:
+                raise InvalidState(f"{what}: it is assigned to PD {exclusive[0]}; a device goes to one PD at a time "
+                                   f"unless every PD that has it is given it with shared=True", pd_id=pd_id)
+            pd.devices[device] = shared        # reserved before the (slow) mechanism runs
+        try:
+            with pd.lock:
+                self._mgr._driver.assign_device(pd.handle, device, mode, own=not shared)
+        except BaseException:
+            with self._mgr._lock:
+                pd.devices.pop(device, None)
+            raise
 
     def unassign(self, device: str, pd_id: int) -> None:
-        pd = self._mgr._pd(_check_int(pd_id, "unassign: pd_id", None), "unassign")
+        pd_id = _check_int(pd_id, "unassign: pd_id", None)
+        pd = self._mgr._pd(pd_id, "unassign")
+        if device not in pd.devices:
+            raise InvalidArgument(f"unassign {device!r} from PD {pd_id}: it is not assigned to that PD", pd_id=pd_id)
         with pd.lock:
             self._mgr._driver.unassign_device(pd.handle, device)
+            with self._mgr._lock:
+                pd.devices.pop(device, None)

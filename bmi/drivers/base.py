@@ -151,7 +151,8 @@ class Driver(abc.ABC):
     def assigned_devices(self, handle: Any) -> list[str]:
         return []
 
-    def assign_device(self, handle: Any, device: str) -> None:
+    def assign_device(self, handle: Any, device: str, mode: int = 3, own: bool = True) -> None:
+        """Give the PD `device` with access `mode` (bmi.READ/WRITE/RW); own: it alone, owned by its host uid."""
         raise NotSupported(f"{self.name} driver cannot pass host devices to a PD")
 
     def unassign_device(self, handle: Any, device: str) -> None:
