@@ -239,7 +239,8 @@ class LinuxDriver(Driver):
                                                                 f"start of PD {pd.pd_id}", pd.pd_id),
                                 io_uring="io_uring" in parse_allow(config.get("/boot/allow", ""),
                                                                    what=f"start of PD {pd.pd_id}: /boot/allow",
-                                                                   pd_id=pd.pd_id))
+                                                                   pd_id=pd.pd_id),
+                                hold=self._needs_attach(pd, config))
         except BaseException:
             os.close(console_r)
             os.close(status_r)
@@ -251,13 +252,19 @@ class LinuxDriver(Driver):
         pd.run = run
         self._renice(pd, priority)
         self._watch(pd, run, console_r)
-        try:
-            self._attach(pd, run, config)
-        except BaseException:
-            self._discard_run(pd)
-            raise
+        if self._needs_attach(pd, config):
+            try:
+                self._attach(pd, run, config)
+                signal.pidfd_send_signal(run.pidfd, signal.SIGCONT)    # its init lets the program exec
+            except BaseException:
+                self._discard_run(pd)
+                raise
 
     # -- devices and networks: added from the manager's side once the PD's namespaces exist --------------
+    @staticmethod
+    def _needs_attach(pd: LinuxPD, config: Mapping[str, str]) -> bool:
+        return bool(pd.devices) or bool(net.interfaces(dict(config)))
+
     def _attach(self, pd: LinuxPD, run: Run, config: Mapping[str, str]) -> None:
         """The PD's assigned device nodes and its /net/... interfaces, into the namespaces of this run."""
         for device in sorted(pd.devices):

@@ -20,6 +20,7 @@ import ipaddress
 import os
 import re
 import shutil
+import socket
 import subprocess
 import zlib
 from dataclasses import dataclass
@@ -40,6 +41,15 @@ class Interface:
     link: str               # the bridge (veth) or parent interface (macvlan) on the host
     address: str | None     # CIDR inside the PD
     gateway: str | None
+
+
+def exists(name: str) -> bool:
+    """Whether this network namespace has an interface `name` (sysfs may show another namespace's)."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 def _ip() -> str:
@@ -101,8 +111,8 @@ def host_name(pd_id: int, ifname: str) -> str:
     return f"bmi{zlib.crc32(f'{os.getpid()}:{pd_id}:{ifname}'.encode()):08x}"
 
 
-def _run(args: list[str], what: str, pd_id: int) -> None:
-    done = subprocess.run(args, capture_output=True, text=True)
+def _run(args: list[str], what: str, pd_id: int, stdin: str | None = None) -> None:
+    done = subprocess.run(args, capture_output=True, text=True, input=stdin)
     if done.returncode != 0:
         raise ResourceError(f"{what}: `{' '.join(args)}` failed: {done.stderr.strip() or done.returncode}",
                             pd_id=pd_id)
@@ -116,7 +126,7 @@ def attach(pid: int, pd_id: int, iface: Interface) -> str:
     """Make `iface` in the network namespace of the PD whose init is `pid`; returns the host-side name."""
     ip, what = _ip(), f"network interface {iface.name} of PD {pd_id}"
     host = host_name(pd_id, iface.name)
-    if not os.path.isdir(f"/sys/class/net/{iface.link}"):
+    if not exists(iface.link):
         raise InvalidArgument(f"{what}: there is no {'bridge' if iface.kind == 'veth' else 'interface'} "
                               f"{iface.link!r} on the host (bmi net create makes bridges)", pd_id=pd_id)
     if iface.kind == "veth":
@@ -134,19 +144,19 @@ def attach(pid: int, pd_id: int, iface: Interface) -> str:
             detach(host)
             raise
         _run([*_inside(pid), "link", "set", host, "name", iface.name], what, pd_id)
-    inside = _inside(pid)
-    _run([*inside, "link", "set", "lo", "up"], what, pd_id)
+    inside = ["link set lo up"]         # one `ip -batch` in the PD's namespace for all of its settings
     if iface.address:
-        _run([*inside, "addr", "add", iface.address, "dev", iface.name], what, pd_id)
-    _run([*inside, "link", "set", iface.name, "up"], what, pd_id)
+        inside.append(f"addr add {iface.address} dev {iface.name}")
+    inside.append(f"link set {iface.name} up")
     if iface.gateway:
-        _run([*inside, "route", "add", "default", "via", iface.gateway, "dev", iface.name], what, pd_id)
+        inside.append(f"route add default via {iface.gateway} dev {iface.name}")
+    _run([*_inside(pid), "-batch", "-"], what, pd_id, "\n".join(inside) + "\n")
     return host
 
 
 def detach(host: str) -> None:
     """Remove a host-side interface (gone already when the PD's namespace went: nothing to do)."""
-    if os.path.exists(f"/sys/class/net/{host}"):
+    if exists(host):
         subprocess.run([_ip(), "link", "del", host], capture_output=True)
 
 
@@ -161,7 +171,7 @@ def create_bridge(name: str, subnet: str, nat: bool = False) -> None:
         raise InvalidArgument(f"{what}: {subnet!r} is not a subnet like 10.7.0.0/24 ({e})") from None
     if network.num_addresses < 4:
         raise InvalidArgument(f"{what}: {subnet} is too small for a gateway and PDs")
-    if os.path.exists(f"/sys/class/net/{name}"):
+    if exists(name):
         raise InvalidArgument(f"{what}: an interface named {name} exists already")
     ip = _ip()
     _run([ip, "link", "add", name, "type", "bridge"], what, 0)
@@ -180,7 +190,7 @@ def destroy_bridge(name: str, subnet: str | None = None, nat: bool = False) -> N
     check_ifname(name, what)
     if nat and subnet:
         _nat(name, subnet, "-D")
-    if os.path.exists(f"/sys/class/net/{name}"):
+    if exists(name):
         _run([_ip(), "link", "del", name], what, 0)
 
 
