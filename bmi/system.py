@@ -305,8 +305,8 @@ class SystemDeviceManager:
     def assigned(self, pd_id: int) -> list[str]:
         return self._channel.value("assigned", pd=pd_id)
 
-    def assign(self, device: str, pd_id: int) -> None:
-        self._channel.value("assign", device=device, pd=pd_id)
+    def assign(self, device: str, pd_id: int, mode: int = 3, shared: bool = False) -> None:
+        self._channel.value("assign", device=device, pd=pd_id, mode=mode, shared=shared)
 
     def unassign(self, device: str, pd_id: int) -> None:
         self._channel.value("unassign", device=device, pd=pd_id)

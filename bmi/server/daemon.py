@@ -158,7 +158,8 @@ class SystemDispatcher(Dispatcher):
         return self._manager(scope, "assigned").get_device_manager().assigned(params.get("pd"))
 
     def m_assign(self, scope: Any, params: dict, fd: None) -> None:
-        self._manager(scope, "assign").get_device_manager().assign(params.get("device"), params.get("pd"))
+        self._manager(scope, "assign").get_device_manager().assign(params.get("device"), params.get("pd"),
+                                                                   params.get("mode", 3), params.get("shared", False))
 
     def m_unassign(self, scope: Any, params: dict, fd: None) -> None:
         self._manager(scope, "unassign").get_device_manager().unassign(params.get("device"), params.get("pd"))
