@@ -137,6 +137,7 @@ class PDManagement:
         # `registry` is given the callback for a queued connection; bmid's keeps connections across restarts
         self._registry = registry(self._incoming)
         self._channel_server: Any = None
+        self._networks: dict[str, dict[str, Any]] = {}     # host networks made through this manager (by name)
         #: Seconds a PD gets to end after SHUTDOWN/RESTARTING before it is killed.
         self.shutdown_grace = DEFAULT_SHUTDOWN_GRACE
         self._finalizer = weakref.finalize(self, PDManagement._release, driver, self._pds)
@@ -357,6 +358,11 @@ class PDManagement:
             try:
                 self._destroy(pd)
             except BMIError as e:       # keep going: leave nothing behind
+                errors.append(e)
+        for name in sorted(self._networks):
+            try:
+                self.get_device_manager().destroy_network(name)
+            except BMIError as e:
                 errors.append(e)
         if self._channel_server is not None:
             self._channel_server.close()
@@ -1047,6 +1053,38 @@ class DeviceManager:
             with self._mgr._lock:
                 pd.devices.pop(device, None)
             raise
+
+    # -- host networks (`bmi net`): they end with this manager (bmid's with bmid) -------------------
+    def create_network(self, name: str, subnet: str, nat: bool = False) -> None:
+        """A host network (bridge) named `name` on `subnet`; nat=True also routes it out (host firewall)."""
+        what = f"create_network {name!r}"
+        if not isinstance(name, str) or not isinstance(subnet, str) or not isinstance(nat, bool):
+            raise InvalidArgument(f"{what}: name and subnet are str, nat a bool")
+        self._mgr._check_open(what)
+        with self._mgr._lock:
+            if name in self._mgr._networks:
+                raise InvalidState(f"{what}: this manager has a network of that name already")
+            self._mgr._networks[name] = {"name": name, "subnet": subnet, "nat": nat}
+        try:
+            self._mgr._driver.create_network(name, subnet, nat)
+        except BaseException:
+            with self._mgr._lock:
+                self._mgr._networks.pop(name, None)
+            raise
+
+    def list_networks(self) -> list[dict[str, Any]]:
+        self._mgr._check_open("list_networks")
+        with self._mgr._lock:
+            return [dict(n) for _, n in sorted(self._mgr._networks.items())]
+
+    def destroy_network(self, name: str) -> None:
+        with self._mgr._lock:
+            network = self._mgr._networks.get(name)
+        if network is None:
+            raise InvalidArgument(f"destroy_network {name!r}: this manager made no network of that name")
+        self._mgr._driver.destroy_network(name, network["subnet"], network["nat"])
+        with self._mgr._lock:
+            self._mgr._networks.pop(name, None)
 
     def unassign(self, device: str, pd_id: int) -> None:
         pd_id = _check_int(pd_id, "unassign: pd_id", None)

@@ -311,6 +311,15 @@ class SystemDeviceManager:
     def unassign(self, device: str, pd_id: int) -> None:
         self._channel.value("unassign", device=device, pd=pd_id)
 
+    def create_network(self, name: str, subnet: str, nat: bool = False) -> None:
+        self._channel.value("create_network", name=name, subnet=subnet, nat=nat)
+
+    def list_networks(self) -> list[dict[str, Any]]:
+        return self._channel.value("list_networks")
+
+    def destroy_network(self, name: str) -> None:
+        self._channel.value("destroy_network", name=name)
+
 
 class SystemClient:
     """bmi.open("linux:///system") or ("xen:///system"): PDManagement as a client of bmid (PDs outlive this object)."""

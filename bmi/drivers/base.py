@@ -158,5 +158,12 @@ class Driver(abc.ABC):
     def unassign_device(self, handle: Any, device: str) -> None:
         raise NotSupported(f"{self.name} driver cannot pass host devices to a PD")
 
+    def create_network(self, name: str, subnet: str, nat: bool) -> None:
+        """A host network PDs' interfaces can join (Linux: a bridge with the subnet's first address)."""
+        raise NotSupported(f"{self.name} driver cannot make host networks")
+
+    def destroy_network(self, name: str, subnet: str, nat: bool) -> None:
+        raise NotSupported(f"{self.name} driver cannot make host networks")
+
     def close(self) -> None:
         """Release driver-wide resources (threads, fds)."""

@@ -79,6 +79,7 @@ READ_ONLY = frozenset({
     "get_version", "list_pd", "get_controller", "get_priority", "get_current_status", "get_allowed_connections",
     "get_config_param", "get_runtime_param", "list_runtime_params", "get_integrity_link", "describe", "layer_info",
     "measurement", "read_console", "wait", "subscribe", "get_storage_public", "list_devices", "assigned",
+    "list_networks",
     "status_board", "get_attestation_key"})
 
 
@@ -163,6 +164,16 @@ class SystemDispatcher(Dispatcher):
 
     def m_unassign(self, scope: Any, params: dict, fd: None) -> None:
         self._manager(scope, "unassign").get_device_manager().unassign(params.get("device"), params.get("pd"))
+
+    def m_create_network(self, scope: Any, params: dict, fd: None) -> None:
+        self._manager(scope, "create_network").get_device_manager().create_network(
+            params.get("name"), params.get("subnet"), params.get("nat", False))
+
+    def m_list_networks(self, scope: Any, params: dict, fd: None) -> list[dict]:
+        return self._manager(scope, "list_networks").get_device_manager().list_networks()
+
+    def m_destroy_network(self, scope: Any, params: dict, fd: None) -> None:
+        self._manager(scope, "destroy_network").get_device_manager().destroy_network(params.get("name"))
 
 
 def _timeout(value: Any) -> float:

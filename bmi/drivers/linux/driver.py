@@ -515,6 +515,12 @@ class LinuxDriver(Driver):
         if owner is not None:
             devices.give_back(device, owner)
 
+    def create_network(self, name: str, subnet: str, nat: bool) -> None:
+        net.create_bridge(name, subnet, nat)
+
+    def destroy_network(self, name: str, subnet: str, nat: bool) -> None:
+        net.destroy_bridge(name, subnet, nat)
+
     def close(self) -> None:
         self._monitor.close()
         if self._lifeline_w >= 0:
