@@ -19,7 +19,7 @@ import sys
 from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
 from urllib.parse import urlsplit
 
-from . import FileImage, PDDescription, PDStatus, __version__, errors, params
+from . import FileImage, PDDescription, PDStatus, __version__, device_cli, errors, params
 from .uri import is_session, open as bmi_open, resolve as resolve_uri
 
 PROGRESS_THRESHOLD = 64 * 1024 * 1024
@@ -87,6 +87,7 @@ def add_pd_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow", metavar="LIST", help="kernel surface refused by default that the PD may use: "
                         "io_uring (config /boot/allow)")
     parser.add_argument("--banks", default="sha256", help="digest banks, e.g. sha256,sha384 (default sha256)")
+    device_cli.add_options(parser)      # --device, --net
 
 
 @contextlib.contextmanager
@@ -132,6 +133,7 @@ def prepare_pd(mgr: Any, args: argparse.Namespace, argv: Sequence[str] | None, c
             pd.set_config_param("/boot/capabilities", args.caps)
         if args.allow:
             pd.set_config_param("/boot/allow", args.allow)
+        device_cli.apply(mgr, pd, args)     # --net config, --device assignments
         check()
         image = FileImage(args.image)
         with progress(args, image.get_image_size(), "measuring") as update:
@@ -393,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         integrity_cli.register(sub)
     from .server import cli as pd_cli
     pd_cli.register(sub)
+    device_cli.register(sub)
     for command in sub.choices.values():     # `bmi list --uri X` as well as `bmi --uri X list`
         command.add_argument("--uri", default=argparse.SUPPRESS, help="connection URI (as before the command)")
         command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,

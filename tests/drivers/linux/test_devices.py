@@ -6,6 +6,7 @@ machine, and the host's own interfaces are never touched.
 """
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -208,3 +209,32 @@ def test_without_network_config_the_pd_is_unreachable():
     out = fetch_in_netns(False)
     assert "interfaces: \n" in out, out
     assert "unreachable:" in out and "fetched" not in out, out
+
+
+def bmi_cli(*argv: str, netns: bool = False) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "bmi.cli", *argv]
+    return subprocess.run(["unshare", "--net", "--", *command] if netns else command, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_run_with_device_and_net():
+    script = "ls /dev/net; ip -o -4 addr show dev lan0"
+    setup = ["sh", "-c", 'ip link add bmitest1 type bridge && ip link set bmitest1 up && exec "$@"', "sh"]
+    done = subprocess.run(["unshare", "--net", "--", *setup, sys.executable, "-m", "bmi.cli", "run",
+                           "--device", f"{TUN}:r", "--net", "lan0=veth:bmitest1,10.213.8.2/24",
+                           busybox_path(), "--", "busybox", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "tun" in done.stdout and "10.213.8.2/24" in done.stdout, done.stdout
+
+
+def test_cli_refusals_are_one_line():
+    bad_net = bmi_cli("run", "--net", "veth:br0,10.0.0.2", busybox_path())
+    assert bad_net.returncode == 2 and "ADDRESS/PREFIX" in bad_net.stderr and "Traceback" not in bad_net.stderr
+    bad_device = bmi_cli("run", "--device", "/dev/null", busybox_path(), "--", "busybox", "true")
+    assert bad_device.returncode == 1 and "allow-list" in bad_device.stderr, bad_device.stderr
+    assert "Traceback" not in bad_device.stderr
+    session = bmi_cli("device", "assign", "1", TUN)
+    assert session.returncode == 1 and "bmid" in session.stderr
+    listed = bmi_cli("device", "list", "--json")
+    assert listed.returncode == 0 and "/dev/null" not in json.loads(listed.stdout)
