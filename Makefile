@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEB_PACKAGES := gcc libc6-dev make pkg-config python3-venv python3-dev libssl-dev \
 	libtss2-dev swtpm swtpm-tools tpm2-tools busybox-static cpio bubblewrap openssl \
-	libxen-dev procps uidmap
+	libxen-dev procps uidmap iproute2
 STAMP  := $(VENV)/.installed
 
 .PHONY: all deps venv demo test bench clean
@@ -47,6 +47,7 @@ test: venv
 
 bench: venv
 	$(PY) bench/spawn.py
+	$(PY) bench/net.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info bmi/*.so bmi/_*_cffi.c tests/.build
