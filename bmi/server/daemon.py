@@ -293,7 +293,7 @@ class Daemon:
             "pd_id": pd.pd_id, "parent": pd.parent, "status": pd.status.name, "priority": pd.priority,
             "desc": {"mem": pd.desc.mem, "cpu": pd.desc.cpu, "performance": pd.desc.performance},
             "cpus_max": pd.cpus_max, "performance": pd.performance, "lent": pd.lent,
-            "config": dict(pd.config),
+            "config": dict(pd.config), "devices": dict(pd.devices),
             "policies": {str(t): [p.policy_to_wire(x) for x in ps] for t, ps in pd.policies.items()},
             "measurement": {b: d.hex() for b, d in pd.measurement.items()},
             "ended": None if ended is None else {"status": ended.status.name, "exit_status": ended.exit_status,
@@ -456,7 +456,7 @@ class Daemon:
                    config=dict(record["config"]), policies=policies,
                    measurement={b: bytes.fromhex(h) for b, h in record["measurement"].items()},
                    performance=record["performance"], ended=previous, parent=record["parent"],
-                   lent=record["lent"]), found.release
+                   lent=record["lent"], devices=dict(record.get("devices", {}))), found.release
 
     def _reconcile_exits(self) -> None:
         """PD exits seen by the driver's monitor: pick up the status, store it, tell subscribers.

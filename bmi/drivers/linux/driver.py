@@ -151,7 +151,6 @@ class LinuxDriver(Driver):
         groups = cgroups.PDCgroups.create(self.cgroup_name(pd_id), pd_id=pd_id)
         try:
             self._limit(groups, desc.mem, desc.cpu, desc.performance, 0, DEFAULT_PIDS_MAX)
-            groups.limit_devices(devices.BASE_RULES)
             ids = self._take_ids(pd_id)
         except BaseException:
             groups.destroy()
@@ -170,6 +169,7 @@ class LinuxDriver(Driver):
         groups.set_cpu_share(performance, groups.set_cpus(cpus))
         groups.set_weight(priority)
         groups.set_pids_max(pids_max)
+        groups.limit_devices(devices.BASE_RULES)
 
     def check_config(self, pd: LinuxPD, name: str, value: str) -> None:
         if name == "/boot/cmdline":
