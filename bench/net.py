@@ -25,19 +25,13 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import bmi  # noqa: E402
 from bmi.drivers.linux import net  # noqa: E402
+from spawn import build_binary  # noqa: E402  (bench/spawn.py, next to this file)
 
 # reads one byte of stdin (EOF at once under bmi and bwrap), then exits: the hand-made run's release
 SOURCE = ("#include <unistd.h>\nstatic char pad[1 << 20] = {1};\n"
           "int main(void) { char c; (void)!read(0, &c, 1); return pad[0] - 1; }\n")
 BRIDGE, SUBNET = "bmibench0", "10.213.9.0/24"
-
-
-def build_binary(directory: str) -> str:
-    src, out = os.path.join(directory, "one_mib.c"), os.path.join(directory, "one_mib")
-    with open(src, "w") as f:
-        f.write(SOURCE)
-    subprocess.run(["gcc", "-static", "-O2", "-o", out, src], check=True)
-    return out
+WARM_UP = 3
 
 
 def bmi_once(mgr: bmi.PDManagement, path: str) -> float:
@@ -94,30 +88,27 @@ def main() -> int:
     bwrap = shutil.which("bwrap")
     net.create_bridge(BRIDGE, SUBNET)
     with tempfile.TemporaryDirectory() as tmp, bmi.open(integrity=False) as mgr:
-        path = build_binary(tmp)
-        for _ in range(3):      # warm caches on every side
-            bmi_once(mgr, path)
-            by_hand_once(ip, path)
-            if bwrap:
-                bwrap_once(bwrap, path)
-        veth, hand, anchor = [], [], []
-        for _ in range(args.rounds):
-            veth.append(bmi_once(mgr, path))
-            hand.append(by_hand_once(ip, path))
-            if bwrap:
-                anchor.append(bwrap_once(bwrap, path))
-    ms = lambda xs: statistics.median(xs) * 1000  # noqa: E731
+        path = build_binary(tmp, SOURCE)
+        runners = {"bmi with one veth (to exit+destroy)": lambda: bmi_once(mgr, path),
+                   "unshare -n + veth by hand (to exit)": lambda: by_hand_once(ip, path)}
+        if bwrap:
+            runners["bwrap --unshare-all, no network (to exit)"] = lambda: bwrap_once(bwrap, path)
+        times: dict[str, list[float]] = {label: [] for label in runners}
+        for turn in range(WARM_UP + args.rounds):     # alternating, so load changes hit every side alike
+            for label, run in runners.items():
+                took = run()
+                if turn >= WARM_UP:
+                    times[label].append(took)
+    medians = {label: statistics.median(t) * 1000 for label, t in times.items()}
     print(f"rounds: {args.rounds}, image: 1 MiB static ELF, in a network namespace of its own")
-    print(f"bmi with one veth (to exit+destroy)     median {ms(veth):7.2f} ms")
-    print(f"unshare -n + veth by hand (to exit)     median {ms(hand):7.2f} ms")
-    print(f"ratio bmi-veth / by-hand: {ms(veth) / ms(hand):.2f}")
-    if not anchor:
-        print("bwrap not installed: no ratio (apt-get install bubblewrap)")
-        return 0
-    print(f"bwrap --unshare-all, no network (to exit) median {ms(anchor):7.2f} ms")
-    print(f"ratio bmi-veth / bwrap: {ms(veth) / ms(anchor):.2f}")
+    for label, median in medians.items():
+        print(f"{label:<42} median {median:7.2f} ms")
+    ours, *others = medians
+    for label in others:
+        print(f"ratio bmi-veth / {label.split(' (')[0]}: {medians[ours] / medians[label]:.2f}")
+    if not bwrap:
+        print("bwrap not installed: no ratio against it (apt-get install bubblewrap)")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

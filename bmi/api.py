@@ -1035,6 +1035,8 @@ class DeviceManager:
             raise InvalidArgument(f"{what}: mode {mode!r} is not READ (1), WRITE (2) or RW (3)", pd_id=pd_id)
         if not isinstance(shared, bool):
             raise InvalidArgument(f"{what}: shared must be a bool", pd_id=pd_id)
+        if not isinstance(device, str):
+            raise InvalidArgument(f"{what}: a device is named by a str", pd_id=pd_id)
         if pd_id == MANAGER_PD:
             raise InvalidArgument(f"{what}: PD 0 is the manager; it has the host's devices", pd_id=pd_id)
         pd = self._mgr._pd(pd_id, "assign")
@@ -1045,13 +1047,17 @@ class DeviceManager:
             if exclusive:
                 raise InvalidState(f"{what}: it is assigned to PD {exclusive[0]}; a device goes to one PD at a time "
                                    f"unless every PD that has it is given it with shared=True", pd_id=pd_id)
+            previous = pd.devices.get(device)
             pd.devices[device] = shared        # reserved before the (slow) mechanism runs
         try:
             with pd.lock:
                 self._mgr._driver.assign_device(pd.handle, device, mode, own=not shared)
         except BaseException:
             with self._mgr._lock:
-                pd.devices.pop(device, None)
+                if previous is None:
+                    pd.devices.pop(device, None)
+                else:
+                    pd.devices[device] = previous
             raise
 
     # -- host networks (`bmi net`): they end with this manager (bmid's with bmid) -------------------

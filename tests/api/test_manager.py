@@ -141,5 +141,13 @@ def test_device_manager(mgr):
         devices.assign("/dev/null", pd.get_pd_id())
     with pytest.raises(bmi.InvalidArgument, match="mode"):
         devices.assign("/dev/net/tun", pd.get_pd_id(), mode=0)
+    if os.path.exists("/dev/net/tun") and os.geteuid() == 0:      # the same semantics through bmid
+        devices.assign("/dev/net/tun", pd.get_pd_id(), bmi.READ)
+        assert "/dev/net/tun" in devices.assigned(pd.get_pd_id())
+        other = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
+        with pytest.raises(bmi.InvalidState, match="one PD at a time"):
+            devices.assign("/dev/net/tun", other.get_pd_id())
+        devices.unassign("/dev/net/tun", pd.get_pd_id())
+        assert "/dev/net/tun" not in devices.assigned(pd.get_pd_id())
     with pytest.raises(bmi.NoSuchDomain):
         devices.assigned(12345)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import fnmatch
+import glob
 import os
 import stat
 import struct
@@ -79,7 +80,6 @@ def _char_device(path: str) -> bool:
 
 def assignable() -> list[str]:
     """The host devices a PD may be given here: allowed character devices that exist, and our ptys."""
-    import glob
     found = {path for pattern in allow_list() for path in glob.glob(pattern) if _char_device(path)}
     return sorted(found | set(held_ptys()))
 

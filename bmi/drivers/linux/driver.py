@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from ...errors import InvalidArgument, InvalidState, NotSupported, ResourceError
+from ...errors import InvalidArgument, InvalidState, ResourceError
 from ...image import PDImage
 from ...integrity.measure import measure_into
 from ...params import Leaf, const, parse_allow, parse_int
