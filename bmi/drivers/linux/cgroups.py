@@ -253,8 +253,9 @@ class PDCgroups:
                 if reuse and os.path.isdir(path):
                     groups.append(_Group(tree.version, path, tree.controllers))
                     continue
-                # on hybrid hosts a v2 tree without controllers is only a bonus
-                optional = tree.version == 2 and has_v1 and not tree.controllers
+                # on hybrid hosts a v2 tree without controllers is only a bonus; so is a v1 devices
+                # hierarchy we may not write (the PD then says /capability/devices/enforced = no)
+                optional = (tree.version == 2 and has_v1 and not tree.controllers) or tree.controllers == {"devices"}
                 group = _make(tree, name, label, pd_id, optional)
                 if group:
                     groups.append(group)

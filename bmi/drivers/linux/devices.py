@@ -119,9 +119,10 @@ def capabilities(enforced: bool) -> dict[str, str]:
         "/capability/devices/assign": f"character devices on the allow-list ({ENV_ALLOW}={':'.join(allow_list())})"
                                       " and pseudo-terminals the manager created",
         "/capability/devices/enforced": "yes: cgroup v1 devices controller" if enforced else
-        "no: on cgroup v2 it needs a BPF device program (BPF_PROG_TYPE_CGROUP_DEVICE), which this driver does "
-        "not load yet; a PD sees only the nodes bound into its /dev, but one it kept open (also O_PATH) across "
-        "unassign it can open again",
+        "no: the PD has no devices cgroup (cgroup v2 needs a BPF device program, BPF_PROG_TYPE_CGROUP_DEVICE, "
+        "which this driver does not load yet; or the v1 devices hierarchy is not writable here); a PD sees only "
+        "the nodes bound into its /dev, and a node's detached mount refuses a reopen through a kept fd, but "
+        "nothing checks its opens against its assignments",
         "/capability/devices/revocable": REVOCABLE,
         "/capability/devices/network": "veth macvlan",
     }

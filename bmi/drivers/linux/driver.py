@@ -268,7 +268,8 @@ class LinuxDriver(Driver):
     def _attach(self, pd: LinuxPD, run: Run, config: Mapping[str, str]) -> None:
         """The PD's assigned device nodes and its /net/... interfaces, into the namespaces of this run."""
         for device in sorted(pd.devices):
-            devices.bind(run.pid, self._owner(pd), device, f"start of PD {pd.pd_id}: assigned device {device}", pd.pd_id)
+            devices.bind(run.pid, self._owner(pd), device, f"start of PD {pd.pd_id}: assigned device {device}",
+                         pd.pd_id)
         for iface in net.interfaces(dict(config)):
             pd.links.append(net.attach(run.pid, pd.pd_id, iface))
 
