@@ -62,7 +62,7 @@ class LinuxPD:
     pids_max: int = DEFAULT_PIDS_MAX
     destroyed: bool = False
     ids: uids.IdLease | None = None     # its host uid/gid, held until it is destroyed
-    devices: dict[str, str] = field(default_factory=dict)          # assigned host node -> its cgroup rule
+    assigned: dict[str, str] = field(default_factory=dict)         # assigned host node -> its cgroup rule
     owners: dict[str, devices.Owner] = field(default_factory=dict)  # host nodes chowned to it, and their owners
     links: list[str] = field(default_factory=list)                  # host ends of its network interfaces
 
@@ -263,11 +263,11 @@ class LinuxDriver(Driver):
     # -- devices and networks: added from the manager's side once the PD's namespaces exist --------------
     @staticmethod
     def _needs_attach(pd: LinuxPD, config: Mapping[str, str]) -> bool:
-        return bool(pd.devices) or bool(net.interfaces(dict(config)))
+        return bool(pd.assigned) or bool(net.interfaces(dict(config)))
 
     def _attach(self, pd: LinuxPD, run: Run, config: Mapping[str, str]) -> None:
         """The PD's assigned device nodes and its /net/... interfaces, into the namespaces of this run."""
-        for device in sorted(pd.devices):
+        for device in sorted(pd.assigned):
             devices.bind(run.pid, self._owner(pd), device, f"start of PD {pd.pd_id}: assigned device {device}",
                          pd.pd_id)
         for iface in net.interfaces(dict(config)):
@@ -475,13 +475,13 @@ class LinuxDriver(Driver):
         return devices.assignable()
 
     def assigned_devices(self, pd: LinuxPD) -> list[str]:
-        return [*PD_DEVICES, *sorted(pd.devices)]
+        return [*PD_DEVICES, *sorted(pd.assigned)]
 
     def assign_device(self, pd: LinuxPD, device: str, mode: int = 3, own: bool = True) -> None:
         """Allow the node in the PD's devices cgroup, give it the PD's uid (own), and bind it into a running PD."""
         what = f"assign {device} to PD {pd.pd_id}"
         path = devices.check(device, what, pd.pd_id)
-        previous, rule = pd.devices.get(path), devices.rule(path, mode)
+        previous, rule = pd.assigned.get(path), devices.rule(path, mode)
         if previous is not None:
             pd.groups.deny_device(devices.deny_rule(previous))
         pd.groups.allow_device(rule)
@@ -500,18 +500,18 @@ class LinuxDriver(Driver):
             if taken is not None and previous is None:
                 devices.give_back(path, pd.owners.pop(path))
             raise
-        pd.devices[path] = rule
+        pd.assigned[path] = rule
 
     def unassign_device(self, pd: LinuxPD, device: str) -> None:
         """Deny the node first (no open gets through from here on), then remove it and give it back."""
         what = f"unassign {device} from PD {pd.pd_id}"
-        rule = pd.devices.get(device)
+        rule = pd.assigned.get(device)
         if rule is not None:
             pd.groups.deny_device(devices.deny_rule(rule))
         run = pd.run
         if run is not None and not run.exited.is_set():
             devices.unbind(run.pid, self._owner(pd), device, what, pd.pd_id)
-        pd.devices.pop(device, None)
+        pd.assigned.pop(device, None)
         owner = pd.owners.pop(device, None)
         if owner is not None:
             devices.give_back(device, owner)

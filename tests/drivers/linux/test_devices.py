@@ -238,3 +238,29 @@ def test_cli_refusals_are_one_line():
     assert session.returncode == 1 and "bmid" in session.stderr
     listed = bmi_cli("device", "list", "--json")
     assert listed.returncode == 0 and "/dev/null" not in json.loads(listed.stdout)
+
+
+def test_bmid_keeps_an_assignment_through_a_crash(tmp_path):
+    if not os.path.exists(TUN):
+        pytest.skip(f"{TUN} is missing (no tun module)")
+    from tests.server.bmid import running_bmid
+    before = os.stat(TUN)
+    with running_bmid(str(tmp_path)) as daemon:
+        with daemon.open() as mgr:
+            pd = prepared(mgr, "while :; do busybox sleep 1; done")
+            pd_id = pd.get_pd_id()
+            mgr.get_device_manager().assign(TUN, pd_id, bmi.READ)
+            pd.request_status_change(bmi.PDStatus.RUNNING)
+        daemon.kill()
+        daemon.start()
+        with daemon.open() as mgr:
+            devices = mgr.get_device_manager()
+            assert TUN in devices.assigned(pd_id)
+            other = mgr.allocate_pd(bmi.PDDescription(mem=16 * MB))
+            with pytest.raises(bmi.InvalidState, match=f"assigned to PD {pd_id}"):
+                devices.assign(TUN, other.get_pd_id())
+            assert os.stat(TUN).st_uid != before.st_uid
+            mgr.get_controller(pd_id).destroy()     # gives the node its owner back
+            other.destroy()
+    after = os.stat(TUN)
+    assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
