@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEB_PACKAGES := gcc libc6-dev make pkg-config python3-venv python3-dev libssl-dev \
 	libtss2-dev swtpm swtpm-tools tpm2-tools busybox-static cpio bubblewrap openssl \
-	libxen-dev procps uidmap valgrind
+	libxen-dev procps uidmap valgrind iproute2
 STAMP  := $(VENV)/.installed
 # libbmi (bmi/embed): the C library; bmi.pc goes where pkg-config looks (a
 # non-root user's into the venv, named by PKG_CONFIG_PATH for the demo).
@@ -65,6 +65,7 @@ test: venv libbmi
 bench: venv libbmi
 	$(PY) bench/spawn.py
 	$(PY) bench/embed.py
+	$(PY) bench/net.py
 
 clean:
 	rm -rf $(VENV) $(KEYLIME_VENV) build dist *.egg-info bmi/*.so bmi/_*_cffi.c bmi/embed/libbmi.* tests/.build

@@ -23,10 +23,10 @@ import bmi  # noqa: E402
 SOURCE = "static char pad[1 << 20] = {1};\nint main(void) { return pad[0] - 1; }\n"
 
 
-def build_binary(directory: str) -> str:
+def build_binary(directory: str, source: str = SOURCE) -> str:
     src, out = os.path.join(directory, "one_mib.c"), os.path.join(directory, "one_mib")
     with open(src, "w") as f:
-        f.write(SOURCE)
+        f.write(source)
     subprocess.run(["gcc", "-static", "-O2", "-o", out, src], check=True)
     return out
 

@@ -117,6 +117,7 @@ class _PD:
     ended: ExitInfo | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
     parent: int = 0             # the PD that created it (0: the manager)
+    devices: dict[str, bool] = field(default_factory=dict)     # host devices assigned to it -> shared
     lent: int = 0               # memory (bytes) handed to its child PDs
 
 
@@ -137,6 +138,7 @@ class PDManagement:
         # `registry` is given the callback for a queued connection; bmid's keeps connections across restarts
         self._registry = registry(self._incoming)
         self._channel_server: Any = None
+        self._networks: dict[str, dict[str, Any]] = {}     # host networks made through this manager (by name)
         #: Seconds a PD gets to end after SHUTDOWN/RESTARTING before it is killed.
         self.shutdown_grace = DEFAULT_SHUTDOWN_GRACE
         self._finalizer = weakref.finalize(self, PDManagement._release, driver, self._pds)
@@ -358,6 +360,11 @@ class PDManagement:
                 self._destroy(pd)
             except BMIError as e:       # keep going: leave nothing behind
                 errors.append(e)
+        for name in sorted(self._networks):
+            try:
+                self.get_device_manager().destroy_network(name)
+            except BMIError as e:
+                errors.append(e)
         if self._channel_server is not None:
             self._channel_server.close()
         self._registry.close()
@@ -458,7 +465,7 @@ class PDManagement:
             "pd_id": pd.pd_id, "parent": pd.parent, "status": pd.status.name, "priority": pd.priority,
             "desc": {"mem": pd.desc.mem, "cpu": pd.desc.cpu, "performance": pd.desc.performance},
             "cpus_max": pd.cpus_max, "performance": pd.performance, "lent": pd.lent,
-            "config": dict(pd.config),
+            "config": dict(pd.config), "devices": dict(pd.devices),
             "policies": {str(t): [wire.policy_to_wire(x) for x in ps] for t, ps in pd.policies.items()},
             "measurement": {b: d.hex() for b, d in pd.measurement.items()},
             "ended": None if ended is None else {"status": ended.status.name, "exit_status": ended.exit_status,
@@ -502,7 +509,7 @@ class PDManagement:
                    config=dict(record["config"]), policies=policies,
                    measurement={b: bytes.fromhex(h) for b, h in record["measurement"].items()},
                    performance=record["performance"], ended=previous, parent=record["parent"],
-                   lent=record["lent"]), found.release
+                   lent=record["lent"], devices=dict(record.get("devices", {}))), found.release
 
     def enforce_policies(self) -> None:
         """Tell the driver every stored policy between PDs again (after adopt; Xen: its rendezvous)."""
@@ -1034,6 +1041,8 @@ class PDController:
         registry = self._mgr._registry
         leaves["/interfaces/connections"] = Leaf(get=lambda: connection_lines(registry.live(pid), pid))
         leaves["/system/parent"] = const(str(pd.parent))
+        leaves["/interfaces/devices"] = const(" ".join(sorted(pd.devices)))
+        leaves["/interfaces/network"] = const(_network_lines(pd.config))
         leaves.update(_CONNECTION_CAPABILITIES)
         if drv.channels:
             leaves["/capability/connections/fd-passing"] = const(_fd_passing(pd))
@@ -1048,6 +1057,16 @@ class PDController:
 def _allowed(policies: Sequence[ConnectionPolicy], con_type: ConnectionType, mode: int) -> bool:
     """A connection of this type and mode is covered by one of the policies."""
     return any(p.con_type == con_type and p.mode & mode == mode for p in policies)
+
+
+def _network_lines(config: dict[str, str]) -> str:
+    """The PD's network interfaces as its config asks for them: "eth0 veth:br0 10.0.0.2/24", one a line."""
+    lines = []
+    for key, value in sorted(config.items()):
+        if key.count("/") == 2 and key.startswith("/net/"):
+            extra = [config[key + sub] for sub in ("/address", "/gateway") if key + sub in config]
+            lines.append(" ".join([key[len("/net/"):], value, *extra]))
+    return "\n".join(lines)
 
 
 _CONNECTION_CAPABILITIES = {
@@ -1143,7 +1162,12 @@ class CallerScope:
 
 
 class DeviceManager:
-    """Spec 7.1.6 (left open there): which host devices a PD gets."""
+    """Spec 7.1.6 (left open there): which host devices a PD gets.
+
+    Only the manager assigns (a PD asking over its channel is refused in
+    CallerScope).  A device belongs to one PD at a time, unless every PD that
+    has it was given it with shared=True.
+    """
 
     def __init__(self, mgr: PDManagement):
         self._mgr = mgr
@@ -1156,12 +1180,77 @@ class DeviceManager:
         pd = self._mgr._pd(_check_int(pd_id, "assigned: pd_id", None), "assigned")
         return self._mgr._driver.assigned_devices(pd.handle)
 
-    def assign(self, device: str, pd_id: int) -> None:
-        pd = self._mgr._pd(_check_int(pd_id, "assign: pd_id", None), "assign")
-        with pd.lock:
-            self._mgr._driver.assign_device(pd.handle, device)
+    def assign(self, device: str, pd_id: int, mode: int = 3, shared: bool = False) -> None:
+        """Give PD pd_id the host node `device` with access `mode` (READ, WRITE or RW)."""
+        pd_id = _check_int(pd_id, "assign: pd_id", None)
+        what = f"assign {device!r} to PD {pd_id}"
+        if isinstance(mode, bool) or mode not in (1, 2, 3):
+            raise InvalidArgument(f"{what}: mode {mode!r} is not READ (1), WRITE (2) or RW (3)", pd_id=pd_id)
+        if not isinstance(shared, bool):
+            raise InvalidArgument(f"{what}: shared must be a bool", pd_id=pd_id)
+        if not isinstance(device, str):
+            raise InvalidArgument(f"{what}: a device is named by a str", pd_id=pd_id)
+        if pd_id == MANAGER_PD:
+            raise InvalidArgument(f"{what}: PD 0 is the manager; it has the host's devices", pd_id=pd_id)
+        pd = self._mgr._pd(pd_id, "assign")
+        with self._mgr._lock:
+            holders = {other.pd_id: other.devices[device] for other in self._mgr._pds.values()
+                       if other.pd_id != pd_id and device in other.devices}
+            exclusive = [i for i, was_shared in holders.items() if not (was_shared and shared)]
+            if exclusive:
+                raise InvalidState(f"{what}: it is assigned to PD {exclusive[0]}; a device goes to one PD at a time "
+                                   f"unless every PD that has it is given it with shared=True", pd_id=pd_id)
+            previous = pd.devices.get(device)
+            pd.devices[device] = shared        # reserved before the (slow) mechanism runs
+        try:
+            with pd.lock:
+                self._mgr._driver.assign_device(pd.handle, device, mode, own=not shared)
+        except BaseException:
+            with self._mgr._lock:
+                if previous is None:
+                    pd.devices.pop(device, None)
+                else:
+                    pd.devices[device] = previous
+            raise
+
+    # -- host networks (`bmi net`): they end with this manager (bmid's with bmid) -------------------
+    def create_network(self, name: str, subnet: str, nat: bool = False) -> None:
+        """A host network (bridge) named `name` on `subnet`; nat=True also routes it out (host firewall)."""
+        what = f"create_network {name!r}"
+        if not isinstance(name, str) or not isinstance(subnet, str) or not isinstance(nat, bool):
+            raise InvalidArgument(f"{what}: name and subnet are str, nat a bool")
+        self._mgr._check_open(what)
+        with self._mgr._lock:
+            if name in self._mgr._networks:
+                raise InvalidState(f"{what}: this manager has a network of that name already")
+            self._mgr._networks[name] = {"name": name, "subnet": subnet, "nat": nat}
+        try:
+            self._mgr._driver.create_network(name, subnet, nat)
+        except BaseException:
+            with self._mgr._lock:
+                self._mgr._networks.pop(name, None)
+            raise
+
+    def list_networks(self) -> list[dict[str, Any]]:
+        self._mgr._check_open("list_networks")
+        with self._mgr._lock:
+            return [dict(n) for _, n in sorted(self._mgr._networks.items())]
+
+    def destroy_network(self, name: str) -> None:
+        with self._mgr._lock:
+            network = self._mgr._networks.get(name)
+        if network is None:
+            raise InvalidArgument(f"destroy_network {name!r}: this manager made no network of that name")
+        self._mgr._driver.destroy_network(name, network["subnet"], network["nat"])
+        with self._mgr._lock:
+            self._mgr._networks.pop(name, None)
 
     def unassign(self, device: str, pd_id: int) -> None:
-        pd = self._mgr._pd(_check_int(pd_id, "unassign: pd_id", None), "unassign")
+        pd_id = _check_int(pd_id, "unassign: pd_id", None)
+        pd = self._mgr._pd(pd_id, "unassign")
+        if device not in pd.devices:
+            raise InvalidArgument(f"unassign {device!r} from PD {pd_id}: it is not assigned to that PD", pd_id=pd_id)
         with pd.lock:
             self._mgr._driver.unassign_device(pd.handle, device)
+            with self._mgr._lock:
+                pd.devices.pop(device, None)

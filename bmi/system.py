@@ -288,11 +288,20 @@ class SystemDeviceManager:
     def assigned(self, pd_id: int) -> list[str]:
         return self._channel.value("assigned", pd=pd_id)
 
-    def assign(self, device: str, pd_id: int) -> None:
-        self._channel.value("assign", device=device, pd=pd_id)
+    def assign(self, device: str, pd_id: int, mode: int = 3, shared: bool = False) -> None:
+        self._channel.value("assign", device=device, pd=pd_id, mode=mode, shared=shared)
 
     def unassign(self, device: str, pd_id: int) -> None:
         self._channel.value("unassign", device=device, pd=pd_id)
+
+    def create_network(self, name: str, subnet: str, nat: bool = False) -> None:
+        self._channel.value("create_network", name=name, subnet=subnet, nat=nat)
+
+    def list_networks(self) -> list[dict[str, Any]]:
+        return self._channel.value("list_networks")
+
+    def destroy_network(self, name: str) -> None:
+        self._channel.value("destroy_network", name=name)
 
 
 class SystemClient:

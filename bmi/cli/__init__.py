@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from .. import __version__, errors
 from ..drivers import DRIVERS
 from ..uri import is_session, resolve as resolve_uri
-from . import integrity, keylime, manage, run
+from . import device, integrity, keylime, manage, run
 from .common import UsageError, _Parser
 
 __all__ = ["main", "build_parser"]
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--uri", default=None, help="connection URI (default: $BMI_URI or linux:///session)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for commands in (run, integrity, manage, keylime):
+    for commands in (run, integrity, manage, keylime, device):
         commands.register(sub)
     for command in sub.choices.values():     # `bmi list --uri X` as well as `bmi --uri X list`
         command.add_argument("--uri", default=argparse.SUPPRESS, help="connection URI (as before the command)")

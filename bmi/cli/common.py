@@ -71,6 +71,63 @@ def add_pd_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow", metavar="LIST", help="kernel surface refused by default that the PD may use: "
                         "io_uring (config /boot/allow)")
     parser.add_argument("--banks", default="sha256", help="digest banks, e.g. sha256,sha384 (default sha256)")
+    add_device_options(parser)      # --device, --net
+
+
+MODES = {"r": 1, "w": 2, "rw": 3}
+
+
+def parse_mode(text: str) -> int:
+    try:
+        return MODES[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not r, w or rw") from None
+
+
+def parse_device(text: str) -> tuple[str, int]:
+    """DEV[:MODE] -> (path, mode); the mode defaults to rw."""
+    path, sep, mode = text.rpartition(":")
+    if not sep or mode.lower() not in MODES:
+        return text, MODES["rw"]
+    return path, MODES[mode.lower()]
+
+
+def parse_net(text: str) -> dict[str, str]:
+    """[IFNAME=]veth:BRIDGE,ADDRESS/PREFIX[,gw=GATEWAY] -> the PD's /net/... config parameters."""
+    head, _, rest = text.partition(",")
+    name, sep, kind = head.partition("=")
+    if not sep:
+        name, kind = "eth0", head
+    config = {f"/net/{name}": kind}
+    for item in filter(None, rest.split(",")):
+        if item.startswith("gw="):
+            config[f"/net/{name}/gateway"] = item[len("gw="):]
+        elif "/" in item:
+            config[f"/net/{name}/address"] = item
+        else:
+            raise argparse.ArgumentTypeError(f"{item!r} in {text!r} is neither ADDRESS/PREFIX nor gw=GATEWAY")
+    if ":" not in kind:
+        raise argparse.ArgumentTypeError(f"{text!r}: want [IFNAME=]veth:BRIDGE,ADDRESS/PREFIX[,gw=GATEWAY]")
+    return config
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """--device and --net for `run` and `create` (add_pd_options)."""
+    parser.add_argument("--device", action="append", default=[], type=parse_device, metavar="DEV[:MODE]",
+                        help="give the PD a host device node, MODE r, w or rw (default rw; repeatable)")
+    parser.add_argument("--net", action="append", default=[], type=parse_net,
+                        metavar="[IFNAME=]veth:BRIDGE,ADDR/PREFIX[,gw=GW]",
+                        help="a network interface in the PD (IFNAME default eth0; repeatable); none by default")
+
+
+def apply_device_options(mgr: Any, pd: Any, args: argparse.Namespace) -> None:
+    """The PD's --net config and --device assignments (before it starts)."""
+    for config in getattr(args, "net", []):
+        for name, value in config.items():
+            pd.set_config_param(name, value)
+    devices = mgr.get_device_manager() if getattr(args, "device", []) else None
+    for path, mode in getattr(args, "device", []):
+        devices.assign(path, pd.get_pd_id(), mode)
 
 
 @contextlib.contextmanager
@@ -116,6 +173,7 @@ def prepare_pd(mgr: Any, args: argparse.Namespace, argv: Sequence[str] | None, c
             pd.set_config_param("/boot/capabilities", args.caps)
         if args.allow:
             pd.set_config_param("/boot/allow", args.allow)
+        apply_device_options(mgr, pd, args)     # --net config, --device assignments
         check()
         image = FileImage(args.image)
         with progress(args, image.get_image_size(), "measuring") as update:

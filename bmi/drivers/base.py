@@ -151,11 +151,19 @@ class Driver(abc.ABC):
     def assigned_devices(self, handle: Any) -> list[str]:
         return []
 
-    def assign_device(self, handle: Any, device: str) -> None:
+    def assign_device(self, handle: Any, device: str, mode: int = 3, own: bool = True) -> None:
+        """Give the PD `device` with access `mode` (bmi.READ/WRITE/RW); own: it alone, owned by its host uid."""
         raise NotSupported(f"{self.name} driver cannot pass host devices to a PD")
 
     def unassign_device(self, handle: Any, device: str) -> None:
         raise NotSupported(f"{self.name} driver cannot pass host devices to a PD")
+
+    def create_network(self, name: str, subnet: str, nat: bool) -> None:
+        """A host network PDs' interfaces can join (Linux: a bridge with the subnet's first address)."""
+        raise NotSupported(f"{self.name} driver cannot make host networks")
+
+    def destroy_network(self, name: str, subnet: str, nat: bool) -> None:
+        raise NotSupported(f"{self.name} driver cannot make host networks")
 
     def close(self) -> None:
         """Release driver-wide resources (threads, fds)."""

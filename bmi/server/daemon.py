@@ -147,10 +147,21 @@ class SystemDispatcher(Dispatcher):
         return self._manager(scope, "assigned").get_device_manager().assigned(params.get("pd"))
 
     def m_assign(self, scope: Any, params: dict, fd: None) -> None:
-        self._manager(scope, "assign").get_device_manager().assign(params.get("device"), params.get("pd"))
+        self._manager(scope, "assign").get_device_manager().assign(params.get("device"), params.get("pd"),
+                                                                   params.get("mode", 3), params.get("shared", False))
 
     def m_unassign(self, scope: Any, params: dict, fd: None) -> None:
         self._manager(scope, "unassign").get_device_manager().unassign(params.get("device"), params.get("pd"))
+
+    def m_create_network(self, scope: Any, params: dict, fd: None) -> None:
+        self._manager(scope, "create_network").get_device_manager().create_network(
+            params.get("name"), params.get("subnet"), params.get("nat", False))
+
+    def m_list_networks(self, scope: Any, params: dict, fd: None) -> list[dict]:
+        return self._manager(scope, "list_networks").get_device_manager().list_networks()
+
+    def m_destroy_network(self, scope: Any, params: dict, fd: None) -> None:
+        self._manager(scope, "destroy_network").get_device_manager().destroy_network(params.get("name"))
 
 
 def _timeout(value: Any) -> float:

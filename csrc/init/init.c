@@ -440,6 +440,16 @@ static __attribute__((noreturn)) void run_program(struct cfg *c, int pipe_fd)
     if (drop_caps(c->keep_caps)) fail(ef, BMI_SPAWN_ERESOURCE, "dropping capabilities", NULL);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) fail(ef, BMI_SPAWN_ERESOURCE, "PR_SET_NO_NEW_PRIVS", NULL);
     /* the seccomp filter is init's, inherited by this clone (one filter to compile, not two) */
+    if (c->flags & BMI_SPAWN_HOLD) { /* devices/networks hook: say so, wait for SIGCONT (blocked: none is lost) */
+        sigset_t cont;
+        sigemptyset(&cont);
+        sigaddset(&cont, SIGCONT);
+        sigprocmask(SIG_BLOCK, &cont, NULL);
+        struct rec held = {.kind = BMI_SPAWN_HELD};
+        if (write(ef, &held, sizeof held) != (ssize_t)sizeof held) _exit(127);
+        while (sigwaitinfo(&cont, NULL) < 0) {}
+        sigprocmask(SIG_UNBLOCK, &cont, NULL);
+    }
     if (c->archive) {
         execve("/init", c->argv, c->envp);
         fail(ef, BMI_SPAWN_EIMAGE, "exec of /init", NULL);
@@ -494,8 +504,8 @@ static __attribute__((noreturn)) void pd_init(struct cfg *c)
     do n = read(ep[0], &r, sizeof r); while (n < 0 && errno == EINTR);
     if (n == (ssize_t)sizeof r) { /* the program never ran: pass the reason on, report no exit status */
         write_all(ef, (const char *)&r, sizeof r);
-        _exit(127);
-    }
+        if (r.kind != BMI_SPAWN_HELD) _exit(127);
+    }   /* held: the manager has its answer; the SIGCONT it sends comes through the loop below */
     close(ep[0]);
     close(ef);
     close(c->exec_fd);

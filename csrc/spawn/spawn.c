@@ -297,7 +297,9 @@ int bmi_spawn(const struct bmi_spawn_args *a, int *pid_out, int *pidfd_out, char
         struct rec r;
         ssize_t n;
         do n = read(ep[0], &r, sizeof r); while (n < 0 && errno == EINTR);
-        if (n == (ssize_t)sizeof r) {
+        if (n == (ssize_t)sizeof r && r.kind == BMI_SPAWN_HELD) {
+            /* the program waits for the caller's SIGCONT (BMI_SPAWN_HOLD) */
+        } else if (n == (ssize_t)sizeof r) {
             r.stage[sizeof r.stage - 1] = r.detail[sizeof r.detail - 1] = 0;
             kind = put_err(err, errlen, r.kind, r.err, r.stage, r.detail);
         } else if (n != 0) {

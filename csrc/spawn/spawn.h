@@ -9,12 +9,17 @@
 #define BMI_SPAWN_OWN_USERNS 0x100
 /* outer_uid/outer_gid come from the caller's /etc/subuid, /etc/subgid: mapped through newuidmap/newgidmap */
 #define BMI_SPAWN_MAP_HELPER 0x200
+/* devices/networks hook: the program waits, fully set up, before its exec until its init gets SIGCONT (which it
+ * forwards), so the manager can add device nodes and interfaces first; bmi_spawn returns once it waits.  An exec
+ * that fails after the hold is seen only as the program's exit status 127. */
+#define BMI_SPAWN_HOLD 0x400
 
 /* return codes: 0 = started; otherwise err holds "stage: reason" */
 #define BMI_SPAWN_OK 0
 #define BMI_SPAWN_EIMAGE 1
 #define BMI_SPAWN_ERESOURCE 2
 #define BMI_SPAWN_EINVAL 3
+#define BMI_SPAWN_HELD 4        /* internal: the record saying the program waits (BMI_SPAWN_HOLD) */
 
 /* What a PD is started with; -1 for an fd it has none of (lifeline, channel). */
 struct bmi_spawn_args {

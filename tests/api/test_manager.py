@@ -134,10 +134,20 @@ def test_close_destroys_running_pds():
 
 def test_device_manager(mgr):
     devices = mgr.get_device_manager()
-    assert "/dev/null" in devices.list_devices()
+    assert "/dev/null" not in devices.list_devices()        # every PD has it: nothing to assign
     pd = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
     assert "/dev/urandom" in devices.assigned(pd.get_pd_id())
-    with pytest.raises(bmi.NotSupported, match="cannot pass"):
-        devices.assign("/dev/sda", pd.get_pd_id())
+    with pytest.raises(bmi.PermissionDenied, match="allow-list"):
+        devices.assign("/dev/null", pd.get_pd_id())
+    with pytest.raises(bmi.InvalidArgument, match="mode"):
+        devices.assign("/dev/net/tun", pd.get_pd_id(), mode=0)
+    if os.path.exists("/dev/net/tun") and os.geteuid() == 0:      # the same semantics through bmid
+        devices.assign("/dev/net/tun", pd.get_pd_id(), bmi.READ)
+        assert "/dev/net/tun" in devices.assigned(pd.get_pd_id())
+        other = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
+        with pytest.raises(bmi.InvalidState, match="one PD at a time"):
+            devices.assign("/dev/net/tun", other.get_pd_id())
+        devices.unassign("/dev/net/tun", pd.get_pd_id())
+        assert "/dev/net/tun" not in devices.assigned(pd.get_pd_id())
     with pytest.raises(bmi.NoSuchDomain):
         devices.assigned(12345)

@@ -66,7 +66,8 @@ FAILING = {
         "allow": ["1", "2"], "connections": ["1"], "list": [], "create": ["--image", "/bin/true"],
         "show": ["1"], "start": ["1"], "pause": ["1"], "resume": ["1"], "shutdown": ["1"], "restart": ["1"],
         "destroy": ["1"], "param": ["get", "1", "/system/status"], "config": ["get", "1", "/name"],
-        "attest": ["1", "--nonce", "00"], "console": ["1"], "events": []}.items()},
+        "attest": ["1", "--nonce", "00"], "console": ["1"], "events": [],
+        "device": ["assign", "1", "/dev/net/tun"], "net": ["create", "lab0", "--subnet", "10.213.7.0/24"]}.items()},
 }
 
 

@@ -37,7 +37,7 @@ __all__ = ["cgroup_version", "describe", "PDCgroups", "UNLIMITED"]
 UNLIMITED = 2**63 - 1
 """What memory_max() returns when no limit is set."""
 
-_V1_CONTROLLERS = frozenset({"cpu", "cpuset", "memory", "freezer", "pids"})
+_V1_CONTROLLERS = frozenset({"cpu", "cpuset", "memory", "freezer", "pids", "devices"})
 _V2_CONTROLLERS = frozenset({"cpu", "cpuset", "memory", "pids"})
 _V1_UNLIMITED = 2**63 - 4096      # v1 shows "no limit" as LONG_MAX rounded to pages
 _CFS_PERIOD_US = 100_000
@@ -253,8 +253,9 @@ class PDCgroups:
                 if reuse and os.path.isdir(path):
                     groups.append(_Group(tree.version, path, tree.controllers))
                     continue
-                # on hybrid hosts a v2 tree without controllers is only a bonus
-                optional = tree.version == 2 and has_v1 and not tree.controllers
+                # on hybrid hosts a v2 tree without controllers is only a bonus; so is a v1 devices
+                # hierarchy we may not write (the PD then says /capability/devices/enforced = no)
+                optional = (tree.version == 2 and has_v1 and not tree.controllers) or tree.controllers == {"devices"}
                 group = _make(tree, name, label, pd_id, optional)
                 if group:
                     groups.append(group)
@@ -420,6 +421,30 @@ class PDCgroups:
                 except OSError as e:
                     raise self._fail("list processes", directory, e, "reading cgroup.procs in") from e
         return found
+
+    # --- devices (v1 only: v2 has no file for it, only BPF device programs) ----------------
+
+    def devices_enforced(self) -> bool:
+        """Whether the kernel checks the PD's every device open against its rules (v1 devices controller)."""
+        return "devices" in self._ctl
+
+    def limit_devices(self, rules: tuple[str, ...]) -> None:
+        """Deny every device node but those of `rules` ("c 1:3 rw", ...); nothing to do without the controller."""
+        if self.devices_enforced():
+            path = self._group("devices", "limit devices").path
+            self._set(os.path.join(path, "devices.deny"), "a", "limit devices")
+            for rule in rules:
+                self.allow_device(rule)
+
+    def allow_device(self, rule: str) -> None:
+        if self.devices_enforced():
+            self._set(os.path.join(self._group("devices", "allow a device").path, "devices.allow"), rule,
+                      "allow a device")
+
+    def deny_device(self, rule: str) -> None:
+        if self.devices_enforced():
+            self._set(os.path.join(self._group("devices", "deny a device").path, "devices.deny"), rule,
+                      "deny a device")
 
     # --- freezing -----------------------------------------------------------
 

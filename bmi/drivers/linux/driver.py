@@ -15,14 +15,14 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from ...errors import InvalidArgument, InvalidState, NotSupported, ResourceError
+from ...errors import InvalidArgument, InvalidState, ResourceError
 from ...image import PDImage
 from ...integrity.measure import measure_into
 from ...params import Leaf, const, parse_allow, parse_int
 from ...types import PDDescription, PDStatus
 from ..base import Driver, ExitInfo, HostResources, Progress
 from ..console import Console
-from . import cgroups, formats, spawn, uids
+from . import cgroups, devices, formats, net, spawn, uids
 from .monitor import Monitor
 
 MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_EXEC = 0x1, 0x2, 0x10
@@ -63,6 +63,9 @@ class LinuxPD:
     pids_max: int = DEFAULT_PIDS_MAX
     destroyed: bool = False
     ids: uids.IdLease | None = None     # its host uid/gid, held until it is destroyed
+    assigned: dict[str, str] = field(default_factory=dict)         # assigned host node -> its cgroup rule
+    owners: dict[str, devices.Owner] = field(default_factory=dict)  # host nodes chowned to it, and their owners
+    links: list[str] = field(default_factory=list)                  # host ends of its network interfaces
 
 
 def _alive(pid: int) -> bool:
@@ -167,6 +170,7 @@ class LinuxDriver(Driver):
         groups.set_cpu_share(performance, groups.set_cpus(cpus))
         groups.set_weight(priority)
         groups.set_pids_max(pids_max)
+        groups.limit_devices(devices.BASE_RULES)
 
     def check_config(self, pd: LinuxPD, name: str, value: str) -> None:
         if name == "/boot/cmdline":
@@ -180,6 +184,8 @@ class LinuxDriver(Driver):
         elif name.startswith("/boot/env/") and not _ENV_NAME.match(name[len("/boot/env/"):]):
             raise InvalidArgument(f"set_config_param {name} of PD {pd.pd_id}: not a valid environment "
                                   f"variable name", pd_id=pd.pd_id)
+        elif name == "/net" or name.startswith("/net/"):
+            net.check_param(name, value, f"set_config_param {name} of PD {pd.pd_id}", pd.pd_id)
 
     def config_grants(self, name: str, value: str) -> int | None:
         return spawn.capability_mask(value, f"set_config_param {name}") if name == "/boot/capabilities" else None
@@ -234,7 +240,8 @@ class LinuxDriver(Driver):
                                                                 f"start of PD {pd.pd_id}", pd.pd_id),
                                 io_uring="io_uring" in parse_allow(config.get("/boot/allow", ""),
                                                                    what=f"start of PD {pd.pd_id}: /boot/allow",
-                                                                   pd_id=pd.pd_id))
+                                                                   pd_id=pd.pd_id),
+                                hold=self._needs_attach(pd, config))
         except BaseException:
             os.close(console_r)
             os.close(status_r)
@@ -246,6 +253,36 @@ class LinuxDriver(Driver):
         pd.run = run
         self._renice(pd, priority)
         self._watch(pd, run, console_r)
+        if self._needs_attach(pd, config):
+            try:
+                self._attach(pd, run, config)
+                signal.pidfd_send_signal(run.pidfd, signal.SIGCONT)    # its init lets the program exec
+            except BaseException:
+                self._discard_run(pd)
+                raise
+
+    # -- devices and networks: added from the manager's side once the PD's namespaces exist --------------
+    @staticmethod
+    def _needs_attach(pd: LinuxPD, config: Mapping[str, str]) -> bool:
+        return bool(pd.assigned) or bool(net.interfaces(dict(config)))
+
+    def _attach(self, pd: LinuxPD, run: Run, config: Mapping[str, str]) -> None:
+        """The PD's assigned device nodes and its /net/... interfaces, into the namespaces of this run."""
+        for device in sorted(pd.assigned):
+            devices.bind(run.pid, self._owner(pd), device, f"start of PD {pd.pd_id}: assigned device {device}",
+                         pd.pd_id)
+        for iface in net.interfaces(dict(config)):
+            pd.links.append(net.attach(run.pid, pd.pd_id, iface))
+
+    @staticmethod
+    def _owner(pd: LinuxPD) -> int:
+        """The host uid of the PD's root (who may create files in its root tmpfs)."""
+        return pd.ids.uid if pd.ids is not None else os.geteuid()
+
+    def _detach_links(self, pd: LinuxPD) -> None:
+        links, pd.links = pd.links, []
+        for host in links:
+            net.detach(host)
 
     def _watch(self, pd: LinuxPD, run: Run, console_r: int | None) -> None:
         """Drain the run's console into the PD's buffer (None: no console left) and notice its exit."""
@@ -334,6 +371,7 @@ class LinuxDriver(Driver):
 
     def _discard_run(self, pd: LinuxPD) -> None:
         run, pd.run = pd.run, None
+        self._detach_links(pd)
         if run is None:
             return
         if not run.exited.is_set():
@@ -356,6 +394,8 @@ class LinuxDriver(Driver):
             pd.groups.thaw()
         self._discard_run(pd)
         pd.groups.destroy()
+        for device in list(pd.owners):
+            devices.give_back(device, pd.owners.pop(device))
         if pd.image_fd is not None:
             os.close(pd.image_fd)
             pd.image_fd = None
@@ -416,6 +456,7 @@ class LinuxDriver(Driver):
             "/system/image/format": const("archive" if pd.archive else "elf") if pd.image_fd is not None
             else const("none"),
             "/capability/isolation/per-pd-uid": const(self._ids.capability()),
+            **{name: const(value) for name, value in devices.capabilities(pd.groups.devices_enforced()).items()},
         }
         run = pd.run
         if run is not None and not run.exited.is_set():
@@ -432,16 +473,55 @@ class LinuxDriver(Driver):
 
     # -- devices ----------------------------------------------------------------------------
     def list_devices(self) -> list[str]:
-        return list(PD_DEVICES)
+        return devices.assignable()
 
     def assigned_devices(self, pd: LinuxPD) -> list[str]:
-        return list(PD_DEVICES)
+        return [*PD_DEVICES, *sorted(pd.assigned)]
 
-    def assign_device(self, pd: LinuxPD, device: str) -> None:
-        raise NotSupported(f"assign {device!r} to PD {pd.pd_id}: the Linux driver gives every PD "
-                           f"{', '.join(PD_DEVICES)} and cannot pass other host devices yet", pd_id=pd.pd_id)
+    def assign_device(self, pd: LinuxPD, device: str, mode: int = 3, own: bool = True) -> None:
+        """Allow the node in the PD's devices cgroup, give it the PD's uid (own), and bind it into a running PD."""
+        what = f"assign {device} to PD {pd.pd_id}"
+        path = devices.check(device, what, pd.pd_id)
+        previous, rule = pd.assigned.get(path), devices.rule(path, mode)
+        if previous is not None:
+            pd.groups.deny_device(devices.deny_rule(previous))
+        pd.groups.allow_device(rule)
+        taken = None
+        try:
+            if own and os.geteuid() == 0 and pd.ids is not None:
+                owner = devices.take_owner(path, pd.ids.uid, pd.ids.gid, mode)
+                taken = pd.owners.setdefault(path, owner)
+            run = pd.run
+            if previous is None and run is not None and not run.exited.is_set():
+                devices.bind(run.pid, self._owner(pd), path, what, pd.pd_id)
+        except BaseException:
+            pd.groups.deny_device(devices.deny_rule(rule))
+            if previous is not None:
+                pd.groups.allow_device(previous)
+            if taken is not None and previous is None:
+                devices.give_back(path, pd.owners.pop(path))
+            raise
+        pd.assigned[path] = rule
 
-    unassign_device = assign_device
+    def unassign_device(self, pd: LinuxPD, device: str) -> None:
+        """Deny the node first (no open gets through from here on), then remove it and give it back."""
+        what = f"unassign {device} from PD {pd.pd_id}"
+        rule = pd.assigned.get(device)
+        if rule is not None:
+            pd.groups.deny_device(devices.deny_rule(rule))
+        run = pd.run
+        if run is not None and not run.exited.is_set():
+            devices.unbind(run.pid, self._owner(pd), device, what, pd.pd_id)
+        pd.assigned.pop(device, None)
+        owner = pd.owners.pop(device, None)
+        if owner is not None:
+            devices.give_back(device, owner)
+
+    def create_network(self, name: str, subnet: str, nat: bool) -> None:
+        net.create_bridge(name, subnet, nat)
+
+    def destroy_network(self, name: str, subnet: str, nat: bool) -> None:
+        net.destroy_bridge(name, subnet, nat)
 
     def close(self) -> None:
         self._monitor.close()

@@ -95,7 +95,7 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
           console_fd: int, status_fd: int, lifeline_fd: int = -1, channel_fd: int = -1,
           cgroup_procs: Sequence[str] = (), outer_uid: int | None = None, outer_gid: int | None = None,
           hostname: str = "pd", tmpfs_bytes: int = 0, seccomp: bool = True, landlock: bool = True,
-          keep_caps: int = 0, io_uring: bool = False, map_helper: bool = False,
+          keep_caps: int = 0, io_uring: bool = False, map_helper: bool = False, hold: bool = False,
           pd_id: int | None = None) -> Spawned:
     """Run the sealed memfd `exec_fd` (static ELF, or newc cpio root with /init) as a new PD.
 
@@ -120,7 +120,9 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
     them).  map_helper: the ids are from our /etc/subuid and /etc/subgid,
     mapped with newuidmap/newgidmap.  An ELF image is made execute-only
     (mode 0111), which keeps the program's memory from the PD's other
-    processes (see csrc/init/init.c, drop_caps).
+    processes (see csrc/init/init.c, drop_caps).  hold: return while the
+    program waits, set up, before its exec until the caller sends the init
+    SIGCONT (the hook that adds devices and network interfaces first).
     """
     who = _who(pd_id)
     for fd, name, optional in ((exec_fd, "exec_fd", False), (console_fd, "console_fd", False),
@@ -164,6 +166,8 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
     err = _ffi.new("char[]", 1024)
     flags = ((lib.BMI_SPAWN_SECCOMP if seccomp else 0) | (lib.BMI_SPAWN_LANDLOCK if landlock else 0)
              | (lib.BMI_SPAWN_IO_URING if io_uring else 0))
+    if hold:
+        flags |= lib.BMI_SPAWN_HOLD
     if map_helper:
         flags |= lib.BMI_SPAWN_MAP_HELPER
     elif os.geteuid() == 0 and uid != 0:

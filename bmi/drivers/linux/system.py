@@ -25,7 +25,7 @@ from ...server.keeper import Keeper
 from ...types import PDDescription, PDStatus
 from ..base import ExitInfo, Progress
 from ..keeping import Adopted, Keeping, image_key, kept_image, stored_measurement
-from . import cgroups, spawn, uids
+from . import cgroups, devices, spawn, uids
 from .driver import DEFAULT_PIDS_MAX, LinuxDriver, LinuxPD, Run, process_start
 from .monitor import Monitor
 
@@ -129,7 +129,9 @@ class SystemDriver(LinuxDriver, Keeping):
 
     def record(self, pd: LinuxPD) -> dict[str, Any]:
         return {"cgroup": pd.groups.name, "archive": pd.archive, "pids_max": pd.pids_max,
-                "ids": [pd.ids.uid, pd.ids.gid] if pd.ids is not None else None, "run": self.run_identity(pd)}
+                "ids": [pd.ids.uid, pd.ids.gid] if pd.ids is not None else None, "run": self.run_identity(pd),
+                "device_rules": dict(pd.assigned),
+                "device_owners": {path: [o.uid, o.gid, o.mode] for path, o in pd.owners.items()}}
 
     def run_identity(self, pd: LinuxPD) -> dict[str, int] | None:
         """What identifies the PD's running init for a later adoption (None when it is not running)."""
@@ -161,7 +163,11 @@ class SystemDriver(LinuxDriver, Keeping):
             self._limit(groups, desc.mem - record.get("lent", 0), record["cpus_max"], record["performance"],
                         record["priority"], pids_max)
         pd = LinuxPD(pd_id, desc, groups, pids_max=pids_max, archive=record.get("archive", False),
-                     ids=self._kept_ids(pd_id, record.get("ids")))
+                     ids=self._kept_ids(pd_id, record.get("ids")), assigned=dict(record.get("device_rules", {})),
+                     owners={path: devices.Owner(*o) for path, o in record.get("device_owners", {}).items()})
+        if remade:      # the device rules went with the lost group: the assigned ones come back with the limits
+            for rule in pd.assigned.values():
+                groups.allow_device(rule)
         measurement = stored_measurement(record)
         if measurement:
             pd.image_fd = kept_image(self._keeper, pd_id, measurement)

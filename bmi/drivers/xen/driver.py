@@ -45,6 +45,16 @@ log = logging.getLogger("bmi.xen")
 CONSOLE_WAIT = 20.0             # seconds for xenconsoled to publish the guest's pty
 DESTROY_WAIT = 10.0
 CONNECTION_ENFORCEMENT = "rendezvous"
+PCIBACK = "/sys/bus/pci/drivers/pciback"
+NO_PASSTHROUGH = ("PCI passthrough is not supported by the Xen driver: it needs an IOMMU (VT-d or AMD-Vi) that "
+                  "Xen enabled (the QEMU test rig has none), and this driver does not yet hand PCI functions to "
+                  "domains through libxl")
+NO_VIF = ("network interfaces (a vif into a dom0 bridge) are not supported by the Xen driver yet; "
+          "connections between PDs go through the BMI")
+DEVICE_CAPABILITIES = {
+    "/capability/devices/assign": f"no: {NO_PASSTHROUGH}",
+    "/capability/devices/network": f"no: {NO_VIF}",
+}
 _RELEASE_TOKEN = "bmi-release"
 _REASONS = {
     "poweroff": (PDStatus.SHUTDOWN, "the guest powered off"),
@@ -133,6 +143,8 @@ class XenDriver(Driver):
 
     def check_config(self, pd: XenPD, name: str, value: str) -> None:
         what = f"set_config_param {name} of PD {pd.pd_id}"
+        if name == "/net" or name.startswith("/net/"):
+            raise NotSupported(f"{what}: {NO_VIF}", pd_id=pd.pd_id)
         if xcfg.xenstore_name(name) is None:
             raise InvalidArgument(f"{what}: config parameters are published in the guest's xenstore home, whose "
                                   f"names allow only letters, digits, '_', '-' and '@' between the '/'",
@@ -491,6 +503,7 @@ class XenDriver(Driver):
                                        pd_id=pd.pd_id)[1])
 
         return {
+            **{name: const(value) for name, value in DEVICE_CAPABILITIES.items()},
             "/capability/connection-enforcement": const(CONNECTION_ENFORCEMENT),
             "/system/cpu/online": Leaf(get=online),
             "/system/cpu/weight": Leaf(get=weight),
@@ -498,6 +511,23 @@ class XenDriver(Driver):
             "/system/xen/name": const(pd.name),
             "/system/image/format": const(pd.boot.fmt if pd.boot is not None else "none"),
         }
+
+    # -- devices: what this driver cannot do yet, said instead of ignored ------------------------------
+    def list_devices(self) -> list[str]:
+        """PCI functions dom0 set aside for guests (bound to pciback): what passthrough would hand out."""
+        try:
+            return sorted(f"pci:{bdf}" for bdf in os.listdir(PCIBACK) if bdf.count(":") == 2)
+        except OSError:
+            return []
+
+    def assigned_devices(self, pd: XenPD) -> list[str]:
+        return []
+
+    def assign_device(self, pd: XenPD, device: str, mode: int = 3, own: bool = True) -> None:
+        raise NotSupported(f"assign {device!r} to PD {pd.pd_id}: {NO_PASSTHROUGH}", pd_id=pd.pd_id)
+
+    def unassign_device(self, pd: XenPD, device: str) -> None:
+        raise NotSupported(f"unassign {device!r} from PD {pd.pd_id}: {NO_PASSTHROUGH}", pd_id=pd.pd_id)
 
     # -- connections: the rendezvous only (see the module docstring) ---------------------------
     def open_rendezvous(self, pd: XenPD, peer: XenPD) -> str:

@@ -161,3 +161,19 @@ def test_bad_input_typed_errors_and_nothing_left(xen_mgr, bundle_bytes, no_lefto
         pd.destroy()
     with pytest.raises(NoSuchDomain):
         pd.get_runtime_param("/system/status")
+
+
+def test_devices_and_networks_say_not_supported(xen_mgr, no_leftover_domains):
+    """No IOMMU in the rig, no vif path yet: each refusal says why, and /capability/devices/... lists it."""
+    pd = xen_mgr.allocate_pd(bmi.PDDescription(mem=128 * MiB, cpu=1, performance=100))
+    try:
+        devices = xen_mgr.get_device_manager()
+        assert all(d.startswith("pci:") for d in devices.list_devices())
+        with pytest.raises(bmi.NotSupported, match="IOMMU"):
+            devices.assign("pci:0000:00:02.0", pd.get_pd_id())
+        with pytest.raises(bmi.NotSupported, match="vif"):
+            pd.set_config_param("/net/eth0", "veth:xenbr0")
+        assert pd.get_runtime_param("/capability/devices/assign").startswith("no: ")
+        assert pd.get_runtime_param("/capability/devices/network").startswith("no: ")
+    finally:
+        pd.destroy()
