@@ -11,7 +11,7 @@ import subprocess
 
 HERE = pathlib.Path(__file__).resolve().parent
 BUILD_DIR = HERE.parent / ".build"
-MFD_EXEC = 0x10  # no constant in Python 3.11; see shared/notes/linux.md
+MFD_EXEC = 0x10  # no constant in Python 3.11 (linux/memfd.h)
 ALL_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
