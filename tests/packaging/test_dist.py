@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,10 +41,15 @@ TIMEOUT = 600
 pytestmark = pytest.mark.slow
 
 
-def _run(*argv, cwd: Path, **kw) -> subprocess.CompletedProcess:
-    """Run outside the checkout, with no path or venv of ours leaking in."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    return subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True,
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without a path or venv of ours, plus `extra`."""
+    return {**{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")},
+            **(extra or {})}
+
+
+def _run(*argv, cwd: Path, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run outside the checkout, with no path or venv of ours leaking in (`env`: variables to add)."""
+    return subprocess.run([str(a) for a in argv], cwd=cwd, env=_env(env), capture_output=True, text=True,
                           timeout=TIMEOUT, **kw)
 
 
@@ -134,3 +140,45 @@ def test_installed_bmi_runs_a_pd(venvs, dists, kind):
     done = subprocess.run([exe, busybox], cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT,
                           env={"PATH": "/usr/bin:/bin", "BMI_STATE_DIR": str(cwd / f"state-{kind}"), "BMI_TPM": "swtpm"})
     assert done.returncode == 0 and "console: hello from a PD" in done.stdout, done.stdout + done.stderr
+
+
+def test_pytest_plugin_from_the_wheel_alone(venvs, dists):
+    """A rig's test file outside any source tree, with only the wheel (and pytest) installed: the plugin
+    autoloads by its entry point, in session mode and against a bmid started from that venv."""
+    if shutil.which("cc") is None or shutil.which("swtpm") is None:
+        pytest.skip("the example builds a C PD program and attests it: needs cc and swtpm")
+    venv, work = venvs["wheel"], dists["work"]
+    _check(_run(sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", "pytest",
+                cwd=work))
+    rig = work / "rig"
+    rig.mkdir()
+    for name in ("test_pair.py", "pair.c"):
+        shutil.copy(ROOT / "examples" / "rig" / name, rig / name)
+    env = {"BMI_STATE_DIR": str(work / "plugin-state"), "BMI_TPM": "swtpm",
+           "BMI_PROGRAM_CACHE": str(work / "programs")}
+
+    def pytest_run(*args: str) -> subprocess.CompletedProcess:
+        return _run(venv / "bin" / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_pair.py", *args,
+                    cwd=rig, env=env)
+
+    done = pytest_run()
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout + done.stderr
+    socket_path = work / "bmid.sock"
+    bmid = subprocess.Popen([str(a) for a in (venv / "bin" / "bmid", "--socket", socket_path, "--state-dir",
+                                              work / "bmid-state", "--shutdown-grace", "2")], cwd=work, env=_env(env),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(600):
+            if socket_path.exists() or bmid.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert bmid.poll() is None, bmid.stderr.read().decode()
+        done = pytest_run(f"--bmi-uri=linux:///system?socket={socket_path}")
+        assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout + done.stderr
+        listed = _check(_run(venv / "bin" / "bmi", "--uri", f"linux:///system?socket={socket_path}", "list",
+                             "--json", cwd=work))
+        assert json.loads(listed.stdout) == [], listed.stdout     # the factory destroyed what it made
+    finally:
+        bmid.terminate()
+        bmid.wait(timeout=60)
+        bmid.stderr.close()
