@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sysconfig
 import tempfile
 
@@ -164,7 +165,10 @@ def build(out_dir: str = HERE, python: str | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="libbmi-") as tmp:
         built = builder().compile(tmpdir=tmp, target=LIBRARY, verbose=False)
         target = os.path.join(out_dir, LIBRARY)
-        os.replace(built, target + ".new")      # a running program keeps the old inode
+        # copy first (the temp dir may be another filesystem, e.g. /tmp on tmpfs), then rename
+        # into place: a running program keeps the old inode
+        shutil.copyfile(built, target + ".new")
+        os.chmod(target + ".new", 0o755)
         os.replace(target + ".new", target)
     if python:
         with open(os.path.join(out_dir, PYTHON_FILE), "w") as f:
