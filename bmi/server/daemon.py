@@ -72,6 +72,7 @@ MAX_WAIT = 60.0
 REPLY_PIECE = 30 * 1024         # bytes of reply JSON per record when a reply is split (hex: 60 KiB)
 EVENT_POLL = 0.5
 EXIT_RETRY = 1.0                # s between attempts to store an exit while the state directory is full
+ACCEPT_WAKE = 1.0               # s: how long a pending SIGTERM may wait for the main thread (serve_forever)
 FAIL_STOP = 75                  # bmid's exit status when it stops because it cannot store a change it made
 TEST_PAUSE = "BMID_TEST_PAUSE"  # tests only: e.g. "commit:destroy exit" stops bmid there (see test_pause)
 _LIVE = (PDStatus.RUNNING, PDStatus.PAUSED)
@@ -546,9 +547,15 @@ class Daemon:
 
     def serve_forever(self) -> None:
         assert self._listener is not None
+        # Python runs a signal handler (SIGTERM -> stop) only in the main thread, between bytecodes: a
+        # SIGTERM the kernel delivers to another thread would leave accept() blocked for good (seen under
+        # load).  A timeout brings the main thread back to the interpreter at least once a second.
+        self._listener.settimeout(ACCEPT_WAKE)
         while not self._stopping.is_set():
             try:
                 conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 if self._stopping.is_set():
                     return
