@@ -452,6 +452,15 @@ class PDManagement:
                          "sha256": pd.measurement["sha256"].hex() if "sha256" in pd.measurement else ""})
         return rows
 
+    def subtree(self, pd_id: int) -> list[int]:
+        """pd_id and every PD below it (what a lowered limit can change)."""
+        with self._lock:
+            found, frontier = [pd_id], [pd_id]
+            while frontier:
+                frontier = [c.pd_id for c in self._pds.values() if c.parent in frontier]
+                found.extend(frontier)
+        return found
+
     def records(self, ids: Iterable[int] | None = None) -> tuple[dict[int, dict[str, Any]], int]:
         """What a store keeps of these PDs (all when None; those that exist) and the next id, as now."""
         with self._lock:

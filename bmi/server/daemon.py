@@ -437,10 +437,11 @@ class Daemon:
             restarted = None
             raise
         finally:
-            # destroy removes descendants; a lowered limit lowers theirs (api.LIMITS): store them all
-            everyone = method in ("destroy", "set_priority", "set_runtime_param")
-            self._store_or_stop(method, None if everyone else
-                                [t for t in (target, caller) if isinstance(t, int) and t], op, restarted)
+            # destroy removes descendants (store them all); a lowered limit lowers theirs (api.LIMITS)
+            ids = [t for t in (target, caller) if isinstance(t, int) and t]
+            if method in ("set_priority", "set_runtime_param") and isinstance(target, int):   # 0: the manager
+                ids = [*self.mgr.subtree(target), *ids]
+            self._store_or_stop(method, None if method == "destroy" else ids, op, restarted)
         return answer
 
     def _store_or_stop(self, method: str, ids: list[int] | None, op: int, restarted: int | None = None) -> None:
