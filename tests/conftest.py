@@ -1,23 +1,13 @@
 """Fixtures shared by every layer's tests: a leak check after each test."""
 from __future__ import annotations
 
-import glob
 import os
 import threading
 import time
 
 import pytest
 
-
-def _children() -> set[int]:
-    pids: set[int] = set()
-    for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
-        try:
-            with open(path) as f:
-                pids.update(int(p) for p in f.read().split())
-        except OSError:
-            continue
-    return pids
+from bmi.testing import child_processes
 
 
 def _fds() -> dict[int, str]:
@@ -62,9 +52,9 @@ def no_leaks(request):
     if request.node.get_closest_marker("allow_leaks"):
         yield
         return
-    children, fds, threads, groups = _children(), _fds(), set(threading.enumerate()), _our_cgroups()
+    children, fds, threads, groups = child_processes(), _fds(), set(threading.enumerate()), _our_cgroups()
     yield
-    leaked_children = _settle(_children, children)
+    leaked_children = _settle(child_processes, children)
     leaked_threads = _settle(lambda: set(threading.enumerate()), threads)
     leaked_groups = _settle(_our_cgroups, groups)
     now = _fds()

@@ -158,6 +158,17 @@ def destroy_orphans(mgr: Any) -> list[int]:
     return destroyed
 
 
+def child_processes() -> set[int]:
+    """Pids of this process's children, of every thread (leak checks: the suite's and bmi_no_leaks)."""
+    pids: set[int] = set()
+    for path in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        try:
+            pids.update(int(p) for p in path.read_text().split())
+        except OSError:
+            continue
+    return pids
+
+
 def file_digest(path: str | os.PathLike[str]) -> bytes:
     """SHA-256 of a file: the pd_integrity a PD set up from it reports."""
     digest = hashlib.sha256()
@@ -168,4 +179,4 @@ def file_digest(path: str | os.PathLike[str]) -> bytes:
 
 
 __all__ = ["wait_status", "wait_console", "pd_client_dir", "build_pd_program", "owner_tag", "owner_gone",
-           "owned_pds", "destroy_orphans", "file_digest", "OWNER_PARAM"]
+           "owned_pds", "destroy_orphans", "child_processes", "file_digest", "OWNER_PARAM"]

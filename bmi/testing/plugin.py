@@ -30,7 +30,7 @@ import pytest
 
 import bmi
 
-from . import OWNER_PARAM, build_pd_program, destroy_orphans, file_digest, owner_tag
+from . import OWNER_PARAM, build_pd_program, child_processes, destroy_orphans, file_digest, owner_tag
 
 DEFAULT_URI = "linux:///session"
 
@@ -216,16 +216,6 @@ def _bmi_fds() -> dict[int, str]:
     return found
 
 
-def _children() -> set[int]:
-    pids: set[int] = set()
-    for path in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
-        try:
-            pids.update(int(p) for p in path.read_text().split())
-        except OSError:
-            continue
-    return pids
-
-
 def _cgroups() -> set[str]:
     from ..drivers.linux.cgroups import groups_of_this_process
     return groups_of_this_process(f"bmi-{os.getpid()}-")
@@ -236,7 +226,7 @@ def bmi_no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail the test when it leaves a PD, a host process, a cgroup or an fd of bmi's behind."""
     mgr = request.getfixturevalue("bmi_manager") if "bmi_manager" in request.fixturenames else None
     before_pds = set(mgr.list_pd()) if mgr else set()
-    children, groups, fds = _children(), _cgroups(), _bmi_fds()
+    children, groups, fds = child_processes(), _cgroups(), _bmi_fds()
     yield
     import time
     deadline = time.monotonic() + 3
@@ -249,7 +239,7 @@ def bmi_no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
                 extra = set()
             if extra:
                 problems.append(f"PDs left: {sorted(extra)}")
-        if extra_children := _children() - children:
+        if extra_children := child_processes() - children:
             problems.append(f"host processes left: {sorted(extra_children)}")
         if extra_groups := _cgroups() - groups:
             problems.append(f"cgroups left: {sorted(extra_groups)}")
