@@ -44,6 +44,7 @@
 #include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <linux/audit.h>
 #include <linux/capability.h>
 #include <linux/filter.h>
@@ -335,6 +336,13 @@ static int run_map_helper(const char *helper, pid_t pid, int id)
     return -1;
 }
 
+static unsigned long long now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (unsigned long long)t.tv_sec * 1000000000ull + (unsigned long long)t.tv_nsec;
+}
+
 static int put_err(char *err, size_t errlen, int kind, int e, const char *stage, const char *detail)
 {
     snprintf(err, errlen, "%s%s%s: %s", stage, detail && *detail ? " " : "", detail ? detail : "", strerror(e));
@@ -426,7 +434,9 @@ int bmi_spawn(const struct bmi_spawn_args *a, int *pid_out, int *pidfd_out, char
                     a->argv, a->envp, a->hostname, a->tmpfs_bytes, rel[0], ep[1], a->keep_caps, outer_uid, outer_gid};
     int pidfd = -1;
     struct start *started = NULL;
+    unsigned long long t0 = now_ns();
     long pid = start_init(&c, &pl, &pidfd, &started);
+    unsigned long long t1 = now_ns(), t2 = t1;
     int e = errno;
     close(rel[0]);
     close(ep[1]);
@@ -456,6 +466,7 @@ int bmi_spawn(const struct bmi_spawn_args *a, int *pid_out, int *pidfd_out, char
             kind = put_err(err, errlen, BMI_SPAWN_ERESOURCE, errno, "placing the PD in", pl.by_pid[i]);
         if (fd >= 0) close(fd);
     }
+    t2 = now_ns();
     if (!kind && write_all(rel[1], "x", 1))
         kind = put_err(err, errlen, BMI_SPAWN_ERESOURCE, errno, "releasing the PD's init", NULL);
     close(rel[1]);
@@ -473,6 +484,10 @@ int bmi_spawn(const struct bmi_spawn_args *a, int *pid_out, int *pidfd_out, char
         }
     }
     close(ep[0]);
+    if (a->phases_ns) {
+        unsigned long long t3 = now_ns();
+        a->phases_ns[0] = t1 - t0, a->phases_ns[1] = t2 - t1, a->phases_ns[2] = t3 - t2;
+    }
     close_placement(&pl);   /* only now: until its exec the child reads pl (it has its own copies of the fds) */
     if (kind) { /* nothing half-built: kill and reap pid 1 (the kernel takes the rest of its namespace) */
         siginfo_t si;

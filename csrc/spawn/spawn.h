@@ -35,7 +35,10 @@ struct bmi_spawn_args {
     unsigned long long tmpfs_bytes; /* size of the root and /tmp tmpfs (0: the kernel's default) */
     int flags;                      /* BMI_SPAWN_* */
     unsigned long long keep_caps;   /* bit n: the program keeps capability n */
+    unsigned long long *phases_ns;  /* NULL, or BMI_SPAWN_PHASES durations out: clone; uid maps and placement;
+                                     * release to the program's exec (bmi-init's work) */
 };
+#define BMI_SPAWN_PHASES 3
 
 int bmi_spawn(const struct bmi_spawn_args *args, int *pid_out, int *pidfd_out, char *err, size_t errlen);
 int bmi_landlock_abi(void);
