@@ -513,9 +513,8 @@ class PDCgroups:
     def _kill_all(self) -> None:
         what = "kill all processes"
         deadline = time.monotonic() + self.KILL_TIMEOUT
-        if left := self._pids():
-            self._hurry()
-        while left := left or self._pids():
+        hurried = False
+        while left := self._pids():
             if time.monotonic() > deadline:
                 raise ResourceError(f"{what} of {_label(self.name, self.pd_id)}: {len(left)} "
                                     f"processes survive SIGKILL after {self.KILL_TIMEOUT} s: "
@@ -526,14 +525,16 @@ class PDCgroups:
                     self._set_frozen(False, what)   # v1-frozen processes act on SIGKILL only once thawed
             if not self._killer or left - self._pids([self._killer]):
                 self._signal_all(what)   # no cgroup.kill, or a process left the v2 group
+            if not hurried:
+                self._hurry()
+                hurried = True
             self._await_exits(left, deadline)
-            left = set()
 
     def _hurry(self) -> None:
-        """Before the SIGKILL: lift the PD's CPU cap and give its group the highest CPU weight, so its
-        dying processes are scheduled at once (a throttled group would wait for its next CFS period,
-        up to 100 ms, and a busy host's run queue is several ms long).  Best effort: the kill goes
-        on whatever happens here."""
+        """Once the SIGKILL is pending (no process of the PD runs a user instruction again): lift the
+        PD's CPU cap and give its group the highest CPU weight, so its dying processes are scheduled
+        at once (a throttled group would wait for its next CFS period, up to 100 ms, and a busy host's
+        run queue is several ms long).  Best effort: the kill goes on whatever happens here."""
         g = self._ctl.get("cpu")
         if g is None:
             return
@@ -557,7 +558,10 @@ class PDCgroups:
                 except ProcessLookupError:
                     pass
             poller = select.poll()
-            waiting = {fds[pid] for pid in self._pids() & fds.keys()}
+            listed = self._pids()
+            waiting = {fds[pid] for pid in listed & fds.keys()}
+            if not waiting and listed & pids:
+                time.sleep(0.0005)  # (rare) dead but still listed a moment: no busy loop meanwhile
             for fd in waiting:
                 poller.register(fd, select.POLLIN)
             while waiting:
@@ -607,6 +611,7 @@ class PDCgroups:
         first).  Idempotent; if it raises, calling it again retries."""
         if self._destroyed:
             return
+        self._drop_empty_groups()
         self._kill_all()
         failures = []
         for g in reversed(self._groups):
@@ -618,6 +623,28 @@ class PDCgroups:
             raise ResourceError(f"destroy cgroups of {_label(self.name, self.pd_id)}: cannot remove "
                                 + "; ".join(failures), pd_id=self.pd_id)
         self._destroyed = True
+
+
+    def _drop_empty_groups(self) -> None:
+        """rmdir every group at once: the kernel refuses (EBUSY) one that still holds a process or a
+        sub-group, and those stay for the kill and the walk; usually none does (the PD's tree was
+        killed and reaped already), and nothing is listed at all."""
+        kept = []
+        for g in reversed(self._groups):
+            try:
+                os.rmdir(g.path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                kept.insert(0, g)
+        if len(kept) == len(self._groups):
+            return
+        self._groups = kept
+        self._ctl = {c: g for g in kept for c in g.controllers}
+        if self._killer not in kept:
+            self._killer = None
+        if self._freezer not in kept:
+            self._freezer = None
 
 
 def _label(name: object, pd_id: int | None) -> str:
