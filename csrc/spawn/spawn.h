@@ -29,7 +29,8 @@ struct bmi_spawn_args {
     int console_fd, status_fd;      /* the program's stdout/stderr; where init reports its exit */
     int lifeline_fd;                /* EOF on it: the manager is gone, init kills the PD */
     int channel_fd;                 /* becomes fd 3 of the program */
-    char **cgroup_procs;            /* NULL-terminated cgroup.procs files the PD is placed in */
+    char **cgroup_procs;            /* NULL-terminated cgroup.procs files the PD is placed in, before its exec: cloned
+                                     * into a v2 group, its own "0" into a v1 group's tasks (spawn.c, struct placement) */
     int outer_uid, outer_gid;       /* who the PD's root is on the host */
     const char *hostname;
     unsigned long long tmpfs_bytes; /* size of the root and /tmp tmpfs (0: the kernel's default) */
