@@ -188,6 +188,16 @@ static long clone3_run(struct bmi_clone_args *ca, int (*fn)(void *), void *arg)
 #endif
 }
 
+/* This thread's effective set gets CAP_DAC_OVERRIDE if it is permitted (raw syscalls: this thread only). */
+static void effective_dac_override(void)
+{
+    struct __user_cap_header_struct head = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    if (syscall(SYS_capget, &head, data)) return;
+    data[0].effective |= data[0].permitted & (1u << CAP_DAC_OVERRIDE);
+    syscall(SYS_capset, &head, data);
+}
+
 #define INIT_FIXED_ARGS 13   /* "bmi-init", 11 values, "--" */
 #define INIT_STACK (64 * 1024)
 
@@ -203,16 +213,6 @@ static void finish_init(struct start *s)
  * and none of its memory in the PD); once released it execs bmi-init, which
  * builds the PD.  Returns the pid (pidfd in *pidfd) or -1 and errno; *out must
  * be given to finish_init once the child has exec'd or been reaped. */
-/* This thread's effective set gets CAP_DAC_OVERRIDE if it is permitted (raw syscalls: this thread only). */
-static void effective_dac_override(void)
-{
-    struct __user_cap_header_struct head = {_LINUX_CAPABILITY_VERSION_3, 0};
-    struct __user_cap_data_struct data[2];
-    if (syscall(SYS_capget, &head, data)) return;
-    data[0].effective |= data[0].permitted & (1u << CAP_DAC_OVERRIDE);
-    syscall(SYS_capset, &head, data);
-}
-
 static long start_init(const struct cfg *c, struct placement *pl, int *pidfd, struct start **out)
 {
     pthread_once(&init_once, make_init_fd);

@@ -513,38 +513,49 @@ class PDCgroups:
     def _kill_all(self) -> None:
         what = "kill all processes"
         deadline = time.monotonic() + self.KILL_TIMEOUT
-        hurried = False
-        while left := self._pids():
-            if time.monotonic() > deadline:
-                raise ResourceError(f"{what} of {_label(self.name, self.pd_id)}: {len(left)} "
-                                    f"processes survive SIGKILL after {self.KILL_TIMEOUT} s: "
-                                    f"{sorted(left)[:10]}", pd_id=self.pd_id)
-            if self._killer:
-                self._set(os.path.join(self._killer.path, "cgroup.kill"), "1", what)
-                if self._freezer is not None and self._freezer.version == 1:
-                    self._set_frozen(False, what)   # v1-frozen processes act on SIGKILL only once thawed
-            if not self._killer or left - self._pids([self._killer]):
-                self._signal_all(what)   # no cgroup.kill, or a process left the v2 group
-            if not hurried:
-                self._hurry()
-                hurried = True
-            self._await_exits(left, deadline)
+        hurried: list[tuple[str, str]] | None = None
+        try:
+            while left := self._pids():
+                if time.monotonic() > deadline:
+                    raise ResourceError(f"{what} of {_label(self.name, self.pd_id)}: {len(left)} "
+                                        f"processes survive SIGKILL after {self.KILL_TIMEOUT} s: "
+                                        f"{sorted(left)[:10]}", pd_id=self.pd_id)
+                if self._killer:
+                    self._set(os.path.join(self._killer.path, "cgroup.kill"), "1", what)
+                    if self._freezer is not None and self._freezer.version == 1:
+                        self._set_frozen(False, what)   # v1-frozen processes act on SIGKILL only once thawed
+                if not self._killer or left - self._pids([self._killer]):
+                    self._signal_all(what)   # no cgroup.kill, or a process left the v2 group
+                if hurried is None:
+                    hurried = self._hurry()
+                self._await_exits(left, deadline)
+        finally:
+            for path, value in hurried or ():   # the limits again, for the PD's next start
+                try:
+                    _write(path, value)
+                except OSError:
+                    pass
 
-    def _hurry(self) -> None:
+    def _hurry(self) -> list[tuple[str, str]]:
         """Once the SIGKILL is pending (no process of the PD runs a user instruction again): lift the
         PD's CPU cap and give its group the highest CPU weight, so its dying processes are scheduled
         at once (a throttled group would wait for its next CFS period, up to 100 ms, and a busy host's
-        run queue is several ms long).  Best effort: the kill goes on whatever happens here."""
+        run queue is several ms long).  Best effort: the kill goes on whatever happens here.  Returns
+        what to write back once they are gone, (file, its value before)."""
         g = self._ctl.get("cpu")
         if g is None:
-            return
+            return []
         files = ((("cpu.max", "max"), ("cpu.weight", "10000")) if g.version == 2 else
                  (("cpu.cfs_quota_us", "-1"), ("cpu.shares", "262144")))
+        saved = []
         for name, value in files:
+            path = os.path.join(g.path, name)
             try:
-                _write(os.path.join(g.path, name), value)
+                saved.append((path, _read(path).strip()))
+                _write(path, value)
             except OSError:
                 pass
+        return saved
 
     def _await_exits(self, pids: set[int], deadline: float) -> None:
         """Block until every one of `pids` still in our groups has ended, or the deadline: poll on
