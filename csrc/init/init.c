@@ -488,17 +488,25 @@ static __attribute__((noreturn)) void pd_init(struct cfg *c)
     for (unsigned i = 0; i < sizeof handled / sizeof handled[0]; i++) sigaddset(&set, handled[i]);
     sigprocmask(SIG_BLOCK, &set, NULL);
     int sfd = signalfd(-1, &set, SFD_CLOEXEC);
-    if (sfd < 0) fail(ef, BMI_SPAWN_ERESOURCE, "init set-up", NULL);
+    int ep[2];
+    if (sfd < 0 || pipe2(ep, O_CLOEXEC)) fail(ef, BMI_SPAWN_ERESOURCE, "init set-up", NULL);
     if ((c->flags & BMI_SPAWN_SECCOMP) && apply_seccomp(c->flags))
         fail(ef, BMI_SPAWN_ERESOURCE, "installing the seccomp filter", NULL);
     pid_t prog = (pid_t)syscall(SYS_clone, SIGCHLD, 0, NULL, NULL, 0);
     if (prog < 0) fail(ef, BMI_SPAWN_ERESOURCE, "forking the program", NULL);
     if (prog == 0) {
+        close(ep[0]);
         close(sfd);
-        run_program(c, ef);     /* its failure (or BMI_SPAWN_HELD) goes to the manager itself */
+        run_program(c, ep[1]);
     }
-    /* the program's copy of ef closes at its exec: the manager sees that EOF without waiting for us to
-     * be scheduled (a held program's SIGCONT comes through the loop below) */
+    close(ep[1]);
+    struct rec r;
+    do n = read(ep[0], &r, sizeof r); while (n < 0 && errno == EINTR);
+    if (n == (ssize_t)sizeof r) { /* the program never ran: pass the reason on, report no exit status */
+        write_all(ef, (const char *)&r, sizeof r);
+        if (r.kind != BMI_SPAWN_HELD) _exit(127);
+    }   /* held: the manager has its answer; the SIGCONT it sends comes through the loop below */
+    close(ep[0]);
     close(ef);
     close(c->exec_fd);
     close(c->console_fd);
