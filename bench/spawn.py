@@ -34,7 +34,7 @@ TIMED = (("cgroup creation", cgroups.PDCgroups, "create"),
          ("cgroup limits", driver.LinuxDriver, "_limit"),
          ("uid allocation", driver.LinuxDriver, "_take_ids"),
          ("spawn (C shim)", spawn, "spawn"),
-          ("cgroup removal", cgroups.PDCgroups, "destroy"),
+         ("cgroup removal", cgroups.PDCgroups, "destroy"),
          ("kill and reap", driver.LinuxDriver, "_kill"))
 SHIM_PHASES = ("clone into namespaces", "uid maps + cgroup placement", "init: root, program exec")
 
