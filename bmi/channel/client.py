@@ -25,23 +25,29 @@ from ..types import ConnectionPolicy, IntegrityPolicy, IntegrityReport, PDStatus
 from . import protocol as p
 from .methods import CONTROLLER, METHODS, Method
 
-Convert = Callable[[Any, str, Any], Any]        # (value, method, pd) -> wire value
+Convert = Callable[[Any, str, str, Any], Any]        # (value, method, parameter, pd) -> wire value
 
 
-def _hex(value: Any, method: str, pd: Any) -> str:
-    return check_bytes(value, method, pd if isinstance(pd, int) else None).hex()
+def _of(method: str, pd: Any) -> str:
+    """What session mode's messages name: `method of PD n` (the PD the call is on, when it has one)."""
+    return f"{method} of PD {pd}" if isinstance(pd, int) else method
 
 
-def _policies(value: Any, method: str, pd: Any) -> list[dict[str, Any]]:
+def _hex(value: Any, method: str, param: str, pd: Any) -> str:
+    return check_bytes(value, f"{_of(method, pd)}: {param}", pd if isinstance(pd, int) else None).hex()
+
+
+def _policies(value: Any, method: str, param: str, pd: Any) -> list[dict[str, Any]]:
     return [p.policy_to_wire(x) for x in check_policies(value, method, pd)]
 
 
-def _integrity_policy(value: Any, method: str, pd: Any) -> dict[str, Any]:
-    return p.integrity_policy_to_wire(check_integrity_policy(value, method, pd if isinstance(pd, int) else None))
+def _integrity_policy(value: Any, method: str, param: str, pd: Any) -> dict[str, Any]:
+    policy = check_integrity_policy(value, _of(method, pd), pd if isinstance(pd, int) else None)
+    return p.integrity_policy_to_wire(policy)
 
 
-def _status(value: Any, method: str, pd: Any) -> Any:
-    return p.status_to_wire(value)
+def _status(value: Any, method: str, param: str, pd: Any) -> Any:
+    return p.status_to_wire(value)       # the layer checks it (bmi/api.py), as in session mode
 
 
 def _attestation_key(value: Any) -> Any:
@@ -125,14 +131,16 @@ def _build(row: Method) -> Callable[..., Any]:
             sent.append(f"{spec.name}={py}")
         else:
             env[f"to{i}"] = convert
-            sent.append(f"{spec.name}=to{i}({py}, NAME, {pd})")
+            sent.append(f"{spec.name}=to{i}({py}, NAME, {spec.name!r}, {pd})")
     annotation, decode = FROM_WIRE[row.result]
     env["decode"] = decode
     call = f"self._channel.value(NAME, {', '.join(sent)})"
-    source = f"def {name}({', '.join(args)}) -> {annotation}:\n    return {call if decode is None else f'decode({call})'}\n"
+    body = call if decode is None else f"decode({call})"
+    source = f"def {name}({', '.join(args)}) -> {annotation}:\n    return {body}\n"
     # annotations stay strings, as in a module with `from __future__ import annotations`
-    exec(compile(source, f"<bmi.channel.methods: {name}>", "exec", flags=__future__.annotations.compiler_flag, dont_inherit=True),
-         env)
+    code = compile(source, f"<bmi.channel.methods: {name}>", "exec", flags=__future__.annotations.compiler_flag,
+                   dont_inherit=True)
+    exec(code, env)
     function = env[name]
     function.__doc__ = row.doc + ("\n\nRead-only: bmid's read-only group may call it." if row.read_only else "")
     function.row = row

@@ -120,7 +120,7 @@ def test_a_built_method_checks_its_arguments_before_sending(mgr, as_pd):
     child = as_pd(parent).allocate_pd(PDDescription(mem=16 * MB))
     with pytest.raises(InvalidArgument, match=r"set_allowed_connections of PD \d+: 'RW' is not a ConnectionPolicy"):
         child.set_allowed_connections(parent.get_pd_id(), ["RW"])
-    with pytest.raises(InvalidArgument, match="get_integrity_link: expected bytes, got str"):
+    with pytest.raises(InvalidArgument, match=r"get_integrity_link of PD \d+: nonce: expected bytes, got str"):
         child.get_integrity_link("nonce")
     assert child.list_runtime_params("/capability") == mgr.get_controller(child.get_pd_id()).list_runtime_params(
         "/capability")
