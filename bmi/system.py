@@ -28,6 +28,7 @@ from .errors import DriverUnavailable, InvalidArgument, InvalidState, NotSupport
 from .api import _check_policies, _check_setup
 from .integrity.measure import handover_fd
 from .pd import Channel, RemoteController
+from .remote.ssh import is_remote
 from .channel.board import BoardReader
 from .types import ConnectionPolicy, IntegrityPolicy, PDDescription, PDStatus
 
@@ -49,12 +50,15 @@ def default_socket(uri: str) -> str:
 
 
 def socket_path(uri: str) -> str:
-    """?socket= in the URI, else the default socket of the URI's bmid."""
+    """?socket= in the URI, else the default socket of the URI's bmid ("" for a remote host's default)."""
     query = parse_qs(urlsplit(uri).query)
-    return (query.get("socket") or [default_socket(uri)])[0]
+    return (query.get("socket") or ["" if is_remote(uri) else default_socket(uri)])[0]
 
 
 def _connect(uri: str, path: str) -> socket.socket:
+    if is_remote(uri):              # SCHEME+ssh://host/system: bmid's socket there, through ssh
+        from .remote.tunnel import connect
+        return connect(uri)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.connect(path)
