@@ -47,7 +47,8 @@ def keygen(path: str) -> str:
 class Sshd:
     """sshd on 127.0.0.1:port for root, with one authorized client key and the venv's bin on PATH."""
 
-    def __init__(self, client_dir: str):
+    def __init__(self, client_dir: str, path: str | None = None):
+        """path: the sessions' PATH (default: the venv's bin, where bmi-remote-helper is, then the system's)."""
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)     # sshd's privilege separation directory
         self.home = tempfile.mkdtemp(prefix="bmi-test-sshd-", dir="/run")
         self.port = free_port()
@@ -60,7 +61,8 @@ class Sshd:
         self.known_hosts = os.path.join(client_dir, "known_hosts")
         with open(self.known_hosts, "w") as f:
             f.write(f"[127.0.0.1]:{self.port} {host_public}\n")
-        bin_dir = os.path.dirname(sys.executable)   # where the venv put bmi-remote-helper
+        if path is None:
+            path = f"{os.path.dirname(sys.executable)}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
         self.config = os.path.join(self.home, "sshd_config")
         with open(self.config, "w") as f:
             f.write(f"""Port {self.port}
@@ -74,7 +76,7 @@ PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 UsePAM no
-SetEnv PATH={bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+SetEnv PATH={path}
 """)
         self.log = os.path.join(self.home, "sshd.log")
         self.proc: subprocess.Popen | None = None
