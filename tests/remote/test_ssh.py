@@ -270,3 +270,11 @@ def test_bmi_ssh_timeout_is_read(monkeypatch):
     monkeypatch.setenv("BMI_SSH_TIMEOUT", "7")
     assert parse("xen+ssh://host/system").timeout == 7 and parse("xen+ssh://host/system?timeout=3").timeout == 3
     assert "bmi-remote-helper --uri xen:///system" in parse("xen+ssh://host/system").argv()[-1]
+
+
+def test_a_key_limited_to_the_helper_serves_bmi(remote):
+    """README's deployment: `restrict,command="bmi-remote-helper ..."` in authorized_keys; socket= then ignored."""
+    sshd, daemon, _ = remote
+    sshd.authorize(sshd.client_public, options=f'restrict,command="bmi-remote-helper --socket {daemon.socket}"')
+    with bmi.open(sshd.uri(socket="/elsewhere/bmid.sock")) as mgr:
+        assert mgr.list_pd() == [0]
