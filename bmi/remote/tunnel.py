@@ -29,7 +29,7 @@ from .. import errors
 from ..channel import protocol as p
 from ..errors import BMIError, DriverUnavailable, PermissionDenied, ResourceError
 from . import frames as f
-from .ssh import HELPER, SshTarget, parse
+from .ssh import HELPER, TIMEOUT_VARIABLE, SshTarget, parse
 
 #: Calls whose own `timeout` parameter says how long bmid may take to answer (None: forever).
 WAITING_CALLS = frozenset({"wait", "read_console", "accept"})
@@ -82,7 +82,7 @@ class Session:
             if left <= 0 or not select.select([self.stdout], [], [], left)[0]:
                 self.stop(kill=True)
                 raise DriverUnavailable(f"open {self.target.uri}: no answer from {self.target.destination} within "
-                                        f"{self.target.timeout:g} s (?timeout= or ${'BMI_SSH_TIMEOUT'})"
+                                        f"{self.target.timeout:g} s (?timeout= or ${TIMEOUT_VARIABLE})"
                                         f"{self._said()}")
             data = os.read(self.stdout, 65536)
             if not data:
@@ -108,14 +108,22 @@ class Session:
                                         f"{greeting[:40]!r}, not {HELPER}'s greeting {f.GREETING!r} "
                                         f"(a login script printing on stdout, or another bmi version)")
             self.hello = {"greeted": True}
-        frames = self.reader.frames()
+        try:
+            frames = self.reader.frames()
+        except ValueError as e:
+            raise DriverUnavailable(f"open {self.target.uri}: {HELPER} on {self.target.destination} "
+                                    f"sent garbage ({e})") from None
         if not frames:
             return None
         kind, payload = frames[0]
-        if kind != f.HELLO:
+        try:
+            hello = json.loads(payload) if kind == f.HELLO else None
+        except ValueError:
+            hello = None
+        if not isinstance(hello, dict):
             raise DriverUnavailable(f"open {self.target.uri}: {HELPER} on {self.target.destination} "
                                     f"sent no hello")
-        return json.loads(payload)
+        return hello
 
     def _refusal(self) -> BMIError:
         """Why ssh ended before the helper said hello, as a typed error with ssh's words."""
@@ -234,7 +242,7 @@ class Tunnel:
         now = time.monotonic()
         if any(d is not None and d <= now for _, d in self._pending.values()):
             self._fail_pending(f"no reply from {self.target.destination} within its timeout "
-                               f"({self.target.timeout:g} s, ?timeout= or $BMI_SSH_TIMEOUT); the ssh connection "
+                               f"({self.target.timeout:g} s, ?timeout= or ${TIMEOUT_VARIABLE}); the ssh connection "
                                f"was closed, the next call connects again", kill=True)
             return not self._streaming
         return True
