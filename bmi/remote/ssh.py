@@ -62,7 +62,7 @@ class SshTarget:
     def argv(self, ssh: str = "ssh") -> list[str]:
         """The ssh command line: batch mode (never a prompt), bounded connect, dead links noticed."""
         alive = max(1, math.ceil(self.timeout / 3))
-        argv = [ssh, "-T", "-x", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+        argv = [ssh, "-T", "-x", "-o", "BatchMode=yes",
                 "-o", f"ConnectTimeout={max(1, math.ceil(self.timeout))}",
                 "-o", f"ServerAliveInterval={alive}", "-o", "ServerAliveCountMax=3"]
         if self.port is not None:
@@ -72,7 +72,8 @@ class SshTarget:
         if self.keyfile is not None:
             argv += ["-i", self.keyfile, "-o", "IdentitiesOnly=yes"]
         if self.no_verify:
-            argv += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+            argv += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                     "-o", "LogLevel=ERROR"]       # not "Permanently added" on every connection
         elif self.known_hosts is not None:
             argv += ["-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes"]
         else:

@@ -48,6 +48,15 @@ def connect(uri: str) -> socket.socket:
     return tunnel.start()
 
 
+def _exit_words(status: int) -> str:
+    """How ssh ended, when it said nothing on stderr."""
+    if status < 0:
+        return f"ssh was killed by {signal.Signals(-status).name}"
+    if status == 255:
+        return "ssh exit status 255 without a message (the remote end of the session was closed or killed)"
+    return f"the remote side exited with status {status}"
+
+
 class Session:
     """One ssh process running the helper, after its greeting."""
 
@@ -139,7 +148,8 @@ class Session:
         if status == 127 or "not found" in lowered or "no such file" in lowered:
             return DriverUnavailable(f"open {where}: {what} has no {HELPER} on its PATH (install bmi there; "
                                      f"README, Remote hosts): {said or f'exit status {status}'}")
-        return DriverUnavailable(f"open {where}: cannot reach bmi on {what}: ssh: {said or f'exit status {status}'}")
+        why = f"ssh: {said}" if said else _exit_words(status)
+        return DriverUnavailable(f"open {where}: cannot reach bmi on {what}: {why}")
 
     def _said(self) -> str:
         said = self.stderr()
@@ -345,7 +355,7 @@ class Tunnel:
         said = ""
         if session is not None:
             status = session.stop(kill=kill)
-            said = session.stderr() or f"ssh exit status {status}"
+            said = session.stderr() or _exit_words(status)
             session.errors.close()
         pending = dict(self._pending)
         if also is not None:

@@ -185,12 +185,57 @@ def test_a_connection_killed_mid_call_is_a_typed_error_and_the_next_call_reconne
             killer.join()
         assert isinstance(error, bmi.ResourceError), error
         assert re.fullmatch(r"wait: the ssh connection to root@127\.0\.0\.1:\d+ dropped mid-call: "
-                            r"ssh exit status -9", str(error)), error
+                            r"ssh was killed by SIGKILL", str(error)), error
         assert ssh not in _ssh_children()            # reaped
         assert pd.get_current_status() is bmi.PDStatus.RUNNING     # a new ssh session; the PD ran on
         assert len(_ssh_children()) == 1
         pd.destroy()
     _wait_for(lambda: not _ssh_children(), "ssh ended after close()")
+
+
+def _helpers_under(sshd_pid: int) -> list[int]:
+    """bmi-remote-helper processes that our sshd started (its sessions' descendants)."""
+    def parent(pid: int) -> int:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[1])
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if b"bmi-remote-helper" not in f.read():
+                    continue
+            pid = int(name)
+            while pid > 1 and pid != sshd_pid:
+                pid = parent(pid)
+        except (OSError, ValueError):
+            continue
+        if pid == sshd_pid:
+            found.append(int(name))
+    return found
+
+
+def test_the_remote_end_dying_mid_call_is_a_typed_error_too(remote):
+    sshd, _, uri = remote
+    with bmi.open(uri) as mgr:
+        pd = mgr.allocate_pd(bmi.PDDescription(mem=32 << 20))
+        pd.setup_pd(bmi.FileImage(busybox_path()))
+        pd.set_config_param("/boot/cmdline", f"busybox sh -c '{TICKER}'")
+        pd.request_status_change(bmi.PDStatus.RUNNING)
+        [helper] = _helpers_under(sshd.proc.pid)
+        killer = threading.Timer(0.5, os.kill, (helper, signal.SIGKILL))
+        killer.start()
+        try:
+            error = _raised_within(FAILS_WITHIN, lambda: pd.wait(timeout=60))
+        finally:
+            killer.join()
+        assert isinstance(error, bmi.ResourceError), error
+        assert re.fullmatch(r"wait: the ssh connection to root@127\.0\.0\.1:\d+ dropped mid-call: ssh exit status "
+                            r"255 without a message \(the remote end of the session was closed or killed\)",
+                            str(error)), error
+        pd.destroy()
 
 
 def test_an_event_stream_ends_with_an_error_when_its_connection_drops(remote):
