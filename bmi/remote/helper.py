@@ -140,7 +140,8 @@ class Bridge:
 
     def _frame(self, kind: int, payload: bytes) -> None:
         if kind == f.FD_SIZE:
-            self._start_image(json.loads(payload).get("size"))
+            header = json.loads(payload)
+            self._start_image(header.get("size") if isinstance(header, dict) else None)
         elif kind == f.DATA:
             self._add_image(payload)
         elif kind == f.RECORD:
