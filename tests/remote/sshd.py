@@ -47,8 +47,9 @@ def keygen(path: str) -> str:
 class Sshd:
     """sshd on 127.0.0.1:port for root, with one authorized client key and the venv's bin on PATH."""
 
-    def __init__(self, client_dir: str, path: str | None = None):
-        """path: the sessions' PATH (default: the venv's bin, where bmi-remote-helper is, then the system's)."""
+    def __init__(self, client_dir: str, path: str | None = None, env: str = ""):
+        """path: the sessions' PATH (default: the venv's bin, where bmi-remote-helper is, then the system's);
+        env: more NAME=VALUE words for the sessions' environment."""
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)     # sshd's privilege separation directory
         self.home = tempfile.mkdtemp(prefix="bmi-test-sshd-", dir="/run")
         self.port = free_port()
@@ -76,7 +77,7 @@ PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 UsePAM no
-SetEnv PATH={path}
+SetEnv PATH={path} {env}
 """)
         self.log = os.path.join(self.home, "sshd.log")
         self.proc: subprocess.Popen | None = None

@@ -339,3 +339,21 @@ def test_a_key_limited_to_the_helper_serves_bmi(remote):
     sshd.authorize(sshd.client_public, options=f'restrict,command="bmi-remote-helper --socket {daemon.socket}"')
     with bmi.open(sshd.uri(socket="/elsewhere/bmid.sock")) as mgr:
         assert mgr.list_pd() == [0]
+
+
+def test_the_remote_host_bounds_a_streamed_image_before_bmid_sees_it(tmp_path):
+    """The helper's memfd is bounded by the remote host's BMI_MAX_IMAGE, checked on the announced size."""
+    from tests.remote.sshd import require_sshd
+    require_sshd()
+    small = Sshd(str(tmp_path), env="BMI_MAX_IMAGE=1M").start()
+    try:
+        with running_bmid(tmp_path / "bmid") as daemon, bmi.open(small.uri(socket=daemon.socket)) as mgr:
+            pd = mgr.allocate_pd(bmi.PDDescription(mem=32 << 20))
+            size = os.path.getsize(busybox_path())
+            with pytest.raises(bmi.ResourceError, match=f"an image of {size} bytes is over this host's limit of "
+                                                        r"1048576 bytes \(BMI_MAX_IMAGE\)"):
+                pd.setup_pd(bmi.FileImage(busybox_path()))
+            assert pd.get_current_status() is bmi.PDStatus.ALLOCATED     # nothing half-done; the session serves on
+            pd.destroy()
+    finally:
+        small.close()
