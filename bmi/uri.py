@@ -7,7 +7,7 @@ from urllib.parse import parse_qs, urlsplit
 from .api import PDManagement
 from .drivers import DRIVERS
 from .errors import DriverUnavailable, InvalidArgument
-from .remote.ssh import OPTIONS as SSH_OPTIONS, is_remote
+from .remote.ssh import OPTIONS as SSH_OPTIONS, SUFFIX as SSH_SUFFIX, is_remote
 
 DEFAULT_URI = "linux:///session"
 KNOWN = {
@@ -43,7 +43,7 @@ def open(uri: str | None = None, *, integrity: bool = True) -> PDManagement:  # 
     parts = urlsplit(uri)
     key = (parts.scheme, parts.path or "/")
     if bool(parts.netloc) != is_remote(uri) or key not in KNOWN:
-        known = ", ".join(f"{s}://{'[user@]host[:port]' if is_remote(s + ':') else ''}{p}" for s, p in KNOWN)
+        known = ", ".join(f"{s}://{'[user@]host[:port]' if s.endswith(SSH_SUFFIX) else ''}{p}" for s, p in KNOWN)
         raise InvalidArgument(f"open: unknown URI {uri!r}; known: {known}")
     understood = OPTIONS.get(key, ())
     for option in parse_qs(parts.query, keep_blank_values=True):
