@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 from .channel import protocol as p
 from .drivers import BMIDS, DRIVERS
 from .errors import DriverUnavailable, InvalidArgument, InvalidState, NotSupported, PermissionDenied, ResourceError
+from .remote.ssh import is_remote
 from .channel.board import BoardReader
 from .channel.client import remote
 from .pd import Channel, RemoteController
@@ -45,12 +46,15 @@ def default_socket(uri: str) -> str:
 
 
 def socket_path(uri: str) -> str:
-    """?socket= in the URI, else the default socket of the URI's bmid."""
+    """?socket= in the URI, else the default socket of the URI's bmid ("" for a remote host's default)."""
     query = parse_qs(urlsplit(uri).query)
-    return (query.get("socket") or [default_socket(uri)])[0]
+    return (query.get("socket") or ["" if is_remote(uri) else default_socket(uri)])[0]
 
 
 def _connect(uri: str, path: str) -> socket.socket:
+    if is_remote(uri):              # SCHEME+ssh://host/system: bmid's socket there, through ssh
+        from .remote.tunnel import connect
+        return connect(uri)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.connect(path)

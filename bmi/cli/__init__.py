@@ -28,7 +28,8 @@ __all__ = ["main", "build_parser"]
 def _uris() -> str:
     """Every driver's URIs (bmi/drivers/__init__.py), as the help lists them."""
     return "".join(f"\n  {d.session_uri} (in-process), {d.system_uri} (bmid --uri {d.system_uri}),"
-                     for d in DRIVERS.values())
+                   f"\n  {d.remote_scheme}://[user@]host[:port]/system (that bmid on another host, over ssh),"
+                   for d in DRIVERS.values())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,6 +54,7 @@ def test_exit_status_and_json_error_shape_are_the_same_for_every_command(tmp_pat
 #: One failing invocation of every command, and the status it must end with.
 FAILING = {
     "info": (["--uri", "linux:///nowhere"], 2),
+    "ak": (["--uri", "linux+ssh://host/system?user=me"], 2),            # an option +ssh URIs do not have
     "run": (["/no/such/image"], 2),
     "bundle": (["/no/such/prog", "-o", "/nonexistent/x.cpio"], 1),     # the output cannot be made
     "verify": (["/no/such/report.json", "--nonce", "00", "--expect-digest", "00"], 2),
