@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shlex
 import sqlite3
 import subprocess
 import sys
@@ -18,7 +19,9 @@ import pytest
 
 import bmi
 from bmi import PDDescription
-from tests.channel.progs import lines, run_pd, wait_console
+from tests.channel.progs import build, lines, run_pd, wait_console
+from tests.helpers import busybox_path
+from tests.images import newc
 from tests.server.bmid import running_bmid
 
 MB = 1 << 20
@@ -89,13 +92,55 @@ def test_inotify_exhausted_in_one_pd_is_not_exhausted_for_root_or_another_pd(mgr
     hog.destroy()
 
 
-def test_proc_mem_of_a_child_is_refused(mgr):
-    out = {how: lines(run_pd(mgr, "hostile", ["procmem", how]))["procmem"][0] for how in ("read", "write")}
+def hostile_pd(mgr, kind: str, argv: list[str]) -> bmi.PDController:
+    """The hostile program as an ELF image, or as /init of a root archive (the PD then owns the file)."""
+    if kind == "elf":
+        return run_pd(mgr, "hostile", argv)
+    pd = mgr.allocate_pd(PDDescription(mem=32 * MB))
+    pd.setup_pd(bmi.BytesImage(newc([("init", 0o100755, build("hostile").read_bytes())])))
+    pd.set_config_param("/boot/cmdline", shlex.join(["hostile", *argv]))
+    pd.request_status_change(bmi.PDStatus.RUNNING)
+    return pd
+
+
+@pytest.mark.parametrize("kind", ["elf", "archive"])
+def test_proc_mem_of_a_child_is_refused(mgr, kind):
+    out = {how: lines(hostile_pd(mgr, kind, ["procmem", how]))["procmem"][0] for how in ("read", "write")}
     assert out == {"read": "EACCES", "write": "EACCES"}
     # the attack can be seen: a child that makes itself dumpable again is read
-    assert lines(run_pd(mgr, "hostile", ["procmem", "consent"]))["procmem"][0] == "ok child-secret"
-    # and a process cannot open its own /proc/self/mem either (the README says so)
-    assert lines(run_pd(mgr, "hostile", ["procmem", "self"]))["procmem"][0] == "EACCES"
+    assert lines(hostile_pd(mgr, kind, ["procmem", "consent"]))["procmem"][0] == "ok child-secret"
+    # a process cannot open its own /proc/self/mem either in an ELF PD, whose image the manager owns; in an
+    # archive PD it can (the kernel lets a process read itself when it owns its /proc entries), which
+    # exposes nothing of any other process (the README says so)
+    own = lines(hostile_pd(mgr, kind, ["procmem", "self"]))["procmem"][0]
+    assert own == ("EACCES" if kind == "elf" else "ok child-secret")
+
+
+_ARCHIVE_SCRIPT = b"#!/bin/sh\nsleep 60\n"
+_ARCHIVE_INIT = """#!/bin/sh
+sleep 60 &
+applet=$!
+/bin/script &
+script=$!
+sleep 0.3
+/bin/hostile procmem-of $applet $script $$ 1
+"""
+
+
+def test_proc_mem_of_busybox_applets_scripts_and_the_shell_is_refused_in_an_archive_pd(mgr):
+    """Every process of an archive PD: an applet the shell starts, a #! script, the shell itself."""
+    with open(busybox_path(), "rb") as f:
+        busybox = f.read()
+    archive = newc([("bin", 0o40755), ("bin/busybox", 0o100755, busybox), ("bin/sh", 0o120777, b"busybox"),
+                    ("bin/sleep", 0o120777, b"busybox"), ("bin/script", 0o100755, _ARCHIVE_SCRIPT),
+                    ("bin/hostile", 0o100755, build("hostile").read_bytes()),
+                    ("init", 0o100755, _ARCHIVE_INIT.encode())])
+    pd = mgr.allocate_pd(PDDescription(mem=64 * MB))
+    pd.setup_pd(bmi.BytesImage(archive))
+    pd.request_status_change(bmi.PDStatus.RUNNING)
+    seen = lines(pd)["procmem-of"]
+    assert len(seen) == 4, seen
+    assert all(line.endswith(": EACCES") for line in seen), seen
 
 
 @pytest.fixture
