@@ -259,12 +259,13 @@ static int is_elf_program(const unsigned char *d, unsigned long size)
     if (eh.e_type == ET_EXEC) return 1;   /* same offset in ELFCLASS32 */
     if (eh.e_type != ET_DYN || d[EI_CLASS] != ELFCLASS64 || eh.e_phentsize != sizeof(Elf64_Phdr)
         || eh.e_phoff > size || eh.e_phnum > (size - eh.e_phoff) / sizeof(Elf64_Phdr)) return 0;
-    int interp = 0, pie = 0;
+    int interp = 0, pie = 0, dynamic = 0;
     for (unsigned i = 0; i < eh.e_phnum; i++) {
         Elf64_Phdr ph;
         memcpy(&ph, d + eh.e_phoff + i * sizeof ph, sizeof ph);
         if (ph.p_type == PT_INTERP) interp = 1;
-        if (ph.p_type != PT_DYNAMIC || ph.p_offset > size || ph.p_filesz > size - ph.p_offset) continue;
+        if (ph.p_type != PT_DYNAMIC || dynamic++ || ph.p_offset > size || ph.p_filesz > size - ph.p_offset)
+            continue;   /* the first PT_DYNAMIC only (as ld.so): one linear pass, however the headers lie */
         for (unsigned long o = 0; o + sizeof(Elf64_Dyn) <= ph.p_filesz; o += sizeof(Elf64_Dyn)) {
             Elf64_Dyn dyn;
             memcpy(&dyn, d + ph.p_offset + o, sizeof dyn);
