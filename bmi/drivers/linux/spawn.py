@@ -145,9 +145,10 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
     outer_uid/outer_gid; when we are root the user namespace is created with
     those as euid/egid, so it is theirs (per-user limits are charged to
     them).  map_helper: the ids are from our /etc/subuid and /etc/subgid,
-    mapped with newuidmap/newgidmap.  An ELF image is made execute-only
-    (mode 0111), which keeps the program's memory from the PD's other
-    processes (see csrc/init/init.c, drop_caps).  hold: return while the
+    mapped with newuidmap/newgidmap.  An ELF image, and every ELF program
+    of an archive, is made execute-only (mode 0111), which keeps the memory
+    of the processes running them from the PD's other processes (see
+    csrc/init/init.c, write_file and drop_caps).  hold: return while the
     program waits, set up, before its exec until the caller sends the init
     SIGCONT (the hook that adds devices and network interfaces first).
     """
