@@ -988,7 +988,7 @@ class PDController:
             "/system/cpu/performance": Leaf(get=lambda: str(pd.performance), set=set_performance),
             "/console/log": Leaf(get=lambda: drv.console_log(handle).decode("utf-8", "replace")),
         }
-        leaves.update(drv.extra_params(handle))
+        leaves.update(drv.extra_params(handle, pd.config))
         if pd.ended is not None:
             if pd.ended.exit_status is not None:
                 leaves["/system/exit-status"] = const(str(pd.ended.exit_status))
@@ -1041,8 +1041,14 @@ def _fd_passing(pd: _PD) -> str:
         return ("possible: this kernel has no SO_PASSRIGHTS (Linux 6.16 and later have it), so a socket passed "
                 "over a connection outlives the connection's mode and its revocation")
     if "io_uring" in parse_allow(pd.config.get("/boot/allow", ""), what="/boot/allow", pd_id=pd.pd_id):
-        return ("possible towards this PD: its /boot/allow lists io_uring, whose socket commands can turn "
-                "SO_PASSRIGHTS back on past the seccomp filter")
+        # Not closable on Linux 6.18: the filter cannot see io_uring's operations, and io_uring's own
+        # restrictions (IORING_REGISTER_RESTRICTIONS) bind only a ring its creator disabled and registered
+        # them on, so nothing outside the PD can impose them.
+        return ("possible into this PD: its /boot/allow lists io_uring, whose socket command "
+                "(IORING_OP_URING_CMD setsockopt) turns SO_PASSRIGHTS back on for its own connection ends past "
+                "the seccomp filter; any peer can then pass it fds (sockets too), which outlive the connection's "
+                "mode and its revocation.  Out of it only to a peer whose own /boot/allow lists io_uring: every "
+                "other peer's end keeps SO_PASSRIGHTS off")
     return "refused: connection ends have SO_PASSRIGHTS off and the seccomp filter refuses turning it on"
 
 

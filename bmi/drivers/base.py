@@ -140,8 +140,8 @@ class Driver(abc.ABC):
         a child's within its parent's; None for a parameter that grants nothing."""
         return None
 
-    def extra_params(self, handle: Any) -> dict[str, Any]:
-        """Driver-specific runtime parameters (name -> params.Leaf)."""
+    def extra_params(self, handle: Any, config: Mapping[str, str]) -> dict[str, Any]:
+        """Driver-specific runtime parameters (name -> params.Leaf); config is the PD's (some depend on it)."""
         return {}
 
     def list_devices(self) -> list[str]:

@@ -7,6 +7,7 @@
  * Set-up errors travel back to the manager as one fixed-size record (struct rec) on a pipe.
  */
 #define _GNU_SOURCE
+#include <elf.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -246,6 +247,44 @@ static void make_room(int ef, int pfd, const char *base, const char *name)
     fail(ef, fs_kind(errno), "archive entry", name);
 }
 
+/* Is this file an ELF program rather than a shared library?  ET_EXEC, or ET_DYN with an interpreter
+ * (PT_INTERP) or marked PIE (DF_1_PIE), and without a DT_SONAME: libc.so.6 has PT_INTERP but also a
+ * soname; ld.so, plugins and Python extensions have neither PT_INTERP nor DF_1_PIE.  Bounds-checked: the
+ * data is the PD's. */
+static int is_elf_program(const unsigned char *d, unsigned long size)
+{
+    if (size < sizeof(Elf64_Ehdr) || memcmp(d, ELFMAG, SELFMAG)) return 0;
+    Elf64_Ehdr eh;
+    memcpy(&eh, d, sizeof eh);
+    if (eh.e_type == ET_EXEC) return 1;   /* same offset in ELFCLASS32 */
+    if (eh.e_type != ET_DYN || d[EI_CLASS] != ELFCLASS64 || eh.e_phentsize != sizeof(Elf64_Phdr)
+        || eh.e_phoff > size || eh.e_phnum > (size - eh.e_phoff) / sizeof(Elf64_Phdr)) return 0;
+    int interp = 0, pie = 0, dynamic = 0;
+    for (unsigned i = 0; i < eh.e_phnum; i++) {
+        Elf64_Phdr ph;
+        memcpy(&ph, d + eh.e_phoff + i * sizeof ph, sizeof ph);
+        if (ph.p_type == PT_INTERP) interp = 1;
+        if (ph.p_type != PT_DYNAMIC || dynamic++ || ph.p_offset > size || ph.p_filesz > size - ph.p_offset)
+            continue;   /* the first PT_DYNAMIC only (as ld.so): one linear pass, however the headers lie */
+        for (unsigned long o = 0; o + sizeof(Elf64_Dyn) <= ph.p_filesz; o += sizeof(Elf64_Dyn)) {
+            Elf64_Dyn dyn;
+            memcpy(&dyn, d + ph.p_offset + o, sizeof dyn);
+            if (dyn.d_tag == DT_NULL) break;
+            if (dyn.d_tag == DT_SONAME) return 0;
+            if (dyn.d_tag == DT_FLAGS_1 && (dyn.d_un.d_val & DF_1_PIE)) pie = 1;
+        }
+    }
+    return interp || pie;
+}
+
+/* An executable ELF program from the archive is made execute-only (its x bits, nothing else): the PD runs
+ * as the file's owner without capabilities, so the file is unreadable to it, and the kernel makes every
+ * process that execs it non-dumpable (would_dump).  No process of the PD can then open another's
+ * /proc/<pid>/mem, environ or maps: the ptrace rule applied to /proc, which seccomp cannot do since it does
+ * not see paths.  A #! script stays readable (its interpreter reads it); the kernel judges the interpreter
+ * instead, so a script run by an execute-only shell is covered too.  Libraries stay readable, since ld.so
+ * and dlopen read them.  The PD owns its root, so it may chmod a program back: that exposes only processes
+ * exec'd afterwards, which a PD that writes its own root could subvert anyway. */
 static void write_file(int ef, int pfd, const char *base, const char *name, unsigned long mode,
                        const char *data, unsigned long size, int create)
 {
@@ -253,6 +292,8 @@ static void write_file(int ef, int pfd, const char *base, const char *name, unsi
                     : openat(pfd, base, O_WRONLY | O_TRUNC | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) fail(ef, fs_kind(errno), "creating archive file", name);
     if (write_all(fd, data, size)) fail(ef, fs_kind(errno), "writing archive file", name);
+    if ((mode & 0111) && is_elf_program((const unsigned char *)data, size) && fchmod(fd, (mode_t)(mode & 0111)))
+        fail(ef, fs_kind(errno), "making an archive program execute-only", name);
     close(fd);
 }
 

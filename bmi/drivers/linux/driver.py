@@ -444,7 +444,7 @@ class LinuxDriver(Driver):
     def set_performance(self, pd: LinuxPD, percent: int) -> None:
         pd.groups.set_cpu_share(percent, pd.groups.cpus())
 
-    def extra_params(self, pd: LinuxPD) -> dict[str, Leaf]:
+    def extra_params(self, pd: LinuxPD, config: Mapping[str, str]) -> dict[str, Leaf]:
         def set_pids_max(value: str) -> None:
             limit = parse_int(value, what="/system/pids/max", pd_id=pd.pd_id, lo=1, hi=4194304)
             pd.groups.set_pids_max(limit)
@@ -456,6 +456,10 @@ class LinuxDriver(Driver):
             "/system/image/format": const("archive" if pd.archive else "elf") if pd.image_fd is not None
             else const("none"),
             "/capability/isolation/per-pd-uid": const(self._ids.capability()),
+            "/capability/isolation/proc-mem": const(spawn.proc_mem_isolation(
+                pd.archive if pd.image_fd is not None else None,
+                spawn.capability_mask(config.get("/boot/capabilities", ""), f"/boot/capabilities of PD {pd.pd_id}",
+                                      pd.pd_id))),
             **{name: const(value) for name, value in devices.capabilities(pd.groups.devices_enforced()).items()},
         }
         run = pd.run

@@ -76,6 +76,33 @@ CAPABILITIES = {name: number for number, name in enumerate((
     "checkpoint_restore"))}
 
 
+#: Kept capabilities that undo the execute-only programs of an archive PD (see proc_mem_isolation).
+_PROC_MEM_BREAKERS = ("dac_override", "dac_read_search", "sys_ptrace")
+
+
+def proc_mem_isolation(archive: bool | None, keep_caps: int) -> str:
+    """The /capability/isolation/proc-mem value: whether a PD's processes can open each other's /proc/PID/mem.
+
+    The kernel refuses it for a process that is not dumpable, and a process is not dumpable after exec'ing
+    a file it cannot read (csrc/init/init.c: is_elf_program, drop_caps).  An ELF image is the manager's
+    file, so no capability inside the PD reads it or outranks the user namespace its processes' memory is
+    tied to; an archive's programs are the PD's own files, so DAC override or CAP_SYS_PTRACE undo it.
+    """
+    uncovered = ("not covered: a process that makes itself dumpable (prctl), or one exec'd from a file the PD "
+                 "wrote")
+    if archive is None:
+        return "refused once an image is set: an ELF image or the ELF programs of an archive are execute-only"
+    if not archive:
+        return ("refused: the ELF image is execute-only and owned by the manager, so the program and its forks "
+                f"are not dumpable; {uncovered}")
+    kept = [name for name in _PROC_MEM_BREAKERS if keep_caps >> CAPABILITIES[name] & 1]
+    if kept:
+        return (f"possible: /boot/capabilities keeps {', '.join(kept)}, which reaches past the execute-only "
+                "programs of an archive, files the PD owns")
+    return ("refused: the archive's ELF programs are execute-only, so every process that execs one (a #! script "
+            f"through its interpreter) is not dumpable; {uncovered} or made readable (it owns its root)")
+
+
 def capability_mask(names: str, what: str, pd_id: int | None = None) -> int:
     """The mask of "net_raw CAP_NET_BIND_SERVICE ..." (space or comma separated, any case); "all" is every one."""
     mask = 0
@@ -118,9 +145,10 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
     outer_uid/outer_gid; when we are root the user namespace is created with
     those as euid/egid, so it is theirs (per-user limits are charged to
     them).  map_helper: the ids are from our /etc/subuid and /etc/subgid,
-    mapped with newuidmap/newgidmap.  An ELF image is made execute-only
-    (mode 0111), which keeps the program's memory from the PD's other
-    processes (see csrc/init/init.c, drop_caps).  hold: return while the
+    mapped with newuidmap/newgidmap.  An ELF image, and every ELF program
+    of an archive, is made execute-only (mode 0111), which keeps the memory
+    of the processes running them from the PD's other processes (see
+    csrc/init/init.c, write_file and drop_caps).  hold: return while the
     program waits, set up, before its exec until the caller sends the init
     SIGCONT (the hook that adds devices and network interfaces first).
     """

@@ -491,7 +491,7 @@ class XenDriver(Driver):
             return None
         return self._xen.info(domid, what=f"{what} of PD {pd.pd_id}", pd_id=pd.pd_id)
 
-    def extra_params(self, pd: XenPD) -> dict[str, Leaf]:
+    def extra_params(self, pd: XenPD, config: Mapping[str, str]) -> dict[str, Leaf]:
         def online() -> str:
             info = self._live_info(pd, "get /system/cpu/online")
             return str(info.vcpus_online if info is not None else 0)
