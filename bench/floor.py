@@ -56,23 +56,38 @@ def round_trip_us(n: int = 2000) -> float:
     return statistics.median(times[100:]) / 1e3
 
 
+class BareCommit:
+    """A SQLite database in WAL mode, synchronous=FULL, in a temporary directory under `directory`."""
+
+    def __init__(self, directory: str):
+        self._tmp = tempfile.TemporaryDirectory(dir=directory, prefix="bmi-bench-commit-")
+        self._db = sqlite3.connect(os.path.join(self._tmp.name, "commit.sqlite3"), isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+        self._i = 0
+
+    def once_ns(self) -> int:
+        """Nanoseconds of one transaction writing one small row."""
+        self._i += 1
+        t = time.perf_counter_ns()
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("INSERT OR REPLACE INTO t(k, v) VALUES(?, ?)", (self._i % 16, f"priority {self._i}"))
+        self._db.execute("COMMIT")
+        return time.perf_counter_ns() - t
+
+    def close(self) -> None:
+        self._db.close()
+        self._tmp.cleanup()
+
+
 def commit_us(directory: str, n: int = 200) -> float:
     """Median microseconds of one SQLite WAL synchronous=FULL commit of one small row in `directory`."""
-    with tempfile.TemporaryDirectory(dir=directory, prefix="bmi-bench-commit-") as tmp:
-        db = sqlite3.connect(os.path.join(tmp, "commit.sqlite3"), isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
-            times = []
-            for i in range(n + 10):
-                t = time.perf_counter_ns()
-                db.execute("BEGIN IMMEDIATE")
-                db.execute("INSERT OR REPLACE INTO t(k, v) VALUES(?, ?)", (i % 16, f"priority {i}"))
-                db.execute("COMMIT")
-                times.append(time.perf_counter_ns() - t)
-        finally:
-            db.close()
+    bare = BareCommit(directory)
+    try:
+        times = [bare.once_ns() for _ in range(n + 10)]
+    finally:
+        bare.close()
     return statistics.median(times[10:]) / 1e3
 
 

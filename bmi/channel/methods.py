@@ -12,6 +12,7 @@ Who may do what with whom stays in bmi/api.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 MANAGER = "manager"             # a call on the manager: no `pd` parameter
 CONTROLLER = "controller"       # a call on one PD: `pd`? (default: the caller itself)
@@ -29,15 +30,15 @@ class Method:
     fd_out: bool = False            # the reply may carry one fd
     server: bool = False            # answered by the server itself, not the dispatcher (accept, subscribe)
 
-    @property
+    @cached_property
     def required(self) -> tuple[str, ...]:
         return tuple(n for n, _ in map(_split, self.params) if not n.endswith("?"))
 
-    @property
+    @cached_property
     def optional(self) -> tuple[str, ...]:
         return tuple(n[:-1] for n, _ in map(_split, self.params) if n.endswith("?"))
 
-    @property
+    @cached_property
     def names(self) -> frozenset[str]:
         """Every parameter name the method takes (controller methods also `pd`)."""
         return frozenset(self.required + self.optional + (("pd",) if self.target == CONTROLLER else ()))

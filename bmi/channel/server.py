@@ -372,6 +372,15 @@ class ChannelServer:
         return data
 
     def _pool_next(self, ch: _Channel) -> None:
+        """The PD's next request to a worker (the back of the pool's line: fair to other PDs); none: idle.
+
+        Waking a worker only to find the queue empty would cost a thread
+        switch after every reply (most PDs have one request at a time).
+        """
+        with ch.lock:
+            if not ch.queue:
+                ch.running = False
+                return
         with self._lock:
             stopping = self._stopping
         try:

@@ -10,12 +10,15 @@ are those of bmi/channel/dispatch.py plus a few manager-only ones below).
 Crash safety, in order, for every call that changes something:
 0. while the state directory is full (the store's reserve spent and not
    made again) the call is refused before anything happens,
-1. the intent is written to the store (ops table),
+1. the intent is written to the store (ops table; no fsync of its own,
+   see Store.begin),
 2. the call runs,
 3. the changed PD records, any status events and the end of the intent are
-   written in one transaction (from the reserve if the disk is full); if
-   even that fails bmid exits at once (FAIL_STOP) so memory never holds a
-   change the store lacks, and the next start treats it as a crash,
+   written in one transaction (from the reserve if the disk is full),
+   shared with the changes other clients made meanwhile (group commit,
+   Store.commit: one fsync for all); if even that fails bmid exits at once
+   (FAIL_STOP) so memory never holds a change the store lacks, every
+   member of the group is refused, and the next start treats it as a crash,
 4. only after the commit do the record cache, the status board and event
    subscribers see the change, and only then is the reply sent.
 A PD's exit record is read through the fd keeper, which keeps it until the
@@ -269,6 +272,8 @@ class Daemon:
         self._alloc_lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
+        if "group" in os.environ.get(TEST_PAUSE, "").split():
+            self.store.group_test_hook = lambda members: test_pause(state_dir, "group")
         self.restore()
         threading.Thread(target=self._reconcile_exits, name="bmid-exits", daemon=True).start()
 
@@ -290,15 +295,17 @@ class Daemon:
             written: dict[int, dict[str, Any] | None] = {}
             shown: dict[int, PDStatus] = {}
             current, next_id = self.mgr.records(ids)
-            todo = set(current) | set(self._cache) if ids is None else set(ids)
+            staged = self.store.staged          # what earlier members of this commit group wrote
+            todo = set(current) | set(self._cache) | set(staged) if ids is None else set(ids)
             for pd_id in sorted(todo):
-                record, old = current.get(pd_id), self._cache.get(pd_id)
+                record = current.get(pd_id)
+                old = staged[pd_id] if pd_id in staged else self._cache.get(pd_id)
                 if record is None:
                     if old is not None:
                         Store.delete_pd(db, pd_id)
                         events.append(Store.add_event(db, pd_id, PDStatus.DESTROYED.name, "",
                                                       old["config"].get("/name", "")))
-                        written[pd_id] = None
+                        written[pd_id] = staged[pd_id] = None
                     continue
                 shown[pd_id] = PDStatus[record["status"]]
                 name = record["config"].get("/name", "")
@@ -309,7 +316,7 @@ class Daemon:
                     if old is None or old["status"] != record["status"] or pd_id == restarted:
                         reason = record["ended"]["reason"] if record["ended"] else ""
                         events.append(Store.add_event(db, pd_id, record["status"], reason, name))
-                    written[pd_id] = record
+                    written[pd_id] = staged[pd_id] = record
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('next_id', ?)", (str(next_id),))
             for op in ended:
                 Store.end(db, op)
