@@ -241,6 +241,7 @@ class Store:
         member = _Member(work, after)
         with self._queue_lock:
             self._queue.append(member)
+        self.before_group_test_hook()
         with self._lock:
             if not member.done:                 # nobody took it into a group yet: lead one
                 with self._queue_lock:
@@ -293,8 +294,16 @@ class Store:
             for m in group:
                 m.done = True
 
+    def queued(self) -> int:
+        """How many commit() calls wait for the next group."""
+        with self._queue_lock:
+            return len(self._queue)
+
+    def before_group_test_hook(self) -> None:
+        """Called in commit() once the call is queued, before it waits for the lock (tests gather a group)."""
+
     def group_test_hook(self, members: int) -> None:
-        """Called in a group's transaction before its COMMIT (bmid's test pause point `group`)."""
+        """Called in a group's transaction before its COMMIT (tests pause there)."""
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:

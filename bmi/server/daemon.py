@@ -273,9 +273,28 @@ class Daemon:
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
         if "group" in os.environ.get(TEST_PAUSE, "").split():
-            self.store.group_test_hook = lambda members: test_pause(state_dir, "group")
+            self._gather_groups_for_tests()
         self.restore()
         threading.Thread(target=self._reconcile_exits, name="bmid-exits", daemon=True).start()
+
+    def _gather_groups_for_tests(self) -> None:
+        """BMID_TEST_PAUSE=group (tests only): while a file gather-<n> is in the state directory, a change
+        waits (up to 30 s) until n changes are queued for the next commit group, and that group stops at the
+        pause point group-of-<its size> inside its transaction, before its COMMIT."""
+        def gathering() -> int:
+            return next((int(n[7:]) for n in os.listdir(self.state_dir) if n.startswith("gather-")), 0)
+
+        def gather() -> None:
+            want, deadline = gathering(), time.monotonic() + 30
+            while want and 0 < self.store.queued() < want and time.monotonic() < deadline:
+                time.sleep(0.005)       # (an empty queue: a group took this change already)
+
+        def pause(members: int) -> None:
+            if gathering():
+                _pause_at(self.state_dir, f"group-of-{members}")
+
+        self.store.before_group_test_hook = gather       # type: ignore[method-assign]
+        self.store.group_test_hook = pause               # type: ignore[method-assign]
 
     # -- persistence ----------------------------------------------------------------------
     def persist(self, ids: Iterable[int] | None = None, op_id: int | None = None, *, ops: Iterable[int] = (),
@@ -726,12 +745,17 @@ def test_pause(state_dir: str, *points: str) -> None:
     wanted = set(os.environ.get(TEST_PAUSE, "").split())
     for point in points:
         if point in wanted:
-            with open(os.path.join(state_dir, f"paused-{point}"), "w"):
-                pass
-            resume = os.path.join(state_dir, f"resume-{point}")
-            while not os.path.exists(resume):
-                time.sleep(0.01)
-            os.unlink(resume)
+            _pause_at(state_dir, point)
+
+
+def _pause_at(state_dir: str, point: str) -> None:
+    """test_pause's stop at one point: the file paused-<point>, then wait for resume-<point>."""
+    with open(os.path.join(state_dir, f"paused-{point}"), "w"):
+        pass
+    resume = os.path.join(state_dir, f"resume-{point}")
+    while not os.path.exists(resume):
+        time.sleep(0.01)
+    os.unlink(resume)
 
 
 def _send_reply(conn: socket.socket, reply: dict, fds: tuple[int, ...]) -> None:
