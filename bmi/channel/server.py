@@ -118,7 +118,18 @@ class ChannelServer:
         return ch is not None and not ch.closed
 
     def incoming(self, pd_id: int) -> None:
-        """A connection was queued for pd_id: answer a waiting accept."""
+        """A connection was queued for pd_id: answer a waiting accept.
+
+        With no accept waiting the leader is not woken (that costs the caller
+        a thread switch): an accept that comes later is served when it is
+        read, and one the leader is registering now right after.
+        """
+        with self._lock:
+            ch = self._channels.get(pd_id)
+        if ch is not None:
+            with ch.lock:
+                if not ch.accepts:
+                    return
         self._wake()
 
     def close(self) -> None:
