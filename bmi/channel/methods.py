@@ -57,15 +57,15 @@ class Method:
     def specs(self) -> tuple[Param, ...]:
         return tuple(map(_parse, self.params))
 
-    @property
+    @cached_property
     def required(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.specs if not s.optional)
 
-    @property
+    @cached_property
     def optional(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.specs if s.optional)
 
-    @property
+    @cached_property
     def names(self) -> frozenset[str]:
         """Every parameter name the method takes (controller methods also `pd`)."""
         return frozenset(self.required + self.optional + (("pd",) if self.target == CONTROLLER else ()))
