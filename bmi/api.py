@@ -604,6 +604,11 @@ def _check_setup(image: object, banks: object, progress: object, what: str, pd_i
             raise InvalidArgument(f"{what}: {type(image).__name__} is not a PDImage (no {method}())", pd_id=pd_id)
     if isinstance(banks, str) or not all(isinstance(b, str) for b in banks):  # type: ignore[union-attr]
         raise InvalidArgument(f"{what}: banks must be a sequence of names like ('sha256', 'sha384')", pd_id=pd_id)
+    check_progress(progress, what, pd_id)
+
+
+def check_progress(progress: object, what: str, pd_id: int) -> None:
+    """A progress argument (setup_pd, request_status_change) is None or callable(done, total), in every mode."""
     if progress is not None and not callable(progress):
         raise InvalidArgument(f"{what}: progress must be callable(done, total)", pd_id=pd_id)
 
@@ -685,13 +690,17 @@ class PDController:
             self._mgr._refresh(pd)
             return pd.status
 
-    def request_status_change(self, status: PDStatus | str | int) -> None:
+    def request_status_change(self, status: PDStatus | str | int, *, progress: Progress | None = None) -> None:
+        """Spec 7.2.4.  progress(done, total) is called as a start unpacks a root archive (the bytes of the
+        archive done, increasing, last total of total); not for an image that is not unpacked, nor in system
+        mode, where bmid unpacks it."""
         target = _coerce_status(status, self._id)
         if target is PDStatus.DESTROYED:
             self.destroy()
             return
         pd = self._owned("request_status_change")
         what = f"request_status_change({target.name}) of PD {self._id}"
+        check_progress(progress, what, self._id)
         if target in (PDStatus.ALLOCATED, PDStatus.READY, PDStatus.CRASHED):
             raise InvalidArgument(f"{what}: {target.name} is a state the layer reports, not one to request",
                                   pd_id=self._id)
@@ -710,7 +719,7 @@ class PDController:
                     self._driver.resume(pd.handle)
                     pd.status = PDStatus.RUNNING
                 else:
-                    self._start(pd)
+                    self._start(pd, progress)
             elif target is PDStatus.PAUSED:
                 if current is not PDStatus.RUNNING:
                     raise InvalidState(f"{what}: only a RUNNING PD can be paused (it is {current.name})",
@@ -727,12 +736,12 @@ class PDController:
                 if current in _LIVE:
                     pd.status = PDStatus.RESTARTING
                     self._driver.stop(pd.handle, self._mgr.shutdown_grace)
-                self._start(pd)
+                self._start(pd, progress)
             elif target is PDStatus.SUSPENDED:
                 self._driver.suspend(pd.handle)
                 pd.status = PDStatus.SUSPENDED
 
-    def _start(self, pd: _PD) -> None:
+    def _start(self, pd: _PD, progress: Progress | None = None) -> None:
         """Run the image with a fresh channel to the layer (connections of an earlier run are cut)."""
         previous = pd.status
         channels = self._mgr.channels() if self._driver.channels else None
@@ -744,7 +753,7 @@ class PDController:
                 extra["channel_fd"] = channels.open(pd.pd_id)
             if self._mgr._integrity_service is not None:     # Keylime mode: no PD runs unrecorded
                 self._mgr._integrity_service.record_launch(pd.config.get("/name"), pd.measurement.get("sha256"))
-            self._driver.start(pd.handle, dict(pd.config), pd.priority, **extra)
+            self._driver.start(pd.handle, dict(pd.config), pd.priority, progress=progress, **extra)
         except BaseException:
             if channels is not None:
                 channels.drop(pd.pd_id)

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 from .channel import protocol as p
 from .drivers import BMIDS, DRIVERS
 from .errors import DriverUnavailable, InvalidArgument, InvalidState, NotSupported, PermissionDenied, ResourceError
-from .api import _check_policies, _check_setup
+from .api import _check_policies, _check_setup, check_progress
 from .integrity.measure import handover_fd
 from .pd import Channel, RemoteController
 from .channel.board import BoardReader
@@ -257,6 +257,12 @@ class SystemController(RemoteController):
         """
         _check_setup(image, banks, progress, f"setup_pd of PD {self._id}", self._id)
         self._hand_over(handover_fd(image, progress=progress, pd_id=self._id), banks)
+
+    def request_status_change(self, status: PDStatus | str | int, *,
+                              progress: Callable[[int, int], None] | None = None) -> None:
+        """As in session mode; bmid unpacks a root archive, so progress is checked but not called here."""
+        check_progress(progress, f"request_status_change of PD {self._id}", self._id)
+        super().request_status_change(status)
 
     def set_allowed_connections(self, tid: int, policies: list[ConnectionPolicy],
                                 disable_existing: bool = False) -> None:

@@ -307,9 +307,19 @@ static void extract_entry(int ef, int root, const struct bmi_cpio_entry *e, cons
 }
 
 
+/* BMI_SPAWN_PROGRESS: tell the manager how far the unpacking is (it shows a progress bar) */
+static void report_unpacked(int ef, unsigned long long done, unsigned long long total)
+{
+    struct rec r = {.kind = BMI_SPAWN_UNPACKED, .done = done, .total = total};
+    if (write_all(ef, (const char *)&r, sizeof r)) _exit(127); /* the manager gave up; it kills and reaps us */
+}
+
+#define UNPACKED_STEP_MIN (1ull << 20)
+
 /* Unpack a newc archive from the sealed memfd into root: bmi_cpio_check first, the very check setup_pd ran
- * (so a refusal here says the same as there), then every entry through the same parser. */
-static void extract(int ef, int root, int exec_fd)
+ * (so a refusal here says the same as there), then every entry through the same parser.  With
+ * BMI_SPAWN_PROGRESS the bytes of the archive done are reported every 1% (at least 1 MiB) and at the end. */
+static void extract(int ef, int root, int exec_fd, int flags)
 {
     struct stat st;
     if (fstat(exec_fd, &st)) fail(ef, BMI_SPAWN_ERESOURCE, "fstat of the image", NULL);
@@ -323,10 +333,14 @@ static void extract(int ef, int root, int exec_fd)
     struct bmi_cpio_reader r;
     struct bmi_cpio_entry e;
     int nlinks = 0;
+    unsigned long long step = size / 100 > UNPACKED_STEP_MIN ? size / 100 : UNPACKED_STEP_MIN, reported = 0;
     bmi_cpio_start(&r, (const uint8_t *)a, size);
-    while (bmi_cpio_next(&r, &e, NULL, 0) == 1)
+    while (bmi_cpio_next(&r, &e, NULL, 0) == 1) {
         if (e.name_len)
             extract_entry(ef, root, &e, a + e.data_offset, &nlinks);
+        if ((flags & BMI_SPAWN_PROGRESS) && e.data_offset + e.size >= reported + step)
+            report_unpacked(ef, reported = e.data_offset + e.size, size);
+    }
     /* /init may be a symlink (busybox); resolve it inside the new root only */
     struct open_how how;
     memset(&how, 0, sizeof how);
@@ -336,6 +350,7 @@ static void extract(int ef, int root, int exec_fd)
     if (fd < 0) fail(ef, BMI_SPAWN_EIMAGE, "archive has no usable /init", NULL);
     close(fd);
     munmap((void *)a, size);
+    if (flags & BMI_SPAWN_PROGRESS) report_unpacked(ef, size, size);
 }
 
 /* ---------------------------------------------------------------- the PD's root */
@@ -362,7 +377,7 @@ static void build_root(struct cfg *c)
     if (root < 0) fail(ef, BMI_SPAWN_ERESOURCE, "opening the new root", NULL);
     if (mkdirat(root, "proc", 0555) || mkdirat(root, "dev", 0755) || mkdirat(root, "tmp", 01777))
         fail(ef, BMI_SPAWN_ERESOURCE, "creating proc, dev, tmp", NULL);
-    if (c->archive) extract(ef, root, c->exec_fd);
+    if (c->archive) extract(ef, root, c->exec_fd, c->flags);
     int dev = openat(root, "dev", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (dev < 0) fail(ef, BMI_SPAWN_ERESOURCE, "opening dev", NULL);
     for (unsigned i = 0; i < sizeof dev_nodes / sizeof dev_nodes[0]; i++) {
