@@ -130,3 +130,7 @@ def test_create_shows_its_upload_and_bundle_its_archive(daemon, big_image, tmp_p
     assert status == 0 and "measuring:" in seen and "/100M" in seen, seen
     status, seen = on_a_terminal("bundle", "/bin/sh", "-o", str(tmp_path / "sh.cpio"))
     assert status == 0 and "bundling" in seen, seen
+    status, seen = on_a_terminal("--quiet", "create", "--image", big_image, uri=daemon.uri)
+    assert status == 0 and "measuring" not in seen and "%" not in seen, seen
+    status, seen = on_a_terminal("bundle", "-q", "/bin/sh", "-o", str(tmp_path / "sh.cpio"))
+    assert status == 0 and "bundling" not in seen and "%" not in seen, seen
