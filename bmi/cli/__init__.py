@@ -116,7 +116,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                      as_json, EXIT_FAILED)
 
 
-
 def _silence_stdout() -> None:
     """The reader (`| head`) is gone: nothing more to say, and nothing at exit either."""
     devnull = os.open(os.devnull, os.O_WRONLY)

@@ -86,11 +86,13 @@ def test_uris_refuse_options_they_do_not_understand():
 
 @pytest.fixture
 def root_archive(tmp_path):
-    """A newc root of about 12 MiB: busybox as /init and ten 1 MiB files (several reports at 1 MiB steps)."""
+    """A newc root of about 12 MiB: busybox as /init, four 1 MiB files and one of 6 MiB (reported in 1 MiB steps
+    too: about 12 reports in all)."""
     with open(busybox_path(), "rb") as f:
         busybox = f.read()
     entries = [("bin", 0o40755), ("bin/busybox", 0o100755, busybox), ("init", 0o120777, b"bin/busybox")]
-    entries += [(f"blob{i}", 0o100644, os.urandom(1 << 20)) for i in range(10)]
+    entries += [(f"blob{i}", 0o100644, os.urandom(1 << 20)) for i in range(4)]
+    entries.append(("blob9", 0o100644, os.urandom(6 << 20)))
     path = tmp_path / "root.cpio"
     path.write_bytes(newc(entries))
     return str(path)
