@@ -4,10 +4,11 @@ command quietly with status 130, as it does later on (bmi.cli.program), never in
 A module of its own, outside the bmi package: with `bmi.cli:main` as the entry point the whole package
 (hundreds of milliseconds of imports) would load before any line of the command could take Ctrl-C.
 """
+import _signal   # the C module: `signal` imports enum first, and a Ctrl-C in that would be a traceback
 import os
-import signal
+import sys
 
-EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_INTERRUPTED = 128 + _signal.SIGINT
 
 
 def _leave(signum: int, frame: object) -> None:
@@ -16,7 +17,14 @@ def _leave(signum: int, frame: object) -> None:
 
 
 def main() -> int:
-    signal.signal(signal.SIGINT, _leave)
-    from bmi.cli import program
-    signal.signal(signal.SIGINT, signal.default_int_handler)     # the command takes Ctrl-C from here on
+    _signal.signal(_signal.SIGINT, _leave)
+    try:
+        from bmi.cli import program
+    except Exception as e:      # a broken installation: one line too (BMI_DEBUG=1 shows where)
+        if os.environ.get("BMI_DEBUG"):
+            raise
+        print(f"bmi: cannot load the bmi package: {type(e).__name__}: {e} (BMI_DEBUG=1 shows where)",
+              file=sys.stderr)
+        return 1
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)     # the command takes Ctrl-C from here on
     return program()

@@ -3,6 +3,7 @@ own status once it has finished), never a traceback."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,9 +13,8 @@ import pytest
 
 from tests.helpers import busybox_path
 
-#: CPython's own start-up (before the first line of any program runs) reports a Ctrl-C as a fatal error with a
-#: traceback; nothing a Python program ships can take Ctrl-C earlier (only a native launcher could block it).
-INTERPRETER_START = "Fatal Python error: init_"
+#: A frame of bmi's own code (the package, or _bmi_cli, the console script's entry) in a traceback.
+BMI_FRAME = re.compile(r'File "[^"]*(/bmi/|/_bmi_cli\.py")')
 DELAYS_MS = (0, 10, 30, 60, 100, 150, 200, 300, 450, 600, 800, 1100)
 
 
@@ -41,12 +41,14 @@ def test_ctrl_c_in_the_first_second_ends_quietly(args):
     reached = []
     for delay in DELAYS_MS:
         status, err = _interrupt(command, delay / 1000)
-        if status == -signal.SIGINT and not err:
-            continue        # before the interpreter took SIGINT over: the default action (a shell says 130)
-        if err.startswith(INTERPRETER_START):
-            continue        # CPython's own start-up, see INTERPRETER_START
+        if "KeyboardInterrupt" in err and not BMI_FRAME.search(err):
+            # before bmi's first line ran: CPython's own start-up ("Fatal Python error: init_import_site") or the
+            # wrapper pip generates finding _bmi_cli; only a native launcher could take Ctrl-C that early
+            continue
         assert "Traceback" not in err and "KeyboardInterrupt" not in err and "Exception ignored" not in err, \
             (delay, err)
-        assert status in (128 + signal.SIGINT, normal), (delay, status, err)
+        # -SIGINT: SIGINT's default action, before the interpreter takes SIGINT over or after it gives it back
+        # at exit; a shell reports 130 for it too
+        assert status in (128 + signal.SIGINT, -signal.SIGINT, normal), (delay, status, err)
         reached.append(status)
     assert 128 + signal.SIGINT in reached, "no Ctrl-C reached bmi's own code: the delays need to be longer here"
