@@ -1,5 +1,5 @@
-"""Ctrl-C at any moment of `bmi`, from its first milliseconds on: a quiet end with status 130 (or the command's
-own status once it has finished), never a traceback."""
+"""Ctrl-C at any moment once bmi's own code runs (its console-script entry, _bmi_cli, is the first): a quiet end with
+status 130 (or the command's own status once it has finished), never a traceback."""
 from __future__ import annotations
 
 import os
