@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .channel import protocol as wire
 from .channel.connections import Registry, lines as connection_lines
-from .checks import check_bytes, check_int, check_integrity_policy, check_policies, check_setup
+from .checks import check_bytes, check_int, check_integrity_policy, check_policies, check_progress, check_setup
 from .drivers.base import Driver, ExitInfo, Progress
 from .errors import (BMIError, InvalidArgument, InvalidState, NoSuchDomain, NotSupported,
                      PermissionDenied, ResourceError)
@@ -633,13 +633,17 @@ class PDController:
             self._mgr._refresh(pd)
             return pd.status
 
-    def request_status_change(self, status: PDStatus | str | int) -> None:
+    def request_status_change(self, status: PDStatus | str | int, *, progress: Progress | None = None) -> None:
+        """Spec 7.2.4.  progress(done, total) is called as a start unpacks a root archive (the bytes of the
+        archive done, increasing, last total of total); not for an image that is not unpacked, nor in system
+        mode, where bmid unpacks it."""
         target = _coerce_status(status, self._id)
         if target is PDStatus.DESTROYED:
             self.destroy()
             return
         pd = self._owned("request_status_change")
         what = f"request_status_change({target.name}) of PD {self._id}"
+        check_progress(progress, what, self._id)
         if target in (PDStatus.ALLOCATED, PDStatus.READY, PDStatus.CRASHED):
             raise InvalidArgument(f"{what}: {target.name} is a state the layer reports, not one to request",
                                   pd_id=self._id)
@@ -658,7 +662,7 @@ class PDController:
                     self._driver.resume(pd.handle)
                     pd.status = PDStatus.RUNNING
                 else:
-                    self._start(pd)
+                    self._start(pd, progress)
             elif target is PDStatus.PAUSED:
                 if current is not PDStatus.RUNNING:
                     raise InvalidState(f"{what}: only a RUNNING PD can be paused (it is {current.name})",
@@ -675,12 +679,12 @@ class PDController:
                 if current in _LIVE:
                     pd.status = PDStatus.RESTARTING
                     self._driver.stop(pd.handle, self._mgr.shutdown_grace)
-                self._start(pd)
+                self._start(pd, progress)
             elif target is PDStatus.SUSPENDED:
                 self._driver.suspend(pd.handle)
                 pd.status = PDStatus.SUSPENDED
 
-    def _start(self, pd: _PD) -> None:
+    def _start(self, pd: _PD, progress: Progress | None = None) -> None:
         """Run the image with a fresh channel to the layer (connections of an earlier run are cut)."""
         previous = pd.status
         channels = self._mgr.channels() if self._driver.channels else None
@@ -692,7 +696,7 @@ class PDController:
                 extra["channel_fd"] = channels.open(pd.pd_id)
             if self._mgr._integrity_service is not None:     # Keylime mode: no PD runs unrecorded
                 self._mgr._integrity_service.record_launch(pd.config.get("/name"), pd.measurement.get("sha256"))
-            self._driver.start(pd.handle, dict(pd.config), pd.priority, **extra)
+            self._driver.start(pd.handle, dict(pd.config), pd.priority, progress=progress, **extra)
         except BaseException:
             if channels is not None:
                 channels.drop(pd.pd_id)

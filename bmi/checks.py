@@ -58,5 +58,10 @@ def check_setup(image: object, banks: object, progress: object, what: str, pd_id
             raise InvalidArgument(f"{what}: {type(image).__name__} is not a PDImage (no {method}())", pd_id=pd_id)
     if isinstance(banks, str) or not all(isinstance(b, str) for b in banks):  # type: ignore[union-attr]
         raise InvalidArgument(f"{what}: banks must be a sequence of names like ('sha256', 'sha384')", pd_id=pd_id)
+    check_progress(progress, what, pd_id)
+
+
+def check_progress(progress: object, what: str, pd_id: int) -> None:
+    """A progress argument (setup_pd, request_status_change) is None or callable(done, total), in every mode."""
     if progress is not None and not callable(progress):
         raise InvalidArgument(f"{what}: progress must be callable(done, total)", pd_id=pd_id)

@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 from .channel import protocol as p
 from .drivers import BMIDS, DRIVERS
 from .errors import DriverUnavailable, InvalidArgument, InvalidState, NotSupported, PermissionDenied, ResourceError
+from .checks import check_progress
 from .remote.ssh import is_remote
 from .channel.board import BoardReader
 from .channel.client import remote
@@ -247,6 +248,12 @@ class SystemController(RemoteController):
         """From bmid's status board when the PD is on it (no request), else from bmid."""
         status = self._client._board_status(self._id, "get_current_status")
         return status if status is not None else super().get_current_status()
+
+    def request_status_change(self, status: PDStatus | str | int, *,
+                              progress: Callable[[int, int], None] | None = None) -> None:
+        """As in session mode; bmid unpacks a root archive, so progress is checked but not called here."""
+        check_progress(progress, f"request_status_change of PD {self._id}", self._id)
+        super().request_status_change(status)
 
     # -- what session mode's PDController has beyond the spec --------------------------------
     wait = remote("wait")

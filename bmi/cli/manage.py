@@ -24,7 +24,7 @@ from ..types import PDStatus
 from ..uri import open as bmi_open
 from .integrity import _pinned_key
 from .common import (NAME_PARAM, add_pd_options, connection_rows, describe, held_interrupts,
-                     prepare_pd, resolve)
+                     prepare_pd, resolve, start_pd)
 
 STATUS_VERBS = {"start": PDStatus.RUNNING, "pause": PDStatus.PAUSED, "resume": PDStatus.RUNNING,
                 "shutdown": PDStatus.SHUTDOWN, "restart": PDStatus.RESTARTING, "destroy": PDStatus.DESTROYED}
@@ -84,7 +84,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         pd = prepare_pd(mgr, args, argv, check, {NAME_PARAM: args.name} if args.name is not None else {})
         try:
             if args.start:
-                pd.request_status_change(PDStatus.RUNNING)
+                start_pd(pd, args, check)
             check()
         except BaseException:
             pd.destroy()                # nothing half-built is left behind

@@ -217,7 +217,8 @@ class LinuxDriver(Driver):
         raise ResourceError(f"setup_pd of PD {pd_id}: memfd_create failed: {error.strerror}", pd_id=pd_id)
 
     # -- running ----------------------------------------------------------------------------
-    def start(self, pd: LinuxPD, config: Mapping[str, str], priority: int, *, channel_fd: int = -1) -> None:
+    def start(self, pd: LinuxPD, config: Mapping[str, str], priority: int, *, progress: Progress | None = None,
+              channel_fd: int = -1) -> None:
         if pd.image_fd is None:
             raise InvalidState(f"start of PD {pd.pd_id}: no image loaded", pd_id=pd.pd_id)
         self._discard_run(pd)
@@ -241,7 +242,7 @@ class LinuxDriver(Driver):
                                 io_uring="io_uring" in parse_allow(config.get("/boot/allow", ""),
                                                                    what=f"start of PD {pd.pd_id}: /boot/allow",
                                                                    pd_id=pd.pd_id),
-                                hold=self._needs_attach(pd, config))
+                                hold=self._needs_attach(pd, config), progress=progress)
         except BaseException:
             os.close(console_r)
             os.close(status_r)

@@ -13,7 +13,7 @@ import os
 import select
 import socket
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from ...errors import ImageError, InvalidArgument, ResourceError
 
@@ -118,12 +118,35 @@ def capability_mask(names: str, what: str, pd_id: int | None = None) -> int:
     return mask
 
 
+class _Unpacking:
+    """The caller's progress callback as bmi-init's reports reach it (bmi_spawn_progress below): whatever it
+    raises is kept, and stops the start."""
+
+    def __init__(self, callback: Callable[[int, int], None]):
+        self.callback = callback
+        self.error: BaseException | None = None
+
+    def __call__(self, done: int, total: int) -> int:
+        try:
+            self.callback(done, total)
+        except BaseException as e:      # not into C: kept, raised once bmi_spawn has cleaned up
+            self.error = e
+            return 1
+        return 0
+
+
+if _ffi is not None:
+    @_ffi.def_extern()
+    def bmi_spawn_progress(ctx: Any, done: int, total: int) -> int:
+        return _ffi.from_handle(ctx)(done, total)
+
+
 def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
           console_fd: int, status_fd: int, lifeline_fd: int = -1, channel_fd: int = -1,
           cgroup_procs: Sequence[str] = (), outer_uid: int | None = None, outer_gid: int | None = None,
           hostname: str = "pd", tmpfs_bytes: int = 0, seccomp: bool = True, landlock: bool = True,
           keep_caps: int = 0, io_uring: bool = False, map_helper: bool = False, hold: bool = False,
-          pd_id: int | None = None) -> Spawned:
+          progress: Callable[[int, int], None] | None = None, pd_id: int | None = None) -> Spawned:
     """Run the sealed memfd `exec_fd` (static ELF, or newc cpio root with /init) as a new PD.
 
     Returns once the program has been exec'd (or raises, leaving no process
@@ -151,6 +174,9 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
     csrc/init/init.c, write_file and drop_caps).  hold: return while the
     program waits, set up, before its exec until the caller sends the init
     SIGCONT (the hook that adds devices and network interfaces first).
+    progress(done, total): called in this thread as bmi-init unpacks a root archive, with the archive's
+    bytes done so far, increasing, and last (total, total); what it raises stops the start (nothing is
+    left behind) and is raised here, an Exception as InvalidArgument, as setup_pd's progress does.
     """
     who = _who(pd_id)
     for fd, name, optional in ((exec_fd, "exec_fd", False), (console_fd, "console_fd", False),
@@ -206,12 +232,21 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
         "console_fd": console_fd, "status_fd": status_fd, "lifeline_fd": lifeline_fd, "channel_fd": channel_fd,
         "cgroup_procs": c_cg, "outer_uid": uid, "outer_gid": gid, "hostname": c_host,
         "tmpfs_bytes": tmpfs_bytes, "flags": flags, "keep_caps": keep_caps})
+    unpacking = _Unpacking(progress) if progress is not None and archive else None
+    if unpacking is not None:
+        handle = _ffi.new_handle(unpacking)     # alive until bmi_spawn returns
+        args.progress, args.progress_ctx = lib.bmi_spawn_progress, handle
     rc = lib.bmi_spawn(args, pid, pidfd, err, len(err))
     if rc == lib.BMI_SPAWN_OK:
         return Spawned(pid=pid[0], pidfd=pidfd[0])
     reason = _ffi.string(err).decode(errors="backslashreplace")
     what = "an archive root" if archive else "an ELF image"
     message = f"spawn of {who} from {what}: {reason}"
+    if rc == lib.BMI_SPAWN_STOPPED and unpacking is not None and unpacking.error is not None:
+        if not isinstance(unpacking.error, Exception):
+            raise unpacking.error       # KeyboardInterrupt and the like, untouched
+        raise InvalidArgument(f"{message}: progress callback raised {unpacking.error!r}",
+                              pd_id=pd_id) from unpacking.error
     if rc == lib.BMI_SPAWN_EIMAGE:
         raise ImageError(message, pd_id=pd_id)
     if rc == lib.BMI_SPAWN_EINVAL:

@@ -184,7 +184,8 @@ class XenDriver(Driver):
             old.close()
 
     # -- running ----------------------------------------------------------------------------
-    def start(self, pd: XenPD, config: Mapping[str, str], priority: int) -> None:
+    def start(self, pd: XenPD, config: Mapping[str, str], priority: int, *, progress: Progress | None = None) -> None:
+        """Build and boot the domain (load() already placed the kernel: nothing is unpacked, progress is not called)."""
         what = f"start of PD {pd.pd_id}"
         if pd.boot is None:
             raise InvalidState(f"{what}: no image loaded", pd_id=pd.pd_id)
