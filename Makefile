@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEB_PACKAGES := gcc libc6-dev make pkg-config python3-venv python3-dev libssl-dev \
 	libtss2-dev swtpm swtpm-tools tpm2-tools busybox-static cpio bubblewrap openssl \
-	libxen-dev procps uidmap valgrind iproute2
+	libxen-dev procps uidmap valgrind iproute2 openssh-client openssh-server
 STAMP  := $(VENV)/.installed
 # libbmi (bmi/embed): the C library; bmi.pc goes where pkg-config looks (a
 # non-root user's into the venv, named by PKG_CONFIG_PATH for the demo).
@@ -25,8 +25,13 @@ deps:
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
 		if [ "$$(id -u)" != 0 ]; then echo "run as root (or install: $$missing)" >&2; exit 1; fi; \
+		if [ -e /usr/sbin/policy-rc.d ]; then rcd=; else \
+			rcd=/usr/sbin/policy-rc.d; printf '#!/bin/sh\nexit 101\n' >$$rcd; chmod 755 $$rcd; fi; \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		status=$$?; [ -z "$$rcd" ] || rm -f $$rcd; [ $$status = 0 ] || exit $$status; \
+		if [ -d /run/systemd/system ] && [ -e /lib/systemd/system/ssh.service ]; then \
+			systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true; fi; \
 	fi
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*/*.c csrc/*/*.h bmi/_build/*.py) | deps

@@ -7,7 +7,11 @@ over the source's channel) and accept (fd pass over the destination's channel),
 both through bmi.pd clients on two real PDs' channels, vs socket.socketpair()
 in one process.  Round trip: 64-byte ping-pong over the resulting IPC
 connection vs over a plain SOCK_SEQPACKET socketpair (the same kernel path:
-a connection adds nothing once it is set up).  Prints medians and ratios.
+a connection adds nothing once it is set up).  One channel call
+(get_version) from another process, as a PD makes it.  Prints medians and
+ratios, and beside them the floor of bench/floor.py measured in the same
+run: one JSON-RPC round trip between two Python processes (goals: a call
+<= 2x it, a set-up <= 10x a socketpair).
 """
 from __future__ import annotations
 
@@ -15,11 +19,28 @@ import argparse
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import time
 
-import bmi
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import bmi  # noqa: E402
+import bmi.pd  # noqa: E402
+from bench.floor import round_trip_us, versus  # noqa: E402
+from bmi import ConnectionPolicy, ConnectionType as CT, PDDescription  # noqa: E402
+
+#: A PD's side of channel calls: its channel is the fd given; prints the median microseconds of n get_version.
+_CALLER = """
+import statistics, sys, time
 import bmi.pd
-from bmi import ConnectionPolicy, ConnectionType as CT, PDDescription
+client, n, times = bmi.pd.open(int(sys.argv[1])), int(sys.argv[2]), []
+for _ in range(n + 100):
+    t = time.perf_counter_ns()
+    client.get_version()
+    times.append(time.perf_counter_ns() - t)
+print(statistics.median(times[100:]) / 1e3)
+"""
 
 
 def median_us(samples: list[float]) -> float:
@@ -42,6 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="repetitions (default 2000)")
     n = parser.parse_args().n
+    floor = round_trip_us(n)
     with bmi.open("linux:///session", integrity=False) as mgr:
         a, b = (mgr.allocate_pd(PDDescription(mem=32 << 20)) for _ in range(2))
         clients = []
@@ -80,14 +102,24 @@ def main() -> None:
             call.append(time.perf_counter() - t0)
         for c in clients:
             c.close()
+        fd = mgr.channels().open(a.get_pd_id())
+        try:
+            pd_call = float(subprocess.run([sys.executable, "-c", _CALLER, str(fd), str(n)], pass_fds=(fd,),
+                                           check=True, capture_output=True, text=True).stdout)
+        finally:
+            os.close(fd)
 
     print(f"connection set-up (connect+accept, policy check, fd pair, 2 fd passes): "
           f"{median_us(setup):8.1f} us   socketpair(): {median_us(anchor_setup):6.1f} us   "
-          f"ratio {statistics.median(setup) / statistics.median(anchor_setup):6.1f}x")
+          f"ratio {statistics.median(setup) / statistics.median(anchor_setup):6.1f}x  (goal <= 10x)")
     print(f"64-byte round trip over an IPC connection: {median_us(rtt):8.1f} us   "
           f"plain socketpair: {median_us(anchor_rtt):6.1f} us   "
           f"ratio {statistics.median(rtt) / statistics.median(anchor_rtt):6.2f}x")
-    print(f"one channel call (get_version):            {median_us(call):8.1f} us   (n={n})")
+    print(f"floor: a JSON-RPC round trip between two Python processes: {floor:8.1f} us")
+    print(f"one channel call (get_version), from another process (a PD): {versus(pd_call, floor)}  (goal <= 2x)")
+    print(f"one channel call (get_version), from a thread of the layer's process: {versus(median_us(call), floor)}")
+    print(f"connection set-up against the floor: {versus(median_us(setup), floor)} "
+          f"(two channel calls: >= 2x)")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,21 @@ the same calls on linux:///session in this process.  Prints medians and
 the system/session ratio; the goal for 1000 PDs is list_pd + the status of
 each in < 50 ms (read from bmid's status board; the same done with one
 request per PD is printed next to it).
+
+Every per-call figure is printed beside the floors of bench/floor.py,
+measured in the same run: a JSON-RPC round trip between two Python
+processes, and a bare synchronous=FULL SQLite commit in the state's
+directory (goals: reads <= 2x the round trip, changes <= 3x it plus one
+commit).  Then group commit: CLIENTS client processes, each on a PD of its
+own, each doing --changes set_priority calls, against one client doing the
+same (goal: <= 2x the time).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,24 +32,76 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bmi  # noqa: E402
+from bench.floor import BareCommit, round_trip_us  # noqa: E402
 from tests.server.bmid import Bmid  # noqa: E402
 
 BUSYBOX = "/bin/busybox"
+CLIENTS = 8
+
+#: One client process: open bmid, wait for a line on stdin, make `n` changes, print the seconds they took.
+_CHANGER = """
+import sys, time, bmi
+with bmi.open(sys.argv[1]) as mgr:
+    pd = mgr.get_controller(int(sys.argv[2]))
+    pd.set_priority(1)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t = time.perf_counter()
+    for i in range(int(sys.argv[3])):
+        pd.set_priority(i % 3)
+    print(time.perf_counter() - t, flush=True)
+"""
 
 
-def per_call(mgr, calls: int) -> dict[str, float]:
-    """Median microseconds of a read, a parameter read, and a stored change (set_priority)."""
+def changers(daemon: Bmid, mgr, clients: int, changes: int) -> float:
+    """Seconds until `clients` processes, each on a PD of its own, have each made `changes` set_priority calls."""
+    pds = [mgr.allocate_pd(bmi.PDDescription(mem=16 << 20)) for _ in range(clients)]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    procs = [subprocess.Popen([sys.executable, "-c", _CHANGER, daemon.uri, str(pd.get_pd_id()), str(changes)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) for pd in pds]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready"
+        t = time.perf_counter()
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        for proc in procs:
+            float(proc.stdout.readline())
+        return time.perf_counter() - t
+    finally:
+        for proc in procs:
+            proc.stdin.close()
+            proc.wait()
+        for pd in pds:
+            pd.destroy()
+
+
+def per_call(mgr, calls: int, bare: BareCommit | None = None) -> dict[str, float]:
+    """Median microseconds of a read, a parameter read, and a stored change (set_priority).
+
+    With `bare`: a bare commit after each call too, its median as "commit" (a disk's fsync time drifts: this
+    measures it while the calls run)."""
     pd = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
     out = {}
-    for name, fn in (("get_current_status", pd.get_current_status),
-                     ("get_runtime_param", lambda: pd.get_runtime_param("/system/memory/max")),
-                     ("set_priority", lambda: pd.set_priority(1))):
+    todo = [("get_current_status", pd.get_current_status),
+             ("get_runtime_param", lambda: pd.get_runtime_param("/system/memory/max")),
+             ("set_priority", lambda: pd.set_priority(1))]
+    if hasattr(mgr, "_channel"):        # bmid: the status as a request too (get_current_status reads the board)
+        todo.insert(1, ("get_current_status (request)",
+                         lambda: mgr._channel.value("get_current_status", pd=pd.get_pd_id())))
+    commits = []
+    for name, fn in todo:
         times = []
         for _ in range(calls):
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
+            if bare is not None and name.startswith("set_"):
+                commits.append(bare.once_ns() / 1e9)
         out[name] = statistics.median(times) * 1e6
+    if commits:
+        out["commit"] = statistics.median(commits) * 1e6
     pd.destroy()
     return out
 
@@ -114,6 +175,7 @@ def main() -> None:
     parser.add_argument("--image-mib", type=int, default=256, help="setup_pd image size (0: skip)")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--pds", type=int, default=1000)
+    parser.add_argument("--changes", type=int, default=500, help="set_priority calls per client (group commit)")
     parser.add_argument("--running", action="store_true", help="start every PD (busybox sleep), not only allocate")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,10 +186,24 @@ def main() -> None:
                     s_ms, y_ms = setup_pair(session, system, args.image_mib, tmp)
                     print(f"setup_pd {args.image_mib} MiB FileImage: session {s_ms:.0f} ms, system {y_ms:.0f} ms, "
                           f"ratio {y_ms / s_ms:.2f}x  (goal <= 1.25x)")
-                a, b = per_call(session, args.calls), per_call(system, args.calls)
-                print(f"per call (median of {args.calls}, us)      session    system   ratio")
-                for name in a:
-                    print(f"  {name:<32} {a[name]:9.1f} {b[name]:9.1f} {b[name] / a[name]:7.1f}x")
+                floor, bare = round_trip_us(args.calls), BareCommit(daemon.state_dir)
+                a, b = per_call(session, args.calls), per_call(system, args.calls, bare)
+                bare.close()
+                commit = b.pop("commit")
+                print(f"floors: JSON-RPC round trip {floor:.1f} us, synchronous=FULL commit {commit:.1f} us "
+                      f"(one after each set_priority, same filesystem)")
+                print(f"per call (median of {args.calls}, us)      session    system   ratio  floor  goal")
+                for name in b:
+                    change = name.startswith("set_")
+                    goal = f"{(3 * floor + commit) / floor:5.1f}x ((3 x floor + commit) / floor)" if change \
+                        else "  2.0x"
+                    session_us = f"{a[name]:9.1f}" if name in a else f"{'-':>9}"
+                    ratio = f"{b[name] / a[name]:7.1f}x" if name in a else f"{'-':>8}"
+                    print(f"  {name:<32} {session_us} {b[name]:9.1f} {ratio} {b[name] / floor:5.1f}x {goal}")
+                one = changers(daemon, system, 1, args.changes)
+                many_ = changers(daemon, system, CLIENTS, args.changes)
+                print(f"{args.changes} set_priority per client: 1 client {one:.2f} s, {CLIENTS} clients "
+                      f"{many_:.2f} s, ratio {many_ / one:.2f}x  (goal <= 2x: group commit)")
                 what = "running" if args.running else "allocated"
                 print(f"{args.pds} {what} PDs (bmid, ms)")
                 for name, value in many(system, args.pds, args.running).items():

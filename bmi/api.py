@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .channel import protocol as wire
 from .channel.connections import Registry, lines as connection_lines
+from .checks import check_bytes, check_int, check_integrity_policy, check_policies, check_progress, check_setup
 from .drivers.base import Driver, ExitInfo, Progress
 from .errors import (BMIError, InvalidArgument, InvalidState, NoSuchDomain, NotSupported,
                      PermissionDenied, ResourceError)
@@ -48,25 +49,12 @@ _CAPABILITY_PARAMS = {
 }
 
 
-def _check_int(value: object, what: str, pd_id: int | None) -> int:
-    # bool is an int subclass; True as a priority or size is a bug, not a 1.
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidArgument(f"{what}: expected an int, got {type(value).__name__}", pd_id=pd_id)
-    return value
-
-
 def _whole_number(value: object) -> int | None:
     """A decimal string's value, else None (the parameter's own setter then says what is wrong)."""
     try:
         return int(value, 10) if isinstance(value, str) else None
     except ValueError:
         return None
-
-
-def _check_bytes(value: object, what: str, pd_id: int | None) -> bytes:
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise InvalidArgument(f"{what}: expected bytes, got {type(value).__name__}", pd_id=pd_id)
-    return bytes(value)
 
 
 def _coerce_status(status: object, pd_id: int) -> PDStatus:
@@ -81,23 +69,6 @@ def _coerce_status(status: object, pd_id: int) -> PDStatus:
     except (KeyError, ValueError):
         pass
     raise InvalidArgument(f"request_status_change of PD {pd_id}: {status!r} is not a PDStatus", pd_id=pd_id)
-
-
-def _check_policies(policies: object, what: str, pd_id: int) -> list[ConnectionPolicy]:
-    if not isinstance(policies, (list, tuple)):
-        raise InvalidArgument(f"{what} of PD {pd_id}: policies must be a list of ConnectionPolicy", pd_id=pd_id)
-    checked = []
-    for policy in policies:
-        if not isinstance(policy, ConnectionPolicy):
-            raise InvalidArgument(f"{what} of PD {pd_id}: {policy!r} is not a ConnectionPolicy", pd_id=pd_id)
-        if not isinstance(policy.con_type, ConnectionType):
-            raise InvalidArgument(f"{what} of PD {pd_id}: con_type {policy.con_type!r} is not a ConnectionType",
-                                  pd_id=pd_id)
-        if isinstance(policy.mode, bool) or policy.mode not in (1, 2, 3):
-            raise InvalidArgument(f"{what} of PD {pd_id}: mode {policy.mode!r} is not READ (1), WRITE (2) "
-                                  f"or RW (3)", pd_id=pd_id)
-        checked.append(policy)
-    return checked
 
 
 @dataclass
@@ -162,9 +133,9 @@ class PDManagement:
         self._check_open("allocate_pd")
         if not isinstance(desc, PDDescription):
             raise InvalidArgument(f"allocate_pd: expected a PDDescription, got {type(desc).__name__}")
-        mem = _check_int(desc.mem, "allocate_pd: PDDescription.mem", None)
-        cpu = _check_int(desc.cpu, "allocate_pd: PDDescription.cpu", None)
-        perf = _check_int(desc.performance, "allocate_pd: PDDescription.performance", None)
+        mem = check_int(desc.mem, "allocate_pd: PDDescription.mem", None)
+        cpu = check_int(desc.cpu, "allocate_pd: PDDescription.cpu", None)
+        perf = check_int(desc.performance, "allocate_pd: PDDescription.performance", None)
         host = self._driver.host_resources()
         if mem < MIN_MEMORY:
             raise InvalidArgument(f"allocate_pd: mem={mem} bytes is below the minimum of {MIN_MEMORY}")
@@ -302,7 +273,7 @@ class PDManagement:
         self._check_open("get_controller")
         if pd_id is None:
             return PDController(self, MANAGER_PD)
-        pd_id = _check_int(pd_id, "get_controller: pd_id", None)
+        pd_id = check_int(pd_id, "get_controller: pd_id", None)
         if pd_id != MANAGER_PD:
             self._pd(pd_id, "get_controller")
         return PDController(self, pd_id)
@@ -319,8 +290,8 @@ class PDManagement:
     # -- integrity on the manager (design.md) -------------------------------------------------
     def seal_credentials(self, policy: IntegrityPolicy, secret: bytes) -> bytes:
         """Seal `secret` for PDs meeting `policy` on this machine's TPM."""
-        _check_policy(policy, "seal_credentials", None)
-        return self._integrity("seal_credentials").seal(policy, _check_bytes(secret, "seal_credentials: secret", None))
+        check_integrity_policy(policy, "seal_credentials", None)
+        return self._integrity("seal_credentials").seal(policy, check_bytes(secret, "seal_credentials: secret", None))
 
     def get_storage_public(self) -> bytes:
         """The TPM storage key's public part, for bmi.wrap_credentials off the machine."""
@@ -597,29 +568,6 @@ class PDManagement:
                 pd.status, pd.ended = ended.status, ended
 
 
-def _check_setup(image: object, banks: object, progress: object, what: str, pd_id: int) -> None:
-    """setup_pd's arguments, checked the same way in every mode before any byte is pulled."""
-    for method in ("get_image_size", "get_data"):
-        if not callable(getattr(image, method, None)):
-            raise InvalidArgument(f"{what}: {type(image).__name__} is not a PDImage (no {method}())", pd_id=pd_id)
-    if isinstance(banks, str) or not all(isinstance(b, str) for b in banks):  # type: ignore[union-attr]
-        raise InvalidArgument(f"{what}: banks must be a sequence of names like ('sha256', 'sha384')", pd_id=pd_id)
-    if progress is not None and not callable(progress):
-        raise InvalidArgument(f"{what}: progress must be callable(done, total)", pd_id=pd_id)
-
-
-def _check_policy(policy: object, what: str, pd_id: int | None) -> IntegrityPolicy:
-    if not isinstance(policy, IntegrityPolicy):
-        raise InvalidArgument(f"{what}: expected an IntegrityPolicy, got {type(policy).__name__}", pd_id=pd_id)
-    _check_bytes(policy.pd_integrity, f"{what}: policy.pd_integrity", pd_id)
-    for cip in policy.pd_connections:
-        if not isinstance(cip, ConnectionIntegrityPolicy):
-            raise InvalidArgument(f"{what}: {cip!r} is not a ConnectionIntegrityPolicy", pd_id=pd_id)
-        _check_policies([cip], what, pd_id if pd_id is not None else -1)
-        _check_bytes(cip.dest, f"{what}: ConnectionIntegrityPolicy.dest", pd_id)
-    return policy
-
-
 class PDController:
     """Spec 7.2 and 7.4: control (and integrity) of one PD."""
 
@@ -660,7 +608,7 @@ class PDController:
         return self._id
 
     def set_priority(self, priority: int) -> None:
-        priority = _check_int(priority, f"set_priority of PD {self._id}", self._id)
+        priority = check_int(priority, f"set_priority of PD {self._id}", self._id)
         if not -10 <= priority <= 10:
             raise InvalidArgument(f"set_priority of PD {self._id}: {priority} is outside -10..+10", pd_id=self._id)
         pd = self._owned("set_priority")
@@ -685,13 +633,17 @@ class PDController:
             self._mgr._refresh(pd)
             return pd.status
 
-    def request_status_change(self, status: PDStatus | str | int) -> None:
+    def request_status_change(self, status: PDStatus | str | int, *, progress: Progress | None = None) -> None:
+        """Spec 7.2.4.  progress(done, total) is called as a start unpacks a root archive (the bytes of the
+        archive done, increasing, last total of total); not for an image that is not unpacked, nor in system
+        mode, where bmid unpacks it."""
         target = _coerce_status(status, self._id)
         if target is PDStatus.DESTROYED:
             self.destroy()
             return
         pd = self._owned("request_status_change")
         what = f"request_status_change({target.name}) of PD {self._id}"
+        check_progress(progress, what, self._id)
         if target in (PDStatus.ALLOCATED, PDStatus.READY, PDStatus.CRASHED):
             raise InvalidArgument(f"{what}: {target.name} is a state the layer reports, not one to request",
                                   pd_id=self._id)
@@ -710,7 +662,7 @@ class PDController:
                     self._driver.resume(pd.handle)
                     pd.status = PDStatus.RUNNING
                 else:
-                    self._start(pd)
+                    self._start(pd, progress)
             elif target is PDStatus.PAUSED:
                 if current is not PDStatus.RUNNING:
                     raise InvalidState(f"{what}: only a RUNNING PD can be paused (it is {current.name})",
@@ -727,12 +679,12 @@ class PDController:
                 if current in _LIVE:
                     pd.status = PDStatus.RESTARTING
                     self._driver.stop(pd.handle, self._mgr.shutdown_grace)
-                self._start(pd)
+                self._start(pd, progress)
             elif target is PDStatus.SUSPENDED:
                 self._driver.suspend(pd.handle)
                 pd.status = PDStatus.SUSPENDED
 
-    def _start(self, pd: _PD) -> None:
+    def _start(self, pd: _PD, progress: Progress | None = None) -> None:
         """Run the image with a fresh channel to the layer (connections of an earlier run are cut)."""
         previous = pd.status
         channels = self._mgr.channels() if self._driver.channels else None
@@ -744,7 +696,7 @@ class PDController:
                 extra["channel_fd"] = channels.open(pd.pd_id)
             if self._mgr._integrity_service is not None:     # Keylime mode: no PD runs unrecorded
                 self._mgr._integrity_service.record_launch(pd.config.get("/name"), pd.measurement.get("sha256"))
-            self._driver.start(pd.handle, dict(pd.config), pd.priority, **extra)
+            self._driver.start(pd.handle, dict(pd.config), pd.priority, progress=progress, **extra)
         except BaseException:
             if channels is not None:
                 channels.drop(pd.pd_id)
@@ -762,7 +714,7 @@ class PDController:
                  progress: Progress | None = None) -> None:
         """Pull the image, copy it into the PD and measure it in the same pass (spec 7.2.7, 6.5)."""
         what = f"setup_pd of PD {self._id}"
-        _check_setup(image, banks, progress, what, self._id)
+        check_setup(image, banks, progress, what, self._id)
         pd = self._owned("setup_pd")
         if self._caller != MANAGER_PD:
             self._check_supplied_image(image, what)
@@ -781,7 +733,7 @@ class PDController:
 
     def _check_supplied_image(self, image: Any, what: str) -> None:
         """The layer copies an image a PD supplies: no larger than that PD's own memory limit, sparse or not."""
-        size = _check_int(image.get_image_size(), what + ": image size", self._id)
+        size = check_int(image.get_image_size(), what + ": image size", self._id)
         supplier = self._mgr._pd(self._caller, what)
         limit = self._driver.memory_limit(supplier.handle)
         if size > limit:
@@ -792,8 +744,8 @@ class PDController:
     def set_allowed_connections(self, tid: int, policies: list[ConnectionPolicy],
                                 disable_existing: bool = False) -> None:
         what = "set_allowed_connections"
-        tid = _check_int(tid, f"{what} of PD {self._id}: tid", self._id)
-        checked = _check_policies(policies, what, self._id)
+        tid = check_int(tid, f"{what} of PD {self._id}: tid", self._id)
+        checked = check_policies(policies, what, self._id)
         if not isinstance(disable_existing, bool):
             raise InvalidArgument(f"{what} of PD {self._id}: disable_existing must be a bool", pd_id=self._id)
         pd = self._owned(what)
@@ -836,7 +788,7 @@ class PDController:
 
     def get_allowed_connections(self, tid: int) -> list[ConnectionPolicy]:
         """The policies towards tid ([] when none: for a PD caller the same whether tid exists or not)."""
-        tid = _check_int(tid, f"get_allowed_connections of PD {self._id}: tid", self._id)
+        tid = check_int(tid, f"get_allowed_connections of PD {self._id}: tid", self._id)
         pd = self._pd("get_allowed_connections")
         if self._caller == MANAGER_PD and tid != MANAGER_PD:
             self._mgr._pd(tid, f"get_allowed_connections of PD {self._id} towards tid")
@@ -913,7 +865,7 @@ class PDController:
     # -- spec 7.4 ---------------------------------------------------------------------------
     def get_integrity_link(self, nonce: bytes) -> IntegrityReport:
         what = f"get_integrity_link of PD {self._id}"
-        nonce = _check_bytes(nonce, what + ": nonce", self._id)
+        nonce = check_bytes(nonce, what + ": nonce", self._id)
         if not 1 <= len(nonce) <= MAX_NONCE:
             raise InvalidArgument(f"{what}: the nonce must be 1..{MAX_NONCE} bytes, got {len(nonce)}",
                                   pd_id=self._id)
@@ -923,8 +875,8 @@ class PDController:
     def get_protected_credentials(self, policy: IntegrityPolicy, protected_credentials: bytes) -> bytes:
         """The secret inside the blob if this PD meets the policy, else b"" (spec 7.4.2)."""
         what = f"get_protected_credentials of PD {self._id}"
-        _check_policy(policy, what, self._id)
-        blob = _check_bytes(protected_credentials, what + ": protected_credentials", self._id)
+        check_integrity_policy(policy, what, self._id)
+        blob = check_bytes(protected_credentials, what + ": protected_credentials", self._id)
         measurement = self._measurement(what)
         from .integrity.service import policy_digest
         service = self._mgr._integrity(what)
@@ -977,7 +929,7 @@ class PDController:
 
     def read_console(self, since: int = 0, timeout: float | None = None) -> tuple[int, bytes]:
         """Console output after byte offset `since`; returns (new offset, data)."""
-        since = _check_int(since, f"read_console of PD {self._id}: since", self._id)
+        since = check_int(since, f"read_console of PD {self._id}: since", self._id)
         pd = self._pd("read_console")
         return self._driver.read_console(pd.handle, since, timeout)
 
@@ -1040,7 +992,7 @@ class PDController:
             "/system/cpu/performance": Leaf(get=lambda: str(pd.performance), set=set_performance),
             "/console/log": Leaf(get=lambda: drv.console_log(handle).decode("utf-8", "replace")),
         }
-        leaves.update(drv.extra_params(handle))
+        leaves.update(drv.extra_params(handle, pd.config))
         if pd.ended is not None:
             if pd.ended.exit_status is not None:
                 leaves["/system/exit-status"] = const(str(pd.ended.exit_status))
@@ -1093,8 +1045,14 @@ def _fd_passing(pd: _PD) -> str:
         return ("possible: this kernel has no SO_PASSRIGHTS (Linux 6.16 and later have it), so a socket passed "
                 "over a connection outlives the connection's mode and its revocation")
     if "io_uring" in parse_allow(pd.config.get("/boot/allow", ""), what="/boot/allow", pd_id=pd.pd_id):
-        return ("possible towards this PD: its /boot/allow lists io_uring, whose socket commands can turn "
-                "SO_PASSRIGHTS back on past the seccomp filter")
+        # Not closable on Linux 6.18: the filter cannot see io_uring's operations, and io_uring's own
+        # restrictions (IORING_REGISTER_RESTRICTIONS) bind only a ring its creator disabled and registered
+        # them on, so nothing outside the PD can impose them.
+        return ("possible into this PD: its /boot/allow lists io_uring, whose socket command "
+                "(IORING_OP_URING_CMD setsockopt) turns SO_PASSRIGHTS back on for its own connection ends past "
+                "the seccomp filter; any peer can then pass it fds (sockets too), which outlive the connection's "
+                "mode and its revocation.  Out of it only to a peer whose own /boot/allow lists io_uring: every "
+                "other peer's end keeps SO_PASSRIGHTS off")
     return "refused: connection ends have SO_PASSRIGHTS off and the seccomp filter refuses turning it on"
 
 
@@ -1124,7 +1082,7 @@ class CallerScope:
         self._mgr._check_open("get_controller")
         if pd_id is None:
             pd_id = self._caller
-        pd_id = _check_int(pd_id, f"get_controller by PD {self._caller}: pd_id", self._caller)
+        pd_id = check_int(pd_id, f"get_controller by PD {self._caller}: pd_id", self._caller)
         if not self._mgr._controls(self._caller, pd_id):
             raise PermissionDenied(f"get_controller({pd_id}) by PD {self._caller}: a PD may control only itself "
                                    f"and the PDs it created", pd_id=pd_id)
@@ -1146,8 +1104,8 @@ class CallerScope:
         """Open a connection to tid if the caller's policy allows it; returns its description and the fd."""
         source = self._caller
         what = f"connect from PD {source} to PD {tid}"
-        tid = _check_int(tid, what + ": tid", source)
-        _check_policies([ConnectionPolicy(con_type, mode)], what, source)
+        tid = check_int(tid, what + ": tid", source)
+        check_policies([ConnectionPolicy(con_type, mode)], what, source)
         pd = self._mgr._pd(source, what)
         if tid == source or tid == MANAGER_PD:
             raise InvalidArgument(f"{what}: a PD connects to another PD, not to itself or the manager", pd_id=source)
@@ -1186,12 +1144,12 @@ class DeviceManager:
         return self._mgr._driver.list_devices()
 
     def assigned(self, pd_id: int) -> list[str]:
-        pd = self._mgr._pd(_check_int(pd_id, "assigned: pd_id", None), "assigned")
+        pd = self._mgr._pd(check_int(pd_id, "assigned: pd_id", None), "assigned")
         return self._mgr._driver.assigned_devices(pd.handle)
 
     def assign(self, device: str, pd_id: int, mode: int = 3, shared: bool = False) -> None:
         """Give PD pd_id the host node `device` with access `mode` (READ, WRITE or RW)."""
-        pd_id = _check_int(pd_id, "assign: pd_id", None)
+        pd_id = check_int(pd_id, "assign: pd_id", None)
         what = f"assign {device!r} to PD {pd_id}"
         if isinstance(mode, bool) or mode not in (1, 2, 3):
             raise InvalidArgument(f"{what}: mode {mode!r} is not READ (1), WRITE (2) or RW (3)", pd_id=pd_id)
@@ -1255,7 +1213,7 @@ class DeviceManager:
             self._mgr._networks.pop(name, None)
 
     def unassign(self, device: str, pd_id: int) -> None:
-        pd_id = _check_int(pd_id, "unassign: pd_id", None)
+        pd_id = check_int(pd_id, "unassign: pd_id", None)
         pd = self._mgr._pd(pd_id, "unassign")
         if device not in pd.devices:
             raise InvalidArgument(f"unassign {device!r} from PD {pd_id}: it is not assigned to that PD", pd_id=pd_id)

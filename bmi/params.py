@@ -8,8 +8,7 @@ mechanism does (e.g. `/system/exit-status` only after the PD ended).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from .errors import InvalidArgument, PermissionDenied
 from .types import RuntimeCapability
@@ -43,9 +42,12 @@ def normalize(name: object, *, what: str, pd_id: int | None, allow_root: bool = 
     return "/" + "/".join(parts)
 
 
-@dataclass(frozen=True)
-class Leaf:
-    """One parameter: readable when it has a getter, writable with a setter."""
+class Leaf(NamedTuple):
+    """One parameter: readable when it has a getter, writable with a setter.
+
+    A tuple, not a frozen dataclass: a PD's tree (~40 leaves) is rebuilt on
+    every parameter call, and a frozen dataclass's __init__ cost most of it.
+    """
 
     get: Getter | None = None
     set: Setter | None = None

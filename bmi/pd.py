@@ -17,16 +17,14 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .channel import protocol as p
+from .channel.client import remote
+from .checks import check_setup
 from .errors import BMIError, InvalidArgument, NotSupported, ResourceError
-from .image import is_plain_file_image, open_file_image
-from .types import (RW, ConnectionPolicy, ConnectionType, IntegrityPolicy, IntegrityReport, PDDescription,
-                    PDStatus, RuntimeCapability)
-
-if TYPE_CHECKING:
-    from .integrity.keys import AttestationKey
+from .integrity.measure import handover_fd
+from .types import RW, ConnectionType, PDDescription
 
 URI = "pd:///"
 
@@ -153,8 +151,9 @@ class PDClient:
         self._me: int | None = None
 
     # -- spec 7.1 -------------------------------------------------------------------------------
-    def get_version(self) -> int:
-        return self._channel.value("get_version")
+    get_version = remote("get_version")
+    list_pd = remote("list_pd")
+    get_attestation_key = remote("get_attestation_key")
 
     def allocate_pd(self, desc: PDDescription) -> "RemoteController":
         if not isinstance(desc, PDDescription):
@@ -166,15 +165,8 @@ class PDClient:
         params = {} if pd_id is None else {"pd": pd_id}
         return RemoteController(self._channel, self._channel.value("get_controller", **params))
 
-    def list_pd(self) -> list[int]:
-        return self._channel.value("list_pd")
-
     def get_device_manager(self) -> Any:
         raise NotSupported("get_device_manager: a PD cannot assign host devices")
-
-    def get_attestation_key(self) -> "AttestationKey":
-        from .integrity.keys import AttestationKey
-        return AttestationKey.from_wire(self._channel.value("get_attestation_key"))
 
     # -- connections ----------------------------------------------------------------------------
     def my_id(self) -> int:
@@ -216,87 +208,42 @@ class RemoteController:
     def __repr__(self) -> str:
         return f"<RemoteController pd={self._id} {URI}>"
 
-    def _call(self, method: str, **params: Any) -> Any:
-        return self._channel.value(method, pd=self._id, **params)
-
     def get_pd_id(self) -> int:
         return self._id
 
-    def set_priority(self, priority: int) -> None:
-        self._call("set_priority", priority=priority)
+    # -- built from the method table (bmi/channel/methods.py) ------------------------------------
+    get_priority = remote("get_priority")
+    set_priority = remote("set_priority")
+    get_current_status = remote("get_current_status")
+    request_status_change = remote("request_status_change")
+    destroy = remote("destroy")
+    set_allowed_connections = remote("set_allowed_connections")
+    get_allowed_connections = remote("get_allowed_connections")
+    set_config_param = remote("set_config_param")
+    get_config_param = remote("get_config_param")
+    set_runtime_param = remote("set_runtime_param")
+    get_runtime_param = remote("get_runtime_param")
+    list_runtime_params = remote("list_runtime_params")
+    get_integrity_link = remote("get_integrity_link")
+    get_protected_credentials = remote("get_protected_credentials")
 
-    def get_priority(self) -> int:
-        return self._call("get_priority")
+    # -- with an fd --------------------------------------------------------------------------
+    def setup_pd(self, image: Any, *, banks: Sequence[str] = ("sha256",),
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        """Hand the image to the layer, which copies it into its own sealed memfd and hashes it, once
+        (handover_fd: a FileImage as its own file, any other PDImage copied into a memfd here, unhashed).
 
-    def get_current_status(self) -> PDStatus:
-        return PDStatus[self._call("get_current_status")]
-
-    def request_status_change(self, status: PDStatus | str | int) -> None:
-        self._call("request_status_change", status=p.status_to_wire(status))
-
-    def destroy(self) -> None:
-        self._call("destroy")
-
-    def setup_pd(self, image: Any, *, banks: Sequence[str] = ("sha256",)) -> None:
-        """Pass the image to the layer, which copies and measures it once: a FileImage as its own file, any
-        other PDImage copied into a memfd."""
-        if is_plain_file_image(image):
-            self._hand_over(open_file_image(image, f"setup_pd of PD {self._id}", self._id), banks)
-            return
-        size = image.get_image_size()
-        fd = os.memfd_create("bmi-child-image", os.MFD_CLOEXEC)
-        try:
-            offset = 0
-            while offset < size:
-                chunk = image.get_data(offset, min(1 << 20, size - offset))
-                if not chunk:
-                    raise InvalidArgument(f"setup_pd of PD {self._id}: the image ended at {offset} of {size} bytes")
-                os.pwrite(fd, chunk, offset)
-                offset += len(chunk)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._hand_over(fd, banks)
-
-    def _hand_over(self, fd: int, banks: Sequence[str]) -> None:
-        """Pass the filled memfd (closed here) to the layer, which measures what it reads from it."""
+        A misbehaving PDImage gets the same error here as in session mode,
+        before the layer sees it; the layer trusts no digest of ours.
+        """
+        check_setup(image, banks, progress, f"setup_pd of PD {self._id}", self._id)
+        fd = handover_fd(image, progress=progress, pd_id=self._id)
         try:
             _, extra = self._channel.call("setup_pd", {"pd": self._id, "banks": list(banks)}, fd)
         finally:
             os.close(fd)
         if extra is not None:
             os.close(extra)
-
-    def set_allowed_connections(self, tid: int, policies: list[ConnectionPolicy],
-                                disable_existing: bool = False) -> None:
-        self._call("set_allowed_connections", tid=tid, policies=[p.policy_to_wire(x) for x in policies],
-                   disable_existing=disable_existing)
-
-    def get_allowed_connections(self, tid: int) -> list[ConnectionPolicy]:
-        return [p.policy_from_wire(x) for x in self._call("get_allowed_connections", tid=tid)]
-
-    def set_config_param(self, name: str, value: str) -> None:
-        self._call("set_config_param", name=name, value=value)
-
-    def get_config_param(self, name: str) -> str:
-        return self._call("get_config_param", name=name)
-
-    def set_runtime_param(self, name: str, value: str) -> None:
-        self._call("set_runtime_param", name=name, value=value)
-
-    def get_runtime_param(self, name: str) -> str:
-        return self._call("get_runtime_param", name=name)
-
-    def list_runtime_params(self, root: str = "/") -> list[RuntimeCapability]:
-        return [RuntimeCapability(c["name"], c["read"], c["write"])
-                for c in self._call("list_runtime_params", root=root)]
-
-    def get_integrity_link(self, nonce: bytes) -> IntegrityReport:
-        return p.report_from_wire(self._call("get_integrity_link", nonce=bytes(nonce).hex()))
-
-    def get_protected_credentials(self, policy: IntegrityPolicy, protected_credentials: bytes) -> bytes:
-        return bytes.fromhex(self._call("get_protected_credentials", policy=p.integrity_policy_to_wire(policy),
-                                        protected_credentials=bytes(protected_credentials).hex()))
 
 
 _default: PDClient | None = None

@@ -97,6 +97,16 @@ class Event:
                 "name": self.name}
 
 
+class _Member:
+    """One commit() call in a group: what to run, and what came of it."""
+
+    __slots__ = ("work", "after", "done", "result", "error")
+
+    def __init__(self, work: Callable[[sqlite3.Connection], Any], after: Callable[[Any], None] | None):
+        self.work, self.after = work, after
+        self.done, self.result, self.error = False, None, None
+
+
 class StateError(ResourceError):
     """bmid's state cannot be used: the message is `<what> <where>: <why>; <what to do>`."""
 
@@ -174,6 +184,10 @@ class Store:
             self._db.close()
             raise
         self._lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Member] = []         # commit() calls waiting for the next group
+        #: scratch of the group being committed (see commit)
+        self.staged: dict[Any, Any] = {}
 
     # -- space ----------------------------------------------------------------------------------
     def make_reserve(self) -> bool:
@@ -209,24 +223,87 @@ class Store:
                           f"it, or it has spent its reserve); free space there and try again")
 
     def commit(self, work: Callable[[sqlite3.Connection], T], after: Callable[[T], None] | None = None) -> T:
-        """work(db) in one write transaction, then after(result) still under the store's lock.
+        """work(db) in a write transaction, then after(result) under the store's lock once it is durable.
 
-        When the disk is full the reserve is released and work() runs
-        again (it must change nothing outside the database: it is re-run).
+        Group commit (as PostgreSQL does): calls that arrive while a COMMIT
+        is being synced queue up, and the next of them to get the lock
+        commits all of them in one transaction -- one fsync for the group.
+        Each member's work runs in a savepoint of its own (an exception it
+        raises undoes only its writes and fails only it); every after()
+        runs only once the group's COMMIT succeeded, in arrival order; a
+        COMMIT that fails fails every member with the same StateError and
+        no after() runs.  A later member's work sees what earlier members
+        of its group staged (self.staged: scratch of the group, empty at its
+        start).  When the disk is full the reserve is released and the
+        group runs again (work must change nothing outside the database and
+        self.staged: it is re-run).
         """
+        member = _Member(work, after)
+        with self._queue_lock:
+            self._queue.append(member)
+        self.before_group_test_hook()
         with self._lock:
+            if not member.done:                 # nobody took it into a group yet: lead one
+                with self._queue_lock:
+                    group, self._queue = self._queue, []
+                self._commit_group(group)
+        if member.error is not None:
+            raise member.error
+        return member.result
+
+    def _commit_group(self, group: list["_Member"]) -> None:
+        """One transaction for every member of group (the caller holds the lock); sets each one's outcome."""
+        try:
             for attempt in (1, 2):
+                self.staged = {}
+                for m in group:
+                    m.error = None
                 try:
                     with self._transaction() as db:
-                        result = work(db)
+                        for m in group:
+                            db.execute("SAVEPOINT member")
+                            try:
+                                m.result = m.work(db)
+                            except (OSError, sqlite3.Error):
+                                raise           # the whole group's
+                            except Exception as e:
+                                db.execute("ROLLBACK TO member")
+                                m.error = e
+                            db.execute("RELEASE member")
+                        self.group_test_hook(len(group))
                 except (OSError, sqlite3.Error) as e:
                     if attempt == 1 and is_full(e) and self._spend_reserve():
                         continue
-                    raise self._failure(e) from None
-                if after is not None:
-                    after(result)
-                return result
-        raise AssertionError("unreachable")
+                    failure = self._failure(e)
+                    for m in group:
+                        m.error = type(failure)(str(failure))
+                    return
+                for m in group:
+                    if m.error is None and m.after is not None:
+                        try:
+                            m.after(m.result)
+                        except Exception as e:
+                            m.error = e
+                return
+        except BaseException:           # e.g. a KeyboardInterrupt in the leader: nobody's change is stored
+            for m in group:
+                m.error = ResourceError("storing a change: the group commit was interrupted")
+            raise
+        finally:
+            self.staged = {}
+            for m in group:
+                m.done = True
+
+    def queued(self) -> int:
+        """How many commit() calls wait for the next group."""
+        with self._queue_lock:
+            return len(self._queue)
+
+    def before_group_test_hook(self) -> None:
+        """Called in commit() once the call is queued, before it waits for the lock (tests gather a group)."""
+
+    def group_test_hook(self, members: int) -> None:
+        """Called in a group's transaction before its COMMIT (tests pause there)."""
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -315,11 +392,26 @@ class Store:
 
     # -- the intent log -----------------------------------------------------------------------
     def begin(self, method: str, pd_id: int | None, **detail: Any) -> int:
-        """Record an operation before it changes anything outside the database."""
-        with self.tx() as db:
-            cur = db.execute("INSERT INTO ops(pd_id, method, detail, started) VALUES(?, ?, ?, ?)",
-                             (pd_id, method, json.dumps(detail), time.time()))
-            return int(cur.lastrowid)
+        """Record an operation before it changes anything outside the database.
+
+        Committed without an fsync (synchronous=NORMAL: in the WAL, so it
+        survives a crash of bmid at once); the fsync of the commit that ends
+        the operation makes it durable with the result.  What an intent
+        guards (processes, cgroups) does not outlive the host either, so a
+        power cut that loses an unsynced intent loses what it was for too;
+        one fsync per change instead of two.
+        """
+        with self._lock:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self._transaction() as db:
+                    cur = db.execute("INSERT INTO ops(pd_id, method, detail, started) VALUES(?, ?, ?, ?)",
+                                     (pd_id, method, json.dumps(detail), time.time()))
+                    return int(cur.lastrowid)
+            except (OSError, sqlite3.Error) as e:
+                raise self._failure(e) from None
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
 
     @staticmethod
     def end(db: sqlite3.Connection, op_id: int) -> None:

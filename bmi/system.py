@@ -19,20 +19,18 @@ import select
 import socket
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
 from .channel import protocol as p
 from .drivers import BMIDS, DRIVERS
 from .errors import DriverUnavailable, InvalidArgument, InvalidState, NotSupported, PermissionDenied, ResourceError
-from .api import _check_policies, _check_setup
-from .integrity.measure import handover_fd
-from .pd import Channel, RemoteController
+from .checks import check_progress
+from .remote.ssh import is_remote
 from .channel.board import BoardReader
-from .types import ConnectionPolicy, IntegrityPolicy, PDDescription, PDStatus
-
-if TYPE_CHECKING:
-    from .integrity.keys import AttestationKey
+from .channel.client import remote
+from .pd import Channel, RemoteController
+from .types import PDDescription, PDStatus
 
 LINUX_URI = DRIVERS["linux"].system_uri          # the default
 
@@ -49,12 +47,15 @@ def default_socket(uri: str) -> str:
 
 
 def socket_path(uri: str) -> str:
-    """?socket= in the URI, else the default socket of the URI's bmid."""
+    """?socket= in the URI, else the default socket of the URI's bmid ("" for a remote host's default)."""
     query = parse_qs(urlsplit(uri).query)
-    return (query.get("socket") or [default_socket(uri)])[0]
+    return (query.get("socket") or ["" if is_remote(uri) else default_socket(uri)])[0]
 
 
 def _connect(uri: str, path: str) -> socket.socket:
+    if is_remote(uri):              # SCHEME+ssh://host/system: bmid's socket there, through ssh
+        from .remote.tunnel import connect
+        return connect(uri)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.connect(path)
@@ -248,32 +249,20 @@ class SystemController(RemoteController):
         status = self._client._board_status(self._id, "get_current_status")
         return status if status is not None else super().get_current_status()
 
-    def setup_pd(self, image: Any, *, banks: Sequence[str] = ("sha256",),
-                 progress: Callable[[int, int], None] | None = None) -> None:
-        """Hand the image to bmid, which copies it into its own sealed memfd and hashes it, once (handover_fd).
-
-        A misbehaving PDImage gets the same error here as in session mode,
-        before bmid sees it; bmid trusts no digest of ours.
-        """
-        _check_setup(image, banks, progress, f"setup_pd of PD {self._id}", self._id)
-        self._hand_over(handover_fd(image, progress=progress, pd_id=self._id), banks)
-
-    def set_allowed_connections(self, tid: int, policies: list[ConnectionPolicy],
-                                disable_existing: bool = False) -> None:
-        """Policies checked here as in session mode (bad ones cannot even be encoded), then by bmid."""
-        _check_policies(policies, "set_allowed_connections", self._id)
-        super().set_allowed_connections(tid, policies, disable_existing)
+    def request_status_change(self, status: PDStatus | str | int, *,
+                              progress: Callable[[int, int], None] | None = None) -> None:
+        """As in session mode; bmid unpacks a root archive, so progress is checked but not called here."""
+        check_progress(progress, f"request_status_change of PD {self._id}", self._id)
+        super().request_status_change(status)
 
     # -- what session mode's PDController has beyond the spec --------------------------------
-    def wait(self, timeout: float | None = None) -> PDStatus:
-        return PDStatus[self._call("wait", timeout=timeout)]
+    wait = remote("wait")
+    measurement = remote("measurement")
 
     def read_console(self, since: int = 0, timeout: float | None = None) -> tuple[int, bytes]:
-        got = self._call("read_console", since=since, timeout=0 if timeout is None else timeout)
+        """The console output after offset `since` (and the offset to ask from next); None: no waiting."""
+        got = self._channel.value("read_console", pd=self._id, since=since, timeout=0 if timeout is None else timeout)
         return got["offset"], bytes.fromhex(got["data"])
-
-    def measurement(self) -> dict[str, bytes]:
-        return {b: bytes.fromhex(h) for b, h in self._call("measurement").items()}
 
 
 class SystemDeviceManager:
@@ -282,26 +271,13 @@ class SystemDeviceManager:
     def __init__(self, channel: Channel):
         self._channel = channel
 
-    def list_devices(self) -> list[str]:
-        return self._channel.value("list_devices")
-
-    def assigned(self, pd_id: int) -> list[str]:
-        return self._channel.value("assigned", pd=pd_id)
-
-    def assign(self, device: str, pd_id: int, mode: int = 3, shared: bool = False) -> None:
-        self._channel.value("assign", device=device, pd=pd_id, mode=mode, shared=shared)
-
-    def unassign(self, device: str, pd_id: int) -> None:
-        self._channel.value("unassign", device=device, pd=pd_id)
-
-    def create_network(self, name: str, subnet: str, nat: bool = False) -> None:
-        self._channel.value("create_network", name=name, subnet=subnet, nat=nat)
-
-    def list_networks(self) -> list[dict[str, Any]]:
-        return self._channel.value("list_networks")
-
-    def destroy_network(self, name: str) -> None:
-        self._channel.value("destroy_network", name=name)
+    list_devices = remote("list_devices")
+    assigned = remote("assigned")
+    assign = remote("assign")
+    unassign = remote("unassign")
+    create_network = remote("create_network")
+    list_networks = remote("list_networks")
+    destroy_network = remote("destroy_network")
 
 
 class SystemClient:
@@ -350,8 +326,7 @@ class SystemClient:
         return board.status(pd_id) if board is not None else None
 
     # -- spec 7.1 ---------------------------------------------------------------------------
-    def get_version(self) -> int:
-        return self._channel.value("get_version")
+    get_version = remote("get_version")
 
     def allocate_pd(self, desc: PDDescription) -> SystemController:
         if not isinstance(desc, PDDescription):
@@ -376,13 +351,11 @@ class SystemClient:
         return SystemDeviceManager(self._channel)
 
     # -- beyond the spec ----------------------------------------------------------------------
-    def layer_info(self) -> dict[str, Any]:
-        """What the layer bmid runs is and can do (`bmi info`)."""
-        return self._channel.value("layer_info")
-
-    def describe(self) -> list[dict[str, Any]]:
-        """Every PD in one call: pd, name, status, parent, mem, cpu, priority, sha256."""
-        return self._channel.value("describe")
+    layer_info = remote("layer_info")
+    describe = remote("describe")
+    seal_credentials = remote("seal_credentials")
+    get_storage_public = remote("get_storage_public")
+    get_attestation_key = remote("get_attestation_key")
 
     def events(self, since: int | None = None, timeout: float | None = None) -> EventStream:
         """Status events from now on (or after event number `since`); iteration stops after timeout idle seconds."""
@@ -408,19 +381,6 @@ class SystemClient:
             thread.join()
             stream.close()
         return stop
-
-    def seal_credentials(self, policy: IntegrityPolicy, secret: bytes) -> bytes:
-        if not isinstance(policy, IntegrityPolicy):
-            raise InvalidArgument(f"seal_credentials: expected an IntegrityPolicy, got {type(policy).__name__}")
-        return bytes.fromhex(self._channel.value("seal_credentials", policy=p.integrity_policy_to_wire(policy),
-                                                 secret=bytes(secret).hex()))
-
-    def get_storage_public(self) -> bytes:
-        return bytes.fromhex(self._channel.value("get_storage_public"))
-
-    def get_attestation_key(self) -> "AttestationKey":
-        from .integrity.keys import AttestationKey
-        return AttestationKey.from_wire(self._channel.value("get_attestation_key"))
 
     def integrity_service(self) -> Any:
         raise NotSupported("integrity_service: the TPM belongs to bmid; use `bmi tpm` on the host as root")

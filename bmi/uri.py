@@ -7,15 +7,18 @@ from urllib.parse import parse_qs, urlsplit
 from .api import PDManagement
 from .drivers import DRIVERS
 from .errors import DriverUnavailable, InvalidArgument
+from .remote.ssh import OPTIONS as SSH_OPTIONS, SUFFIX as SSH_SUFFIX, is_remote
 
 DEFAULT_URI = "linux:///session"
 KNOWN = {
     **{key: text for d in DRIVERS.values()
        for key, text in (((d.scheme, "/session"), d.session_help), ((d.scheme, "/system"), d.system_help))},
+    **{(d.remote_scheme, "/system"): f"{d.scheme}:///system on another host, over ssh" for d in DRIVERS.values()},
     ("pd", "/"): "inside a PD: the channel named by BMI_CHANNEL_FD",
 }
 #: The query options (?name=value) each URI understands.
-OPTIONS = {(d.scheme, "/system"): ("socket",) for d in DRIVERS.values()}
+OPTIONS = {**{(d.scheme, "/system"): ("socket",) for d in DRIVERS.values()},
+           **{(d.remote_scheme, "/system"): SSH_OPTIONS for d in DRIVERS.values()}}
 
 
 def resolve(uri: str | None) -> str:
@@ -39,8 +42,8 @@ def open(uri: str | None = None, *, integrity: bool = True) -> PDManagement:  # 
         raise InvalidArgument(f"open: the URI must be a str, got {type(uri).__name__}")
     parts = urlsplit(uri)
     key = (parts.scheme, parts.path or "/")
-    if parts.netloc or key not in KNOWN:
-        known = ", ".join(f"{s}://{p}" for s, p in KNOWN)
+    if bool(parts.netloc) != is_remote(uri) or key not in KNOWN:
+        known = ", ".join(f"{s}://{'[user@]host[:port]' if s.endswith(SSH_SUFFIX) else ''}{p}" for s, p in KNOWN)
         raise InvalidArgument(f"open: unknown URI {uri!r}; known: {known}")
     understood = OPTIONS.get(key, ())
     for option in parse_qs(parts.query, keep_blank_values=True):

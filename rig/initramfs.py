@@ -15,7 +15,7 @@ from typing import BinaryIO, Iterable, Mapping
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bmi.drivers.linux.formats import CpioWriter  # noqa: E402
+from bmi.drivers.cpio import CpioWriter  # noqa: E402
 
 BUSYBOX = "/bin/busybox"
 MODULES_LIST = "etc/rig/modules"       # .ko files in load order, one a line

@@ -170,3 +170,35 @@ def test_no_upward_import(module, above):
     assert not upward, f"{module} imports {upward}"
     if module == "bmi.system":
         assert not [m for m in graph()[module] if m.startswith(above)]
+
+
+def driver_packages() -> set[str]:
+    return {f"bmi.drivers.{p.name}" for p in (PACKAGE / "drivers").iterdir() if (p / "__init__.py").exists()}
+
+
+def foreign_driver_imports(edges: dict[str, set[str]], drivers: set[str]) -> list[str]:
+    """`module -> import` for each module of one driver package that imports another's."""
+    found = []
+    for module, targets in edges.items():
+        own = next((d for d in drivers if module == d or module.startswith(d + ".")), None)
+        if own is None:
+            continue
+        found += [f"{module} -> {t}" for t in sorted(targets)
+                  if any(t == d or t.startswith(d + ".") for d in drivers - {own})]
+    return found
+
+
+def test_the_cross_driver_check_sees_an_import_of_another_driver():
+    edges = {"bmi.drivers.xen.image": {"bmi.drivers.linux.formats", "bmi.drivers.cpio"},
+             "bmi.drivers.linux.bundle": {"bmi.drivers.cpio"}}
+    drivers = {"bmi.drivers.xen", "bmi.drivers.linux"}
+    assert foreign_driver_imports(edges, drivers) == ["bmi.drivers.xen.image -> bmi.drivers.linux.formats"]
+
+
+def test_no_driver_imports_another_driver():
+    """A driver uses shared modules (bmi/drivers/*.py, bmi/integrity, ...), never another driver's package
+    (docs/drivers.md): each can then be removed, or added, alone."""
+    drivers = driver_packages()
+    assert {"bmi.drivers.linux", "bmi.drivers.xen"} <= drivers
+    found = foreign_driver_imports(graph(), drivers)
+    assert not found, "a driver imports another driver's package:\n" + "\n".join("  " + f for f in found)

@@ -1,6 +1,6 @@
 """cffi build of bmi._cpio: the one newc parser (csrc/cpio/cpio.c), the same C bmi-init unpacks with.
 
-bmi/drivers/linux/formats.py checks an image with it at setup_pd, and
+bmi/drivers/cpio.py checks an image with it at setup_pd (both drivers), and
 bmi-init (bmi/_build/spawn_build.py) links the same file, so what is
 checked is what is unpacked.
 """

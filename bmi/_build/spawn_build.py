@@ -49,6 +49,8 @@ _EMBED = (
 
 ffibuilder = FFI()
 ffibuilder.cdef(_CDEF)
+# bmi_spawn_args.progress: calls back into Python (bmi/drivers/linux/spawn.py), taking the GIL again
+ffibuilder.cdef('extern "Python" int bmi_spawn_progress(void *, unsigned long long, unsigned long long);')
 ffibuilder.set_source(
     "bmi._spawn",
     '#include "spawn.h"\n' + _EMBED,

@@ -10,12 +10,13 @@ from typing import Any, Callable
 
 from ..errors import InvalidArgument
 from ..image import FdImage
+from ..integrity.measure import SUPPORTED_BANKS
 from ..params import normalize
 from ..types import PDDescription
 from . import protocol as p
 from .methods import METHODS, RETURNS_FD, Method
 
-MAX_BANKS = 4
+MAX_BANKS = len(SUPPORTED_BANKS)     # a request names each measured bank at most once
 #: Bytes of one reply left for a result (the rest is jsonrpc, id and the braces).
 RESULT_ROOM = p.MAX_MESSAGE - 512
 

@@ -1,7 +1,14 @@
 """The layer's side of every PD channel: framing, per-PD queues, fairness, accept.
 
-One selector thread reads all channels and never runs a request itself;
-requests go to a small worker pool, at most one at a time per PD, in order.
+Leader/followers: of a few threads, one (the leader) waits on all channels
+and reads them; when it has read a request it hands the lead to an idle
+thread and runs the request itself, so a reply leaves from the thread that
+read the request (no hand-off to a worker on the way: that cost as much as
+the round trip itself).  The lead is handed over only to a thread that is
+there to take it: while WORKERS requests run, the leader keeps reading and
+the requests it reads wait for a thread.  At most one request per PD runs
+at a time, in order; a thread that finished one takes the next waiting
+PD's (the back of the line: fair between PDs).
 Nothing a PD does can block the layer for other PDs:
 
 - each PD has a bounded queue (QUEUE_LIMIT); beyond it the request gets a
@@ -26,7 +33,6 @@ import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -40,7 +46,7 @@ READ_BUDGET = 16          # records read from one PD before serving the others
 STRIKE_LIMIT = 64         # malformed records before the channel is dropped
 ACCEPT_LIMIT = 4          # accept calls waiting at once per PD
 MAX_ACCEPT_WAIT = 24 * 3600.0
-WORKERS = 4
+WORKERS = 4               # requests running at once (plus the leader)
 
 #: (caller, method, params, fd) -> (result, fd to pass back or None); raises BMIError/ProtocolError.
 Handler = Callable[[int, str, dict, "int | None"], "tuple[Any, int | None]"]
@@ -71,9 +77,13 @@ class ChannelServer:
         self._channels: dict[int, _Channel] = {}
         self._ops: deque[tuple[str, _Channel]] = deque()
         self._stopping = False
-        self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="bmi-channel-call")
-        self._thread = threading.Thread(target=self._loop, name="bmi-channel", daemon=True)
-        self._thread.start()
+        self._leader = threading.Lock()             # held by the thread that reads the channels
+        self._ready: deque[_Channel] = deque()      # channels with a request waiting for a thread
+        self._idle = 0                              # threads waiting to lead
+        self._running = 0                           # threads running a request
+        self._threads: list[threading.Thread] = []
+        with self._lock:
+            self._spawn()
 
     # -- called by the layer ----------------------------------------------------------------
     def open(self, pd_id: int) -> int:
@@ -108,7 +118,18 @@ class ChannelServer:
         return ch is not None and not ch.closed
 
     def incoming(self, pd_id: int) -> None:
-        """A connection was queued for pd_id: answer a waiting accept."""
+        """A connection was queued for pd_id: answer a waiting accept.
+
+        With no accept waiting the leader is not woken (that costs the caller
+        a thread switch): an accept that comes later is served when it is
+        read, and one the leader is registering now right after.
+        """
+        with self._lock:
+            ch = self._channels.get(pd_id)
+        if ch is not None:
+            with ch.lock:
+                if not ch.accepts:
+                    return
         self._wake()
 
     def close(self) -> None:
@@ -118,8 +139,13 @@ class ChannelServer:
         for ch in channels:
             self._close(ch)
         self._wake()
-        self._thread.join()
-        self._pool.shutdown(wait=True)
+        while True:
+            with self._lock:
+                alive = [t for t in self._threads if t.is_alive()]
+            if not alive:
+                break
+            for t in alive:
+                t.join()
         self._sel.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -131,12 +157,49 @@ class ChannelServer:
         except BlockingIOError:
             pass            # a wake-up is pending already
 
-    def _loop(self) -> None:
+    def _spawn(self) -> bool:
+        """One more serving thread, if WORKERS + 1 are not there yet (the caller holds self._lock)."""
+        self._threads = [t for t in self._threads if t.is_alive()]
+        if self._stopping or len(self._threads) > WORKERS:
+            return False
+        t = threading.Thread(target=self._serve, name="bmi-channel", daemon=True)
+        self._threads.append(t)
+        t.start()
+        return True
+
+    def _serve(self) -> None:
+        """A serving thread: run waiting requests; else lead (read the channels) until there is one to run."""
+        while True:
+            with self._lock:
+                ch = self._ready.popleft() if self._ready else None
+                if ch is None:
+                    self._idle += 1
+                else:
+                    self._running += 1
+            if ch is None:
+                with self._leader:
+                    with self._lock:
+                        self._idle -= 1
+                    ch = self._lead()
+                if ch is None:
+                    return
+            try:
+                self._work(ch)
+            finally:
+                with self._lock:
+                    self._running -= 1
+
+    def _lead(self) -> _Channel | None:
+        """Read the channels until a request is there to run and another thread can take the lead
+        (that channel is returned, counted as running), or the server stops (None)."""
         while True:
             self._apply_ops()
             with self._lock:
                 if self._stopping and not self._channels:
-                    return
+                    return None
+                if self._ready and self._running < WORKERS and (self._idle > 0 or self._spawn()):
+                    self._running += 1
+                    return self._ready.popleft()
                 channels = list(self._channels.values())
             self._serve_accepts(channels)
             for key, _ in self._sel.select(self._next_deadline(channels)):
@@ -203,7 +266,10 @@ class ChannelServer:
             if not data and not fds:
                 self._close(ch)            # EOF: every process of the PD closed its channel
                 return
+            idle = not ch.running
             self._take(ch, data, fds, whole)
+            if idle and ch.running:
+                return      # a request to run now: the next leader reads the rest (the channel stays readable)
 
     def _take(self, ch: _Channel, data: bytes, fds: list[int], whole: bool) -> None:
         """Turn one record into a queued request, or answer it with an error right here."""
@@ -253,7 +319,8 @@ class ChannelServer:
             if fd is not None:
                 os.close(fd)
         if start:
-            self._pool.submit(self._work, ch)
+            with self._lock:
+                self._ready.append(ch)
 
     def resume(self, pd_id: int, msg_id: Any, method: str, params: dict) -> None:
         """Take a request again that a previous server read but never answered (bmid after a restart)."""
@@ -319,6 +386,7 @@ class ChannelServer:
 
     # -- workers ----------------------------------------------------------------------------
     def _work(self, ch: _Channel) -> None:
+        """Run ch's next request; put ch back in line if it has more."""
         with ch.lock:
             if not ch.queue or ch.closed:
                 for *_, fd in ch.queue:
@@ -330,9 +398,15 @@ class ChannelServer:
             msg_id, method, params, fd = ch.queue.popleft()
         try:
             self._answer(ch, msg_id, method, params, fd)
-        except Exception:           # the worker lives on: the next request of this PD is served
+        except Exception:           # the thread lives on: the next request of this PD is served
             log.exception("PD %d: answering %s failed inside the layer", ch.pd_id, method)
-        self._pool_next(ch)
+        with ch.lock:
+            more = bool(ch.queue)
+            if not more:
+                ch.running = False
+        if more:
+            with self._lock:
+                self._ready.append(ch)
 
     def _answer(self, ch: _Channel, msg_id: Any, method: str, params: dict, fd: int | None) -> None:
         """Run one request and send its reply, or an error the caller gets in its place."""
@@ -370,18 +444,6 @@ class ChannelServer:
                 f"{method} by PD {pd_id}: the reply was {len(data)} bytes, over the channel's frame of "
                 f"{p.MAX_MESSAGE} bytes; ask for less at a time (a narrower root, a shorter value)", pd_id=pd_id)
         return data
-
-    def _pool_next(self, ch: _Channel) -> None:
-        with self._lock:
-            stopping = self._stopping
-        try:
-            if not stopping:
-                self._pool.submit(self._work, ch)
-                return
-        except RuntimeError:        # the pool shut down between the check and the submit
-            pass
-        with ch.lock:
-            ch.running = False
 
     def _reply(self, ch: _Channel, message: dict, fds: tuple[int, ...] = ()) -> None:
         self._send(ch, p.encode(message), fds)

@@ -51,20 +51,26 @@ def fd_passing_refusable() -> bool:
         b.close()
 
 
+#: Pairs of one kind kept made ahead: when fewer than LOW are ready or asked for, BATCH more are asked
+#: for at once, so the maker wakes once per BATCH pairs (not once per pair, on a CPU the caller needs).
+LOW, BATCH = 2, 8
+
+
 class SocketMaker:
     """Makes socket pairs in an empty network namespace (see the module's docstring); thread-safe.
 
-    One pair of each kind is asked for ahead, so that the maker makes it
-    while the caller uses the last one: a pair costs two syscalls here, not
-    a round trip through another process.
+    Pairs of each kind asked for are made ahead, in batches (LOW, BATCH):
+    a pair then costs two syscalls here, not a round trip through another
+    process.  A pair made ahead is as good as one made now: it was made by
+    the maker, in its namespace, and is connected to nothing else.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._pidfd = -1
-        self._asked: deque[int] = deque()               # kinds asked for, replies not read yet
-        self._ready: dict[int, tuple[int, int]] = {}    # a pair made ahead, per kind
+        self._asked: deque[int] = deque()                   # kinds asked for, replies not read yet
+        self._ready: dict[int, deque[tuple[int, int]]] = {}  # pairs made ahead, per kind
 
     def pair(self, kind: int, *, fds: bool, what: str, pd_id: int | None = None) -> tuple[socket.socket, socket.socket]:
         """A connected AF_UNIX pair of `kind`; with fds=False neither end accepts fds (where the kernel can refuse)."""
@@ -92,28 +98,33 @@ class SocketMaker:
         return ends
 
     def _take(self, kind: int) -> tuple[int, int] | int:
-        """A pair of `kind` (the one made ahead, if it is there) or the maker's errno; asks for the next one."""
+        """A pair of `kind` (one made ahead, if there is one) or the maker's errno; asks for more when few are left."""
         if self._sock is None:
             from ..drivers.linux.spawn import start_socket_maker
             self._sock, _, self._pidfd = start_socket_maker()
-        self._collect(None)
-        if kind not in self._ready and kind not in self._asked:
-            self._ask(kind)
-        got = self._ready.pop(kind) if kind in self._ready else self._collect(kind)
+        ready = self._ready.setdefault(kind, deque())
+        if not ready:
+            self._collect(None)
+        if not ready and kind not in self._asked:
+            self._ask(kind, 1)
+        got = ready.popleft() if ready else self._collect(kind)
         if not isinstance(got, int):
-            try:
-                self._ask(kind)
-            except OSError:             # the next call finds the maker gone and starts another
-                pass
+            ahead = len(ready) + self._asked.count(kind)
+            if ahead < LOW:
+                try:
+                    self._ask(kind, BATCH - ahead)
+                except OSError:         # the next call finds the maker gone and starts another
+                    pass
         return got
 
-    def _ask(self, kind: int) -> None:
+    def _ask(self, kind: int, count: int) -> None:
         assert self._sock is not None
-        self._sock.send(kind.to_bytes(4, sys.byteorder))
-        self._asked.append(kind)
+        for _ in range(count):
+            self._sock.send(kind.to_bytes(4, sys.byteorder))
+            self._asked.append(kind)
 
     def _collect(self, kind: int | None) -> tuple[int, int] | int | None:
-        """Read the maker's replies: all that are there (kind None), or until the one for `kind`, returned."""
+        """Read the maker's replies: all that are there (kind None), or until the next one for `kind`, returned."""
         assert self._sock is not None
         while self._asked:
             try:
@@ -130,17 +141,16 @@ class SocketMaker:
                 if asked == kind:
                     return code or errno.EPROTO
                 continue
-            for fd in self._ready.pop(asked, ()):
-                os.close(fd)
             if asked == kind:
                 return got[0], got[1]
-            self._ready[asked] = (got[0], got[1])
+            self._ready.setdefault(asked, deque()).append((got[0], got[1]))
         return None
 
     def _stop(self) -> None:
-        for pair in self._ready.values():
-            for fd in pair:
-                os.close(fd)
+        for pairs in self._ready.values():
+            for pair in pairs:
+                for fd in pair:
+                    os.close(fd)
         self._ready.clear()
         self._asked.clear()
         if self._sock is None:

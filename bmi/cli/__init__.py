@@ -22,13 +22,14 @@ from ..uri import is_session, resolve as resolve_uri
 from . import device, integrity, keylime, manage, run
 from .common import UsageError, _Parser
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "program", "build_parser"]
 
 
 def _uris() -> str:
     """Every driver's URIs (bmi/drivers/__init__.py), as the help lists them."""
     return "".join(f"\n  {d.session_uri} (in-process), {d.system_uri} (bmid --uri {d.system_uri}),"
-                     for d in DRIVERS.values())
+                   f"\n  {d.remote_scheme}://[user@]host[:port]/system (that bmid on another host, over ssh),"
+                   for d in DRIVERS.values())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,10 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # the reader (`| head`) is gone: nothing more to say, and nothing at exit either
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        _silence_stdout()
         return EXIT_BROKEN_PIPE
     except errors.InvalidArgument as e:
         return _fail(e, as_json, EXIT_USAGE)
@@ -118,3 +116,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(RuntimeError(f"internal error: {type(e).__name__}: {e} (BMI_DEBUG=1 shows where)"),
                      as_json, EXIT_FAILED)
 
+
+def _silence_stdout() -> None:
+    """The reader (`| head`) is gone: nothing more to say, and nothing at exit either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def program() -> int:
+    """`bmi` as a program (the console script, `python -m bmi.cli`): main(), and no traceback from a Ctrl-C
+    that comes outside main's own handling either: in its first or last lines (status 130), or while the
+    interpreter shuts down after it (the output is flushed, then that Ctrl-C leaves at once with main's status)."""
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        status = EXIT_INTERRUPTED
+    except SystemExit as e:         # --help, --version: argparse has printed what it had to
+        if not isinstance(e.code, (int, type(None))):
+            raise
+        status = e.code or 0
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        status = status or EXIT_BROKEN_PIPE
+    except (KeyboardInterrupt, OSError, ValueError):
+        pass
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(status))
+    return status

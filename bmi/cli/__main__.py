@@ -1,6 +1,6 @@
 """`python -m bmi.cli`: the `bmi` command."""
 import sys
 
-from . import main
+from . import program
 
-sys.exit(main())
+sys.exit(program())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shlex
 import shutil
 import signal
@@ -13,7 +14,7 @@ from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
 from .. import errors, params
 from ..errors import InvalidArgument, NoSuchDomain
 from ..image import FileImage
-from ..types import PDDescription
+from ..types import PDDescription, PDStatus
 
 PROGRESS_THRESHOLD = 64 * 1024 * 1024
 NAME_PARAM = "/name"
@@ -176,11 +177,7 @@ def prepare_pd(mgr: Any, args: argparse.Namespace, argv: Sequence[str] | None, c
         apply_device_options(mgr, pd, args)     # --net config, --device assignments
         check()
         image = FileImage(args.image)
-        with progress(args, image.get_image_size(), "measuring") as update:
-            def copied(done: int, total: int) -> None:
-                check()
-                if update is not None:
-                    update(done, total)
+        with checked_progress(args, image.get_image_size(), "measuring", check) as copied:
             pd.setup_pd(image, banks=[b.strip() for b in args.banks.split(",") if b.strip()], progress=copied)
         check()
     except BaseException:
@@ -189,12 +186,32 @@ def prepare_pd(mgr: Any, args: argparse.Namespace, argv: Sequence[str] | None, c
     return pd
 
 
+def start_pd(pd: Any, args: argparse.Namespace, check: Callable[[], None]) -> None:
+    """Start a PD prepare_pd made, with a bar while its root archive is unpacked (Ctrl-C stops that too)."""
+    with checked_progress(args, os.path.getsize(args.image), "unpacking", check) as unpacked:
+        pd.request_status_change(PDStatus.RUNNING, progress=unpacked)
+
+
+@contextlib.contextmanager
+def checked_progress(args: argparse.Namespace, total: int, desc: str,
+                     check: Callable[[], None]) -> Iterator[Callable[[int, int], None]]:
+    """The progress callback of a long API call: a bar (progress) where there is one, and a held Ctrl-C
+    raised at each report (held_interrupts' check), so the call stops where it can clean up."""
+    with progress(args, total, desc) as update:
+        def report(done: int, now_total: int) -> None:
+            check()
+            if update is not None:
+                update(done, now_total)
+        yield report
+
+
 @contextlib.contextmanager
 def progress(args: argparse.Namespace, total: int | None, desc: str) -> Iterator[Callable[[int, int], None] | None]:
     """A progress bar (tqdm) on stderr for a long step, when stderr is a terminal and not --quiet.
 
-    total None: not known before the step starts.  Yields the callback setup_pd and bundle take
-    (done, total), or None when there is no bar."""
+    total None: not known before the step starts.  Yields the callback setup_pd, request_status_change and
+    bundle take (done, total), or None when there is no bar.  The bar appears at the first report: a step that
+    reports nothing (an ELF image is not unpacked) shows none."""
     if (getattr(args, "quiet", False) or not sys.stderr.isatty()
             or (total is not None and total < PROGRESS_THRESHOLD)):
         yield None
@@ -202,13 +219,21 @@ def progress(args: argparse.Namespace, total: int | None, desc: str) -> Iterator
     from tqdm import tqdm
     # shutil's size: $COLUMNS/$LINES, the terminal's, or 80x24 where a terminal reports 0 (tqdm would draw nothing)
     size = shutil.get_terminal_size()
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
-              leave=False, ncols=size.columns, nrows=size.lines) as bar:
-        def update(done: int, now_total: int) -> None:
-            if bar.total != now_total:
-                bar.total = now_total
-            bar.update(done - bar.n)
+    bar = None
+
+    def update(done: int, now_total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=now_total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
+                       leave=False, ncols=size.columns, nrows=size.lines)
+        if bar.total != now_total:
+            bar.total = now_total
+        bar.update(done - bar.n)
+    try:
         yield update
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 

@@ -104,14 +104,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pinned_key(value: str | None) -> str | None:
+def _pinned_key(value: str | None, what: str = "verify") -> str | None:
     """--ak: a fingerprint as is, else the PEM in that file."""
     if value is None or value.strip().lower().startswith("sha256:"):
         return value
     try:
         return Path(value).read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"verify: cannot read --ak {value}: {getattr(e, 'strerror', None) or e}; "
+        raise InvalidArgument(f"{what}: cannot read --ak {value}: {getattr(e, 'strerror', None) or e}; "
                               "give the AK's PEM file or its fingerprint sha256:<hex>") from None
 
 

@@ -22,8 +22,9 @@ from ..errors import InvalidArgument, NotSupported
 from ..params import normalize
 from ..types import PDStatus
 from ..uri import open as bmi_open
+from .integrity import _pinned_key
 from .common import (NAME_PARAM, add_pd_options, connection_rows, describe, held_interrupts,
-                     prepare_pd, resolve)
+                     prepare_pd, resolve, start_pd)
 
 STATUS_VERBS = {"start": PDStatus.RUNNING, "pause": PDStatus.PAUSED, "resume": PDStatus.RUNNING,
                 "shutdown": PDStatus.SHUTDOWN, "restart": PDStatus.RESTARTING, "destroy": PDStatus.DESTROYED}
@@ -83,7 +84,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         pd = prepare_pd(mgr, args, argv, check, {NAME_PARAM: args.name} if args.name is not None else {})
         try:
             if args.start:
-                pd.request_status_change(PDStatus.RUNNING)
+                start_pd(pd, args, check)
             check()
         except BaseException:
             pd.destroy()                # nothing half-built is left behind
@@ -206,13 +207,35 @@ def cmd_attest(args: argparse.Namespace) -> int:
         nonce = bytes.fromhex(args.nonce)
     except ValueError:
         raise InvalidArgument(f"attest: --nonce {args.nonce!r} is not hex") from None
+    ak = _pinned_key(args.ak, "attest")
     with bmi_open(args.uri) as mgr:
         report = resolve(mgr, args.pd).get_integrity_link(nonce)
+    if ak is not None:          # checked here, against the key pinned beforehand, not one the layer sends now
+        from ..integrity.keys import resolve as resolve_key
+        from ..integrity.verify import verify_report
+        verify_report(report, nonce=nonce, pd_integrity=report.pd_integrity, ak=ak)
     text = report.to_json()
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     print(text)
+    if ak is not None:
+        print(f"verified: signed by the pinned AK {resolve_key(ak, 'attest').fingerprint}, nonce {args.nonce}, "
+              f"PD measurement {report.pd_integrity.hex()}", file=sys.stderr)
+    return 0
+
+
+def cmd_ak(args: argparse.Namespace) -> int:
+    """The layer's attestation key, to pin once (at enrolment) for `bmi attest --ak` and `bmi verify --ak`."""
+    with bmi_open(args.uri) as mgr:
+        key = mgr.get_attestation_key()
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(key.pem)
+    if args.json:
+        print(json.dumps({"fingerprint": key.fingerprint, "pem": key.pem, "tpm": key.tpm}, indent=2))
+    else:
+        print(f"fingerprint {key.fingerprint}\n{key.pem}", end="" if key.pem.endswith("\n") else "\n")
     return 0
 
 
@@ -262,6 +285,9 @@ EXAMPLES = {
     "attest": "example:\n  bmi --uri linux:///system attest web --nonce 00ff --out report.json\n"
               "  bmi verify report.json --nonce 00ff --expect-image /bin/busybox \\\n"
               "      --ak ak.pem             # the AK's PEM from `bmi tpm` on the host",
+    "ak": "example (once, when enrolling the host; then pin the file):\n"
+          "  bmi --uri linux+ssh://root@host/system ak --out host-ak.pem\n"
+          "  bmi --uri linux+ssh://root@host/system attest web --nonce 00ff --ak host-ak.pem",
     "console": "example:\n  bmi --uri linux:///system console web -f",
     "events": "examples:\n  bmi --uri linux:///system events --json          # until Ctrl-C\n"
               "  bmi --uri linux:///system events --since 0 --timeout 1   # the stored log, then stop",
@@ -312,6 +338,13 @@ def register(sub: Any) -> None:
     attest = add("attest", "an integrity report (TPM quote) of the PD, as JSON", cmd_attest)
     attest.add_argument("--nonce", required=True, help="hex nonce (1..64 bytes)")
     attest.add_argument("--out", help="also write the report to this file")
+    attest.add_argument("--ak", metavar="FILE|FINGERPRINT",
+                        help="verify the report here against the machine's attestation key, pinned beforehand "
+                             "(a PEM file or sha256:<hex>, from `bmi tpm`): exit 1 (IntegrityError) if it fails")
+    ak = add("ak", "the layer's attestation key (AK): its fingerprint and PEM, to pin for attest/verify --ak",
+             cmd_ak, pd=False)
+    ak.add_argument("--out", metavar="FILE", help="also write the PEM to FILE")
+    ak.set_defaults(needs_bmid=False)
     console = add("console", "the PD's console output", cmd_console)
     console.add_argument("-f", "--follow", action="store_true", help="keep printing until the PD ends")
     events = add("events", "status events of every PD as they happen (bmid)", cmd_events, pd=False)

@@ -13,7 +13,8 @@ from ..clientlib import pd_client_dir
 from ..errors import NotSupported
 from ..types import ConnectionPolicy, ConnectionType, PDStatus
 from ..uri import open as bmi_open
-from .common import add_pd_options, connection_rows, held_interrupts, parse_hex, prepare_pd, progress, resolve
+from .common import (add_pd_options, connection_rows, held_interrupts, parse_hex, prepare_pd, progress, resolve,
+                     start_pd)
 
 EPILOG_RUN = """\
 examples:
@@ -65,7 +66,7 @@ def _exit_code(status: PDStatus, exit_status: str | None, reason: str) -> int:
 
 def _start_and_stream(pd: Any, args: argparse.Namespace, check: Callable[[], None]) -> None:
     """Start the PD (attest it when asked) and copy its console to stdout until it ends."""
-    pd.request_status_change(PDStatus.RUNNING)
+    start_pd(pd, args, check)
     if args.attest:
         nonce = bytes.fromhex(args.nonce) if args.nonce is not None else os.urandom(32)
         report = pd.get_integrity_link(nonce)

@@ -31,6 +31,11 @@ class DriverEntry:
         return f"{self.scheme}:///system"
 
     @property
+    def remote_scheme(self) -> str:
+        """SCHEME+ssh: the same bmid on another host, over ssh (bmi/remote/)."""
+        return f"{self.scheme}+ssh"
+
+    @property
     def session_uri(self) -> str:
         return f"{self.scheme}:///session"
 

@@ -71,8 +71,10 @@ class Driver(abc.ABC):
         """Copy the image into the PD's memory, measuring it in the same pass."""
 
     @abc.abstractmethod
-    def start(self, handle: Any, config: Mapping[str, str], priority: int, **channel: int) -> None:
-        """Run exactly the measured image; drivers with `channels` take channel_fd=, the PD's end of its channel."""
+    def start(self, handle: Any, config: Mapping[str, str], priority: int, *, progress: Progress | None = None,
+              **channel: int) -> None:
+        """Run exactly the measured image; drivers with `channels` take channel_fd=, the PD's end of its channel.
+        progress(done, total) is called while a root archive is unpacked (never where nothing is unpacked)."""
 
     @abc.abstractmethod
     def stop(self, handle: Any, grace: float) -> ExitInfo:
@@ -140,8 +142,8 @@ class Driver(abc.ABC):
         a child's within its parent's; None for a parameter that grants nothing."""
         return None
 
-    def extra_params(self, handle: Any) -> dict[str, Any]:
-        """Driver-specific runtime parameters (name -> params.Leaf)."""
+    def extra_params(self, handle: Any, config: Mapping[str, str]) -> dict[str, Any]:
+        """Driver-specific runtime parameters (name -> params.Leaf); config is the PD's (some depend on it)."""
         return {}
 
     def list_devices(self) -> list[str]:

@@ -26,17 +26,18 @@ from .._measure import ffi, lib
 from ..errors import ImageError, InvalidArgument, ResourceError
 from ..image import FdImage, is_plain_file_image, open_file_image
 
-SUPPORTED_BANKS = ("sha256", "sha384", "sha512")
 DEFAULT_MAX_IMAGE = 4 << 30
 CHUNK_SIZE: int = lib.BMI_MEAS_CHUNK
 FILE_STEP = 16 * CHUNK_SIZE          # a FileImage reports progress this often
 _ZERO_READ_RETRIES = 3
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_BANK_BIT = {"sha256": lib.BMI_BANK_SHA256, "sha384": lib.BMI_BANK_SHA384, "sha512": lib.BMI_BANK_SHA512}
-# (start, end) of each bank's digest in what bmi_meas_finish writes: the C struct's layout, from the cdef
-_DIGEST_AT = {bank: (ffi.offsetof("struct bmi_meas_digests", bank),
-                     ffi.offsetof("struct bmi_meas_digests", bank) + ffi.sizeof(field.type))
-              for bank, field in ffi.typeof("struct bmi_meas_digests").fields}
+# The banks are what csrc/measure/measure.h names, read from its cdef: the fields of struct
+# bmi_meas_digests (where bmi_meas_finish writes each digest) and their BMI_BANK_* bits.
+_DIGESTS = ffi.typeof("struct bmi_meas_digests").fields
+SUPPORTED_BANKS: tuple[str, ...] = tuple(bank for bank, _ in _DIGESTS)
+_BANK_BIT = {bank: getattr(lib, f"BMI_BANK_{bank.upper()}") for bank in SUPPORTED_BANKS}
+# (start, end) of each bank's digest in what bmi_meas_finish writes
+_DIGEST_AT = {bank: (field.offset, field.offset + ffi.sizeof(field.type)) for bank, field in _DIGESTS}
 _RESOURCE_ERRNOS = {errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EDQUOT, errno.EAGAIN, errno.EMFILE}
 
 Progress = Callable[[int, int], None]

@@ -25,6 +25,8 @@ try:        # AES-CFB is what TPM duplication uses; newer cryptography files it 
 except ImportError:  # pragma: no cover - cryptography < 47
     from cryptography.hazmat.primitives.ciphers.modes import CFB
 
+#: The TPM's hash algorithms (TPM_ALG_ID) by name: the one list of them in Python; the banks bmi measures
+#: with (bmi.integrity.measure.SUPPORTED_BANKS, from csrc/measure/measure.h) are among them.
 ALG_IDS = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C, "sha512": 0x000D}
 ALG_NAMES = {v: k for k, v in ALG_IDS.items()}
 ALG_KEYEDHASH = 0x0008
@@ -48,8 +50,7 @@ RESTRICTED = 1 << 16
 DECRYPT = 1 << 17
 SIGN = 1 << 18
 
-_CRYPTO_HASH = {"sha1": hashes.SHA1, "sha256": hashes.SHA256,
-                "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+_CRYPTO_HASH = {name: getattr(hashes, name.upper()) for name in ALG_IDS}
 
 
 class Reader:

@@ -10,12 +10,15 @@ are those of bmi/channel/dispatch.py plus a few manager-only ones below).
 Crash safety, in order, for every call that changes something:
 0. while the state directory is full (the store's reserve spent and not
    made again) the call is refused before anything happens,
-1. the intent is written to the store (ops table),
+1. the intent is written to the store (ops table; no fsync of its own,
+   see Store.begin),
 2. the call runs,
 3. the changed PD records, any status events and the end of the intent are
-   written in one transaction (from the reserve if the disk is full); if
-   even that fails bmid exits at once (FAIL_STOP) so memory never holds a
-   change the store lacks, and the next start treats it as a crash,
+   written in one transaction (from the reserve if the disk is full),
+   shared with the changes other clients made meanwhile (group commit,
+   Store.commit: one fsync for all); if even that fails bmid exits at once
+   (FAIL_STOP) so memory never holds a change the store lacks, every
+   member of the group is refused, and the next start treats it as a crash,
 4. only after the commit do the record cache, the status board and event
    subscribers see the change, and only then is the reply sent.
 A PD's exit record is read through the fd keeper, which keeps it until the
@@ -269,8 +272,29 @@ class Daemon:
         self._alloc_lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
+        if "group" in os.environ.get(TEST_PAUSE, "").split():
+            self._gather_groups_for_tests()
         self.restore()
         threading.Thread(target=self._reconcile_exits, name="bmid-exits", daemon=True).start()
+
+    def _gather_groups_for_tests(self) -> None:
+        """BMID_TEST_PAUSE=group (tests only): while a file gather-<n> is in the state directory, a change
+        waits (up to 30 s) until n changes are queued for the next commit group, and that group stops at the
+        pause point group-of-<its size> inside its transaction, before its COMMIT."""
+        def gathering() -> int:
+            return next((int(n[7:]) for n in os.listdir(self.state_dir) if n.startswith("gather-")), 0)
+
+        def gather() -> None:
+            want, deadline = gathering(), time.monotonic() + 30
+            while want and 0 < self.store.queued() < want and time.monotonic() < deadline:
+                time.sleep(0.005)       # (an empty queue: a group took this change already)
+
+        def pause(members: int) -> None:
+            if gathering():
+                _pause_at(self.state_dir, f"group-of-{members}")
+
+        self.store.before_group_test_hook = gather       # type: ignore[method-assign]
+        self.store.group_test_hook = pause               # type: ignore[method-assign]
 
     # -- persistence ----------------------------------------------------------------------
     def persist(self, ids: Iterable[int] | None = None, op_id: int | None = None, *, ops: Iterable[int] = (),
@@ -290,15 +314,17 @@ class Daemon:
             written: dict[int, dict[str, Any] | None] = {}
             shown: dict[int, PDStatus] = {}
             current, next_id = self.mgr.records(ids)
-            todo = set(current) | set(self._cache) if ids is None else set(ids)
+            staged = self.store.staged          # what earlier members of this commit group wrote
+            todo = set(current) | set(self._cache) | set(staged) if ids is None else set(ids)
             for pd_id in sorted(todo):
-                record, old = current.get(pd_id), self._cache.get(pd_id)
+                record = current.get(pd_id)
+                old = staged[pd_id] if pd_id in staged else self._cache.get(pd_id)
                 if record is None:
                     if old is not None:
                         Store.delete_pd(db, pd_id)
                         events.append(Store.add_event(db, pd_id, PDStatus.DESTROYED.name, "",
                                                       old["config"].get("/name", "")))
-                        written[pd_id] = None
+                        written[pd_id] = staged[pd_id] = None
                     continue
                 shown[pd_id] = PDStatus[record["status"]]
                 name = record["config"].get("/name", "")
@@ -309,7 +335,7 @@ class Daemon:
                     if old is None or old["status"] != record["status"] or pd_id == restarted:
                         reason = record["ended"]["reason"] if record["ended"] else ""
                         events.append(Store.add_event(db, pd_id, record["status"], reason, name))
-                    written[pd_id] = record
+                    written[pd_id] = staged[pd_id] = record
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('next_id', ?)", (str(next_id),))
             for op in ended:
                 Store.end(db, op)
@@ -719,12 +745,17 @@ def test_pause(state_dir: str, *points: str) -> None:
     wanted = set(os.environ.get(TEST_PAUSE, "").split())
     for point in points:
         if point in wanted:
-            with open(os.path.join(state_dir, f"paused-{point}"), "w"):
-                pass
-            resume = os.path.join(state_dir, f"resume-{point}")
-            while not os.path.exists(resume):
-                time.sleep(0.01)
-            os.unlink(resume)
+            _pause_at(state_dir, point)
+
+
+def _pause_at(state_dir: str, point: str) -> None:
+    """test_pause's stop at one point: the file paused-<point>, then wait for resume-<point>."""
+    with open(os.path.join(state_dir, f"paused-{point}"), "w"):
+        pass
+    resume = os.path.join(state_dir, f"resume-{point}")
+    while not os.path.exists(resume):
+        time.sleep(0.01)
+    os.unlink(resume)
 
 
 def _send_reply(conn: socket.socket, reply: dict, fds: tuple[int, ...]) -> None:

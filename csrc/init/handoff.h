@@ -45,11 +45,13 @@ struct bmi_ll_path_beneath {
                        CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET)
 #define HIGH_FD 10
 
-/* One failure record, written with a single write() (< PIPE_BUF, so atomic). */
+/* One record, written with a single write() (< PIPE_BUF, so atomic): a failure, the hold (BMI_SPAWN_HELD), or
+ * how many bytes of the root archive are unpacked (BMI_SPAWN_UNPACKED: done of total). */
 struct rec {
     int kind, err;
     char stage[120];
     char detail[512];
+    unsigned long long done, total;
 };
 
 struct cfg {

@@ -7,6 +7,7 @@
  * Set-up errors travel back to the manager as one fixed-size record (struct rec) on a pipe.
  */
 #define _GNU_SOURCE
+#include <elf.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -218,6 +219,29 @@ static int apply_seccomp(int flags)
 struct link { uint32_t ino, maj, min; const char *name; };
 static struct link g_links[BMI_CPIO_MAX_HARDLINKS];
 
+/* BMI_SPAWN_PROGRESS: how far the unpacking is, told to the manager (it shows a progress bar) every `step`
+ * bytes of the archive (1%, at least 1 MiB; big files in steps too) and at the end */
+#define UNPACKED_STEP_MIN (1ull << 20)
+static struct {
+    int on, fd;
+    const char *archive;
+    unsigned long long size, step, reported;
+} g_unpacked;
+
+static void report_unpacked(unsigned long long done)
+{
+    g_unpacked.reported = done;
+    struct rec r = {.kind = BMI_SPAWN_UNPACKED, .done = done, .total = g_unpacked.size};
+    if (write_all(g_unpacked.fd, (const char *)&r, sizeof r)) _exit(127); /* the manager gave up; it kills us */
+}
+
+/* the archive is unpacked up to `upto` */
+static void unpacked(const char *upto)
+{
+    unsigned long long done = (unsigned long long)(upto - g_unpacked.archive);
+    if (g_unpacked.on && done >= g_unpacked.reported + g_unpacked.step) report_unpacked(done);
+}
+
 /* Open the directory containing `name` beneath root, refusing symlinks and
  * any escape; *base gets the last component. Returns root itself for top-level names. */
 static int open_parent(int ef, int root, const char *name, const char **base)
@@ -246,13 +270,58 @@ static void make_room(int ef, int pfd, const char *base, const char *name)
     fail(ef, fs_kind(errno), "archive entry", name);
 }
 
+/* Is this file an ELF program rather than a shared library?  ET_EXEC, or ET_DYN with an interpreter
+ * (PT_INTERP) or marked PIE (DF_1_PIE), and without a DT_SONAME: libc.so.6 has PT_INTERP but also a
+ * soname; ld.so, plugins and Python extensions have neither PT_INTERP nor DF_1_PIE.  Bounds-checked: the
+ * data is the PD's. */
+static int is_elf_program(const unsigned char *d, unsigned long size)
+{
+    if (size < sizeof(Elf64_Ehdr) || memcmp(d, ELFMAG, SELFMAG)) return 0;
+    Elf64_Ehdr eh;
+    memcpy(&eh, d, sizeof eh);
+    if (eh.e_type == ET_EXEC) return 1;   /* same offset in ELFCLASS32 */
+    if (eh.e_type != ET_DYN || d[EI_CLASS] != ELFCLASS64 || eh.e_phentsize != sizeof(Elf64_Phdr)
+        || eh.e_phoff > size || eh.e_phnum > (size - eh.e_phoff) / sizeof(Elf64_Phdr)) return 0;
+    int interp = 0, pie = 0, dynamic = 0;
+    for (unsigned i = 0; i < eh.e_phnum; i++) {
+        Elf64_Phdr ph;
+        memcpy(&ph, d + eh.e_phoff + i * sizeof ph, sizeof ph);
+        if (ph.p_type == PT_INTERP) interp = 1;
+        if (ph.p_type != PT_DYNAMIC || dynamic++ || ph.p_offset > size || ph.p_filesz > size - ph.p_offset)
+            continue;   /* the first PT_DYNAMIC only (as ld.so): one linear pass, however the headers lie */
+        for (unsigned long o = 0; o + sizeof(Elf64_Dyn) <= ph.p_filesz; o += sizeof(Elf64_Dyn)) {
+            Elf64_Dyn dyn;
+            memcpy(&dyn, d + ph.p_offset + o, sizeof dyn);
+            if (dyn.d_tag == DT_NULL) break;
+            if (dyn.d_tag == DT_SONAME) return 0;
+            if (dyn.d_tag == DT_FLAGS_1 && (dyn.d_un.d_val & DF_1_PIE)) pie = 1;
+        }
+    }
+    return interp || pie;
+}
+
+/* An executable ELF program from the archive is made execute-only (its x bits, nothing else): the PD runs
+ * as the file's owner without capabilities, so the file is unreadable to it, and the kernel makes every
+ * process that execs it non-dumpable (would_dump).  No process of the PD can then open another's
+ * /proc/<pid>/mem, environ or maps: the ptrace rule applied to /proc, which seccomp cannot do since it does
+ * not see paths.  A #! script stays readable (its interpreter reads it); the kernel judges the interpreter
+ * instead, so a script run by an execute-only shell is covered too.  Libraries stay readable, since ld.so
+ * and dlopen read them.  The PD owns its root, so it may chmod a program back: that exposes only processes
+ * exec'd afterwards, which a PD that writes its own root could subvert anyway. */
 static void write_file(int ef, int pfd, const char *base, const char *name, unsigned long mode,
                        const char *data, unsigned long size, int create)
 {
     int fd = create ? openat(pfd, base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, (mode_t)(mode & 01777))
                     : openat(pfd, base, O_WRONLY | O_TRUNC | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) fail(ef, fs_kind(errno), "creating archive file", name);
-    if (write_all(fd, data, size)) fail(ef, fs_kind(errno), "writing archive file", name);
+    unsigned long chunk = g_unpacked.on ? (unsigned long)g_unpacked.step : size;
+    for (unsigned long off = 0, n; off < size; off += n) {
+        n = size - off < chunk ? size - off : chunk;
+        if (write_all(fd, data + off, n)) fail(ef, fs_kind(errno), "writing archive file", name);
+        unpacked(data + off + n);
+    }
+    if ((mode & 0111) && is_elf_program((const unsigned char *)data, size) && fchmod(fd, (mode_t)(mode & 0111)))
+        fail(ef, fs_kind(errno), "making an archive program execute-only", name);
     close(fd);
 }
 
@@ -308,8 +377,9 @@ static void extract_entry(int ef, int root, const struct bmi_cpio_entry *e, cons
 
 
 /* Unpack a newc archive from the sealed memfd into root: bmi_cpio_check first, the very check setup_pd ran
- * (so a refusal here says the same as there), then every entry through the same parser. */
-static void extract(int ef, int root, int exec_fd)
+ * (so a refusal here says the same as there), then every entry through the same parser (reporting how far it
+ * is with BMI_SPAWN_PROGRESS). */
+static void extract(int ef, int root, int exec_fd, int flags)
 {
     struct stat st;
     if (fstat(exec_fd, &st)) fail(ef, BMI_SPAWN_ERESOURCE, "fstat of the image", NULL);
@@ -323,10 +393,17 @@ static void extract(int ef, int root, int exec_fd)
     struct bmi_cpio_reader r;
     struct bmi_cpio_entry e;
     int nlinks = 0;
+    g_unpacked.on = (flags & BMI_SPAWN_PROGRESS) != 0;
+    g_unpacked.fd = ef;
+    g_unpacked.archive = a;
+    g_unpacked.size = size;
+    g_unpacked.step = size / 100 > UNPACKED_STEP_MIN ? size / 100 : UNPACKED_STEP_MIN;
     bmi_cpio_start(&r, (const uint8_t *)a, size);
     while (bmi_cpio_next(&r, &e, NULL, 0) == 1)
-        if (e.name_len)
+        if (e.name_len) {
             extract_entry(ef, root, &e, a + e.data_offset, &nlinks);
+            unpacked(a + e.data_offset + e.size);
+        }
     /* /init may be a symlink (busybox); resolve it inside the new root only */
     struct open_how how;
     memset(&how, 0, sizeof how);
@@ -336,6 +413,7 @@ static void extract(int ef, int root, int exec_fd)
     if (fd < 0) fail(ef, BMI_SPAWN_EIMAGE, "archive has no usable /init", NULL);
     close(fd);
     munmap((void *)a, size);
+    if (g_unpacked.on) report_unpacked(size);
 }
 
 /* ---------------------------------------------------------------- the PD's root */
@@ -362,7 +440,7 @@ static void build_root(struct cfg *c)
     if (root < 0) fail(ef, BMI_SPAWN_ERESOURCE, "opening the new root", NULL);
     if (mkdirat(root, "proc", 0555) || mkdirat(root, "dev", 0755) || mkdirat(root, "tmp", 01777))
         fail(ef, BMI_SPAWN_ERESOURCE, "creating proc, dev, tmp", NULL);
-    if (c->archive) extract(ef, root, c->exec_fd);
+    if (c->archive) extract(ef, root, c->exec_fd, c->flags);
     int dev = openat(root, "dev", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (dev < 0) fail(ef, BMI_SPAWN_ERESOURCE, "opening dev", NULL);
     for (unsigned i = 0; i < sizeof dev_nodes / sizeof dev_nodes[0]; i++) {

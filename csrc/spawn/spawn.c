@@ -409,7 +409,7 @@ int bmi_spawn(const struct bmi_spawn_args *a, int *pid_out, int *pidfd_out, char
     if (!a || a->exec_fd < 0 || a->console_fd < 0 || a->status_fd < 0 || !a->argv || !a->argv[0] || !a->envp ||
         !a->hostname)
         return put_err(err, errlen, BMI_SPAWN_EINVAL, EINVAL, "spawn arguments", "(fd, argv or hostname)");
-    int flags = a->flags, outer_uid = a->outer_uid, outer_gid = a->outer_gid;
+    int flags = a->flags | (a->progress ? BMI_SPAWN_PROGRESS : 0), outer_uid = a->outer_uid, outer_gid = a->outer_gid;
     char **cgroup_procs = a->cgroup_procs;
     /* execute-only for the PD (it is owned by us, not by anyone mapped into the PD): the program is then
      * not dumpable and its memory not readable through /proc/<pid>/mem by other processes of the PD */
@@ -473,8 +473,15 @@ int bmi_spawn(const struct bmi_spawn_args *a, int *pid_out, int *pidfd_out, char
     if (!kind) {
         struct rec r;
         ssize_t n;
-        do n = read(ep[0], &r, sizeof r); while (n < 0 && errno == EINTR);
-        if (n == (ssize_t)sizeof r && r.kind == BMI_SPAWN_HELD) {
+        for (;;) {  /* progress records (BMI_SPAWN_PROGRESS), then the result: EOF, a failure or the hold */
+            do n = read(ep[0], &r, sizeof r); while (n < 0 && errno == EINTR);
+            if (n != (ssize_t)sizeof r || r.kind != BMI_SPAWN_UNPACKED) break;
+            if (a->progress && a->progress(a->progress_ctx, r.done, r.total)) break;
+        }
+        if (n == (ssize_t)sizeof r && r.kind == BMI_SPAWN_UNPACKED) {
+            kind = put_err(err, errlen, BMI_SPAWN_STOPPED, ECANCELED, "unpacking the root archive",
+                           "(stopped by the progress callback)");
+        } else if (n == (ssize_t)sizeof r && r.kind == BMI_SPAWN_HELD) {
             /* the program waits for the caller's SIGCONT (BMI_SPAWN_HOLD) */
         } else if (n == (ssize_t)sizeof r) {
             r.stage[sizeof r.stage - 1] = r.detail[sizeof r.detail - 1] = 0;

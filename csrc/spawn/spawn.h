@@ -13,6 +13,8 @@
  * forwards), so the manager can add device nodes and interfaces first; bmi_spawn returns once it waits.  An exec
  * that fails after the hold is seen only as the program's exit status 127. */
 #define BMI_SPAWN_HOLD 0x400
+/* internal (set when args->progress is given): bmi-init reports how much of a root archive it has unpacked */
+#define BMI_SPAWN_PROGRESS 0x800
 
 /* return codes: 0 = started; otherwise err holds "stage: reason" */
 #define BMI_SPAWN_OK 0
@@ -20,6 +22,8 @@
 #define BMI_SPAWN_ERESOURCE 2
 #define BMI_SPAWN_EINVAL 3
 #define BMI_SPAWN_HELD 4        /* internal: the record saying the program waits (BMI_SPAWN_HOLD) */
+#define BMI_SPAWN_UNPACKED 5    /* internal: the record saying how much of the root archive is unpacked */
+#define BMI_SPAWN_STOPPED 6     /* the progress callback returned non-zero: the PD was killed */
 
 /* What a PD is started with; -1 for an fd it has none of (lifeline, channel). */
 struct bmi_spawn_args {
@@ -38,6 +42,10 @@ struct bmi_spawn_args {
     unsigned long long keep_caps;   /* bit n: the program keeps capability n */
     unsigned long long *phases_ns;  /* NULL, or BMI_SPAWN_PHASES durations out: clone; uid maps and placement;
                                      * release to the program's exec (bmi-init's work) */
+    /* NULL, or called in the caller's thread as a root archive is unpacked (done of total bytes, up to
+     * done == total); non-zero from it stops the start */
+    int (*progress)(void *ctx, unsigned long long done, unsigned long long total);
+    void *progress_ctx;
 };
 #define BMI_SPAWN_PHASES 3
 

@@ -7,7 +7,7 @@ import stat
 import pytest
 
 import bmi
-from bmi.drivers.linux.formats import CpioWriter
+from bmi.drivers.cpio import CpioWriter
 from tests.helpers import busybox_path
 
 

@@ -184,3 +184,28 @@ def test_server_answers_raw_garbage_with_errors(mgr):
         assert protocol.decode(sock.recv(70000)) == {"jsonrpc": "2.0", "id": "x", "result": 1}
     finally:
         sock.close()
+
+
+def test_a_pd_loads_a_childs_image_through_the_one_copy_path(mgr, as_pd):
+    """Inside a PD, setup_pd of a PDImage that is no file goes through the shared handover (handover_fd):
+    progress reaches the end, the measurement is of the bytes given, and a misbehaving image gets the
+    typed error session mode gives, not an OSError, with nothing sent to the layer."""
+    import hashlib
+
+    parent = mgr.allocate_pd(PDDescription(mem=64 * MB))
+    child = as_pd(parent).allocate_pd(PDDescription(mem=16 * MB))
+    data = build("chanpeer").read_bytes()
+    seen = []
+    child.setup_pd(bmi.BytesImage(data), progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (len(data), len(data))
+    assert mgr.get_controller(child.get_pd_id()).measurement()["sha256"] == hashlib.sha256(data).digest()
+
+    class Short(bmi.BytesImage):
+        def get_image_size(self) -> int:
+            return len(self.data) + 4096         # claims more than get_data gives
+
+    with pytest.raises(bmi.ImageError, match=rf"of PD {child.get_pd_id()}: get_data returned no data"):
+        child.setup_pd(Short(data))
+    with pytest.raises(bmi.InvalidArgument, match="progress must be callable"):
+        child.setup_pd(bmi.BytesImage(data), progress=3)
+    assert mgr.get_controller(child.get_pd_id()).get_current_status() is bmi.PDStatus.READY

@@ -2,13 +2,15 @@
 understand, and a typo under /boot/ is refused by the API itself (so bmid and the PD channel refuse it too)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 import bmi
-from tests.helpers import busybox_path, start
+from tests.helpers import busybox_path, output, start
+from tests.images import newc
 
 
 @pytest.fixture(params=["session", "system"])
@@ -80,3 +82,78 @@ def test_uris_refuse_options_they_do_not_understand():
     with pytest.raises(bmi.InvalidArgument, match=r"unknown query option 'sock'; linux:///system understands: "
                                                   r"socket"):
         bmi.open("linux:///system?sock=/tmp/x")
+
+
+@pytest.fixture
+def root_archive(tmp_path):
+    """A newc root of about 12 MiB: busybox as /init, four 1 MiB files and one of 6 MiB (reported in 1 MiB steps
+    too: about 12 reports in all)."""
+    with open(busybox_path(), "rb") as f:
+        busybox = f.read()
+    entries = [("bin", 0o40755), ("bin/busybox", 0o100755, busybox), ("init", 0o120777, b"bin/busybox")]
+    entries += [(f"blob{i}", 0o100644, os.urandom(1 << 20)) for i in range(4)]
+    entries.append(("blob9", 0o100644, os.urandom(6 << 20)))
+    path = tmp_path / "root.cpio"
+    path.write_bytes(newc(entries))
+    return str(path)
+
+
+def _ready(mgr, image: str) -> bmi.PDController:
+    pd = mgr.allocate_pd(bmi.PDDescription(mem="64M"))
+    pd.setup_pd(bmi.FileImage(image))
+    pd.set_config_param("/boot/cmdline", "busybox sh -c 'busybox ls /blob9'")
+    return pd
+
+
+def test_unpacking_a_root_reports_progress(mgr, root_archive):
+    """request_status_change(RUNNING, progress=) as a start unpacks a root archive: the bytes of the archive done,
+    increasing, up to its size; bmid unpacks in system mode, where the callback is taken but not called."""
+    size = os.path.getsize(root_archive)
+    calls: list[tuple[int, int]] = []
+    pd = _ready(mgr, root_archive)
+    pd.request_status_change(bmi.PDStatus.RUNNING, progress=lambda done, total: calls.append((done, total)))
+    assert output(pd) == "/blob9\n"
+    if isinstance(mgr, bmi.api.PDManagement):
+        assert len(calls) >= 10 and calls[-1] == (size, size) and {total for _, total in calls} == {size}
+        assert all(0 < a[0] < b[0] for a, b in zip(calls, calls[1:])), calls
+    else:
+        assert calls == []
+    calls.clear()
+    elf = start(mgr, ["busybox", "true"])            # an ELF image is not unpacked: no report
+    elf.request_status_change(bmi.PDStatus.RESTARTING, progress=lambda done, total: calls.append((done, total)))
+    assert calls == []
+    for each in (pd, elf):
+        each.destroy()
+
+
+def test_an_unpack_callback_that_is_not_callable_is_refused(mgr, root_archive):
+    pd = _ready(mgr, root_archive)
+    with pytest.raises(bmi.InvalidArgument, match="progress must be callable"):
+        pd.request_status_change(bmi.PDStatus.RUNNING, progress="not callable")
+    assert pd.get_current_status() is bmi.PDStatus.READY
+    pd.destroy()
+
+
+def test_a_failing_unpack_callback_stops_the_start_and_leaves_nothing(root_archive):
+    """Session mode only: bmid unpacks in system mode, where no callback of ours runs."""
+    with bmi.open("linux:///session", integrity=False) as mgr:
+        _a_failing_unpack_callback_stops_the_start(mgr, root_archive)
+
+
+def _a_failing_unpack_callback_stops_the_start(mgr, root_archive):
+    pd = _ready(mgr, root_archive)
+
+    def fail(done: int, total: int) -> None:
+        raise ValueError("disk full")
+    with pytest.raises(bmi.InvalidArgument, match=r"stopped by the progress callback.*ValueError\('disk full'\)"):
+        pd.request_status_change(bmi.PDStatus.RUNNING, progress=fail)
+    assert pd.get_current_status() is bmi.PDStatus.READY
+
+    def interrupt(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):            # passed through untouched, as setup_pd's progress does
+        pd.request_status_change(bmi.PDStatus.RUNNING, progress=interrupt)
+    assert pd.get_current_status() is bmi.PDStatus.READY
+    pd.request_status_change(bmi.PDStatus.RUNNING)     # and it still starts
+    assert output(pd) == "/blob9\n"
+    pd.destroy()

@@ -30,6 +30,15 @@ def _json_error(done: subprocess.CompletedProcess) -> dict:
     return out["error"]
 
 
+def test_a_missing_or_unknown_command_is_a_usage_error():
+    for args in ([], ["frob"]):
+        done = bmi(*args)
+        assert done.returncode == 2 and done.stdout == "" and done.stderr.startswith("usage: bmi"), done.stderr
+        assert done.stderr.splitlines()[-1].startswith("bmi: InvalidArgument: bmi: ")
+        as_json = bmi(*args, "--json")
+        assert as_json.returncode == 2 and _json_error(as_json)["type"] == "InvalidArgument"
+
+
 def test_exit_status_and_json_error_shape_are_the_same_for_every_command(tmp_path):
     bad = tmp_path / "bad"
     bad.write_bytes(b"not an image")
@@ -54,6 +63,7 @@ def test_exit_status_and_json_error_shape_are_the_same_for_every_command(tmp_pat
 #: One failing invocation of every command, and the status it must end with.
 FAILING = {
     "info": (["--uri", "linux:///nowhere"], 2),
+    "ak": (["--uri", "linux+ssh://host/system?user=me"], 2),            # an option +ssh URIs do not have
     "run": (["/no/such/image"], 2),
     "bundle": (["/no/such/prog", "-o", "/nonexistent/x.cpio"], 1),     # the output cannot be made
     "verify": (["/no/such/report.json", "--nonce", "00", "--expect-digest", "00"], 2),
@@ -172,6 +182,20 @@ def test_show_tells_everything_in_one_call(daemon):
     assert bmi("shutdown", "web", uri=daemon.uri).returncode == 0
     ended = json.loads(bmi("show", "web", "--json", uri=daemon.uri).stdout)
     assert ended["status"] in ("SHUTDOWN", "CRASHED") and ended["exit_reason"] and ended["uptime"] is None
+
+
+def test_show_tells_how_a_pd_ended(daemon):
+    made = bmi("create", "--image", busybox_path(), "--name", "job", "--start", "--", "busybox", "sh", "-c", "exit 3",
+               uri=daemon.uri)
+    assert made.returncode == 0, made.stderr
+    deadline = time.monotonic() + 20
+    while (info := json.loads(bmi("show", "job", "--json", uri=daemon.uri).stdout))["status"] == "RUNNING":
+        assert time.monotonic() < deadline, info
+        time.sleep(0.1)
+    assert (info["status"], info["exit_status"], info["uptime"]) == ("SHUTDOWN", 3, None), info
+    assert "exited with status 3" in info["exit_reason"], info
+    human = bmi("show", "job", uri=daemon.uri).stdout
+    assert "SHUTDOWN" in human and "exited with status 3" in human, human
 
 
 def test_create_has_runs_options(daemon):

@@ -14,6 +14,7 @@ import pytest
 import bmi
 from tests.cli.conftest import BMI
 from tests.helpers import busybox_path
+from tests.images import newc
 
 NOBODY = 65534
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(bmi.__file__)))
@@ -92,10 +93,30 @@ def test_measuring_shows_a_bar_on_a_terminal_and_quiet_turns_it_off(big_image):
     status, seen = on_a_terminal("run", big_image, "--", "busybox", "true")
     assert status == 0, seen
     assert "measuring:" in seen and "%|" in seen and "/100M" in seen, seen
+    assert "unpacking" not in seen, seen            # an ELF image is not unpacked: no bar for it
     status, seen = on_a_terminal("--quiet", "run", big_image, "--", "busybox", "true")
     assert status == 0 and "measuring" not in seen and "%" not in seen, seen
     status, seen = on_a_terminal("run", "-q", big_image, "--", "busybox", "true")
     assert status == 0 and "measuring" not in seen, seen
+
+
+@pytest.fixture
+def big_archive(tmp_path):
+    """A root archive of 100 MiB: busybox as /init and a 99 MiB file."""
+    with open(busybox_path(), "rb") as f:
+        busybox = f.read()
+    path = tmp_path / "big.cpio"
+    path.write_bytes(newc([("bin", 0o40755), ("bin/busybox", 0o100755, busybox), ("init", 0o120777, b"bin/busybox"),
+                           ("blob", 0o100644, bytes((100 << 20) - len(busybox) - 512))]))
+    return str(path)
+
+
+def test_unpacking_a_root_shows_a_bar_and_quiet_turns_it_off(big_archive):
+    status, seen = on_a_terminal("run", "--mem", "256M", big_archive, "--", "busybox", "ls", "/blob")
+    assert status == 0, seen
+    assert "unpacking:" in seen and "%|" in seen and "/100M" in seen, seen
+    status, seen = on_a_terminal("run", "-q", "--mem", "256M", big_archive, "--", "busybox", "ls", "/blob")
+    assert status == 0 and "unpacking" not in seen and "%" not in seen, seen
 
 
 def test_no_bar_when_stderr_is_not_a_terminal(big_image):
@@ -109,3 +130,7 @@ def test_create_shows_its_upload_and_bundle_its_archive(daemon, big_image, tmp_p
     assert status == 0 and "measuring:" in seen and "/100M" in seen, seen
     status, seen = on_a_terminal("bundle", "/bin/sh", "-o", str(tmp_path / "sh.cpio"))
     assert status == 0 and "bundling" in seen, seen
+    status, seen = on_a_terminal("--quiet", "create", "--image", big_image, uri=daemon.uri)
+    assert status == 0 and "measuring" not in seen and "%" not in seen, seen
+    status, seen = on_a_terminal("bundle", "-q", "/bin/sh", "-o", str(tmp_path / "sh.cpio"))
+    assert status == 0 and "bundling" not in seen and "%" not in seen, seen

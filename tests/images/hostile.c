@@ -206,6 +206,15 @@ int main(int argc, char **argv)
     } else if (!strcmp(a, "kill")) result(a, kill(atoi(x), SIGKILL));
     else if (!strcmp(a, "ptrace")) result(a, ptrace(PTRACE_ATTACH, atoi(x), 0, 0));
     else if (!strcmp(a, "procmem")) procmem(x);
+    else if (!strcmp(a, "procmem-of"))   /* other processes of the PD, by pid: "procmem-of: PID ok|ERRNO" */
+        for (int i = 2; i < argc; i++) {
+            char path[64], label[64];
+            snprintf(path, sizeof path, "/proc/%s/mem", argv[i]);
+            snprintf(label, sizeof label, "procmem-of: %s", argv[i]);
+            int fd = open(path, O_RDONLY);
+            result(label, fd);
+            if (fd >= 0) close(fd);
+        }
     else if (!strcmp(a, "inotify")) inotify_exhaust(atol(x));
     else if (!strcmp(a, "sysv")) result(a, shmget((key_t)strtol(x, NULL, 0), 0, 0));
     else if (!strcmp(a, "posixshm")) {

@@ -465,3 +465,20 @@ def test_handover_of_another_image_is_a_memfd_copy(memfd):
         os.close(fd)
     with pytest.raises(ImageError, match="PD 5"):
         handover_fd(BytesImage(b""), pd_id=5)
+
+
+def test_the_banks_are_the_c_headers_and_the_tpm_knows_each():
+    """One list of banks: the digest fields of csrc/measure/measure.h, read through the shim's cdef; each is a
+    TPM hash algorithm the verifier's wire code knows, with the digest size the header reserves."""
+    import re
+    from pathlib import Path
+
+    from bmi.integrity import wire
+
+    header = (Path(__file__).resolve().parents[2] / "csrc" / "measure" / "measure.h").read_text()
+    fields = re.search(r"struct bmi_meas_digests \{\s*unsigned char ([^;]+);", header).group(1)
+    declared = re.findall(r"(\w+)\[(\d+)\]", fields)
+    assert SUPPORTED_BANKS == tuple(name for name, _ in declared)
+    for name, size in declared:
+        assert hashlib.new(name).digest_size == int(size)
+        assert name in wire.ALG_IDS and wire.crypto_hash(name).digest_size == int(size)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from bmi.drivers.linux.formats import iter_cpio
+from bmi.drivers.cpio import iter_cpio
 
 RIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "rig")
 sys.path.insert(0, RIG)

@@ -23,11 +23,12 @@ CHILD_MEM = 8 * MB
 def parent(mgr, *argv: str, mem: int = 32 * MB, performance: int = 100, before=None) -> bmi.PDController:
     """Run chanpeer with argv, waiting at most 5 s for each reply; before(pd) may change the PD before it starts.
 
-    chanpeer is the /init of a root archive: its "self" command reads /proc/self/exe to give its child
-    the same program, and an ELF image runs execute-only (unreadable, so its memory is the PD's own).
+    chanpeer is the /init of a root archive, with a readable copy of itself as /self.image for its "self"
+    command to give its child: a PD's programs are execute-only (unreadable, so its memory is the PD's own).
     """
     pd = mgr.allocate_pd(PDDescription(mem=mem, performance=performance))
-    pd.setup_pd(bmi.BytesImage(newc([("init", 0o100755, build("chanpeer").read_bytes())])))
+    program = build("chanpeer").read_bytes()
+    pd.setup_pd(bmi.BytesImage(newc([("init", 0o100755, program), ("self.image", 0o100644, program)])))
     pd.set_config_param("/boot/cmdline", shlex.join(["chanpeer", "patience", "5000", "+", *argv]))
     if before is not None:
         before(pd)

@@ -134,6 +134,45 @@ def test_io_uring_is_refused_unless_allowed(mgr):
     assert got == "ok"
 
 
+@pytest.mark.parametrize("allowed", [False, True], ids=["io_uring-refused", "io_uring-allowed"])
+def test_io_uring_turns_fd_passing_on_only_where_the_capability_says_so(mgr, allowed):
+    """A turns SO_PASSRIGHTS on for its connection end through io_uring's setsockopt command, which the
+    seccomp filter cannot see, and B passes it a socket.  Refused unless A's /boot/allow lists io_uring;
+    where it does, fds do get in, and /capability/connections/fd-passing says exactly that (there is no
+    way to restrict a PD's io_uring from outside it: IORING_REGISTER_RESTRICTIONS binds only a ring its
+    creator registers them on).  Out of A they stay refused: B's end is untouched."""
+    if not fd_passing_refusable():
+        pytest.skip(f"this kernel ({os.uname().release}) has no SO_PASSRIGHTS (Linux 6.16+)")
+    b = run_pd(mgr, "chanpeer", ["accept", W, "+", "wait", "/test/step", "go", W, "+", "passfd", "+",
+                                 "recvfd", W])
+    a = run_pd(mgr, "chanpeer", ["connect", str(b.get_pd_id()), "IPC", "3", "0", "+",
+                                 "uringpassrights", "conn", "1", "+", "print", "set", "+", "recvfd", "3000", "+",
+                                 "passfd"], start=False)
+    a.set_allowed_connections(b.get_pd_id(), [ConnectionPolicy(CT.IPC, bmi.RW)])
+    if allowed:
+        a.set_config_param("/boot/allow", "io_uring")
+    said = a.get_runtime_param("/capability/connections/fd-passing")
+    a.request_status_change(bmi.PDStatus.RUNNING)
+    wait_console(a, "print: set")
+    step(b, "go")
+    oa, ob = lines(a), lines(b)
+    if not allowed:
+        assert said.startswith("refused")
+        assert (oa["uringpassrights"], ob["passfd"], oa["recvfd"]) == (["EPERM"], ["EPERM"], ["timeout"])
+    else:
+        assert said.startswith("possible into this PD") and "io_uring" in said, said
+        if oa["uringpassrights"] == ["EPERM"] and _host_disables_io_uring():
+            pytest.skip("the host disables io_uring itself (kernel.io_uring_disabled)")
+        assert (oa["uringpassrights"], ob["passfd"], oa["recvfd"]) == (["ok"], ["ok"], ["ok"])
+        assert b.get_runtime_param("/capability/connections/fd-passing").startswith("refused")
+    assert (oa["passfd"], ob["recvfd"]) == (["EPERM"], ["EOF"])      # nothing goes from A to B
+
+
+def _host_disables_io_uring() -> bool:
+    with open("/proc/sys/kernel/io_uring_disabled") as f:
+        return f.read().strip() != "0"
+
+
 def test_sockets_kept_across_a_bmid_restart_stay_out_of_the_host(tmp_path):
     """bmid's fd keeper holds the channel and a pending connection end over a SIGKILL; they are still the empty
     namespace's sockets, and still refuse fds."""

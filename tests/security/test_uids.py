@@ -8,6 +8,9 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import pathlib
+import shlex
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -18,7 +21,9 @@ import pytest
 
 import bmi
 from bmi import PDDescription
-from tests.channel.progs import lines, run_pd, wait_console
+from tests.channel.progs import build, lines, run_pd, wait_console
+from tests.helpers import busybox_path
+from tests.images import HERE, newc
 from tests.server.bmid import running_bmid
 
 MB = 1 << 20
@@ -89,13 +94,94 @@ def test_inotify_exhausted_in_one_pd_is_not_exhausted_for_root_or_another_pd(mgr
     hog.destroy()
 
 
-def test_proc_mem_of_a_child_is_refused(mgr):
-    out = {how: lines(run_pd(mgr, "hostile", ["procmem", how]))["procmem"][0] for how in ("read", "write")}
+def hostile_pd(mgr, kind: str, argv: list[str], caps: str = "") -> bmi.PDController:
+    """The hostile program as an ELF image, or as /init of a root archive (the PD then owns the file)."""
+    if kind == "elf":
+        pd = run_pd(mgr, "hostile", argv, start=False)
+    else:
+        pd = mgr.allocate_pd(PDDescription(mem=32 * MB))
+        pd.setup_pd(bmi.BytesImage(newc([("init", 0o100755, build("hostile").read_bytes())])))
+        pd.set_config_param("/boot/cmdline", shlex.join(["hostile", *argv]))
+    if caps:
+        pd.set_config_param("/boot/capabilities", caps)
+    pd.request_status_change(bmi.PDStatus.RUNNING)
+    return pd
+
+
+@pytest.mark.parametrize("kind", ["elf", "archive"])
+def test_proc_mem_of_a_child_is_refused(mgr, kind):
+    pds = {how: hostile_pd(mgr, kind, ["procmem", how]) for how in ("read", "write")}
+    assert pds["read"].get_runtime_param("/capability/isolation/proc-mem").startswith("refused: ")
+    out = {how: lines(pd)["procmem"][0] for how, pd in pds.items()}
     assert out == {"read": "EACCES", "write": "EACCES"}
     # the attack can be seen: a child that makes itself dumpable again is read
-    assert lines(run_pd(mgr, "hostile", ["procmem", "consent"]))["procmem"][0] == "ok child-secret"
-    # and a process cannot open its own /proc/self/mem either (the README says so)
-    assert lines(run_pd(mgr, "hostile", ["procmem", "self"]))["procmem"][0] == "EACCES"
+    assert lines(hostile_pd(mgr, kind, ["procmem", "consent"]))["procmem"][0] == "ok child-secret"
+    # a process cannot open its own /proc/self/mem either in an ELF PD, whose image the manager owns; in an
+    # archive PD it can (the kernel lets a process read itself when it owns its /proc entries), which
+    # exposes nothing of any other process (the README says so)
+    own = lines(hostile_pd(mgr, kind, ["procmem", "self"]))["procmem"][0]
+    assert own == ("EACCES" if kind == "elf" else "ok child-secret")
+
+
+@pytest.mark.parametrize("kind", ["elf", "archive"])
+def test_a_kept_sys_ptrace_reads_children_only_where_the_capability_says_so(mgr, kind):
+    """An ELF image is the manager's file, so CAP_SYS_PTRACE in the PD's namespace does not reach its
+    processes' memory; an archive's programs are the PD's own, so it does, and proc-mem says "possible"."""
+    pd = hostile_pd(mgr, kind, ["procmem", "read"], caps="sys_ptrace")
+    said = pd.get_runtime_param("/capability/isolation/proc-mem")
+    got = lines(pd)["procmem"][0]
+    if kind == "elf":
+        assert (said.split(":")[0], got) == ("refused", "EACCES")
+    else:
+        assert said.startswith("possible: /boot/capabilities keeps sys_ptrace"), said
+        assert got == "ok child-secret"
+
+
+_ARCHIVE_SCRIPT = b"#!/bin/sh\nsleep 60\n"
+_ARCHIVE_INIT = """#!/bin/sh
+sleep 60 &
+applet=$!
+/bin/script &
+script=$!
+sleep 0.3
+/bin/hostile procmem-of $applet $script $$ 1
+"""
+
+
+def test_proc_mem_of_busybox_applets_scripts_and_the_shell_is_refused_in_an_archive_pd(mgr):
+    """Every process of an archive PD: an applet the shell starts, a #! script, the shell itself."""
+    with open(busybox_path(), "rb") as f:
+        busybox = f.read()
+    archive = newc([("bin", 0o40755), ("bin/busybox", 0o100755, busybox), ("bin/sh", 0o120777, b"busybox"),
+                    ("bin/sleep", 0o120777, b"busybox"), ("bin/script", 0o100755, _ARCHIVE_SCRIPT),
+                    ("bin/hostile", 0o100755, build("hostile").read_bytes()),
+                    ("init", 0o100755, _ARCHIVE_INIT.encode())])
+    pd = mgr.allocate_pd(PDDescription(mem=64 * MB))
+    pd.setup_pd(bmi.BytesImage(archive))
+    pd.request_status_change(bmi.PDStatus.RUNNING)
+    seen = lines(pd)["procmem-of"]
+    assert len(seen) == 4, seen
+    assert all(line.endswith(": EACCES") for line in seen), seen
+
+
+def test_a_dynamically_linked_program_in_an_archive_runs_and_is_refused_too(mgr, tmp_path):
+    """ld.so and libc stay readable (the program runs); the PIE program itself is execute-only."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the dynamically linked test program")
+    prog = tmp_path / "hostile"
+    subprocess.run(["gcc", "-O2", "-pie", "-fPIE", "-o", str(prog), str(HERE / "hostile.c")],
+                   check=True)
+    libs = {"lib64/ld-linux-x86-64.so.2": "/lib64/ld-linux-x86-64.so.2",
+            "lib/x86_64-linux-gnu/libc.so.6": "/lib/x86_64-linux-gnu/libc.so.6"}
+    if not all(os.path.exists(path) for path in libs.values()):
+        pytest.skip("this host's glibc is not at the Debian x86_64 paths")
+    entries = [("lib", 0o40755), ("lib/x86_64-linux-gnu", 0o40755), ("lib64", 0o40755)]
+    entries += [(name, 0o100755, pathlib.Path(path).read_bytes()) for name, path in libs.items()]
+    pd = mgr.allocate_pd(PDDescription(mem=64 * MB))
+    pd.setup_pd(bmi.BytesImage(newc([*entries, ("init", 0o100755, prog.read_bytes())])))
+    pd.set_config_param("/boot/cmdline", "hostile procmem read")
+    pd.request_status_change(bmi.PDStatus.RUNNING)
+    assert lines(pd)["procmem"] == ["EACCES"]
 
 
 @pytest.fixture

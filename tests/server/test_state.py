@@ -53,6 +53,23 @@ def _spend_reserve(d: Bmid) -> None:
         os.unlink(os.path.join(d.state_dir, RESERVE_FILE))
 
 
+def _full_from(d: Bmid, fs: SmallFs, point: str) -> None:
+    """With bmid paused at `point`: no reserve left and the state filesystem full; then let it go on."""
+    _spend_reserve(d)
+    fs.fill()
+    d.resume(point)
+
+
+def _restart_after_fail_stop(d: Bmid, fs: SmallFs) -> None:
+    """bmid stopped with FAIL_STOP (75) rather than keep what it could not store: free space, start it again."""
+    assert d.proc.wait(10) == 75
+    d.proc.stderr.close()
+    d.proc = None
+    fs.free()
+    d.env.clear()
+    d.start()
+
+
 def _db_bytes(d: Bmid) -> bytes:
     with open(os.path.join(d.state_dir, "bmid.sqlite3"), "rb") as f:
         return f.read()
@@ -152,20 +169,53 @@ def test_a_change_made_that_cannot_be_stored_stops_bmid_and_is_rolled_back(tmp_p
         asked = threading.Thread(target=change)
         asked.start()
         d.wait_paused("commit:set_config_param")            # the change is made, not yet stored
-        _spend_reserve(d)
-        state_fs.fill()
-        d.resume("commit:set_config_param")
+        _full_from(d, state_fs, "commit:set_config_param")
         asked.join(30)
         mgr.close()
         assert failed and isinstance(failed[0], bmi.ResourceError), failed   # never acknowledged
-        assert d.proc.wait(10) == 75
-        d.proc.stderr.close()
-        d.proc = None
-        state_fs.free()
-        d.env.clear()
-        d.start()
+        _restart_after_fail_stop(d, state_fs)
         with d.open() as mgr:
             assert mgr.get_controller(pd_id).get_config_param("/big") == "before"
+
+
+def test_a_failed_group_commit_refuses_every_member_and_stores_none(tmp_path, state_fs: SmallFs):
+    """Four changes by four clients, each on its own PD, share one commit group (group commit); the disk fills
+    and the reserve is gone before its COMMIT: every one of the four is refused (bmid stops, exit 75, rather
+    than keep what it could not store), and after a restart none of the four is there."""
+    members = 4
+    with _bmid(state_fs.path, state_fs, socket_dir=str(tmp_path)) as d:
+        d.start()
+        with d.open() as mgr:
+            pd_ids = [mgr.allocate_pd(bmi.PDDescription(mem=16 << 20)).get_pd_id() for _ in range(members)]
+            for pd_id in pd_ids:
+                mgr.get_controller(pd_id).set_config_param("/big", "before")
+        d.kill()
+        d.env["BMID_TEST_PAUSE"] = "group"
+        d.start()
+        open(os.path.join(d.state_dir, f"gather-{members}"), "w").close()
+        clients = [d.open() for _ in range(members)]
+        failed: dict[int, BaseException] = {}
+
+        def change(mgr: bmi.PDManagement, pd_id: int) -> None:
+            try:
+                mgr.get_controller(pd_id).set_config_param("/big", BIG)
+            except bmi.BMIError as e:
+                failed[pd_id] = e
+
+        asked = [threading.Thread(target=change, args=(c, pd_id)) for c, pd_id in zip(clients, pd_ids)]
+        for t in asked:
+            t.start()
+        d.wait_paused(f"group-of-{members}")                # all four in one transaction, not yet committed
+        _full_from(d, state_fs, f"group-of-{members}")
+        for t in asked:
+            t.join(30)
+        for c in clients:
+            c.close()
+        assert sorted(failed) == sorted(pd_ids), failed     # none acknowledged
+        assert all(isinstance(e, bmi.ResourceError) for e in failed.values()), failed
+        _restart_after_fail_stop(d, state_fs)
+        with d.open() as mgr:
+            assert [mgr.get_controller(i).get_config_param("/big") for i in pd_ids] == ["before"] * members
 
 
 def test_an_exit_while_the_disk_is_full_is_stored_once_there_is_room(tmp_path, state_fs: SmallFs):

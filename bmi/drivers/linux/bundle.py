@@ -16,7 +16,8 @@ import subprocess
 from typing import BinaryIO, Callable, Iterable
 
 from ...errors import ImageError, InvalidArgument
-from .formats import ELF_MAGIC, CpioWriter
+from ..cpio import CpioWriter
+from .formats import ELF_MAGIC
 
 
 def _needs_libraries(path: str) -> bool:

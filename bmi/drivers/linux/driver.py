@@ -217,7 +217,8 @@ class LinuxDriver(Driver):
         raise ResourceError(f"setup_pd of PD {pd_id}: memfd_create failed: {error.strerror}", pd_id=pd_id)
 
     # -- running ----------------------------------------------------------------------------
-    def start(self, pd: LinuxPD, config: Mapping[str, str], priority: int, *, channel_fd: int = -1) -> None:
+    def start(self, pd: LinuxPD, config: Mapping[str, str], priority: int, *, progress: Progress | None = None,
+              channel_fd: int = -1) -> None:
         if pd.image_fd is None:
             raise InvalidState(f"start of PD {pd.pd_id}: no image loaded", pd_id=pd.pd_id)
         self._discard_run(pd)
@@ -241,7 +242,7 @@ class LinuxDriver(Driver):
                                 io_uring="io_uring" in parse_allow(config.get("/boot/allow", ""),
                                                                    what=f"start of PD {pd.pd_id}: /boot/allow",
                                                                    pd_id=pd.pd_id),
-                                hold=self._needs_attach(pd, config))
+                                hold=self._needs_attach(pd, config), progress=progress)
         except BaseException:
             os.close(console_r)
             os.close(status_r)
@@ -444,7 +445,7 @@ class LinuxDriver(Driver):
     def set_performance(self, pd: LinuxPD, percent: int) -> None:
         pd.groups.set_cpu_share(percent, pd.groups.cpus())
 
-    def extra_params(self, pd: LinuxPD) -> dict[str, Leaf]:
+    def extra_params(self, pd: LinuxPD, config: Mapping[str, str]) -> dict[str, Leaf]:
         def set_pids_max(value: str) -> None:
             limit = parse_int(value, what="/system/pids/max", pd_id=pd.pd_id, lo=1, hi=4194304)
             pd.groups.set_pids_max(limit)
@@ -456,6 +457,10 @@ class LinuxDriver(Driver):
             "/system/image/format": const("archive" if pd.archive else "elf") if pd.image_fd is not None
             else const("none"),
             "/capability/isolation/per-pd-uid": const(self._ids.capability()),
+            "/capability/isolation/proc-mem": const(spawn.proc_mem_isolation(
+                pd.archive if pd.image_fd is not None else None,
+                spawn.capability_mask(config.get("/boot/capabilities", ""), f"/boot/capabilities of PD {pd.pd_id}",
+                                      pd.pd_id))),
             **{name: const(value) for name, value in devices.capabilities(pd.groups.devices_enforced()).items()},
         }
         run = pd.run

@@ -13,7 +13,7 @@ import os
 import select
 import socket
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from ...errors import ImageError, InvalidArgument, ResourceError
 
@@ -79,6 +79,33 @@ CAPABILITIES = {name: number for number, name in enumerate((
     "checkpoint_restore"))}
 
 
+#: Kept capabilities that undo the execute-only programs of an archive PD (see proc_mem_isolation).
+_PROC_MEM_BREAKERS = ("dac_override", "dac_read_search", "sys_ptrace")
+
+
+def proc_mem_isolation(archive: bool | None, keep_caps: int) -> str:
+    """The /capability/isolation/proc-mem value: whether a PD's processes can open each other's /proc/PID/mem.
+
+    The kernel refuses it for a process that is not dumpable, and a process is not dumpable after exec'ing
+    a file it cannot read (csrc/init/init.c: is_elf_program, drop_caps).  An ELF image is the manager's
+    file, so no capability inside the PD reads it or outranks the user namespace its processes' memory is
+    tied to; an archive's programs are the PD's own files, so DAC override or CAP_SYS_PTRACE undo it.
+    """
+    uncovered = ("not covered: a process that makes itself dumpable (prctl), or one exec'd from a file the PD "
+                 "wrote")
+    if archive is None:
+        return "refused once an image is set: an ELF image or the ELF programs of an archive are execute-only"
+    if not archive:
+        return ("refused: the ELF image is execute-only and owned by the manager, so the program and its forks "
+                f"are not dumpable; {uncovered}")
+    kept = [name for name in _PROC_MEM_BREAKERS if keep_caps >> CAPABILITIES[name] & 1]
+    if kept:
+        return (f"possible: /boot/capabilities keeps {', '.join(kept)}, which reaches past the execute-only "
+                "programs of an archive, files the PD owns")
+    return ("refused: the archive's ELF programs are execute-only, so every process that execs one (a #! script "
+            f"through its interpreter) is not dumpable; {uncovered} or made readable (it owns its root)")
+
+
 def capability_mask(names: str, what: str, pd_id: int | None = None) -> int:
     """The mask of "net_raw CAP_NET_BIND_SERVICE ..." (space or comma separated, any case); "all" is every one."""
     mask = 0
@@ -94,12 +121,35 @@ def capability_mask(names: str, what: str, pd_id: int | None = None) -> int:
     return mask
 
 
+class _Unpacking:
+    """The caller's progress callback as bmi-init's reports reach it (bmi_spawn_progress below): whatever it
+    raises is kept, and stops the start."""
+
+    def __init__(self, callback: Callable[[int, int], None]):
+        self.callback = callback
+        self.error: BaseException | None = None
+
+    def __call__(self, done: int, total: int) -> int:
+        try:
+            self.callback(done, total)
+        except BaseException as e:      # not into C: kept, raised once bmi_spawn has cleaned up
+            self.error = e
+            return 1
+        return 0
+
+
+if _ffi is not None:
+    @_ffi.def_extern()
+    def bmi_spawn_progress(ctx: Any, done: int, total: int) -> int:
+        return _ffi.from_handle(ctx)(done, total)
+
+
 def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
           console_fd: int, status_fd: int, lifeline_fd: int = -1, channel_fd: int = -1,
           cgroup_procs: Sequence[str] = (), outer_uid: int | None = None, outer_gid: int | None = None,
           hostname: str = "pd", tmpfs_bytes: int = 0, seccomp: bool = True, landlock: bool = True,
           keep_caps: int = 0, io_uring: bool = False, map_helper: bool = False, hold: bool = False,
-          pd_id: int | None = None) -> Spawned:
+          progress: Callable[[int, int], None] | None = None, pd_id: int | None = None) -> Spawned:
     """Run the sealed memfd `exec_fd` (static ELF, or newc cpio root with /init) as a new PD.
 
     Returns once the program has been exec'd (or raises, leaving no process
@@ -121,11 +171,15 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
     outer_uid/outer_gid; when we are root the user namespace is created with
     those as euid/egid, so it is theirs (per-user limits are charged to
     them).  map_helper: the ids are from our /etc/subuid and /etc/subgid,
-    mapped with newuidmap/newgidmap.  An ELF image is made execute-only
-    (mode 0111), which keeps the program's memory from the PD's other
-    processes (see csrc/init/init.c, drop_caps).  hold: return while the
+    mapped with newuidmap/newgidmap.  An ELF image, and every ELF program
+    of an archive, is made execute-only (mode 0111), which keeps the memory
+    of the processes running them from the PD's other processes (see
+    csrc/init/init.c, write_file and drop_caps).  hold: return while the
     program waits, set up, before its exec until the caller sends the init
     SIGCONT (the hook that adds devices and network interfaces first).
+    progress(done, total): called in this thread as bmi-init unpacks a root archive, with the archive's
+    bytes done so far, increasing, and last (total, total); what it raises stops the start (nothing is
+    left behind) and is raised here, an Exception as InvalidArgument, as setup_pd's progress does.
     """
     who = _who(pd_id)
     for fd, name, optional in ((exec_fd, "exec_fd", False), (console_fd, "console_fd", False),
@@ -182,12 +236,21 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
         "console_fd": console_fd, "status_fd": status_fd, "lifeline_fd": lifeline_fd, "channel_fd": channel_fd,
         "cgroup_procs": c_cg, "outer_uid": uid, "outer_gid": gid, "hostname": c_host,
         "tmpfs_bytes": tmpfs_bytes, "flags": flags, "keep_caps": keep_caps, "phases_ns": phases})
+    unpacking = _Unpacking(progress) if progress is not None and archive else None
+    if unpacking is not None:
+        handle = _ffi.new_handle(unpacking)     # alive until bmi_spawn returns
+        args.progress, args.progress_ctx = lib.bmi_spawn_progress, handle
     rc = lib.bmi_spawn(args, pid, pidfd, err, len(err))
     if rc == lib.BMI_SPAWN_OK:
         return Spawned(pid=pid[0], pidfd=pidfd[0], phases_ns=(phases[0], phases[1], phases[2]))
     reason = _ffi.string(err).decode(errors="backslashreplace")
     what = "an archive root" if archive else "an ELF image"
     message = f"spawn of {who} from {what}: {reason}"
+    if rc == lib.BMI_SPAWN_STOPPED and unpacking is not None and unpacking.error is not None:
+        if not isinstance(unpacking.error, Exception):
+            raise unpacking.error       # KeyboardInterrupt and the like, untouched
+        raise InvalidArgument(f"{message}: progress callback raised {unpacking.error!r}",
+                              pd_id=pd_id) from unpacking.error
     if rc == lib.BMI_SPAWN_EIMAGE:
         raise ImageError(message, pd_id=pd_id)
     if rc == lib.BMI_SPAWN_EINVAL:

@@ -82,10 +82,11 @@ class SystemDriver(LinuxDriver, Keeping):
         self._keeper.put(image_key(pd.pd_id, digests), pd.image_fd)
         return digests
 
-    def start(self, pd: LinuxPD, config: Mapping[str, str], priority: int, *, channel_fd: int = -1) -> None:
+    def start(self, pd: LinuxPD, config: Mapping[str, str], priority: int, *, progress: Progress | None = None,
+              channel_fd: int = -1) -> None:
         self._starting.pd = pd
         try:
-            super().start(pd, config, priority, channel_fd=channel_fd)
+            super().start(pd, config, priority, progress=progress, channel_fd=channel_fd)
         finally:
             self._starting.pd = None
 

@@ -184,7 +184,8 @@ class XenDriver(Driver):
             old.close()
 
     # -- running ----------------------------------------------------------------------------
-    def start(self, pd: XenPD, config: Mapping[str, str], priority: int) -> None:
+    def start(self, pd: XenPD, config: Mapping[str, str], priority: int, *, progress: Progress | None = None) -> None:
+        """Build and boot the domain (load() already placed the kernel: nothing is unpacked, progress is not called)."""
         what = f"start of PD {pd.pd_id}"
         if pd.boot is None:
             raise InvalidState(f"{what}: no image loaded", pd_id=pd.pd_id)
@@ -491,7 +492,7 @@ class XenDriver(Driver):
             return None
         return self._xen.info(domid, what=f"{what} of PD {pd.pd_id}", pd_id=pd.pd_id)
 
-    def extra_params(self, pd: XenPD) -> dict[str, Leaf]:
+    def extra_params(self, pd: XenPD, config: Mapping[str, str]) -> dict[str, Leaf]:
         def online() -> str:
             info = self._live_info(pd, "get /system/cpu/online")
             return str(info.vcpus_online if info is not None else 0)

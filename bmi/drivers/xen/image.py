@@ -14,7 +14,7 @@ import stat
 from dataclasses import dataclass
 
 from ...errors import ImageError, ResourceError
-from ..linux.formats import CPIO_MAGICS, iter_cpio
+from ..cpio import CPIO_MAGICS, iter_cpio
 
 SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 MAX_CMDLINE = 1023          # Xen's guest command line buffer is 1024 bytes with the NUL

@@ -12,7 +12,7 @@ import stat
 import pytest
 
 from bmi import _cpio
-from bmi.drivers.linux.formats import check_archive, iter_cpio
+from bmi.drivers.cpio import check_archive, iter_cpio
 from bmi.errors import ImageError
 from tests.drivers.linux.test_spawn import PD, run
 from tests.images import build, newc, newc_entry

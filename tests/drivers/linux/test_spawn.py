@@ -10,6 +10,7 @@ import pathlib
 import select
 import signal
 import stat
+import struct
 import time
 
 import pytest
@@ -286,6 +287,33 @@ def test_archive_root_with_dirs_symlink_and_hard_link(probe):
     assert out["cat"] == "hello"
     out, _, _ = run(arc, ["/init", "ls", "/"], archive=True)
     assert sorted(out["ls"].split()) == ["bin", "dev", "etc", "init", "proc", "tmp"]
+
+
+def _elf_header(e_type: int, phoff: int, phnum: int) -> bytes:
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    return ident + struct.pack("<HHIQQQIHHHHHH", e_type, 62, 1, 0, phoff, 0, 0, 64, 56, phnum, 0, 0, 0)
+
+
+def test_archive_programs_are_execute_only_and_libraries_scripts_and_lying_elves_stay_readable(probe):
+    """bmi-init makes an archive's ELF programs execute-only (so processes exec'ing them are not dumpable)
+    and reads every executable's headers to tell programs from libraries: headers that lie (the PD's data)
+    leave a readable file, and the PD starts."""
+    dynamic = 64 + 56 + 4096
+    liars = {"past-the-end": _elf_header(3, 1 << 62, 65535), "many-headers": _elf_header(3, 64, 65535),
+             "dynamic-everywhere": _elf_header(3, 64, 1) + struct.pack("<IIQQQQQQ", 2, 0, 0, 0, 0, dynamic,
+                                                                       dynamic, 8) + bytes(4096),
+             "truncated": b"\x7fELF\x02"}
+    readable = {f"bin/{name}": data for name, data in liars.items()}
+    readable["bin/script"] = b"#!/bin/sh\necho hi\n"
+    libc = pathlib.Path("/lib/x86_64-linux-gnu/libc.so.6")
+    if libc.exists():                            # PT_INTERP, but a DT_SONAME: a library, which ld.so reads
+        readable["bin/libc.so.6"] = libc.read_bytes()
+    arc = newc([("bin", S_DIR), ("bin/probe", S_REG, probe), ("init", S_LNK, b"/bin/probe"),
+                *((name, S_REG, data) for name, data in readable.items())])
+    for name in ["bin/probe", *readable]:
+        out, status, _ = run(arc, ["/init", "cat", f"/{name}"], archive=True)
+        assert status == ("exit", 0)
+        assert (out["cat"] == "EACCES") == (name == "bin/probe"), (name, out["cat"])
 
 
 def test_busybox_archive_runs_a_shell():

@@ -18,7 +18,7 @@ from typing import Mapping
 import pytest
 
 import bmi
-from bmi.drivers.linux.formats import CpioWriter
+from bmi.drivers.cpio import CpioWriter
 
 RIG = str(pathlib.Path(__file__).resolve().parents[3] / "rig")
 sys.path.insert(0, RIG)

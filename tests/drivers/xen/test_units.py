@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 import bmi
-from bmi.drivers.linux.formats import CpioWriter, iter_cpio
+from bmi.drivers.cpio import CpioWriter, iter_cpio
 from bmi.drivers.xen import config, image
 from bmi.errors import DriverUnavailable, ImageError
 from tests import images

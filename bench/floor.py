@@ -1,0 +1,110 @@
+"""The floors every control-path figure is held to: one Python JSON-RPC round trip, and one durable commit.
+
+    .venv/bin/python bench/floor.py [--n 2000] [--dir /var/lib/bmi]
+
+Round trip: two Python processes exchange one small JSON-RPC request and
+reply over a SOCK_SEQPACKET socketpair (json on each side, nothing else);
+no call through a PD channel or bmid can be cheaper.  Commit: a bare SQLite
+WAL synchronous=FULL transaction of one small row in a file under --dir (use
+the state directory's filesystem: the fsync is what costs).  Medians.
+bench/connect.py and bench/system.py print their figures beside these,
+measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+#: The peer: answers each request with a result, until EOF.
+_ECHO = """
+import json, socket, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+while True:
+    data = s.recv(65536)
+    if not data:
+        break
+    msg = json.loads(data)
+    s.send(json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": 1}, separators=(",", ":")).encode())
+"""
+
+
+def round_trip_us(n: int = 2000) -> float:
+    """Median microseconds of one JSON-RPC request/reply between two Python processes."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    peer = subprocess.Popen([sys.executable, "-c", _ECHO, str(theirs.fileno())], pass_fds=(theirs.fileno(),))
+    theirs.close()
+    times = []
+    try:
+        for i in range(n + 100):            # the first 100 warm both sides up
+            t = time.perf_counter_ns()
+            mine.send(json.dumps({"jsonrpc": "2.0", "id": i, "method": "get_version", "params": {}},
+                                 separators=(",", ":")).encode())
+            reply = json.loads(mine.recv(65536))
+            times.append(time.perf_counter_ns() - t)
+            assert reply["id"] == i
+    finally:
+        mine.close()
+        peer.wait()
+    return statistics.median(times[100:]) / 1e3
+
+
+class BareCommit:
+    """A SQLite database in WAL mode, synchronous=FULL, in a temporary directory under `directory`."""
+
+    def __init__(self, directory: str):
+        self._tmp = tempfile.TemporaryDirectory(dir=directory, prefix="bmi-bench-commit-")
+        self._db = sqlite3.connect(os.path.join(self._tmp.name, "commit.sqlite3"), isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+        self._i = 0
+
+    def once_ns(self) -> int:
+        """Nanoseconds of one transaction writing one small row."""
+        self._i += 1
+        t = time.perf_counter_ns()
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("INSERT OR REPLACE INTO t(k, v) VALUES(?, ?)", (self._i % 16, f"priority {self._i}"))
+        self._db.execute("COMMIT")
+        return time.perf_counter_ns() - t
+
+    def close(self) -> None:
+        self._db.close()
+        self._tmp.cleanup()
+
+
+def commit_us(directory: str, n: int = 200) -> float:
+    """Median microseconds of one SQLite WAL synchronous=FULL commit of one small row in `directory`."""
+    bare = BareCommit(directory)
+    try:
+        times = [bare.once_ns() for _ in range(n + 10)]
+    finally:
+        bare.close()
+    return statistics.median(times[10:]) / 1e3
+
+
+def versus(value_us: float, floor: float) -> str:
+    """`value` beside its floor: '123.4 us  2.1x floor'."""
+    return f"{value_us:8.1f} us  {value_us / floor:5.2f}x floor"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--dir", default=tempfile.gettempdir(), help="a directory on the state's filesystem")
+    args = parser.parse_args()
+    print(f"floor: JSON-RPC round trip between two Python processes (median of {args.n}): "
+          f"{round_trip_us(args.n):7.1f} us")
+    print(f"floor: SQLite WAL synchronous=FULL commit of one row in {args.dir}: {commit_us(args.dir):7.1f} us")
+
+
+if __name__ == "__main__":
+    main()

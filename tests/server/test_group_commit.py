@@ -1,0 +1,149 @@
+"""The store's group commit (bmi/store.py Store.commit): concurrent changes share one transaction and one fsync.
+
+In-process, on a real SQLite database in tmp_path: what a member sees and
+when, and what a failure of one member or of the whole group does.  The
+full-disk case through a real bmid is tests/server/test_state.py.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from contextlib import closing
+
+from bmi.store import StateError, Store
+
+MEMBERS = 4
+
+
+def _gathering(store: Store, members: int, sizes: list[int]) -> None:
+    """Make the next group hold `members` calls (each waits until that many are queued); note group sizes."""
+    def gather() -> None:
+        deadline = time.monotonic() + 10
+        while 0 < store.queued() < members and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    store.before_group_test_hook = gather           # type: ignore[method-assign]
+    store.group_test_hook = sizes.append            # type: ignore[method-assign]
+
+
+def _rows(store: Store) -> dict[str, str]:
+    """The meta rows another connection sees: only what was committed."""
+    with closing(sqlite3.connect(store.path)) as db:
+        return dict(db.execute("SELECT key, value FROM meta WHERE key LIKE 'k%'").fetchall())
+
+
+def _commit_all(store: Store, work_of, after_of) -> dict[int, object]:
+    """MEMBERS threads each commit(work_of(i), after_of(i)); their results or exceptions by i."""
+    out: dict[int, object] = {}
+
+    def one(i: int) -> None:
+        try:
+            out[i] = store.commit(work_of(i), after_of(i))
+        except Exception as e:
+            out[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(MEMBERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def _put(i: int):
+    def work(db: sqlite3.Connection) -> int:
+        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (f"k{i}", str(i)))
+        return i
+    return work
+
+
+def test_concurrent_commits_share_one_group_and_are_applied_only_once_committed(tmp_path):
+    store = Store(str(tmp_path))
+    sizes: list[int] = []
+    _gathering(store, MEMBERS, sizes)
+    seen_at_apply: dict[int, dict[str, str]] = {}
+
+    def after_of(i: int):
+        def after(result: int) -> None:
+            seen_at_apply[i] = _rows(store)         # applied in memory only once the COMMIT is durable
+        return after
+
+    try:
+        out = _commit_all(store, _put, after_of)
+    finally:
+        store.close()
+    assert sizes == [MEMBERS], sizes                # one transaction for all four
+    assert out == {i: i for i in range(MEMBERS)}
+    everything = {f"k{i}": str(i) for i in range(MEMBERS)}
+    assert seen_at_apply == {i: everything for i in range(MEMBERS)}
+
+
+def test_a_member_that_fails_fails_alone(tmp_path):
+    store = Store(str(tmp_path))
+    _gathering(store, MEMBERS, [])
+    applied: list[int] = []
+
+    def work_of(i: int):
+        put = _put(i)
+
+        def work(db: sqlite3.Connection) -> int:
+            put(db)                                 # written, then undone with its savepoint
+            if i == 2:
+                raise ValueError("member 2 is wrong")
+            return i
+        return work
+
+    try:
+        out = _commit_all(store, work_of, lambda i: applied.append)
+        rows = _rows(store)
+    finally:
+        store.close()
+    assert isinstance(out[2], ValueError), out
+    assert {i: out[i] for i in (0, 1, 3)} == {0: 0, 1: 1, 3: 3}
+    assert sorted(applied) == [0, 1, 3]
+    assert rows == {"k0": "0", "k1": "1", "k3": "3"}
+
+
+def test_a_failed_group_commit_fails_every_member_and_changes_nothing(tmp_path):
+    store = Store(str(tmp_path))
+    sizes: list[int] = []
+    _gathering(store, MEMBERS, sizes)
+
+    def failing_commit(members: int) -> None:
+        sizes.append(members)
+        raise sqlite3.OperationalError("disk I/O error")    # what a COMMIT that cannot write raises
+
+    store.group_test_hook = failing_commit          # type: ignore[method-assign]
+    applied: list[int] = []
+    try:
+        out = _commit_all(store, _put, lambda i: applied.append)
+        rows = _rows(store)
+    finally:
+        store.close()
+    assert sizes == [MEMBERS], sizes
+    assert all(isinstance(e, StateError) for e in out.values()), out
+    assert applied == [] and rows == {}
+
+
+def test_a_later_member_sees_what_an_earlier_one_staged(tmp_path):
+    """Store.staged: bmid's persist compares a record with the last one written, in this group or before."""
+    store = Store(str(tmp_path))
+    _gathering(store, MEMBERS, [])
+    seen: dict[int, dict] = {}
+
+    def work_of(i: int):
+        def work(db: sqlite3.Connection) -> None:
+            seen[i] = dict(store.staged)
+            store.staged[i] = True
+        return work
+
+    try:
+        out = _commit_all(store, work_of, lambda i: None)
+        left = dict(store.staged)
+    finally:
+        store.close()
+    assert all(v is None for v in out.values()), out
+    assert sorted(len(s) for s in seen.values()) == list(range(MEMBERS))
+    assert left == {}                               # scratch of one group only
+
