@@ -456,7 +456,7 @@ class LinuxDriver(Driver):
             "/system/image/format": const("archive" if pd.archive else "elf") if pd.image_fd is not None
             else const("none"),
             "/capability/isolation/per-pd-uid": const(self._ids.capability()),
-            **{name: const(value) for name, value in devices.capabilities(pd.groups.devices_enforced()).items()},
+            **{name: const(value) for name, value in devices.capabilities(pd.groups.devices_enforcement()).items()},
         }
         run = pd.run
         if run is not None and not run.exited.is_set():
