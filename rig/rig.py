@@ -36,9 +36,12 @@ MARKER = re.compile(rb"^BMI-RIG-RESULT (\d+)\s*$", re.M)
 # pytest's closing line, e.g. "7 passed, 5 deselected in 240.12s (0:04:00)"
 SUMMARY = re.compile(rb"^=*\s*((?:\d+ \w+, )*\d+ \w+) in [\d.]+s\b.*$", re.M)
 NINEP_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay"]
+# for the device and network tests: /dev/net/tun, veth pairs, the bridge they join
+NET_MODULES = ["tun", "veth", "bridge"]
 XEN_MODULES = ["xenfs", "xen-privcmd", "xen-evtchn", "xen-gntdev", "xen-gntalloc"]
 CGROUP2_TESTS = ["-m", "not hybrid_host", "tests/drivers/linux/test_cgroups.py",
-                 "tests/drivers/linux/test_driver.py", "tests/api/test_lifecycle.py"]
+                 "tests/drivers/linux/test_driver.py", "tests/api/test_lifecycle.py",
+                 "tests/drivers/linux/test_devices.py", "tests/security/test_device_attacks.py"]
 XEN_TEST_DIR = "tests/drivers/xen"
 XEN_DIR = "/usr/lib/xen-4.17"
 GUEST_MARKER = "BMI-GUEST-UP"             # what tests/drivers/xen waits for
@@ -134,7 +137,8 @@ def boot(name: str, cmd: list[str], timeout: float, log_path: str) -> int:
 def run_cgroup2(tests: Sequence[str], timeout: int) -> int:
     """The Debian kernel with only cgroup v2, its controllers enabled for children of the root."""
     kernel, release = debian_kernel()
-    initrd = _host_root_initramfs("cgroup2", "cgroup2.sh", _test_env(tests, timeout), release, NINEP_MODULES)
+    initrd = _host_root_initramfs("cgroup2", "cgroup2.sh", _test_env(tests, timeout), release,
+                                  NINEP_MODULES + NET_MODULES)
     append = ("console=ttyS0 rdinit=/init panic=-1 loglevel=4 "
               "cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1")
     return boot("cgroup2", QEMU + ["-cpu", "qemu64", "-m", "2560", "-kernel", kernel, "-initrd", initrd,

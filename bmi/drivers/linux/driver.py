@@ -523,6 +523,10 @@ class LinuxDriver(Driver):
     def destroy_network(self, name: str, subnet: str, nat: bool) -> None:
         net.destroy_bridge(name, subnet, nat)
 
+    def restore_network(self, name: str, subnet: str, nat: bool) -> None:
+        if not net.exists(name):        # still there: its running PDs' veths are still in it
+            net.create_bridge(name, subnet, nat)
+
     def close(self) -> None:
         self._monitor.close()
         if self._lifeline_w >= 0:
