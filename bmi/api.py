@@ -362,7 +362,7 @@ class PDManagement:
                 errors.append(e)
         for name in sorted(self._networks):
             try:
-                self.get_device_manager().destroy_network(name)
+                DeviceManager(self).destroy_network(name)      # (get_device_manager refuses: closed by now)
             except BMIError as e:
                 errors.append(e)
         if self._channel_server is not None:
