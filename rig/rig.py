@@ -38,7 +38,7 @@ SUMMARY = re.compile(rb"^=*\s*((?:\d+ \w+, )*\d+ \w+) in [\d.]+s\b.*$", re.M)
 NINEP_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay"]
 # for the device and network tests: /dev/net/tun, veth pairs, the bridge they join
 NET_MODULES = ["tun", "veth", "bridge"]
-XEN_MODULES = ["xenfs", "xen-privcmd", "xen-evtchn", "xen-gntdev", "xen-gntalloc"]
+XEN_MODULES = ["xenfs", "xen-privcmd", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-netback"]
 CGROUP2_TESTS = ["-m", "not hybrid_host", "tests/drivers/linux/test_cgroups.py",
                  "tests/drivers/linux/test_driver.py", "tests/api/test_lifecycle.py",
                  "tests/drivers/linux/test_devices.py", "tests/security/test_device_attacks.py"]
@@ -170,7 +170,8 @@ def run_xen(tests: Sequence[str], timeout: int) -> int:
              f"BMI_XEN_GUEST_RAMDISK={guest}")
     selection = ["-m", "xen", *(tests or [XEN_TEST_DIR])]
     env = _test_env(selection, timeout, extra)
-    initrd = _host_root_initramfs("xen-dom0", "dom0.sh", env, release, NINEP_MODULES + XEN_MODULES)
+    initrd = _host_root_initramfs("xen-dom0", "dom0.sh", env, release,
+                                  NINEP_MODULES + XEN_MODULES + NET_MODULES)
     xen_append = "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 noreboot"
     dom0_append = "console=hvc0 rdinit=/init panic=-1 loglevel=4"
     return boot("xen", QEMU + ["-cpu", "qemu64,+svm,+npt", "-m", "3072", "-kernel", xen, "-append", xen_append,

@@ -105,7 +105,7 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-class LinuxDriver(Driver):
+class LinuxDriver(net.HostBridges, Driver):
     name = "linux"
     boot_params = ("/boot/cmdline", "/boot/capabilities", "/boot/allow", "/boot/env/")
     capabilities = frozenset({PDStatus.PAUSED, PDStatus.RESTARTING})
@@ -517,15 +517,6 @@ class LinuxDriver(Driver):
         if owner is not None:
             devices.give_back(device, owner)
 
-    def create_network(self, name: str, subnet: str, nat: bool) -> None:
-        net.create_bridge(name, subnet, nat)
-
-    def destroy_network(self, name: str, subnet: str, nat: bool) -> None:
-        net.destroy_bridge(name, subnet, nat)
-
-    def restore_network(self, name: str, subnet: str, nat: bool) -> None:
-        if not net.exists(name):        # still there: its running PDs' veths are still in it
-            net.create_bridge(name, subnet, nat)
 
     def close(self) -> None:
         self._monitor.close()
