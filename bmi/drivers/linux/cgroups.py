@@ -488,10 +488,10 @@ class PDCgroups:
         try:
             devices.program(v2.path, rules)
         except (OSError, ResourceError) as e:
+            why = str(getattr(e, "strerror", None) or e)
             if strict:
-                raise ResourceError(f"{what} of {_label(self.name, self.pd_id)}: {e.strerror or e}",
-                                    pd_id=self.pd_id) from e
-            self._device_refusal = str(getattr(e, "strerror", None) or e)
+                raise ResourceError(f"{what} of {_label(self.name, self.pd_id)}: {why}", pd_id=self.pd_id) from e
+            self._device_refusal = why
             return
         self._device_rules, self._device_refusal = rules, ""
 
