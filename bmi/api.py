@@ -333,7 +333,7 @@ class PDManagement:
                 errors.append(e)
         for name in sorted(self._networks):
             try:
-                self.get_device_manager().destroy_network(name)
+                DeviceManager(self).destroy_network(name)      # (get_device_manager refuses: closed by now)
             except BMIError as e:
                 errors.append(e)
         if self._channel_server is not None:
@@ -363,6 +363,22 @@ class PDManagement:
     def keep_pds_when_dropped(self) -> None:
         """This manager's end (or its process's) must never destroy its PDs: no last-resort cleanup."""
         self._finalizer.detach()
+
+    def adopt_networks(self, networks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The host networks a daemon stored (list_networks() dicts): kept where they still exist, made again
+        where they went (a host reboot); returns those now held (a network that cannot be made is logged
+        and left out)."""
+        for network in networks:
+            try:
+                self._driver.restore_network(network["name"], network["subnet"], bool(network.get("nat")))
+            except BMIError as e:
+                log.warning("host network %s (%s) could not be made again: %s", network.get("name"),
+                            network.get("subnet"), e)
+                continue
+            with self._lock:
+                self._networks[network["name"]] = {"name": network["name"], "subnet": network["subnet"],
+                                                   "nat": bool(network.get("nat"))}
+        return self.get_device_manager().list_networks()
 
     def install_channels(self, server: Any) -> None:
         """Serve the PD channels with `server` (bmid's keeps them across restarts) instead of a

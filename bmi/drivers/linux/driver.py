@@ -105,7 +105,7 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-class LinuxDriver(Driver):
+class LinuxDriver(net.HostBridges, Driver):
     name = "linux"
     boot_params = ("/boot/cmdline", "/boot/capabilities", "/boot/allow", "/boot/env/")
     capabilities = frozenset({PDStatus.PAUSED, PDStatus.RESTARTING})
@@ -461,7 +461,7 @@ class LinuxDriver(Driver):
                 pd.archive if pd.image_fd is not None else None,
                 spawn.capability_mask(config.get("/boot/capabilities", ""), f"/boot/capabilities of PD {pd.pd_id}",
                                       pd.pd_id))),
-            **{name: const(value) for name, value in devices.capabilities(pd.groups.devices_enforced()).items()},
+            **{name: const(value) for name, value in devices.capabilities(pd.groups.devices_enforcement()).items()},
         }
         run = pd.run
         if run is not None and not run.exited.is_set():
@@ -522,11 +522,6 @@ class LinuxDriver(Driver):
         if owner is not None:
             devices.give_back(device, owner)
 
-    def create_network(self, name: str, subnet: str, nat: bool) -> None:
-        net.create_bridge(name, subnet, nat)
-
-    def destroy_network(self, name: str, subnet: str, nat: bool) -> None:
-        net.destroy_bridge(name, subnet, nat)
 
     def close(self) -> None:
         self._monitor.close()

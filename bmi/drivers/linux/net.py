@@ -194,6 +194,20 @@ def destroy_bridge(name: str, subnet: str | None = None, nat: bool = False) -> N
         _run([_ip(), "link", "del", name], what, 0)
 
 
+class HostBridges:
+    """The host-network part of a driver whose host (or dom0) is Linux: `bmi net` networks are bridges."""
+
+    def create_network(self, name: str, subnet: str, nat: bool) -> None:
+        create_bridge(name, subnet, nat)
+
+    def destroy_network(self, name: str, subnet: str, nat: bool) -> None:
+        destroy_bridge(name, subnet, nat)
+
+    def restore_network(self, name: str, subnet: str, nat: bool) -> None:
+        if not exists(name):        # still there: the running PDs' interfaces are still in it
+            create_bridge(name, subnet, nat)
+
+
 def _nat(name: str, subnet: str, op: str) -> None:
     """Forwarding and masquerade for a bridge's subnet (changes the host's firewall: never in tests)."""
     iptables = shutil.which("iptables") or shutil.which("iptables", path="/usr/sbin:/sbin")
