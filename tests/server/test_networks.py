@@ -107,7 +107,7 @@ def test_bmids_network_and_a_pds_net_config_survive_restarts(tmp_path, netns):
 
 _SESSION = textwrap.dedent("""
     import bmi
-    from bmi.drivers.linux import net
+    from bmi.drivers import net
     with bmi.open("linux:///session", integrity=False) as mgr:
         mgr.get_device_manager().create_network("bmitest4", "10.213.10.0/24")
         print("while open:", net.exists("bmitest4"))

@@ -22,7 +22,8 @@ from ...params import Leaf, const, parse_allow, parse_int
 from ...types import PDDescription, PDStatus
 from ..base import Driver, ExitInfo, HostResources, Progress
 from ..console import Console
-from . import cgroups, devices, formats, net, spawn, uids
+from .. import net
+from . import cgroups, devices, formats, spawn, uids
 from .monitor import Monitor
 
 MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_EXEC = 0x1, 0x2, 0x10

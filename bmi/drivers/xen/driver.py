@@ -36,7 +36,7 @@ from ...params import Leaf, const
 from ...types import PDDescription, PDStatus
 from ..base import Driver, ExitInfo, HostResources, Progress
 from ..console import Console
-from ..linux import net
+from .. import net
 from . import config as xcfg
 from . import image as ximage
 from .libxl import PERM_NONE, PERM_READ, PERM_RW, Xen

@@ -1,4 +1,7 @@
-"""Network interfaces for Linux PDs, made from the manager's side with iproute2.
+"""Network interfaces for PDs and host bridges, made from the manager's side with iproute2.
+
+Shared by the drivers: the Linux driver moves a veth into the PD's network
+namespace (below), the Xen driver plugs a vif into the same host bridges.
 
 A PD starts with only loopback in its own network namespace.  Its config
 `/net/<ifname>` = `veth:<bridge>` or `macvlan:<parent>` (with
@@ -25,7 +28,7 @@ import subprocess
 import zlib
 from dataclasses import dataclass
 
-from ...errors import InvalidArgument, NotSupported, ResourceError
+from ..errors import InvalidArgument, NotSupported, ResourceError
 
 KINDS = ("veth", "macvlan")
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
