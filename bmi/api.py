@@ -651,8 +651,8 @@ class PDController:
 
     def request_status_change(self, status: PDStatus | str | int, *, progress: Progress | None = None) -> None:
         """Spec 7.2.4.  progress(done, total) is called as a start unpacks a root archive (the bytes of the
-        archive done, increasing, last total of total); not for an image that is not unpacked, nor in system
-        mode, where bmid unpacks it."""
+        archive done, increasing, last total of total); not for an image that is not unpacked.  In system mode
+        bmid unpacks it and sends the same reports to the client before its reply."""
         target = _coerce_status(status, self._id)
         if target is PDStatus.DESTROYED:
             self.destroy()

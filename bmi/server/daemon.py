@@ -49,12 +49,12 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..api import PDController, PDManagement
 from ..channel import protocol as p
 from ..channel.board import BoardWriter
-from ..channel.dispatch import Dispatcher
+from ..channel.dispatch import Dispatcher, reporting_progress
 from ..channel.methods import READ_ONLY
 from ..channel.server import ChannelServer, _check_request
 from ..drivers import BMIDS
@@ -638,8 +638,10 @@ class Daemon:
                         self._stream_events(conn, msg_id, params)
                         return
                     fd = fds.pop(0) if fds and method == "setup_pd" else None
+                    report = _progress_to(conn, msg_id) if params.get("progress") is True else None
                     try:
-                        value, out = self.call(0, method, params, fd)
+                        with reporting_progress(report) if report else contextlib.nullcontext():
+                            value, out = self.call(0, method, params, fd)
                     finally:
                         if fd is not None:
                             os.close(fd)
@@ -772,6 +774,12 @@ def _pause_at(state_dir: str, point: str) -> None:
     while not os.path.exists(resume):
         time.sleep(0.01)
     os.unlink(resume)
+
+
+def _progress_to(conn: socket.socket, msg_id: Any) -> Callable[[int, int], None]:
+    """A progress callback that sends records to the client before its reply; when it has gone, the send
+    fails and the start it asked for stops (a Ctrl-C'd `bmi create --start` leaves the PD READY)."""
+    return lambda done, total: p.send(conn, p.progress(msg_id, done, total))
 
 
 def _send_reply(conn: socket.socket, reply: dict, fds: tuple[int, ...]) -> None:
