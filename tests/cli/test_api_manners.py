@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 import bmi
+from bmi.testing import wait_status
 from tests.helpers import busybox_path, output, start
 from tests.images import newc
 
@@ -132,14 +132,6 @@ def test_an_unpack_callback_that_is_not_callable_is_refused(mgr, root_archive):
     pd.destroy()
 
 
-def _settled(pd: bmi.PDController, want: bmi.PDStatus) -> bmi.PDStatus:
-    """The PD's status once it is `want` (bmid stops a start at its next report after the client raised)."""
-    deadline = time.monotonic() + 10
-    while (status := pd.get_current_status()) is not want and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return status
-
-
 def test_a_failing_unpack_callback_stops_the_start_and_leaves_nothing(mgr, root_archive):
     pd = _ready(mgr, root_archive)
 
@@ -147,13 +139,13 @@ def test_a_failing_unpack_callback_stops_the_start_and_leaves_nothing(mgr, root_
         raise ValueError("disk full")
     with pytest.raises(bmi.InvalidArgument, match=r"stopped by the progress callback.*ValueError\('disk full'\)"):
         pd.request_status_change(bmi.PDStatus.RUNNING, progress=fail)
-    assert _settled(pd, bmi.PDStatus.READY) is bmi.PDStatus.READY
+    wait_status(pd, bmi.PDStatus.READY)             # bmid stops the start at its next report
 
     def interrupt(done: int, total: int) -> None:
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):            # passed through untouched, as setup_pd's progress does
         pd.request_status_change(bmi.PDStatus.RUNNING, progress=interrupt)
-    assert _settled(pd, bmi.PDStatus.READY) is bmi.PDStatus.READY
+    wait_status(pd, bmi.PDStatus.READY)             # bmid stops the start at its next report
     pd.request_status_change(bmi.PDStatus.RUNNING)     # and it still starts
     assert output(pd) == "/blob9\n"
     pd.destroy()
