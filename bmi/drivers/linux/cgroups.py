@@ -460,22 +460,21 @@ class PDCgroups:
             self._program_devices(dict(map(devices.parse_rule, rules)), "keep device rules", strict=False)
 
     def allow_device(self, rule: str) -> None:
-        if "devices" in self._ctl:
-            self._set(os.path.join(self._group("devices", "allow a device").path, "devices.allow"), rule,
-                      "allow a device")
-        elif self._device_rules is not None and not self._device_refusal:
-            node, access = devices.parse_rule(rule)
-            merged = "".join(sorted(set(self._device_rules.get(node, "") + access)))
-            self._program_devices({**self._device_rules, node: merged}, "allow a device", strict=True)
+        self._change_device(rule, "allow", lambda have, access: "".join(sorted(set(have + access))))
 
     def deny_device(self, rule: str) -> None:
+        self._change_device(rule, "deny", lambda have, access: "".join(c for c in have if c not in access))
+
+    def _change_device(self, rule: str, verb: str, combine: Callable[[str, str], str]) -> None:
+        """v1: write the rule to devices.allow / devices.deny; v2: the program again, with the node's access
+        combined from what it had and the rule's."""
+        what = f"{verb} a device"
         if "devices" in self._ctl:
-            self._set(os.path.join(self._group("devices", "deny a device").path, "devices.deny"), rule,
-                      "deny a device")
+            self._set(os.path.join(self._group("devices", what).path, f"devices.{verb}"), rule, what)
         elif self._device_rules is not None and not self._device_refusal:
             node, access = devices.parse_rule(rule)
-            left = "".join(c for c in self._device_rules.get(node, "") if c not in access)
-            self._program_devices({**self._device_rules, node: left}, "deny a device", strict=True)
+            self._program_devices({**self._device_rules, node: combine(self._device_rules.get(node, ""), access)},
+                                  what, strict=True)
 
     def _program_devices(self, rules: dict[tuple[str, str, str], str], what: str, strict: bool) -> None:
         """Make `rules` the v2 group's BPF device program.  strict: a refusal raises (the rules in force stay);
