@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import bmi  # noqa: E402
-from bmi.drivers.linux import net  # noqa: E402
+from bmi.drivers import net  # noqa: E402
 from spawn import build_binary  # noqa: E402  (bench/spawn.py, next to this file)
 
 # reads one byte of stdin (EOF at once under bmi and bwrap), then exits: the hand-made run's release

@@ -333,7 +333,7 @@ class PDManagement:
                 errors.append(e)
         for name in sorted(self._networks):
             try:
-                self.get_device_manager().destroy_network(name)
+                DeviceManager(self).destroy_network(name)      # (get_device_manager refuses: closed by now)
             except BMIError as e:
                 errors.append(e)
         if self._channel_server is not None:
@@ -363,6 +363,22 @@ class PDManagement:
     def keep_pds_when_dropped(self) -> None:
         """This manager's end (or its process's) must never destroy its PDs: no last-resort cleanup."""
         self._finalizer.detach()
+
+    def adopt_networks(self, networks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The host networks a daemon stored (list_networks() dicts): kept where they still exist, made again
+        where they went (a host reboot); returns those now held (a network that cannot be made is logged
+        and left out)."""
+        for network in networks:
+            try:
+                self._driver.restore_network(network["name"], network["subnet"], bool(network.get("nat")))
+            except BMIError as e:
+                log.warning("host network %s (%s) could not be made again: %s", network.get("name"),
+                            network.get("subnet"), e)
+                continue
+            with self._lock:
+                self._networks[network["name"]] = {"name": network["name"], "subnet": network["subnet"],
+                                                   "nat": bool(network.get("nat"))}
+        return self.get_device_manager().list_networks()
 
     def install_channels(self, server: Any) -> None:
         """Serve the PD channels with `server` (bmid's keeps them across restarts) instead of a
@@ -635,8 +651,8 @@ class PDController:
 
     def request_status_change(self, status: PDStatus | str | int, *, progress: Progress | None = None) -> None:
         """Spec 7.2.4.  progress(done, total) is called as a start unpacks a root archive (the bytes of the
-        archive done, increasing, last total of total); not for an image that is not unpacked, nor in system
-        mode, where bmid unpacks it."""
+        archive done, increasing, last total of total); not for an image that is not unpacked.  In system mode
+        bmid unpacks it and sends the same reports to the client before its reply."""
         target = _coerce_status(status, self._id)
         if target is PDStatus.DESTROYED:
             self.destroy()

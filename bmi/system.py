@@ -87,7 +87,9 @@ class _BmidChannel(Channel):
         self._gone = False
         self.generation = 0
 
-    def call(self, method: str, params: dict[str, Any], fd: int | None = None) -> tuple[Any, int | None]:
+    def call(self, method: str, params: dict[str, Any], fd: int | None = None, *,
+             progress: Callable[[int, int], None] | None = None) -> tuple[Any, int | None]:
+        """As Channel.call; progress(done, total) gets the progress records bmid sends before the reply."""
         with self._lock:
             if self._sock.fileno() < 0:
                 raise InvalidState(f"{method}: this connection to bmid is closed")
@@ -100,7 +102,7 @@ class _BmidChannel(Channel):
             self._reconnect(method)
             try:
                 p.send_encoded(self._sock, data, (fd,) if fd is not None else ())
-                reply, got = self._receive(method)
+                reply, got = self._receive(method, progress)
             except OSError as e:
                 self._gone = True
                 raise ResourceError(f"{method}: the connection to bmid failed: {e.strerror or e}") from None
@@ -108,6 +110,22 @@ class _BmidChannel(Channel):
                 self._gone = True
                 raise
         return self._unwrap(method, reply, msg_id, got, "from bmid")
+
+    def _report(self, method: str, progress: Callable[[int, int], None] | None, value: Any) -> None:
+        """Hand one progress record to the caller's callback.  If the callback raises, this connection is
+        shut down, so bmid's next report fails and the start stops there, as a raising callback stops it in
+        session mode; the next call connects again."""
+        if progress is None or not (isinstance(value, list) and len(value) == 2
+                                    and all(type(v) is int for v in value)):
+            return
+        try:
+            progress(value[0], value[1])
+        except BaseException as e:
+            self._sock.shutdown(socket.SHUT_RDWR)
+            self._gone = True
+            if isinstance(e, Exception):
+                raise InvalidArgument(f"{method}: stopped by the progress callback: {e!r}") from e
+            raise
 
     def _reconnect(self, what: str) -> None:
         """A new connection when bmid went away since the last call (it was restarted, or is still down)."""
@@ -135,7 +153,7 @@ class _BmidChannel(Channel):
                                  for _, events in poller.poll(0))
             self._reconnect(what)
 
-    def _receive(self, method: str) -> tuple[Any, int | None]:
+    def _receive(self, method: str, progress: Callable[[int, int], None] | None = None) -> tuple[Any, int | None]:
         pieces: list[bytes] = []
         while True:
             data, fds, whole = p.receive(self._sock)
@@ -145,6 +163,9 @@ class _BmidChannel(Channel):
             if not data:
                 raise ResourceError(f"{method}: bmid closed the connection")
             message = p.decode(data) if whole else None
+            if isinstance(message, dict) and "progress" in message:
+                self._report(method, progress, message["progress"])
+                continue
             if not isinstance(message, dict) or "more" not in message:
                 return (p.decode(b"".join(pieces)) if pieces else message), got
             pieces.append(bytes.fromhex(message["more"]))
@@ -251,9 +272,13 @@ class SystemController(RemoteController):
 
     def request_status_change(self, status: PDStatus | str | int, *,
                               progress: Callable[[int, int], None] | None = None) -> None:
-        """As in session mode; bmid unpacks a root archive, so progress is checked but not called here."""
+        """As in session mode; bmid unpacks a root archive and sends progress(done, total) records before its reply."""
         check_progress(progress, f"request_status_change of PD {self._id}", self._id)
-        super().request_status_change(status)
+        if progress is None:
+            super().request_status_change(status)
+            return
+        self._channel.call("request_status_change", {"pd": self._id, "status": p.status_to_wire(status),
+                                                     "progress": True}, progress=progress)
 
     # -- what session mode's PDController has beyond the spec --------------------------------
     wait = remote("wait")

@@ -36,9 +36,12 @@ MARKER = re.compile(rb"^BMI-RIG-RESULT (\d+)\s*$", re.M)
 # pytest's closing line, e.g. "7 passed, 5 deselected in 240.12s (0:04:00)"
 SUMMARY = re.compile(rb"^=*\s*((?:\d+ \w+, )*\d+ \w+) in [\d.]+s\b.*$", re.M)
 NINEP_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay"]
-XEN_MODULES = ["xenfs", "xen-privcmd", "xen-evtchn", "xen-gntdev", "xen-gntalloc"]
+# for the device and network tests: /dev/net/tun, veth pairs, the bridge they join
+NET_MODULES = ["tun", "veth", "bridge"]
+XEN_MODULES = ["xenfs", "xen-privcmd", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-netback"]
 CGROUP2_TESTS = ["-m", "not hybrid_host", "tests/drivers/linux/test_cgroups.py",
-                 "tests/drivers/linux/test_driver.py", "tests/api/test_lifecycle.py"]
+                 "tests/drivers/linux/test_driver.py", "tests/api/test_lifecycle.py",
+                 "tests/drivers/linux/test_devices.py", "tests/security/test_device_attacks.py"]
 XEN_TEST_DIR = "tests/drivers/xen"
 XEN_DIR = "/usr/lib/xen-4.17"
 GUEST_MARKER = "BMI-GUEST-UP"             # what tests/drivers/xen waits for
@@ -134,7 +137,8 @@ def boot(name: str, cmd: list[str], timeout: float, log_path: str) -> int:
 def run_cgroup2(tests: Sequence[str], timeout: int) -> int:
     """The Debian kernel with only cgroup v2, its controllers enabled for children of the root."""
     kernel, release = debian_kernel()
-    initrd = _host_root_initramfs("cgroup2", "cgroup2.sh", _test_env(tests, timeout), release, NINEP_MODULES)
+    initrd = _host_root_initramfs("cgroup2", "cgroup2.sh", _test_env(tests, timeout), release,
+                                  NINEP_MODULES + NET_MODULES)
     append = ("console=ttyS0 rdinit=/init panic=-1 loglevel=4 "
               "cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1")
     return boot("cgroup2", QEMU + ["-cpu", "qemu64", "-m", "2560", "-kernel", kernel, "-initrd", initrd,
@@ -166,7 +170,8 @@ def run_xen(tests: Sequence[str], timeout: int) -> int:
              f"BMI_XEN_GUEST_RAMDISK={guest}")
     selection = ["-m", "xen", *(tests or [XEN_TEST_DIR])]
     env = _test_env(selection, timeout, extra)
-    initrd = _host_root_initramfs("xen-dom0", "dom0.sh", env, release, NINEP_MODULES + XEN_MODULES)
+    initrd = _host_root_initramfs("xen-dom0", "dom0.sh", env, release,
+                                  NINEP_MODULES + XEN_MODULES + NET_MODULES)
     xen_append = "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 noreboot"
     dom0_append = "console=hvc0 rdinit=/init panic=-1 loglevel=4"
     return boot("xen", QEMU + ["-cpu", "qemu64,+svm,+npt", "-m", "3072", "-kernel", xen, "-append", xen_append,

@@ -1,4 +1,5 @@
-"""cffi build of bmi._devices: device nodes into and out of a running PD's /dev (csrc/devices.c)."""
+"""cffi build of bmi._devices: device nodes into and out of a running PD's /dev (csrc/devices.c) and
+its cgroup v2 BPF device program (csrc/devcg.c)."""
 import os
 
 from cffi import FFI
@@ -15,7 +16,7 @@ ffibuilder.cdef(_CDEF)
 ffibuilder.set_source(
     "bmi._devices",
     '#include "devices.h"',
-    sources=[os.path.join(_CSRC, "devices.c")],
+    sources=[os.path.join(_CSRC, "devices.c"), os.path.join(_CSRC, "devcg.c")],
     include_dirs=[_CSRC],
     extra_compile_args=["-O2", "-Wall", "-Wextra"],
 )

@@ -5,8 +5,10 @@ Who may do what is decided in bmi/api.py, as for every other caller.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterator
 
 from ..errors import InvalidArgument
 from ..image import FdImage
@@ -27,6 +29,21 @@ def _check_names(params: dict, method: Method) -> None:
     extra = sorted(set(params) - method.names)
     if missing or extra:
         raise p.ProtocolError(p.INVALID_PARAMS, f"missing {missing}, unexpected {extra}"[:300])
+
+
+#: Where the request this thread serves reports its progress: set by bmid for a client that asked for it.
+#: A PD over its channel gets none (its requests run on the channel server's threads, which never set it).
+_progress = threading.local()
+
+
+@contextlib.contextmanager
+def reporting_progress(report: Callable[[int, int], None]) -> Iterator[None]:
+    """Progress of the request served on this thread goes to `report` (bmid: records to the caller)."""
+    _progress.report = report
+    try:
+        yield
+    finally:
+        _progress.report = None
 
 
 class Dispatcher:
@@ -87,7 +104,10 @@ class Dispatcher:
     def m_request_status_change(self, scope: Any, params: dict, fd: None) -> None:
         if not isinstance(params["status"], str):
             raise p.ProtocolError(p.INVALID_PARAMS, "status is a PDStatus name, e.g. \"RUNNING\"")
-        self._ctl(scope, params).request_status_change(params["status"])
+        if not isinstance(params.get("progress", False), bool):
+            raise p.ProtocolError(p.INVALID_PARAMS, "progress is true or false")
+        report = getattr(_progress, "report", None) if params.get("progress") else None
+        self._ctl(scope, params).request_status_change(params["status"], progress=report)
 
     def m_destroy(self, scope: Any, params: dict, fd: None) -> None:
         self._ctl(scope, params).destroy()

@@ -98,7 +98,7 @@ _ROWS = (
     Method("get_priority", (), "int", read_only=True, doc="The PD's priority (-10..+10)."),
     Method("set_priority", ("priority:int",), "null", doc="Set the PD's priority (-10..+10, higher runs more)."),
     Method("get_current_status", (), "status", read_only=True, doc="The PD's status."),
-    Method("request_status_change", ("status:status",), "null",
+    Method("request_status_change", ("status:status", "progress?:bool"), "null",
            doc="Ask the layer to move the PD to `status` (a PDStatus, its int value or its name)."),
     Method("destroy", (), "null", doc="End the PD and free all it holds."),
     Method("setup_pd", ("banks?:[str]",), "null", fd_in=True,

@@ -118,6 +118,17 @@ def decode(data: bytes) -> Any:
 
 
 # -- messages ---------------------------------------------------------------------------------
+def progress(msg_id: Any, done: int, total: int) -> dict[str, Any]:
+    """A record sent before the reply of a request that asked for progress (bmid: a start unpacking a root)."""
+    return {"jsonrpc": "2.0", "id": msg_id, "progress": [done, total]}
+
+
+def is_interim(message: Any) -> bool:
+    """Whether a record is not yet the reply: a progress report, or a piece of a long reply other than the last."""
+    return isinstance(message, dict) and ("progress" in message or
+                                          (isinstance(message.get("more"), str) and not message.get("last")))
+
+
 def request(msg_id: int, method: str, params: dict[str, Any]) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params}
 

@@ -167,5 +167,9 @@ class Driver(abc.ABC):
     def destroy_network(self, name: str, subnet: str, nat: bool) -> None:
         raise NotSupported(f"{self.name} driver cannot make host networks")
 
+    def restore_network(self, name: str, subnet: str, nat: bool) -> None:
+        """A network a restarted daemon had: kept when it is still there, else made again."""
+        self.create_network(name, subnet, nat)
+
     def close(self) -> None:
         """Release driver-wide resources (threads, fds)."""

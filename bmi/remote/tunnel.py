@@ -285,7 +285,7 @@ class Tunnel:
             message = json.loads(payload)
         except ValueError:
             message = None
-        if isinstance(message, dict) and not (isinstance(message.get("more"), str) and not message.get("last")):
+        if isinstance(message, dict) and not p.is_interim(message):
             self._pending.pop(message.get("id"), None)
         try:
             p.send_encoded(self._far, payload)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import queue
@@ -48,12 +49,12 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..api import PDController, PDManagement
 from ..channel import protocol as p
 from ..channel.board import BoardWriter
-from ..channel.dispatch import Dispatcher
+from ..channel.dispatch import Dispatcher, reporting_progress
 from ..channel.methods import READ_ONLY
 from ..channel.server import ChannelServer, _check_request
 from ..drivers import BMIDS
@@ -79,6 +80,8 @@ ACCEPT_WAKE = 1.0               # s: how long a pending SIGTERM may wait for the
 FAIL_STOP = 75                  # bmid's exit status when it stops because it cannot store a change it made
 TEST_PAUSE = "BMID_TEST_PAUSE"  # tests only: e.g. "commit:destroy exit" stops bmid there (see test_pause)
 _LIVE = (PDStatus.RUNNING, PDStatus.PAUSED)
+NETWORK_METHODS = ("create_network", "destroy_network")
+NETWORKS_KEY = "networks"        # meta: the host networks bmid made (list_networks() dicts), made again at start
 #: READ_ONLY (bmi/channel/methods.py): what a read-only client (the configured group) may call.
 
 
@@ -364,6 +367,7 @@ class Daemon:
         after the commit, so a death anywhere in here leaves the next start
         the same picture.
         """
+        self._restore_networks()
         records = self.store.pds()
         pending = self.store.pending()
         next_id = int(self.store.meta("next_id") or 1)
@@ -409,6 +413,16 @@ class Daemon:
             self.ledger.remove(call.pd_id, call.msg_id)
         if owed:
             self.mgr.channels().take_up(owed)
+
+    # -- host networks: bmid's own, kept in its store (meta "networks") and made again at its start --------
+    def _store_networks(self) -> None:
+        self.store.set_meta(NETWORKS_KEY, json.dumps(self.mgr.get_device_manager().list_networks()))
+
+    def _restore_networks(self) -> None:
+        """Before PDs are adopted: the bridges their /net config names exist again (after a host reboot)."""
+        stored = json.loads(self.store.meta(NETWORKS_KEY) or "[]")
+        if self.mgr.adopt_networks(stored) != stored:
+            self._store_networks()
 
     def _reconcile_exits(self) -> None:
         """PD exits seen by the driver's monitor: pick up the status, store it, tell subscribers.
@@ -459,6 +473,8 @@ class Daemon:
         op = self.store.begin(method, target if isinstance(target, int) else None, **detail)
         try:
             answer = self._dispatch(caller, method, params, fd)
+            if method in NETWORK_METHODS:
+                self._store_networks()
         except BMIError:
             restarted = None
             raise
@@ -622,8 +638,10 @@ class Daemon:
                         self._stream_events(conn, msg_id, params)
                         return
                     fd = fds.pop(0) if fds and method == "setup_pd" else None
+                    report = _progress_to(conn, msg_id) if params.get("progress") is True else None
                     try:
-                        value, out = self.call(0, method, params, fd)
+                        with reporting_progress(report) if report else contextlib.nullcontext():
+                            value, out = self.call(0, method, params, fd)
                     finally:
                         if fd is not None:
                             os.close(fd)
@@ -756,6 +774,12 @@ def _pause_at(state_dir: str, point: str) -> None:
     while not os.path.exists(resume):
         time.sleep(0.01)
     os.unlink(resume)
+
+
+def _progress_to(conn: socket.socket, msg_id: Any) -> Callable[[int, int], None]:
+    """A progress callback that sends records to the client before its reply; when it has gone, the send
+    fails and the start it asked for stops (a Ctrl-C'd `bmi create --start` leaves the PD READY)."""
+    return lambda done, total: p.send(conn, p.progress(msg_id, done, total))
 
 
 def _send_reply(conn: socket.socket, reply: dict, fds: tuple[int, ...]) -> None:

@@ -5,7 +5,9 @@
 # onlining the vCPUs `xl vcpu-set` hot-adds (no udev here to do it).
 # With /bin/xsclient in the ramdisk (tests/images/xsclient.c, added by the
 # test that needs it) it also reports, from the guest's side, what it reads
-# of its bmi home in xenstore and whether its writes there were refused.
+# of its bmi home in xenstore and whether its writes there were refused,
+# and with /lib/modules/xen-netfront.ko too it brings up eth0 (a vif) with
+# the address of its /net/eth0/address config.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -24,6 +26,18 @@ if [ -x /bin/xsclient ]; then
 		echo "BMI-GUEST-XS-WRITE $(xsclient write $key guest 2>&1 && echo "$key: accepted")"
 	done
 	echo "BMI-GUEST-XS-DONE"
+fi
+if [ -x /bin/xsclient ] && [ -f /lib/modules/xen-netfront.ko ]; then
+	# a vif from bmi (tests/drivers/xen/test_network.py): its address from the PD's config in xenstore
+	address=$(xsclient read bmi/config/net/eth0/address 2>&1)
+	insmod /lib/modules/xen-netfront.ko
+	n=0
+	until [ -e /sys/class/net/eth0 ] || [ $n -ge 200 ]; do n=$((n + 1)); sleep 0.1; done
+	if ip addr add "$address" dev eth0 && ip link set eth0 up; then
+		echo "BMI-GUEST-NET-UP eth0 $address"
+	else
+		echo "BMI-GUEST-NET-FAILED eth0 $address"
+	fi
 fi
 while :; do
 	for f in /sys/devices/system/cpu/cpu[0-9]*/online; do

@@ -119,6 +119,13 @@ def test_unpacking_a_root_shows_a_bar_and_quiet_turns_it_off(big_archive):
     assert status == 0 and "unpacking" not in seen and "%" not in seen, seen
 
 
+def test_create_start_shows_bmids_unpacking(daemon, big_archive):
+    """In system mode bmid unpacks the root; its progress records reach the client's bar."""
+    status, seen = on_a_terminal("create", "--mem", "256M", "--image", big_archive, "--start", "--",
+                                 "busybox", "sleep", "30", uri=daemon.uri)
+    assert status == 0 and "unpacking:" in seen and "/100M" in seen, seen
+
+
 def test_no_bar_when_stderr_is_not_a_terminal(big_image):
     done = subprocess.run([*BMI, "run", big_image, "--", "busybox", "true"], capture_output=True, text=True,
                           timeout=120)

@@ -40,9 +40,10 @@ class Bmid:
     """One bmid serving `system` (linux:///system or xen:///system) on a state dir; restartable, SIGKILLable."""
 
     def __init__(self, directory: str, *extra: str, socket_dir: str | None = None, system: str = "linux:///system",
-                 tpm: bool = False, env: dict[str, str] | None = None):
+                 tpm: bool = False, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()):
         """tpm=True: with the integrity link, on a swtpm of its own (state under directory/tpm);
-        env: extra environment (e.g. BMID_TEST_PAUSE) for the next start()s."""
+        env: extra environment (e.g. BMID_TEST_PAUSE) for the next start()s; prefix: a command that execs
+        bmid (e.g. nsenter into a network namespace the test made)."""
         self.state_dir = os.path.join(directory, "state")
         self.tpm_dir = os.path.join(directory, "tpm") if tpm else None
         self.socket = os.path.join(socket_dir or directory, "bmid.sock")
@@ -50,12 +51,13 @@ class Bmid:
         self.uri = f"{system}?socket={self.socket}"
         self.extra = extra
         self.env = dict(env or {})
+        self.prefix = prefix
         self.proc: subprocess.Popen | None = None
 
     def start(self, *, ready: bool = True) -> "Bmid":
         """Start bmid and (ready=True) wait until it serves its socket."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bmi.server.main", "--uri", self.system, "--state-dir", self.state_dir,
+            [*self.prefix, sys.executable, "-m", "bmi.server.main", "--uri", self.system, "--state-dir", self.state_dir,
              "--socket", self.socket, *(() if self.tpm_dir else ("--no-integrity",)), "--shutdown-grace", "2",
              *self.extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

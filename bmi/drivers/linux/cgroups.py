@@ -33,6 +33,8 @@ from typing import Callable
 from bmi.errors import (DriverUnavailable, InvalidArgument, InvalidState,
                         NotSupported, PermissionDenied, ResourceError)
 
+from . import devices
+
 __all__ = ["cgroup_version", "describe", "PDCgroups", "UNLIMITED"]
 
 UNLIMITED = 2**63 - 1
@@ -218,6 +220,9 @@ class PDCgroups:
         self._destroyed = False
         self.procs_files = tuple(os.path.join(g.path, "cgroup.procs") for g in groups)
         self._ctl = {c: g for g in groups for c in g.controllers}
+        # v2 only: the rules of the BPF device program attached (None: none yet), or why it was refused
+        self._device_rules: dict[tuple[str, str, str], str] | None = None
+        self._device_refusal = ""
         v2 = next((g for g in groups if g.version == 2), None)
         # the v2 group whose cgroup.kill kills its whole subtree at once
         self._killer: _Group | None = (
@@ -434,29 +439,72 @@ class PDCgroups:
                 raise self._fail("list processes", directory, e, "reading cgroup.procs in") from e
         return found
 
-    # --- devices (v1 only: v2 has no file for it, only BPF device programs) ----------------
+    # --- devices: the v1 devices controller, else on v2 a BPF device program ------------------------
+
+    def devices_enforcement(self) -> str:
+        """/capability/devices/enforced: whether (and how) the kernel checks the PD's every device open."""
+        if "devices" in self._ctl:
+            return "yes: cgroup v1 devices controller"
+        if self._device_rules is not None and not self._device_refusal:
+            return "yes: cgroup v2 BPF device program (BPF_PROG_TYPE_CGROUP_DEVICE) on the PD's group"
+        return ("no: " + (self._device_refusal or "the PD has neither a v1 devices cgroup nor a v2 group")
+                + "; a PD sees only the nodes bound into its /dev, and a node's detached mount refuses a reopen "
+                "through a kept fd, but nothing checks its opens against its assignments")
 
     def devices_enforced(self) -> bool:
-        """Whether the kernel checks the PD's every device open against its rules (v1 devices controller)."""
-        return "devices" in self._ctl
+        return self.devices_enforcement().startswith("yes")
 
     def limit_devices(self, rules: tuple[str, ...]) -> None:
-        """Deny every device node but those of `rules` ("c 1:3 rw", ...); nothing to do without the controller."""
-        if self.devices_enforced():
+        """Deny every device node but those of `rules` ("c 1:3 rw", ...); where the kernel cannot be made to
+        check (no v1 devices controller, and the BPF program refused: no CAP_SYS_ADMIN), say why instead."""
+        if "devices" in self._ctl:
             path = self._group("devices", "limit devices").path
             self._set(os.path.join(path, "devices.deny"), "a", "limit devices")
             for rule in rules:
                 self.allow_device(rule)
+        else:
+            self._program_devices(dict(map(devices.parse_rule, rules)), "limit devices", strict=False)
+
+    def keep_devices(self, rules: tuple[str, ...]) -> None:
+        """After a manager restart: the kept groups still enforce `rules`; on v2 the new manager takes over
+        the program (attaching its own in place of the one whose fd went with the old manager)."""
+        if "devices" not in self._ctl:
+            self._program_devices(dict(map(devices.parse_rule, rules)), "keep device rules", strict=False)
 
     def allow_device(self, rule: str) -> None:
-        if self.devices_enforced():
-            self._set(os.path.join(self._group("devices", "allow a device").path, "devices.allow"), rule,
-                      "allow a device")
+        self._change_device(rule, "allow", lambda have, access: "".join(sorted(set(have + access))))
 
     def deny_device(self, rule: str) -> None:
-        if self.devices_enforced():
-            self._set(os.path.join(self._group("devices", "deny a device").path, "devices.deny"), rule,
-                      "deny a device")
+        self._change_device(rule, "deny", lambda have, access: "".join(c for c in have if c not in access))
+
+    def _change_device(self, rule: str, verb: str, combine: Callable[[str, str], str]) -> None:
+        """v1: write the rule to devices.allow / devices.deny; v2: the program again, with the node's access
+        combined from what it had and the rule's."""
+        what = f"{verb} a device"
+        if "devices" in self._ctl:
+            self._set(os.path.join(self._group("devices", what).path, f"devices.{verb}"), rule, what)
+        elif self._device_rules is not None and not self._device_refusal:
+            node, access = devices.parse_rule(rule)
+            self._program_devices({**self._device_rules, node: combine(self._device_rules.get(node, ""), access)},
+                                  what, strict=True)
+
+    def _program_devices(self, rules: dict[tuple[str, str, str], str], what: str, strict: bool) -> None:
+        """Make `rules` the v2 group's BPF device program.  strict: a refusal raises (the rules in force stay);
+        else it is kept as the reason the PD's devices are not enforced."""
+        self._live(what)
+        v2 = next((g for g in self._groups if g.version == 2), None)
+        if v2 is None:
+            self._device_refusal = "the PD has neither a v1 devices cgroup nor a v2 group"
+            return
+        try:
+            devices.program(v2.path, rules)
+        except (OSError, ResourceError) as e:
+            why = str(getattr(e, "strerror", None) or e)
+            if strict:
+                raise ResourceError(f"{what} of {_label(self.name, self.pd_id)}: {why}", pd_id=self.pd_id) from e
+            self._device_refusal = why
+            return
+        self._device_rules, self._device_refusal = rules, ""
 
     # --- freezing -----------------------------------------------------------
 

@@ -6,9 +6,10 @@ What a PD gets is decided in bmi/api.py (DeviceManager); this module does it:
   pseudo-terminal slaves whose master this process holds (one it made);
 - the node in the PD's /dev: the host node bind-mounted from the manager's
   side into the PD's mount namespace (csrc/devices.c), removed on unassign;
-- the kernel's check at every open: the PD's v1 devices cgroup denies every
-  node but the five every PD has and those assigned (cgroup v2 would need a
-  BPF device program, not written yet: there, removing the node is all);
+- the kernel's check at every open: the PD's v1 devices cgroup, or on
+  cgroup v2 a BPF device program on its group (csrc/devcg.c, made here from
+  the same rules), denies every node but the five every PD has and those
+  assigned;
 - the owner: the host node is chowned to the PD's host uid while assigned to
   it alone, and its owner and mode are given back on unassign.
 """
@@ -113,19 +114,54 @@ def deny_rule(allowed: str) -> str:
     return allowed.rsplit(" ", 1)[0] + " rwm"
 
 
-def capabilities(enforced: bool) -> dict[str, str]:
-    """/capability/devices/...: what assignment does on this host (enforced: the PD has a v1 devices cgroup)."""
+def capabilities(enforcement: str) -> dict[str, str]:
+    """/capability/devices/...: what assignment does on this host (enforcement: PDCgroups.devices_enforcement())."""
     return {
         "/capability/devices/assign": f"character devices on the allow-list ({ENV_ALLOW}={':'.join(allow_list())})"
                                       " and pseudo-terminals the manager created",
-        "/capability/devices/enforced": "yes: cgroup v1 devices controller" if enforced else
-        "no: the PD has no devices cgroup (cgroup v2 needs a BPF device program, BPF_PROG_TYPE_CGROUP_DEVICE, "
-        "which this driver does not load yet; or the v1 devices hierarchy is not writable here); a PD sees only "
-        "the nodes bound into its /dev, and a node's detached mount refuses a reopen through a kept fd, but "
-        "nothing checks its opens against its assignments",
+        "/capability/devices/enforced": enforcement,
         "/capability/devices/revocable": REVOCABLE,
         "/capability/devices/network": "veth macvlan",
     }
+
+
+# --- the cgroup v2 device check: rules as a BPF device program (csrc/devcg.c) ---------------------------
+_BPF_ACCESS = {"m": 1, "r": 2, "w": 4}          # BPF_DEVCG_ACC_MKNOD, _READ, _WRITE
+_BPF_TYPE = {"b": 1, "c": 2}                    # BPF_DEVCG_DEV_BLOCK, _CHAR
+
+
+def parse_rule(rule: str) -> tuple[tuple[str, str, str], str]:
+    """"c 5:2 rw" -> (("c", "5", "2"), "rw"); "*" stands for any major or minor."""
+    kind, numbers, access = rule.split()
+    major, minor = numbers.split(":")
+    return (kind, major, minor), access
+
+
+def program(cgroup_dir: str, rules: dict[tuple[str, str, str], str]) -> None:
+    """Attach to the v2 group `cgroup_dir` the BPF device program allowing exactly `rules` (node -> access
+    letters), replacing the one it had; OSError with the kernel's errno and what failed."""
+    lib = _shim()
+    given = [(node, access) for node, access in sorted(rules.items()) if access]
+    table = _ffi.new("struct bmi_devcg_rule[]", max(len(given), 1))
+    for slot, ((kind, major, minor), access) in zip(table, given):
+        slot.type = _BPF_TYPE[kind]
+        slot.major = lib.BMI_DEVCG_ANY if major == "*" else int(major)
+        slot.minor = lib.BMI_DEVCG_ANY if minor == "*" else int(minor)
+        slot.access = sum(_BPF_ACCESS[letter] for letter in set(access))
+    err = _ffi.new("char[]", 512)
+    prog = lib.bmi_devcg_load(table, len(given), err, len(err))
+    if prog < 0:
+        raise OSError(-prog, _ffi.string(err).decode(errors="replace"))
+    try:
+        group = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            rc = lib.bmi_devcg_attach(group, prog, err, len(err))
+        finally:
+            os.close(group)
+    finally:
+        os.close(prog)
+    if rc:
+        raise OSError(rc, _ffi.string(err).decode(errors="replace"))
 
 
 def node_name(device: str) -> str:

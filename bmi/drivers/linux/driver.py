@@ -22,7 +22,8 @@ from ...params import Leaf, const, parse_allow, parse_int
 from ...types import PDDescription, PDStatus
 from ..base import Driver, ExitInfo, HostResources, Progress
 from ..console import Console
-from . import cgroups, devices, formats, net, spawn, uids
+from .. import net
+from . import cgroups, devices, formats, spawn, uids
 from .monitor import Monitor
 
 MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_EXEC = 0x1, 0x2, 0x10
@@ -105,7 +106,7 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-class LinuxDriver(Driver):
+class LinuxDriver(net.HostBridges, Driver):
     name = "linux"
     boot_params = ("/boot/cmdline", "/boot/capabilities", "/boot/allow", "/boot/env/")
     capabilities = frozenset({PDStatus.PAUSED, PDStatus.RESTARTING})
@@ -461,7 +462,7 @@ class LinuxDriver(Driver):
                 pd.archive if pd.image_fd is not None else None,
                 spawn.capability_mask(config.get("/boot/capabilities", ""), f"/boot/capabilities of PD {pd.pd_id}",
                                       pd.pd_id))),
-            **{name: const(value) for name, value in devices.capabilities(pd.groups.devices_enforced()).items()},
+            **{name: const(value) for name, value in devices.capabilities(pd.groups.devices_enforcement()).items()},
         }
         run = pd.run
         if run is not None and not run.exited.is_set():
@@ -522,11 +523,6 @@ class LinuxDriver(Driver):
         if owner is not None:
             devices.give_back(device, owner)
 
-    def create_network(self, name: str, subnet: str, nat: bool) -> None:
-        net.create_bridge(name, subnet, nat)
-
-    def destroy_network(self, name: str, subnet: str, nat: bool) -> None:
-        net.destroy_bridge(name, subnet, nat)
 
     def close(self) -> None:
         self._monitor.close()

@@ -169,6 +169,8 @@ class SystemDriver(LinuxDriver, Keeping):
         if remade:      # the device rules went with the lost group: the assigned ones come back with the limits
             for rule in pd.assigned.values():
                 groups.allow_device(rule)
+        else:           # the kept group still checks them; on v2 this manager takes over its BPF program
+            groups.keep_devices((*devices.BASE_RULES, *pd.assigned.values()))
         measurement = stored_measurement(record)
         if measurement:
             pd.image_fd = kept_image(self._keeper, pd_id, measurement)

@@ -36,8 +36,13 @@ def cmdline(bundle: str | None, config: str | None) -> str:
 
 
 def domain_json(*, name: str, guest_type: str, memory: int, max_memory: int, vcpus: int, max_vcpus: int,
-                weight: int, cap: int, kernel: str, ramdisk: str | None, cmdline: str, uuid: str | None = None) -> str:
-    """libxl_domain_config as libxl's own JSON (libxl_domain_config_from_json)."""
+                weight: int, cap: int, kernel: str, ramdisk: str | None, cmdline: str, uuid: str | None = None,
+                bridges: tuple[str, ...] = ()) -> str:
+    """libxl_domain_config as libxl's own JSON (libxl_domain_config_from_json).
+
+    bridges: one vif per dom0 bridge, devid in order (libxl picks the MAC; its
+    hotplug script vif-bridge puts the backend vif<domid>.<devid> in the bridge).
+    """
     if guest_type not in GUEST_TYPES:
         raise ValueError(f"guest type {guest_type!r} is not one of {GUEST_TYPES}")
     b_info: dict[str, object] = {
@@ -55,7 +60,8 @@ def domain_json(*, name: str, guest_type: str, memory: int, max_memory: int, vcp
     c_info = {"type": guest_type, "name": name}
     if uuid:
         c_info["uuid"] = uuid           # the layer's own name for the domain: a recycled domid has another
-    return json.dumps({"c_info": c_info, "b_info": b_info,
+    nics = [{"devid": devid, "bridge": bridge} for devid, bridge in enumerate(bridges)]
+    return json.dumps({"c_info": c_info, "b_info": b_info, **({"nics": nics} if nics else {}),
                        "on_poweroff": "destroy", "on_reboot": "destroy", "on_crash": "destroy"})
 
 

@@ -36,6 +36,7 @@ from ...params import Leaf, const
 from ...types import PDDescription, PDStatus
 from ..base import Driver, ExitInfo, HostResources, Progress
 from ..console import Console
+from .. import net
 from . import config as xcfg
 from . import image as ximage
 from .libxl import PERM_NONE, PERM_READ, PERM_RW, Xen
@@ -49,11 +50,13 @@ PCIBACK = "/sys/bus/pci/drivers/pciback"
 NO_PASSTHROUGH = ("PCI passthrough is not supported by the Xen driver: it needs an IOMMU (VT-d or AMD-Vi) that "
                   "Xen enabled (the QEMU test rig has none), and this driver does not yet hand PCI functions to "
                   "domains through libxl")
-NO_VIF = ("network interfaces (a vif into a dom0 bridge) are not supported by the Xen driver yet; "
-          "connections between PDs go through the BMI")
+NETWORK = ("veth: a vif into a dom0 bridge (/net/IFNAME = veth:BRIDGE, in IFNAME order; the guest names them "
+           "itself, Linux eth0, eth1, ...); the guest sets its own address: /net/IFNAME/address and gateway are "
+           "published in its xenstore home (bmi/config/net/IFNAME/...)")
+NO_MACVLAN = "a Xen PD's interfaces are vifs into a dom0 bridge: use veth:BRIDGE (macvlan is for Linux PDs)"
 DEVICE_CAPABILITIES = {
     "/capability/devices/assign": f"no: {NO_PASSTHROUGH}",
-    "/capability/devices/network": f"no: {NO_VIF}",
+    "/capability/devices/network": NETWORK,
 }
 _RELEASE_TOKEN = "bmi-release"
 _REASONS = {
@@ -88,7 +91,7 @@ class XenPD:
     uuid: str = field(default_factory=lambda: str(uuid.uuid4()))   # the domain's, with domid its identity
 
 
-class XenDriver(Driver):
+class XenDriver(net.HostBridges, Driver):
     name = "xen"
     boot_params = ("/boot/cmdline", "/boot/type")
     capabilities = frozenset({PDStatus.PAUSED, PDStatus.RESTARTING, PDStatus.SUSPENDED})
@@ -144,7 +147,9 @@ class XenDriver(Driver):
     def check_config(self, pd: XenPD, name: str, value: str) -> None:
         what = f"set_config_param {name} of PD {pd.pd_id}"
         if name == "/net" or name.startswith("/net/"):
-            raise NotSupported(f"{what}: {NO_VIF}", pd_id=pd.pd_id)
+            net.check_param(name, value, what, pd.pd_id)
+            if name.count("/") == 2 and not value.startswith("veth:"):
+                raise NotSupported(f"{what}: {NO_MACVLAN}", pd_id=pd.pd_id)
         if xcfg.xenstore_name(name) is None:
             raise InvalidArgument(f"{what}: config parameters are published in the guest's xenstore home, whose "
                                   f"names allow only letters, digits, '_', '-' and '@' between the '/'",
@@ -195,13 +200,25 @@ class XenDriver(Driver):
             self._restore(pd, what, config)
             return
         guest_type = config.get("/boot/type", "pv")
+        bridges = self._bridges(pd, config, what)
         pd.json = xcfg.domain_json(
             name=pd.name, guest_type=guest_type, memory=pd.memory, max_memory=pd.desc.mem, vcpus=pd.vcpus,
             max_vcpus=pd.desc.cpu, weight=pd.weight, cap=xcfg.performance_cap(pd.performance, pd.vcpus), kernel=pd.boot.kernel_path,
             ramdisk=pd.boot.ramdisk_path, cmdline=xcfg.cmdline(pd.boot.cmdline, config.get("/boot/cmdline")),
-            uuid=pd.uuid)
+            uuid=pd.uuid, bridges=bridges)
         domid = self._xen.create(pd.json, what=what, pd_id=pd.pd_id)
         self._run(pd, domid, what, config)
+
+    @staticmethod
+    def _bridges(pd: XenPD, config: Mapping[str, str], what: str) -> tuple[str, ...]:
+        """The dom0 bridges of the PD's /net/... interfaces, checked to exist (libxl's hotplug script would
+        fail the whole domain build, less clearly)."""
+        bridges = tuple(iface.link for iface in net.interfaces(dict(config)))
+        for bridge in bridges:
+            if not net.exists(bridge):
+                raise InvalidArgument(f"{what}: there is no bridge {bridge!r} in dom0 (bmi net create makes "
+                                      f"bridges)", pd_id=pd.pd_id)
+        return bridges
 
     def _restore(self, pd: XenPD, what: str, config: Mapping[str, str]) -> None:
         assert pd.saved_fd is not None and pd.json is not None
@@ -513,7 +530,7 @@ class XenDriver(Driver):
             "/system/image/format": const(pd.boot.fmt if pd.boot is not None else "none"),
         }
 
-    # -- devices: what this driver cannot do yet, said instead of ignored ------------------------------
+    # -- devices: PCI passthrough needs an IOMMU; said instead of ignored ------------------------------
     def list_devices(self) -> list[str]:
         """PCI functions dom0 set aside for guests (bound to pciback): what passthrough would hand out."""
         try:

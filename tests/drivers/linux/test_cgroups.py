@@ -416,6 +416,51 @@ def test_destroy_removes_subgroups_the_pd_made(make, run):
     assert p.wait(5) == -signal.SIGKILL
 
 
+# --- device rules: the v1 devices controller, or on v2 the BPF device program --------------
+
+_OPEN_EACH = """
+import os, sys
+for arg in sys.argv[1:]:
+    path, flags = arg.split("=")
+    try:
+        os.close(os.open(path, os.O_RDWR if flags == "rw" else os.O_RDONLY))
+        print(arg, "ok")
+    except OSError as e:
+        print(arg, e.strerror)
+"""
+
+
+def opens(cg: PDCgroups, *tries: str) -> list[str]:
+    """What a process in the PD's groups gets opening each "path=r|rw" (placed before exec, like a PD)."""
+    p = spawn(cg, [sys.executable, "-c", _OPEN_EACH, *tries], stdout=subprocess.PIPE, text=True)
+    out, _ = p.communicate(timeout=30)
+    return out.splitlines()
+
+
+def check_device_rules(cg: PDCgroups) -> None:
+    """Only the nodes allowed open, with only the access allowed; a rule taken back refuses the next open."""
+    cg.limit_devices(("c 1:3 rw",))
+    assert opens(cg, "/dev/null=rw", "/dev/zero=r") == ["/dev/null=rw ok", "/dev/zero=r Operation not permitted"]
+    cg.allow_device("c 1:5 r")
+    assert opens(cg, "/dev/zero=r", "/dev/zero=rw", "/dev/full=r") == [
+        "/dev/zero=r ok", "/dev/zero=rw Operation not permitted", "/dev/full=r Operation not permitted"]
+    cg.deny_device("c 1:5 rwm")
+    assert opens(cg, "/dev/null=rw", "/dev/zero=r") == ["/dev/null=rw ok", "/dev/zero=r Operation not permitted"]
+
+
+def test_device_rules_are_checked_by_the_kernel():
+    cg = PDCgroups.create(f"{PREFIX}dev", pd_id=6)
+    try:
+        cg.limit_devices(("c 1:3 rw",))
+        enforcement = cg.devices_enforcement()
+        if not cg.devices_enforced():
+            pytest.skip(enforcement)
+        assert enforcement.startswith("yes: cgroup v1" if "devices" in cg._ctl else "yes: cgroup v2 BPF")
+        check_device_rules(cg)
+    finally:
+        cg.destroy()
+
+
 # --- other layouts, in a private mount namespace ----------------------------
 
 def _in_mount_namespace(scenario: str) -> subprocess.CompletedProcess:
@@ -460,6 +505,9 @@ def _scenario(layout: str, name: str) -> None:
     try:
         if layout == "v2":
             assert group_dirs(cg) == [os.path.join(CGROUP_ROOT, name)]
+            cg.limit_devices(("c 1:3 rw",))
+            assert cg.devices_enforcement().startswith("yes: cgroup v2 BPF device program"), cg.devices_enforcement()
+            check_device_rules(cg)
             assert os.path.exists(os.path.join(CGROUP_ROOT, name, "cgroup.kill"))
             available = set(read(os.path.join(CGROUP_ROOT, "cgroup.controllers")).split())
             if "memory" not in available:           # bound to v1 on this host

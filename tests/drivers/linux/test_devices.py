@@ -158,7 +158,7 @@ def test_bad_network_config_is_refused(mgr):
 _NETWORK_CHECK = textwrap.dedent("""
     import shlex, sys, urllib.request
     import bmi
-    from bmi.drivers.linux import net
+    from bmi.drivers import net
 
     BUSYBOX, WITH_NET = sys.argv[1], sys.argv[2] == "1"
     net.create_bridge("bmitest0", "10.213.7.0/24")

@@ -163,17 +163,19 @@ def test_bad_input_typed_errors_and_nothing_left(xen_mgr, bundle_bytes, no_lefto
         pd.get_runtime_param("/system/status")
 
 
-def test_devices_and_networks_say_not_supported(xen_mgr, no_leftover_domains):
-    """No IOMMU in the rig, no vif path yet: each refusal says why, and /capability/devices/... lists it."""
+def test_pci_passthrough_says_why_not_and_a_missing_bridge_is_named(xen_mgr, bundle_bytes, no_leftover_domains):
+    """No IOMMU in the rig: assign refuses and says why, and /capability/devices/assign lists it; a vif into
+    a bridge dom0 lacks is refused at start, naming it (test_network.py has the working vif)."""
     pd = xen_mgr.allocate_pd(bmi.PDDescription(mem=128 * MiB, cpu=1, performance=100))
     try:
         devices = xen_mgr.get_device_manager()
         assert all(d.startswith("pci:") for d in devices.list_devices())
         with pytest.raises(bmi.NotSupported, match="IOMMU"):
             devices.assign("pci:0000:00:02.0", pd.get_pd_id())
-        with pytest.raises(bmi.NotSupported, match="vif"):
-            pd.set_config_param("/net/eth0", "veth:xenbr0")
         assert pd.get_runtime_param("/capability/devices/assign").startswith("no: ")
-        assert pd.get_runtime_param("/capability/devices/network").startswith("no: ")
+        pd.setup_pd(bmi.BytesImage(bundle_bytes))
+        pd.set_config_param("/net/eth0", "veth:nosuchbr0")
+        with pytest.raises(bmi.InvalidArgument, match="no bridge 'nosuchbr0' in dom0"):
+            pd.request_status_change(bmi.PDStatus.RUNNING)
     finally:
         pd.destroy()

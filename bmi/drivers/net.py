@@ -1,4 +1,7 @@
-"""Network interfaces for Linux PDs, made from the manager's side with iproute2.
+"""Network interfaces for PDs and host bridges, made from the manager's side with iproute2.
+
+Shared by the drivers: the Linux driver moves a veth into the PD's network
+namespace (below), the Xen driver plugs a vif into the same host bridges.
 
 A PD starts with only loopback in its own network namespace.  Its config
 `/net/<ifname>` = `veth:<bridge>` or `macvlan:<parent>` (with
@@ -25,7 +28,7 @@ import subprocess
 import zlib
 from dataclasses import dataclass
 
-from ...errors import InvalidArgument, NotSupported, ResourceError
+from ..errors import InvalidArgument, NotSupported, ResourceError
 
 KINDS = ("veth", "macvlan")
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
@@ -192,6 +195,20 @@ def destroy_bridge(name: str, subnet: str | None = None, nat: bool = False) -> N
         _nat(name, subnet, "-D")
     if exists(name):
         _run([_ip(), "link", "del", name], what, 0)
+
+
+class HostBridges:
+    """The host-network part of a driver whose host (or dom0) is Linux: `bmi net` networks are bridges."""
+
+    def create_network(self, name: str, subnet: str, nat: bool) -> None:
+        create_bridge(name, subnet, nat)
+
+    def destroy_network(self, name: str, subnet: str, nat: bool) -> None:
+        destroy_bridge(name, subnet, nat)
+
+    def restore_network(self, name: str, subnet: str, nat: bool) -> None:
+        if not exists(name):        # still there: the running PDs' interfaces are still in it
+            create_bridge(name, subnet, nat)
 
 
 def _nat(name: str, subnet: str, op: str) -> None:
