@@ -188,6 +188,25 @@ static long clone3_run(struct bmi_clone_args *ca, int (*fn)(void *), void *arg)
 #endif
 }
 
+/* Whether our child `pid` (not reaped) is dead or has a SIGKILL pending already.  A kernel bug (seen on
+ * 6.18): once "1" was written to a v2 group's cgroup.kill, every process cloned into that group afterwards
+ * (CLONE_INTO_CGROUP) is SIGKILLed in cgroup_post_fork, before clone3 returns; a migrated one is not.  A PD
+ * whose group was killed (a forced shutdown, an adoption) would then never start again. */
+static int killed_at_birth(long pid)
+{
+    char path[48], buf[4096];
+    snprintf(path, sizeof path, "/proc/%ld/status", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 1;
+    buf[n] = 0;
+    const char *state = strstr(buf, "\nState:\t"), *pending = strstr(buf, "\nShdPnd:\t");
+    if (state && (state[8] == 'Z' || state[8] == 'X')) return 1;
+    return pending && (strtoull(pending + 9, NULL, 16) >> (SIGKILL - 1)) & 1;
+}
+
 /* This thread's effective set gets CAP_DAC_OVERRIDE if it is permitted (raw syscalls: this thread only). */
 static void effective_dac_override(void)
 {
@@ -270,8 +289,17 @@ static long start_init(const struct cfg *c, struct placement *pl, int *pidfd, st
                                         .stack = (uint64_t)(uintptr_t)stack, .stack_size = INIT_STACK,
                                         .cgroup = (uint64_t)pl->v2_dir};
             pid = clone3_run(&ca, init_child, s);
+            if (pid > 0 && killed_at_birth(pid)) {
+                siginfo_t si;   /* it never ran an instruction: reaped, its stack is ours for the clone below */
+                while (waitid((idtype_t)P_PIDFD, (id_t)*pidfd, &si, WEXITED) < 0 && errno == EINTR) {}
+                close(*pidfd);
+                *pidfd = -1;
+                pid = -1;
+                errno = EINVAL;
+            }
             if (pid < 0 && (errno == ENOSYS || errno == E2BIG || errno == EINVAL)) {
-                /* a kernel before 5.7: the manager writes the pid instead */
+                /* a kernel before 5.7, or a group the kernel kills every newcomer of: the manager writes the
+                 * pid instead */
                 pl->by_pid[pl->nby_pid++] = pl->v2_procs;
                 close(pl->v2_dir);
                 pl->v2_dir = -1;

@@ -72,7 +72,9 @@ class PD:
         out = b""
         while not out.endswith(b"\n"):
             assert select.select([self.console_r], [], [], timeout)[0], "PD printed nothing"
-            out += os.read(self.console_r, 1)
+            byte = os.read(self.console_r, 1)
+            assert byte, f"the PD's console closed after {out!r}: it ended"
+            out += byte
         return out.decode().strip()
 
     def wait(self, timeout: float = 10.0) -> int:
@@ -474,6 +476,20 @@ def test_init_is_cloned_into_its_v2_group(probe, v2_cgroup, pids_cgroup):
         program = int(pathlib.Path(f"/proc/{init}/task/{init}/children").read_text().split()[0])
         for group in (v2_cgroup, pids_cgroup):
             assert {int(p) for p in (group / "cgroup.procs").read_text().split()} == {init, program}
+
+
+def test_a_v2_group_once_killed_still_takes_a_new_init(probe, v2_cgroup):
+    """A kernel bug (6.18): after "1" was written to a v2 group's cgroup.kill, every process cloned into it
+    is SIGKILLed at birth.  A PD's group is killed by a forced shutdown or an adoption, and the PD must
+    start again in it: the init is then placed by pid, and runs."""
+    kill = v2_cgroup / "cgroup.kill"
+    if not kill.exists():
+        pytest.skip("no cgroup.kill (kernel before 5.14)")
+    kill.write_text("1")
+    with PD(probe, ["probe", "cat", "/proc/self/cgroup", "+", "sleep", "60"],
+            cgroup_procs=[str(v2_cgroup / "cgroup.procs")]) as pd:
+        assert "0::/" in pd.line().split(": ", 1)[1].split("|")
+        assert pd.spawned.pid in {int(p) for p in (v2_cgroup / "cgroup.procs").read_text().split()}
 
 
 def test_a_v1_group_refusing_the_init_is_a_resource_error_and_leaves_nothing(probe):
