@@ -33,17 +33,21 @@ struct bmi_spawn_args {
     int console_fd, status_fd;      /* the program's stdout/stderr; where init reports its exit */
     int lifeline_fd;                /* EOF on it: the manager is gone, init kills the PD */
     int channel_fd;                 /* becomes fd 3 of the program */
-    char **cgroup_procs;            /* NULL-terminated cgroup.procs files the PD is placed in */
+    char **cgroup_procs;            /* NULL-terminated cgroup.procs files the PD is placed in, before its exec: cloned
+                                     * into a v2 group, its own "0" into a v1 group's tasks (spawn.c, struct placement) */
     int outer_uid, outer_gid;       /* who the PD's root is on the host */
     const char *hostname;
     unsigned long long tmpfs_bytes; /* size of the root and /tmp tmpfs (0: the kernel's default) */
     int flags;                      /* BMI_SPAWN_* */
     unsigned long long keep_caps;   /* bit n: the program keeps capability n */
+    unsigned long long *phases_ns;  /* NULL, or BMI_SPAWN_PHASES durations out: clone; uid maps and placement;
+                                     * release to the program's exec (bmi-init's work) */
     /* NULL, or called in the caller's thread as a root archive is unpacked (done of total bytes, up to
      * done == total); non-zero from it stops the start */
     int (*progress)(void *ctx, unsigned long long done, unsigned long long total);
     void *progress_ctx;
 };
+#define BMI_SPAWN_PHASES 3
 
 int bmi_spawn(const struct bmi_spawn_args *args, int *pid_out, int *pidfd_out, char *err, size_t errlen);
 int bmi_landlock_abi(void);

@@ -31,6 +31,9 @@ _REQUIRED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 class Spawned:
     pid: int      # host pid of the PD's init (pid 1 inside the PD)
     pidfd: int    # pidfd of that process (caller owns it and closes it)
+    #: ns spent in the shim: clone into the namespaces; uid maps and cgroup placement; from releasing
+    #: the init to the program's exec (what bench/spawn.py prints per phase)
+    phases_ns: tuple[int, int, int] = (0, 0, 0)
 
 
 def _shim():
@@ -218,6 +221,7 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
     pid = _ffi.new("int *")
     pidfd = _ffi.new("int *")
     err = _ffi.new("char[]", 1024)
+    phases = _ffi.new("unsigned long long[]", lib.BMI_SPAWN_PHASES)
     flags = ((lib.BMI_SPAWN_SECCOMP if seccomp else 0) | (lib.BMI_SPAWN_LANDLOCK if landlock else 0)
              | (lib.BMI_SPAWN_IO_URING if io_uring else 0))
     if hold:
@@ -231,14 +235,14 @@ def spawn(exec_fd: int, *, archive: bool, argv: list[str], env: dict[str, str],
         "exec_fd": exec_fd, "archive": int(bool(archive)), "argv": c_argv, "envp": c_env,
         "console_fd": console_fd, "status_fd": status_fd, "lifeline_fd": lifeline_fd, "channel_fd": channel_fd,
         "cgroup_procs": c_cg, "outer_uid": uid, "outer_gid": gid, "hostname": c_host,
-        "tmpfs_bytes": tmpfs_bytes, "flags": flags, "keep_caps": keep_caps})
+        "tmpfs_bytes": tmpfs_bytes, "flags": flags, "keep_caps": keep_caps, "phases_ns": phases})
     unpacking = _Unpacking(progress) if progress is not None and archive else None
     if unpacking is not None:
         handle = _ffi.new_handle(unpacking)     # alive until bmi_spawn returns
         args.progress, args.progress_ctx = lib.bmi_spawn_progress, handle
     rc = lib.bmi_spawn(args, pid, pidfd, err, len(err))
     if rc == lib.BMI_SPAWN_OK:
-        return Spawned(pid=pid[0], pidfd=pidfd[0])
+        return Spawned(pid=pid[0], pidfd=pidfd[0], phases_ns=(phases[0], phases[1], phases[2]))
     reason = _ffi.string(err).decode(errors="backslashreplace")
     what = "an archive root" if archive else "an ELF image"
     message = f"spawn of {who} from {what}: {reason}"

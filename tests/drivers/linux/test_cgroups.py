@@ -389,6 +389,20 @@ def test_freeze_an_empty_group_and_kill_all_while_frozen(make, run):
     cg.destroy()
 
 
+def test_kill_all_leaves_the_cpu_limits_as_they_were(make, run):
+    """kill_all lifts the CPU cap and raises the weight while the killed processes die; a PD that is
+    started again in the same groups (after a forced shutdown) has its own limits back."""
+    cg = make()
+    cg.set_cpu_share(20, 1)
+    cg.set_weight(-3)
+    quota, weight = control_file(cg, "cpu.max", "cpu.cfs_quota_us"), control_file(cg, "cpu.weight", "cpu.shares")
+    before = read(quota), read(weight)
+    p = run(cg, BUSY)
+    cg.kill_all()
+    assert p.wait(5) == -signal.SIGKILL
+    assert (read(quota), read(weight)) == before
+
+
 def test_destroy_removes_subgroups_the_pd_made(make, run):
     cg = make()
     p = run(cg, ["sleep", "60"])

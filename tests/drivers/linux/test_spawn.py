@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import fcntl
 import os
@@ -71,7 +72,9 @@ class PD:
         out = b""
         while not out.endswith(b"\n"):
             assert select.select([self.console_r], [], [], timeout)[0], "PD printed nothing"
-            out += os.read(self.console_r, 1)
+            byte = os.read(self.console_r, 1)
+            assert byte, f"the PD's console closed after {out!r}: it ended"
+            out += byte
         return out.decode().strip()
 
     def wait(self, timeout: float = 10.0) -> int:
@@ -411,15 +414,23 @@ def _own_v1_cgroup(controller: str) -> pathlib.Path | None:
     return None
 
 
+@contextlib.contextmanager
+def _test_group(own: pathlib.Path | None, kind: str):
+    """A fresh group under `own` for one test (skipped when there is none we may write)."""
+    if own is None or not os.access(own, os.W_OK):
+        pytest.skip(f"no writable {kind} cgroup")
+    group = own / f"bmi-spawn-test-{kind}-{os.getpid()}"
+    group.mkdir()
+    try:
+        yield group
+    finally:
+        group.rmdir()
+
+
 @pytest.fixture
 def pids_cgroup():
-    own = _own_v1_cgroup("pids")
-    if own is None or not os.access(own, os.W_OK):
-        pytest.skip("no writable cgroup v1 pids hierarchy")
-    group = own / f"bmi-spawn-test-{os.getpid()}"
-    group.mkdir()
-    yield group
-    group.rmdir()
+    with _test_group(_own_v1_cgroup("pids"), "v1-pids") as group:
+        yield group
 
 
 def test_cgroup_placement_happens_before_exec(probe, pids_cgroup):
@@ -434,6 +445,60 @@ def test_cgroup_placement_happens_before_exec(probe, pids_cgroup):
         procs = {int(p) for p in (pids_cgroup / "cgroup.procs").read_text().split()}
         assert procs == {init, program}
     assert (pids_cgroup / "cgroup.procs").read_text() == ""
+
+
+def _own_v2_cgroup() -> pathlib.Path | None:
+    """This process's group in the cgroup2 tree (the unified one on a hybrid host), if mounted."""
+    for line in pathlib.Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[fields.index("-") + 1] == "cgroup2" and fields[3] == "/":
+            own = next(l for l in pathlib.Path("/proc/self/cgroup").read_text().splitlines() if l.startswith("0::"))
+            base = pathlib.Path(fields[4]) / own[3:].lstrip("/")
+            return base if base.is_dir() else None
+    return None
+
+
+@pytest.fixture
+def v2_cgroup():
+    with _test_group(_own_v2_cgroup(), "v2") as group:
+        yield group
+
+
+def test_init_is_cloned_into_its_v2_group(probe, v2_cgroup, pids_cgroup):
+    """clone3 CLONE_INTO_CGROUP for the v2 group, the init's own "0" into the v1 group's tasks file: both
+    before the program runs (its cgroup namespace is rooted at them), and no cgroup fd reaches the program."""
+    argv = ["probe", "cat", "/proc/self/cgroup", "+", "fds", "+", "sleep", "60"]
+    with PD(probe, argv, cgroup_procs=[str(v2_cgroup / "cgroup.procs"), str(pids_cgroup / "cgroup.procs")]) as pd:
+        inside = pd.line().split(": ", 1)[1].split("|")
+        assert "0::/" in inside and any(part.split(":", 2)[1:] == ["pids", "/"] for part in inside)
+        assert sorted(pd.line().split(": ", 1)[1].split()) == ["0", "1", "2"]
+        init = pd.spawned.pid
+        program = int(pathlib.Path(f"/proc/{init}/task/{init}/children").read_text().split()[0])
+        for group in (v2_cgroup, pids_cgroup):
+            assert {int(p) for p in (group / "cgroup.procs").read_text().split()} == {init, program}
+
+
+def test_a_v2_group_once_killed_still_takes_a_new_init(probe, v2_cgroup):
+    """A kernel bug (6.18): after "1" was written to a v2 group's cgroup.kill, every process cloned into it
+    is SIGKILLed at birth.  A PD's group is killed by a forced shutdown or an adoption, and the PD must
+    start again in it: the init is then placed by pid, and runs."""
+    kill = v2_cgroup / "cgroup.kill"
+    if not kill.exists():
+        pytest.skip("no cgroup.kill (kernel before 5.14)")
+    kill.write_text("1")
+    with PD(probe, ["probe", "cat", "/proc/self/cgroup", "+", "sleep", "60"],
+            cgroup_procs=[str(v2_cgroup / "cgroup.procs")]) as pd:
+        assert "0::/" in pd.line().split(": ", 1)[1].split("|")
+        assert pd.spawned.pid in {int(p) for p in (v2_cgroup / "cgroup.procs").read_text().split()}
+
+
+def test_a_v1_group_refusing_the_init_is_a_resource_error_and_leaves_nothing(probe):
+    """The init places itself in a v1 group (its own write to `tasks`); a refusal there (an empty cpuset
+    takes no task: ENOSPC) comes back as the placing error, and the init is killed and reaped."""
+    with _test_group(_own_v1_cgroup("cpuset"), "v1-cpuset") as group:     # its cpuset.cpus left empty
+        with pytest.raises(ResourceError, match=f"placing the PD in {group}/cgroup.procs: No space left"):
+            PD(probe, ["probe"], cgroup_procs=[str(group / "cgroup.procs")], pd_id=4)
+        assert (group / "cgroup.procs").read_text() == ""
 
 
 def test_unwritable_cgroup_is_a_resource_error_and_leaves_nothing(probe):
