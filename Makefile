@@ -34,7 +34,7 @@ deps:
 			systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true; fi; \
 	fi
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*/*.c csrc/*/*.h bmi/_build/*.py) | deps
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*/*.c csrc/*/*.h bmi/_build/*.py) | deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=77"
 	$(PY) -m pip install -q -e '.[test]'
