@@ -9,9 +9,10 @@ import pathlib
 import shutil
 import subprocess
 
+from bmi.drivers.linux.driver import LinuxDriver
+
 HERE = pathlib.Path(__file__).resolve().parent
 BUILD_DIR = HERE.parent / ".build"
-MFD_EXEC = 0x10  # no constant in Python 3.11 (linux/memfd.h)
 ALL_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
@@ -31,8 +32,9 @@ def build(name: str) -> pathlib.Path:
 
 
 def sealed_memfd(data: bytes, name: str = "pd-image") -> int:
-    """A memfd holding data, sealed as the driver does before running it (CLOEXEC, MFD_EXEC)."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | MFD_EXEC)
+    """A memfd holding data, made and sealed as the driver does before running it (MFD_EXEC where the
+    kernel has it: 6.3 on)."""
+    fd = LinuxDriver._memfd(name, 0)
     try:
         view = memoryview(data)
         while view:
