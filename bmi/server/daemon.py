@@ -82,6 +82,10 @@ TEST_PAUSE = "BMID_TEST_PAUSE"  # tests only: e.g. "commit:destroy exit" stops b
 _LIVE = (PDStatus.RUNNING, PDStatus.PAUSED)
 NETWORK_METHODS = ("create_network", "destroy_network")
 NETWORKS_KEY = "networks"        # meta: the host networks bmid made (list_networks() dicts), made again at start
+#: The changes whose stored intent restore() acts on (an allocation rolled back, a destroy or a SHUTDOWN
+#: finished): only these store one before they begin.  Any other change is stored by the commit after it;
+#: an intent of it would be deleted unread at the next start, for a transaction per call.
+INTENDED = ("allocate_pd", "destroy", "request_status_change")
 #: READ_ONLY (bmi/channel/methods.py): what a read-only client (the configured group) may call.
 
 
@@ -470,7 +474,8 @@ class Daemon:
                 finally:
                     self._store_or_stop(method, [pd_id, caller] if caller else [pd_id], op)
             return value, out
-        op = self.store.begin(method, target if isinstance(target, int) else None, **detail)
+        op = self.store.begin(method, target if isinstance(target, int) else None, **detail) \
+            if method in INTENDED else None
         try:
             answer = self._dispatch(caller, method, params, fd)
             if method in NETWORK_METHODS:
@@ -486,7 +491,8 @@ class Daemon:
             self._store_or_stop(method, None if method == "destroy" else ids, op, restarted)
         return answer
 
-    def _store_or_stop(self, method: str, ids: list[int] | None, op: int, restarted: int | None = None) -> None:
+    def _store_or_stop(self, method: str, ids: list[int] | None, op: int | None,
+                       restarted: int | None = None) -> None:
         """Store what the call did; if even the reserve cannot make that possible, end bmid at once.
 
         What the call changed outside bmid (a process started, a cgroup
@@ -760,7 +766,10 @@ def test_pause(state_dir: str, *points: str) -> None:
     """For tests of the crash windows: with one of points in $BMID_TEST_PAUSE, say so (a file paused-<point>
     in the state directory) and block this thread until the test SIGKILLs bmid exactly here or lets it go on
     (a file resume-<point>)."""
-    wanted = set(os.environ.get(TEST_PAUSE, "").split())
+    asked = os.environ.get(TEST_PAUSE)
+    if not asked:
+        return
+    wanted = asked.split()
     for point in points:
         if point in wanted:
             _pause_at(state_dir, point)
