@@ -82,6 +82,7 @@ TEST_PAUSE = "BMID_TEST_PAUSE"  # tests only: e.g. "commit:destroy exit" stops b
 _LIVE = (PDStatus.RUNNING, PDStatus.PAUSED)
 NETWORK_METHODS = ("create_network", "destroy_network")
 NETWORKS_KEY = "networks"        # meta: the host networks bmid made (list_networks() dicts), made again at start
+_NEXT_ID = "next_id"            # in Store.staged (keyed by PD id otherwise): the next_id this group wrote
 #: The changes whose stored intent restore() acts on (an allocation rolled back, a destroy or a SHUTDOWN
 #: finished): only these store one before they begin.  Any other change is stored by the commit after it;
 #: an intent of it would be deleted unread at the next start, for a transaction per call.
@@ -274,6 +275,7 @@ class Daemon:
             self.mgr.install_channels(KeptChannels(self._channel_call, self.mgr.registry, self.keeper,
                                                    self.ledger))
         self._cache: dict[int, dict[str, Any]] = {}
+        self._stored_next_id: int | None = None     # meta next_id as committed (None: not yet by this bmid)
         self._subscribers: set[queue.SimpleQueue[Event]] = set()
         self._sub_lock = threading.Lock()
         self._alloc_lock = threading.Lock()
@@ -316,13 +318,13 @@ class Daemon:
         """
         ended = [*ops, *(() if op_id is None else (op_id,))]
 
-        def work(db: Any) -> tuple[list[Event], dict[int, dict[str, Any] | None], dict[int, PDStatus]]:
+        def work(db: Any) -> tuple[list[Event], dict[int, dict[str, Any] | None], dict[int, PDStatus], int]:
             events: list[Event] = []
             written: dict[int, dict[str, Any] | None] = {}
             shown: dict[int, PDStatus] = {}
             current, next_id = self.mgr.records(ids)
             staged = self.store.staged          # what earlier members of this commit group wrote
-            todo = set(current) | set(self._cache) | set(staged) if ids is None else set(ids)
+            todo = set(current) | set(self._cache) | set(staged) - {_NEXT_ID} if ids is None else set(ids)
             for pd_id in sorted(todo):
                 record = current.get(pd_id)
                 old = staged[pd_id] if pd_id in staged else self._cache.get(pd_id)
@@ -343,13 +345,15 @@ class Daemon:
                         reason = record["ended"]["reason"] if record["ended"] else ""
                         events.append(Store.add_event(db, pd_id, record["status"], reason, name))
                     written[pd_id] = staged[pd_id] = record
-            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('next_id', ?)", (str(next_id),))
+            if next_id != staged.get(_NEXT_ID, self._stored_next_id):
+                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('next_id', ?)", (str(next_id),))
+                staged[_NEXT_ID] = next_id
             for op in ended:
                 Store.end(db, op)
-            return events, written, shown
+            return events, written, shown, next_id
 
-        def after(result: tuple[list[Event], dict[int, dict[str, Any] | None], dict[int, PDStatus]]) -> None:
-            events, written, shown = result
+        def after(result: tuple[list[Event], dict[int, dict[str, Any] | None], dict[int, PDStatus], int]) -> None:
+            events, written, shown, self._stored_next_id = result
             for pd_id, record in written.items():
                 if record is None:
                     self._cache.pop(pd_id, None)

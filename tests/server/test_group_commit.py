@@ -88,7 +88,7 @@ def test_a_member_that_fails_fails_alone(tmp_path):
         put = _put(i)
 
         def work(db: sqlite3.Connection) -> int:
-            put(db)                                 # written, then undone with its savepoint
+            put(db)                                 # written, then undone with the rollback
             if i == 2:
                 raise ValueError("member 2 is wrong")
             return i
