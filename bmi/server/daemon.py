@@ -330,7 +330,7 @@ class Daemon:
                 old = staged[pd_id] if pd_id in staged else self._cache.get(pd_id)
                 if record is None:
                     if old is not None:
-                        Store.delete_pd(db, pd_id)
+                        self.store.delete_pd(pd_id)
                         events.append(Store.add_event(db, pd_id, PDStatus.DESTROYED.name, "",
                                                       old["config"].get("/name", "")))
                         written[pd_id] = staged[pd_id] = None
@@ -340,7 +340,7 @@ class Daemon:
                 if pd_id == restarted:
                     events.append(Store.add_event(db, pd_id, PDStatus.RESTARTING.name, "restart requested", name))
                 if record != old or pd_id == restarted:
-                    Store.write_pd(db, record)
+                    self.store.write_pd(record)
                     if old is None or old["status"] != record["status"] or pd_id == restarted:
                         reason = record["ended"]["reason"] if record["ended"] else ""
                         events.append(Store.add_event(db, pd_id, record["status"], reason, name))
