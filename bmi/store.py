@@ -40,6 +40,7 @@ RESERVE_BYTES = 4 << 20         # far more than one transaction (a record is a f
 SCHEMA_VERSION = 1
 T = TypeVar("T")
 EVENTS_KEPT = 100_000           # older events are pruned
+_RECORD_JSON = json.JSONEncoder(sort_keys=True)     # json.dumps(sort_keys=True) makes one per call
 ROWS_PER_STATEMENT = 200        # PD records in one INSERT (4 values each; SQLite allows 32766)
 
 _SCHEMA = """
@@ -391,7 +392,7 @@ class Store:
     def write_pd(self, record: dict[str, Any]) -> None:
         """In a commit()'s work: insert or replace one PD's record, written with the rest of its group."""
         self._rows[record["pd_id"]] = (record["pd_id"], record["parent"], record["status"],
-                                       json.dumps(record, sort_keys=True))
+                                       _RECORD_JSON.encode(record))
 
     def delete_pd(self, pd_id: int) -> None:
         """In a commit()'s work: delete one PD's record, with the rest of its group."""

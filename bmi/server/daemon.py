@@ -466,9 +466,6 @@ class Daemon:
         if self.store.short and not self.store.make_reserve():
             raise self.store.full_error(f"{method} by {'PD %d' % caller if caller else 'a client'}")
         target = params.get("pd", caller if caller else None)
-        detail = {k: v for k, v in params.items() if k in ("status", "tid", "name")}
-        restarted = target if method == "request_status_change" and str(params.get("status")).upper() == \
-            PDStatus.RESTARTING.name and isinstance(target, int) else None
         if method == "allocate_pd":
             with self._alloc_lock:
                 pd_id = self.mgr.next_id()
@@ -478,8 +475,13 @@ class Daemon:
                 finally:
                     self._store_or_stop(method, [pd_id, caller] if caller else [pd_id], op)
             return value, out
-        op = self.store.begin(method, target if isinstance(target, int) else None, **detail) \
-            if method in INTENDED else None
+        op: int | None = None
+        restarted: int | None = None
+        if method in INTENDED:
+            detail = {k: v for k, v in params.items() if k in ("status", "tid", "name")}
+            op = self.store.begin(method, target if isinstance(target, int) else None, **detail)
+            restarted = target if method == "request_status_change" and str(params.get("status")).upper() == \
+                PDStatus.RESTARTING.name and isinstance(target, int) else None
         try:
             answer = self._dispatch(caller, method, params, fd)
             if method in NETWORK_METHODS:
@@ -648,9 +650,11 @@ class Daemon:
                         self._stream_events(conn, msg_id, params)
                         return
                     fd = fds.pop(0) if fds and method == "setup_pd" else None
-                    report = _progress_to(conn, msg_id) if params.get("progress") is True else None
                     try:
-                        with reporting_progress(report) if report else contextlib.nullcontext():
+                        if params.get("progress") is True:
+                            with reporting_progress(_progress_to(conn, msg_id)):
+                                value, out = self.call(0, method, params, fd)
+                        else:
                             value, out = self.call(0, method, params, fd)
                     finally:
                         if fd is not None:
