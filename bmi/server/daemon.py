@@ -11,7 +11,7 @@ Crash safety, in order, for every call that changes something:
 0. while the state directory is full (the store's reserve spent and not
    made again) the call is refused before anything happens,
 1. the intent is written to the store (ops table; no fsync of its own,
-   see Store.begin),
+   see Store.begin) when restore() would act on it (INTENDED),
 2. the call runs,
 3. the changed PD records, any status events and the end of the intent are
    written in one transaction (from the reserve if the disk is full),
