@@ -235,9 +235,9 @@ class Store:
     def commit(self, work: Callable[[sqlite3.Connection], T], after: Callable[[T], None] | None = None) -> T:
         """work(db) in a write transaction, then after(result) under the store's lock once it is durable.
 
-        Group commit (as PostgreSQL does): calls that arrive while a COMMIT
-        is being synced queue up, and the next of them to get the lock
-        commits all of them in one transaction -- one fsync for the group.
+        Group commit (as PostgreSQL does): calls that arrive while a group
+        is being committed queue up, and the first of them then commits all
+        of them in one transaction -- one fsync for the group.
         A member whose work raises fails alone: the transaction is rolled
         back and run again without it (no savepoint per member: two
         statements each, for a case that does not happen in bmid); every
