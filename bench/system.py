@@ -17,7 +17,11 @@ processes, and a bare synchronous=FULL SQLite commit in the state's
 directory (goals: reads <= 2x the round trip, changes <= 3x it plus one
 commit).  Then group commit: CLIENTS client processes, each on a PD of its
 own, each doing --changes set_priority calls, against one client doing the
-same (goal: <= 2x the time).
+same (goal: <= 2x the time), and beside that ratio the least one the CPU
+allows: what bmid and the clients spent in that run (bmid from /proc, the
+clients from getrusage) spread over the machine's cores, or bmid's user
+time alone (its Python runs under one GIL), whichever is longer, over the
+one client's time.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,23 +43,53 @@ from tests.server.bmid import Bmid  # noqa: E402
 BUSYBOX = "/bin/busybox"
 CLIENTS = 8
 
-#: One client process: open bmid, wait for a line on stdin, make `n` changes, print the seconds they took.
+#: One client process: open bmid, wait for a line on stdin, make `n` changes, print the seconds they took and
+#: the CPU seconds they cost it (user, system).
 _CHANGER = """
-import sys, time, bmi
+import resource, sys, time, bmi
 with bmi.open(sys.argv[1]) as mgr:
     pd = mgr.get_controller(int(sys.argv[2]))
     pd.set_priority(1)
     print("ready", flush=True)
     sys.stdin.readline()
-    t = time.perf_counter()
+    t, r = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     for i in range(int(sys.argv[3])):
         pd.set_priority(i % 3)
-    print(time.perf_counter() - t, flush=True)
+    e = resource.getrusage(resource.RUSAGE_SELF)
+    print(time.perf_counter() - t, e.ru_utime - r.ru_utime, e.ru_stime - r.ru_stime, flush=True)
 """
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
-def changers(daemon: Bmid, mgr, clients: int, changes: int) -> float:
-    """Seconds until `clients` processes, each on a PD of its own, have each made `changes` set_priority calls."""
+@dataclass
+class Run:
+    """One changers() run: its wall time and the CPU seconds it cost bmid and the clients."""
+
+    seconds: float
+    bmid_user: float
+    bmid_system: float
+    clients: float
+
+    @property
+    def cpu(self) -> float:
+        return self.bmid_user + self.bmid_system + self.clients
+
+    def floor(self, cores: int) -> float:
+        """The least wall time this CPU allows: all of it spread over `cores`, and bmid's user time (Python,
+        under one GIL) one after another."""
+        return max(self.cpu / cores, self.bmid_user)
+
+
+def _cpu_of(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
+
+
+def changers(daemon: Bmid, mgr, clients: int, changes: int) -> Run:
+    """`clients` processes, each on a PD of its own, each making `changes` set_priority calls: the time until
+    all are done, and what CPU it took."""
     pds = [mgr.allocate_pd(bmi.PDDescription(mem=16 << 20)) for _ in range(clients)]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     procs = [subprocess.Popen([sys.executable, "-c", _CHANGER, daemon.uri, str(pd.get_pd_id()), str(changes)],
@@ -62,19 +97,40 @@ def changers(daemon: Bmid, mgr, clients: int, changes: int) -> float:
     try:
         for proc in procs:
             assert proc.stdout.readline().strip() == "ready"
+        before = _cpu_of(daemon.proc.pid)
         t = time.perf_counter()
         for proc in procs:
             proc.stdin.write("go\n")
             proc.stdin.flush()
+        spent = 0.0
         for proc in procs:
-            float(proc.stdout.readline())
-        return time.perf_counter() - t
+            _, user, system = map(float, proc.stdout.readline().split())
+            spent += user + system
+        seconds = time.perf_counter() - t
+        after = _cpu_of(daemon.proc.pid)
+        return Run(seconds, after[0] - before[0], after[1] - before[1], spent)
     finally:
         for proc in procs:
             proc.stdin.close()
             proc.wait()
         for pd in pds:
             pd.destroy()
+
+
+def group_commit_report(one: Run, many: Run, clients: int, changes: int) -> str:
+    """The N-clients/1-client ratio beside the least ratio the CPU those runs cost allows on this machine."""
+    cores = len(os.sched_getaffinity(0))
+    calls = clients * changes
+    per = 1e6 / calls
+    return (f"{changes} set_priority per client: 1 client {one.seconds:.2f} s, {clients} clients {many.seconds:.2f} s, "
+            f"ratio {many.seconds / one.seconds:.2f}x  (goal <= 2x: group commit)\n"
+            f"  CPU per change with {clients} clients: bmid {many.bmid_user * per:.0f} us user + "
+            f"{many.bmid_system * per:.0f} us system, client {many.clients * per:.0f} us "
+            f"(1 client: bmid {(one.bmid_user + one.bmid_system) * 1e6 / changes:.0f} us, client "
+            f"{one.clients * 1e6 / changes:.0f} us, wall {one.seconds * 1e6 / changes:.0f} us)\n"
+            f"  CPU-bound lower bound of the ratio on {cores} cores: {many.floor(cores) / one.seconds:.2f}x "
+            f"(max(all CPU / {cores} = {many.cpu / cores:.2f} s, bmid user under one GIL = {many.bmid_user:.2f} s) "
+            f"/ 1 client's {one.seconds:.2f} s)")
 
 
 def per_call(mgr, calls: int, bare: BareCommit | None = None) -> dict[str, float]:
@@ -202,8 +258,7 @@ def main() -> None:
                     print(f"  {name:<32} {session_us} {b[name]:9.1f} {ratio} {b[name] / floor:5.1f}x {goal}")
                 one = changers(daemon, system, 1, args.changes)
                 many_ = changers(daemon, system, CLIENTS, args.changes)
-                print(f"{args.changes} set_priority per client: 1 client {one:.2f} s, {CLIENTS} clients "
-                      f"{many_:.2f} s, ratio {many_ / one:.2f}x  (goal <= 2x: group commit)")
+                print(group_commit_report(one, many_, CLIENTS, args.changes))
                 what = "running" if args.running else "allocated"
                 print(f"{args.pds} {what} PDs (bmid, ms)")
                 for name, value in many(system, args.pds, args.running).items():

@@ -40,6 +40,8 @@ RESERVE_BYTES = 4 << 20         # far more than one transaction (a record is a f
 SCHEMA_VERSION = 1
 T = TypeVar("T")
 EVENTS_KEPT = 100_000           # older events are pruned
+_RECORD_JSON = json.JSONEncoder(sort_keys=True)     # json.dumps(sort_keys=True) makes one per call
+ROWS_PER_STATEMENT = 200        # PD records in one INSERT (4 values each; SQLite allows 32766)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -100,11 +102,17 @@ class Event:
 class _Member:
     """One commit() call in a group: what to run, and what came of it."""
 
-    __slots__ = ("work", "after", "done", "result", "error")
+    __slots__ = ("work", "after", "done", "result", "error", "wake")
 
     def __init__(self, work: Callable[[sqlite3.Connection], Any], after: Callable[[Any], None] | None):
         self.work, self.after = work, after
         self.done, self.result, self.error = False, None, None
+        self.wake = threading.Lock()        # released when its group is done, or when it is to lead the next
+        self.wake.acquire()
+
+
+class _MemberFailed(Exception):
+    """A member's work raised: its group's transaction is rolled back and run again without it."""
 
 
 class StateError(ResourceError):
@@ -186,8 +194,10 @@ class Store:
         self._lock = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queue: list[_Member] = []         # commit() calls waiting for the next group
+        self._leading = False                   # a group is being committed, or its leader handed on
         #: scratch of the group being committed (see commit)
         self.staged: dict[Any, Any] = {}
+        self._rows: dict[int, tuple[int, int, str, str] | None] = {}     # its PD records (write_pd, delete_pd)
 
     # -- space ----------------------------------------------------------------------------------
     def make_reserve(self) -> bool:
@@ -225,54 +235,81 @@ class Store:
     def commit(self, work: Callable[[sqlite3.Connection], T], after: Callable[[T], None] | None = None) -> T:
         """work(db) in a write transaction, then after(result) under the store's lock once it is durable.
 
-        Group commit (as PostgreSQL does): calls that arrive while a COMMIT
-        is being synced queue up, and the next of them to get the lock
-        commits all of them in one transaction -- one fsync for the group.
-        Each member's work runs in a savepoint of its own (an exception it
-        raises undoes only its writes and fails only it); every after()
-        runs only once the group's COMMIT succeeded, in arrival order; a
-        COMMIT that fails fails every member with the same StateError and
-        no after() runs.  A later member's work sees what earlier members
-        of its group staged (self.staged: scratch of the group, empty at its
-        start).  When the disk is full the reserve is released and the
-        group runs again (work must change nothing outside the database and
-        self.staged: it is re-run).
+        Group commit (as PostgreSQL does): calls that arrive while a group
+        is being committed queue up, and the first of them then commits all
+        of them in one transaction -- one fsync for the group.
+        A member whose work raises fails alone: the transaction is rolled
+        back and run again without it (no savepoint per member: two
+        statements each, for a case that does not happen in bmid); every
+        after() runs only once the group's COMMIT succeeded, in arrival
+        order; a COMMIT that fails fails every member with the same
+        StateError and no after() runs.  A later member's work sees what
+        earlier members of its group staged (self.staged: scratch of the
+        group, empty at its start).  When the disk is full the reserve is
+        released and the group runs again.  So work may run more than once:
+        it must change nothing outside the database and self.staged.
         """
         member = _Member(work, after)
         with self._queue_lock:
             self._queue.append(member)
+            follow, self._leading = self._leading, True
         self.before_group_test_hook()
-        with self._lock:
-            if not member.done:                 # nobody took it into a group yet: lead one
-                with self._queue_lock:
-                    group, self._queue = self._queue, []
-                self._commit_group(group)
+        if follow:
+            member.wake.acquire()
+        if not member.done:                     # the first, or handed the lead: commit what is queued
+            self._lead(member)
         if member.error is not None:
             raise member.error
         return member.result
 
+    def _lead(self, leader: "_Member") -> None:
+        """Commit everything queued as one group; wake its members, then the first of the next group to lead it.
+
+        Only one group forms at a time (self._leading): what arrives meanwhile
+        queues, and its members sleep on their own locks until they are
+        done, instead of each taking the store's lock in turn to find out.
+        """
+        group: list[_Member] = []
+        try:
+            with self._lock:
+                with self._queue_lock:
+                    group, self._queue = self._queue, []
+                self._commit_group(group)
+        finally:
+            for m in group:
+                if m is not leader:
+                    m.wake.release()
+            with self._queue_lock:
+                if self._queue:
+                    self._queue[0].wake.release()
+                else:
+                    self._leading = False
+
     def _commit_group(self, group: list["_Member"]) -> None:
         """One transaction for every member of group (the caller holds the lock); sets each one's outcome."""
+        spent = False
         try:
-            for attempt in (1, 2):
-                self.staged = {}
-                for m in group:
-                    m.error = None
+            while True:
+                self.staged, self._rows = {}, {}
                 try:
                     with self._transaction() as db:
                         for m in group:
-                            db.execute("SAVEPOINT member")
+                            if m.error is not None:     # failed in an earlier run of this group
+                                continue
                             try:
                                 m.result = m.work(db)
                             except (OSError, sqlite3.Error):
                                 raise           # the whole group's
                             except Exception as e:
-                                db.execute("ROLLBACK TO member")
                                 m.error = e
-                            db.execute("RELEASE member")
+                                raise _MemberFailed from None
+                        self._write_rows(db)
                         self.group_test_hook(len(group))
+                except _MemberFailed:
+                    continue            # rolled back: the group again without it
                 except (OSError, sqlite3.Error) as e:
-                    if attempt == 1 and is_full(e) and self._spend_reserve():
+                    if not spent and is_full(e) and self._spend_reserve():
+                        spent = True
                         continue
                     failure = self._failure(e)
                     for m in group:
@@ -290,7 +327,7 @@ class Store:
                 m.error = ResourceError("storing a change: the group commit was interrupted")
             raise
         finally:
-            self.staged = {}
+            self.staged, self._rows = {}, {}
             for m in group:
                 m.done = True
 
@@ -352,15 +389,27 @@ class Store:
             rows = self._db.execute("SELECT pd_id, record FROM pds ORDER BY pd_id").fetchall()
         return {pd_id: json.loads(record) for pd_id, record in rows}
 
-    @staticmethod
-    def write_pd(db: sqlite3.Connection, record: dict[str, Any]) -> None:
-        """Inside tx(): insert or replace one PD's record."""
-        db.execute("INSERT OR REPLACE INTO pds(pd_id, parent, status, record) VALUES(?, ?, ?, ?)",
-                   (record["pd_id"], record["parent"], record["status"], json.dumps(record, sort_keys=True)))
+    def write_pd(self, record: dict[str, Any]) -> None:
+        """In a commit()'s work: insert or replace one PD's record, written with the rest of its group."""
+        self._rows[record["pd_id"]] = (record["pd_id"], record["parent"], record["status"],
+                                       _RECORD_JSON.encode(record))
 
-    @staticmethod
-    def delete_pd(db: sqlite3.Connection, pd_id: int) -> None:
-        db.execute("DELETE FROM pds WHERE pd_id=?", (pd_id,))
+    def delete_pd(self, pd_id: int) -> None:
+        """In a commit()'s work: delete one PD's record, with the rest of its group."""
+        self._rows[pd_id] = None
+
+    def _write_rows(self, db: sqlite3.Connection) -> None:
+        """The PD records the members of a group wrote, in one statement each way (not one per member: each
+        statement lets go of the GIL, and under load getting it back is what a group's time goes to)."""
+        rows = [row for row in self._rows.values() if row is not None]
+        gone = [pd_id for pd_id, row in self._rows.items() if row is None]
+        for i in range(0, len(rows), ROWS_PER_STATEMENT):
+            part = rows[i:i + ROWS_PER_STATEMENT]
+            db.execute("INSERT OR REPLACE INTO pds(pd_id, parent, status, record) VALUES "
+                       + ",".join(["(?, ?, ?, ?)"] * len(part)), [value for row in part for value in row])
+        for i in range(0, len(gone), ROWS_PER_STATEMENT):
+            part = gone[i:i + ROWS_PER_STATEMENT]
+            db.execute(f"DELETE FROM pds WHERE pd_id IN ({','.join(['?'] * len(part))})", part)
 
     def destroyed(self) -> set[int]:
         """The ids of PDs destroyed (their DESTROYED events), so a lookup can say so after a restart."""

@@ -59,11 +59,13 @@ class ProtocolError(Exception):
 _SEND_FLAGS = {True: int(socket.MSG_NOSIGNAL), False: int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)}
 _RECV_FLAGS = {True: 0, False: int(socket.MSG_DONTWAIT)}
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)     # an int: enum flag arithmetic costs ~5 us a record
+_ENCODER = json.JSONEncoder(separators=(",", ":"))         # json.dumps makes a new one per call for separators
 
 
 def encode(message: dict[str, Any]) -> bytes:
     """The record for one message (raises TypeError/ValueError for what JSON cannot carry)."""
-    return json.dumps(message, separators=(",", ":")).encode()
+    return _ENCODER.encode(message).encode()
 
 
 def send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = (), *,
@@ -92,7 +94,7 @@ def receive(sock: socket.socket, *, blocking: bool = True) -> tuple[bytes, list[
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(payload) - len(payload) % 4
             fds.extend(array.array("i", payload[:usable]))
-    truncated = bool(msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)) or len(data) > MAX_MESSAGE
+    truncated = bool(msg_flags & _TRUNCATED) or len(data) > MAX_MESSAGE
     return data, fds, not truncated
 
 

@@ -11,7 +11,7 @@ Crash safety, in order, for every call that changes something:
 0. while the state directory is full (the store's reserve spent and not
    made again) the call is refused before anything happens,
 1. the intent is written to the store (ops table; no fsync of its own,
-   see Store.begin),
+   see Store.begin) when restore() would act on it (INTENDED),
 2. the call runs,
 3. the changed PD records, any status events and the end of the intent are
    written in one transaction (from the reserve if the disk is full),
@@ -82,6 +82,11 @@ TEST_PAUSE = "BMID_TEST_PAUSE"  # tests only: e.g. "commit:destroy exit" stops b
 _LIVE = (PDStatus.RUNNING, PDStatus.PAUSED)
 NETWORK_METHODS = ("create_network", "destroy_network")
 NETWORKS_KEY = "networks"        # meta: the host networks bmid made (list_networks() dicts), made again at start
+_NEXT_ID = "next_id"            # in Store.staged (keyed by PD id otherwise): the next_id this group wrote
+#: The changes whose stored intent restore() acts on (an allocation rolled back, a destroy or a SHUTDOWN
+#: finished): only these store one before they begin.  Any other change is stored by the commit after it;
+#: an intent of it would be deleted unread at the next start, for a transaction per call.
+INTENDED = ("allocate_pd", "destroy", "request_status_change")
 #: READ_ONLY (bmi/channel/methods.py): what a read-only client (the configured group) may call.
 
 
@@ -270,6 +275,7 @@ class Daemon:
             self.mgr.install_channels(KeptChannels(self._channel_call, self.mgr.registry, self.keeper,
                                                    self.ledger))
         self._cache: dict[int, dict[str, Any]] = {}
+        self._stored_next_id: int | None = None     # meta next_id as committed (None: not yet by this bmid)
         self._subscribers: set[queue.SimpleQueue[Event]] = set()
         self._sub_lock = threading.Lock()
         self._alloc_lock = threading.Lock()
@@ -312,19 +318,19 @@ class Daemon:
         """
         ended = [*ops, *(() if op_id is None else (op_id,))]
 
-        def work(db: Any) -> tuple[list[Event], dict[int, dict[str, Any] | None], dict[int, PDStatus]]:
+        def work(db: Any) -> tuple[list[Event], dict[int, dict[str, Any] | None], dict[int, PDStatus], int]:
             events: list[Event] = []
             written: dict[int, dict[str, Any] | None] = {}
             shown: dict[int, PDStatus] = {}
             current, next_id = self.mgr.records(ids)
             staged = self.store.staged          # what earlier members of this commit group wrote
-            todo = set(current) | set(self._cache) | set(staged) if ids is None else set(ids)
+            todo = set(current) | set(self._cache) | set(staged) - {_NEXT_ID} if ids is None else set(ids)
             for pd_id in sorted(todo):
                 record = current.get(pd_id)
                 old = staged[pd_id] if pd_id in staged else self._cache.get(pd_id)
                 if record is None:
                     if old is not None:
-                        Store.delete_pd(db, pd_id)
+                        self.store.delete_pd(pd_id)
                         events.append(Store.add_event(db, pd_id, PDStatus.DESTROYED.name, "",
                                                       old["config"].get("/name", "")))
                         written[pd_id] = staged[pd_id] = None
@@ -334,18 +340,20 @@ class Daemon:
                 if pd_id == restarted:
                     events.append(Store.add_event(db, pd_id, PDStatus.RESTARTING.name, "restart requested", name))
                 if record != old or pd_id == restarted:
-                    Store.write_pd(db, record)
+                    self.store.write_pd(record)
                     if old is None or old["status"] != record["status"] or pd_id == restarted:
                         reason = record["ended"]["reason"] if record["ended"] else ""
                         events.append(Store.add_event(db, pd_id, record["status"], reason, name))
                     written[pd_id] = staged[pd_id] = record
-            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('next_id', ?)", (str(next_id),))
+            if next_id != staged.get(_NEXT_ID, self._stored_next_id):
+                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('next_id', ?)", (str(next_id),))
+                staged[_NEXT_ID] = next_id
             for op in ended:
                 Store.end(db, op)
-            return events, written, shown
+            return events, written, shown, next_id
 
-        def after(result: tuple[list[Event], dict[int, dict[str, Any] | None], dict[int, PDStatus]]) -> None:
-            events, written, shown = result
+        def after(result: tuple[list[Event], dict[int, dict[str, Any] | None], dict[int, PDStatus], int]) -> None:
+            events, written, shown, self._stored_next_id = result
             for pd_id, record in written.items():
                 if record is None:
                     self._cache.pop(pd_id, None)
@@ -458,9 +466,6 @@ class Daemon:
         if self.store.short and not self.store.make_reserve():
             raise self.store.full_error(f"{method} by {'PD %d' % caller if caller else 'a client'}")
         target = params.get("pd", caller if caller else None)
-        detail = {k: v for k, v in params.items() if k in ("status", "tid", "name")}
-        restarted = target if method == "request_status_change" and str(params.get("status")).upper() == \
-            PDStatus.RESTARTING.name and isinstance(target, int) else None
         if method == "allocate_pd":
             with self._alloc_lock:
                 pd_id = self.mgr.next_id()
@@ -470,7 +475,13 @@ class Daemon:
                 finally:
                     self._store_or_stop(method, [pd_id, caller] if caller else [pd_id], op)
             return value, out
-        op = self.store.begin(method, target if isinstance(target, int) else None, **detail)
+        op: int | None = None
+        restarted: int | None = None
+        if method in INTENDED:
+            detail = {k: v for k, v in params.items() if k in ("status", "tid", "name")}
+            op = self.store.begin(method, target if isinstance(target, int) else None, **detail)
+            restarted = target if method == "request_status_change" and str(params.get("status")).upper() == \
+                PDStatus.RESTARTING.name and isinstance(target, int) else None
         try:
             answer = self._dispatch(caller, method, params, fd)
             if method in NETWORK_METHODS:
@@ -486,7 +497,8 @@ class Daemon:
             self._store_or_stop(method, None if method == "destroy" else ids, op, restarted)
         return answer
 
-    def _store_or_stop(self, method: str, ids: list[int] | None, op: int, restarted: int | None = None) -> None:
+    def _store_or_stop(self, method: str, ids: list[int] | None, op: int | None,
+                       restarted: int | None = None) -> None:
         """Store what the call did; if even the reserve cannot make that possible, end bmid at once.
 
         What the call changed outside bmid (a process started, a cgroup
@@ -638,9 +650,11 @@ class Daemon:
                         self._stream_events(conn, msg_id, params)
                         return
                     fd = fds.pop(0) if fds and method == "setup_pd" else None
-                    report = _progress_to(conn, msg_id) if params.get("progress") is True else None
                     try:
-                        with reporting_progress(report) if report else contextlib.nullcontext():
+                        if params.get("progress") is True:
+                            with reporting_progress(_progress_to(conn, msg_id)):
+                                value, out = self.call(0, method, params, fd)
+                        else:
                             value, out = self.call(0, method, params, fd)
                     finally:
                         if fd is not None:
@@ -760,7 +774,10 @@ def test_pause(state_dir: str, *points: str) -> None:
     """For tests of the crash windows: with one of points in $BMID_TEST_PAUSE, say so (a file paused-<point>
     in the state directory) and block this thread until the test SIGKILLs bmid exactly here or lets it go on
     (a file resume-<point>)."""
-    wanted = set(os.environ.get(TEST_PAUSE, "").split())
+    asked = os.environ.get(TEST_PAUSE)
+    if not asked:
+        return
+    wanted = asked.split()
     for point in points:
         if point in wanted:
             _pause_at(state_dir, point)

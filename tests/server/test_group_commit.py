@@ -88,7 +88,7 @@ def test_a_member_that_fails_fails_alone(tmp_path):
         put = _put(i)
 
         def work(db: sqlite3.Connection) -> int:
-            put(db)                                 # written, then undone with its savepoint
+            put(db)                                 # written, then undone with the rollback
             if i == 2:
                 raise ValueError("member 2 is wrong")
             return i
@@ -147,3 +147,58 @@ def test_a_later_member_sees_what_an_earlier_one_staged(tmp_path):
     assert sorted(len(s) for s in seen.values()) == list(range(MEMBERS))
     assert left == {}                               # scratch of one group only
 
+
+
+def test_records_of_a_member_that_fails_are_not_written_with_its_group(tmp_path):
+    """write_pd stages a PD's record for its group's one INSERT: a member that raises after staging one is run
+    out of the group, and its record with it; the others' records are stored."""
+    store = Store(str(tmp_path))
+    _gathering(store, MEMBERS, [])
+
+    def work_of(i: int):
+        def work(db: sqlite3.Connection) -> int:
+            store.write_pd({"pd_id": i + 1, "parent": 0, "status": "READY"})
+            if i == 1:
+                raise ValueError("member 1 is wrong")
+            return i
+        return work
+
+    try:
+        out = _commit_all(store, work_of, lambda i: None)
+        stored = sorted(store.pds())
+    finally:
+        store.close()
+    assert isinstance(out[1], ValueError), out
+    assert stored == [1, 3, 4]
+
+
+def test_waves_of_commits_hand_the_lead_on_and_all_finish(tmp_path):
+    """More commits than one group takes: what queues while a group commits is led by one of its own members
+    once that group is done (none waits for a group that never comes), and groups hold more than one."""
+    store = Store(str(tmp_path))
+    sizes: list[int] = []
+    store.group_test_hook = sizes.append            # type: ignore[method-assign]
+    threads_, each = 8, 25
+    failed: list[BaseException] = []
+
+    def one(t: int) -> None:
+        try:
+            for n in range(each):
+                store.commit(_put(t * each + n))
+        except BaseException as e:
+            failed.append(e)
+
+    threads = [threading.Thread(target=one, args=(t,)) for t in range(threads_)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in threads), "a commit never finished"
+        rows = _rows(store)
+    finally:
+        store.close()
+    assert failed == []
+    assert len(rows) == threads_ * each and sum(sizes) == threads_ * each
+    assert max(sizes) > 1, sizes
