@@ -5,7 +5,12 @@
 Set-up: connect (policy check + socketpair + shutdown for the mode + fd pass
 over the source's channel) and accept (fd pass over the destination's channel),
 both through bmi.pd clients on two real PDs' channels, vs socket.socketpair()
-in one process.  Round trip: 64-byte ping-pong over the resulting IPC
+in one process: one after the other (two channel calls), and with the
+destination already waiting in accept in a thread (connect's own request hands
+it its end: one channel call).  The layer's own work, in this process and
+with no round trip: the dispatcher's connect (policy check, pair, mode), its
+reply with the source's end, the destination's end taken from the queue and
+its reply, both received (two fd passes).  Round trip: 64-byte ping-pong over the resulting IPC
 connection vs over a plain SOCK_SEQPACKET socketpair (the same kernel path:
 a connection adds nothing once it is set up).  One channel call
 (get_version) from another process, as a PD makes it.  Prints medians and
@@ -17,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,6 +36,8 @@ import bmi  # noqa: E402
 import bmi.pd  # noqa: E402
 from bench.floor import round_trip_us, versus  # noqa: E402
 from bmi import ConnectionPolicy, ConnectionType as CT, PDDescription  # noqa: E402
+from bmi.channel import protocol  # noqa: E402
+from bmi.channel.dispatch import Dispatcher  # noqa: E402
 
 #: A PD's side of channel calls: its channel is the fd given; prints the median microseconds of n get_version.
 _CALLER = """
@@ -59,6 +68,97 @@ def round_trips(a: socket.socket, b: socket.socket, n: int) -> list[float]:
     return out
 
 
+#: A PD's side of accept: its channel is argv[1]; for each of argv[2] connections it says "waiting" on
+#: stdout, waits in accept, then says when it had the connection (perf_counter: one clock for all processes).
+_ACCEPTOR = """
+import sys, time
+import bmi.pd
+client = bmi.pd.open(int(sys.argv[1]))
+for _ in range(int(sys.argv[2])):
+    print("waiting", flush=True)
+    conn = client.accept(timeout=5)
+    print(time.perf_counter(), flush=True)
+    conn.close()
+"""
+
+
+def waiting_setups(mgr: bmi.PDManagement, ca: bmi.pd.PDClient, b: bmi.PDController, cb: bmi.pd.PDClient | None,
+                   n: int) -> tuple[list[float], list[float], int]:
+    """connect while the destination waits in accept: in a thread of ours on cb, or (cb None) in another
+    process on a new channel of b's, as a PD.  Returns (until connect returned, until both ends had
+    theirs, how many connections went straight to the waiting accept: only those are timed)."""
+    if cb is not None:
+        said: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+        def acceptor() -> None:
+            for _ in range(n):
+                said.put("waiting")
+                conn = cb.accept(timeout=5)
+                said.put(str(time.perf_counter()))
+                conn.close()
+
+        thread = threading.Thread(target=acceptor)
+        thread.start()
+        hear, end = said.get, thread.join
+    else:
+        fd = mgr.channels().open(b.get_pd_id())
+        peer = subprocess.Popen([sys.executable, "-c", _ACCEPTOR, str(fd), str(n)], pass_fds=(fd,),
+                                stdout=subprocess.PIPE, text=True)
+        os.close(fd)
+        assert peer.stdout is not None
+        hear, end = (lambda: peer.stdout.readline().strip()), peer.wait  # type: ignore[union-attr]
+    connect, both, handed = [], [], 0
+    for _ in range(n):
+        assert hear() == "waiting"
+        for _ in range(2):      # meanwhile the accept reaches the layer, which stays busy (a sleep here would
+            ca.get_version()    # let the CPUs idle: on this VM a wake-up from idle costs more than the set-up)
+        t0 = time.perf_counter()
+        mine = ca.connect(b.get_pd_id(), CT.IPC)
+        t1 = time.perf_counter()
+        accepted = float(hear())
+        if not any(c.conn_id == mine.conn and c.pending_fd is not None for c in mgr.registry.live(b.get_pd_id())):
+            handed += 1                 # in the waiting accept's hands already when connect returned
+            connect.append(t1 - t0)
+            both.append(max(t1, accepted) - t0)
+        mine.close()
+    end()
+    return connect, both, handed
+
+
+def layer_work(mgr: bmi.PDManagement, source: int, dest: int, n: int) -> list[float]:
+    """The layer's part of a set-up in this process, with no round trip: the dispatcher's connect (policy
+    check, pair, mode), its reply with the source's end, the destination's end taken and its reply, both
+    ends received (two fd passes) as the PDs' channels would."""
+    handler = Dispatcher(mgr.scoped)
+    to_source, at_source = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    to_dest, at_dest = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    params = {"tid": dest, "con_type": "IPC", "mode": bmi.RW}
+    times, received = [], []
+    for i in range(n):
+        t0 = time.perf_counter()
+        info, fd = handler(source, "connect", params, None)
+        protocol.send_encoded(to_source, protocol.encode(protocol.result(i, info)), (fd,))
+        os.close(fd)
+        conn, fd = mgr.registry.take(dest)
+        protocol.send_encoded(to_dest, protocol.encode(protocol.result(i, conn.describe())), (fd,))
+        os.close(fd)
+        for end in (at_source, at_dest):
+            received += protocol.receive(end)[1]
+        times.append(time.perf_counter() - t0)
+        for fd in received:
+            os.close(fd)
+        received.clear()
+    for s in (to_source, at_source, to_dest, at_dest):
+        s.close()
+    return times
+
+
+def cut_all(a: bmi.PDController, b: bmi.PDController) -> None:
+    """Cut a's connections to b (the layer holds an end of each until then) and allow IPC again."""
+    a.set_allowed_connections(b.get_pd_id(), [], disable_existing=True)
+    a.set_allowed_connections(b.get_pd_id(), [ConnectionPolicy(CT.IPC, bmi.RW)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="repetitions (default 2000)")
@@ -87,7 +187,11 @@ def main() -> None:
             anchor_setup.append(time.perf_counter() - t0)
             x.close()
             y.close()
-        a.set_allowed_connections(b.get_pd_id(), [ConnectionPolicy(CT.IPC, bmi.RW)], disable_existing=True)
+        cut_all(a, b)
+        waiting, waiting_both, handed = waiting_setups(mgr, ca, b, cb, n)
+        cut_all(a, b)
+        layer = layer_work(mgr, a.get_pd_id(), b.get_pd_id(), n)
+        cut_all(a, b)
 
         mine, theirs = ca.connect(b.get_pd_id(), CT.IPC), cb.accept(timeout=5)
         s1, s2 = mine.socket(), theirs.socket()
@@ -100,6 +204,9 @@ def main() -> None:
             t0 = time.perf_counter()
             ca.get_version()
             call.append(time.perf_counter() - t0)
+        cut_all(a, b)
+        apart, apart_both, handed_apart = waiting_setups(mgr, ca, b, None, n)    # b's channel is a new one now
+        cut_all(a, b)
         for c in clients:
             c.close()
         fd = mgr.channels().open(a.get_pd_id())
@@ -109,9 +216,18 @@ def main() -> None:
         finally:
             os.close(fd)
 
+    pair = statistics.median(anchor_setup)
     print(f"connection set-up (connect+accept, policy check, fd pair, 2 fd passes): "
           f"{median_us(setup):8.1f} us   socketpair(): {median_us(anchor_setup):6.1f} us   "
-          f"ratio {statistics.median(setup) / statistics.median(anchor_setup):6.1f}x  (goal <= 10x)")
+          f"ratio {statistics.median(setup) / pair:6.1f}x  (goal <= 10x)")
+    print(f"connection set-up, destination already waiting in accept (a thread of this process; {handed} of {n} handed at once): "
+          f"connect {median_us(waiting):8.1f} us   ratio {statistics.median(waiting) / pair:6.1f}x;  "
+          f"both ends {median_us(waiting_both):8.1f} us   ratio {statistics.median(waiting_both) / pair:6.1f}x")
+    print(f"connection set-up, destination already waiting in accept (another process, as a PD; {handed_apart} of "
+          f"{n} handed at once): connect {median_us(apart):8.1f} us   ratio {statistics.median(apart) / pair:6.1f}x;  "
+          f"both ends {median_us(apart_both):8.1f} us   ratio {statistics.median(apart_both) / pair:6.1f}x")
+    print(f"the layer's own work (policy check, pair, mode, 2 fd passes; in-process, no round trip): "
+          f"{median_us(layer):8.1f} us   ratio {statistics.median(layer) / pair:6.1f}x  (goal <= 10x)")
     print(f"64-byte round trip over an IPC connection: {median_us(rtt):8.1f} us   "
           f"plain socketpair: {median_us(anchor_rtt):6.1f} us   "
           f"ratio {statistics.median(rtt) / statistics.median(anchor_rtt):6.2f}x")
@@ -120,6 +236,11 @@ def main() -> None:
     print(f"one channel call (get_version), from a thread of the layer's process: {versus(median_us(call), floor)}")
     print(f"connection set-up against the floor: {versus(median_us(setup), floor)} "
           f"(two channel calls: >= 2x)")
+    print(f"connection set-up, destination waiting (a thread), against the floor: {versus(median_us(waiting), floor)} "
+          f"(one channel call: >= 1x)")
+    print(f"connection set-up, destination waiting (a process), against the floor: {versus(median_us(apart), floor)}")
+    print(f"the floor against socketpair(): {floor / median_us(anchor_setup):6.1f}x "
+          f"(a set-up through a channel call cannot be under this)")
 
 
 if __name__ == "__main__":

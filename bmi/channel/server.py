@@ -21,9 +21,10 @@ Nothing a PD does can block the layer for other PDs:
 
 An accept and a connection queued for the same PD meet in whichever thread
 brings the second of them: the leader that read the accept, or the thread
-whose connect queued the connection.  A PD already waiting in accept thus
-gets its end from the connecting PD's own request, before that PD's reply;
-no other thread is woken for it.  The leader only answers accepts whose
+that ran the connect, right after it sent the connecting PD its reply.  A
+PD already waiting in accept thus gets its end from the connecting PD's own
+request, with no other thread woken for it, and the connecting PD's reply
+waits for no more than its own work.  The leader only answers accepts whose
 time is up.
 
 The caller of a request is the PD the channel was opened for: the socket,
@@ -87,6 +88,7 @@ class ChannelServer:
         self._leader = threading.Lock()             # held by the thread that reads the channels
         self._ready: deque[_Channel] = deque()      # channels with a request waiting for a thread
         self._timed: set[_Channel] = set()          # channels with an accept that times out (the leader ends it)
+        self._request = threading.local()           # .queued: channels the request this thread runs queued for
         self._idle = 0                              # threads waiting to lead
         self._running = 0                           # threads running a request
         self._threads: list[threading.Thread] = []
@@ -126,20 +128,27 @@ class ChannelServer:
         return ch is not None and not ch.closed
 
     def incoming(self, pd_id: int) -> None:
-        """A connection was queued for pd_id: hand it to an accept of pd_id's that waits, in this thread.
+        """A connection was queued for pd_id: hand it to an accept of pd_id's that waits, in this thread
+        (after the reply to the request running here, if one is: the connecting PD's comes first).
 
-        The connecting PD's request is what runs here, so its reply waits for
-        no other thread; with no accept waiting the connection stays queued
-        for the next one.
+        With no accept waiting the connection stays queued for the next one.
         """
         with self._lock:
             ch = self._channels.get(pd_id)
         if ch is None:
             return
+        queued = getattr(self._request, "queued", None)
+        if queued is not None:
+            queued.append(ch)
+        else:
+            self._hand_over_queued(ch)
+
+    def _hand_over_queued(self, ch: _Channel) -> None:
+        """_hand_over for a connection just queued: whatever happens to the accept, the connection stays made."""
         try:
             self._hand_over(ch)
-        except Exception:       # the connection exists whatever happened to the accept: the caller gets its end
-            log.exception("PD %d: handing a connection to its accept failed inside the layer", pd_id)
+        except Exception:
+            log.exception("PD %d: handing a connection to its accept failed inside the layer", ch.pd_id)
 
     def close(self) -> None:
         with self._lock:
@@ -436,6 +445,7 @@ class ChannelServer:
     def _answer(self, ch: _Channel, msg_id: Any, method: str, params: dict, fd: int | None) -> None:
         """Run one request and send its reply, or an error the caller gets in its place."""
         out_fd = None
+        self._request.queued = []
         try:
             value, out_fd = self._handler(ch.pd_id, method, params, fd)
             data = self._encoded(ch.pd_id, method, p.result(msg_id, value))
@@ -455,6 +465,9 @@ class ChannelServer:
         finally:
             if out_fd is not None:
                 os.close(out_fd)
+            queued, self._request.queued = self._request.queued, None
+            for dest in queued:
+                self._hand_over_queued(dest)
 
     @staticmethod
     def _encoded(pd_id: int, method: str, reply: dict) -> bytes:
