@@ -6,13 +6,14 @@ Set-up: connect (policy check + socketpair + shutdown for the mode + fd pass
 over the source's channel) and accept (fd pass over the destination's channel),
 both through bmi.pd clients on two real PDs' channels, vs socket.socketpair()
 in one process: one after the other (two channel calls), and with the
-destination already waiting in accept in a thread (connect's own request hands
-it its end: one channel call).  The layer's own work, in this process and
+destination already waiting in accept, in a thread of this process or in
+another process as a PD (connect's own request hands it its end right after
+the reply: one channel call).  The layer's own work, in this process and
 with no round trip: the dispatcher's connect (policy check, pair, mode), its
 reply with the source's end, the destination's end taken from the queue and
-its reply, both received (two fd passes).  Round trip: 64-byte ping-pong over the resulting IPC
-connection vs over a plain SOCK_SEQPACKET socketpair (the same kernel path:
-a connection adds nothing once it is set up).  One channel call
+its reply, both received (two fd passes).  Round trip: 64-byte ping-pong
+over the resulting IPC connection vs over a plain SOCK_SEQPACKET socketpair
+(the same kernel path: a connection adds nothing once it is set up).  One channel call
 (get_version) from another process, as a PD makes it.  Prints medians and
 ratios, and beside them the floor of bench/floor.py measured in the same
 run: one JSON-RPC round trip between two Python processes (goals: a call
@@ -29,8 +30,10 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import bmi  # noqa: E402
 import bmi.pd  # noqa: E402
@@ -68,61 +71,62 @@ def round_trips(a: socket.socket, b: socket.socket, n: int) -> list[float]:
     return out
 
 
-#: A PD's side of accept: its channel is argv[1]; for each of argv[2] connections it says "waiting" on
-#: stdout, waits in accept, then says when it had the connection (perf_counter: one clock for all processes).
-_ACCEPTOR = """
-import sys, time
-import bmi.pd
-client = bmi.pd.open(int(sys.argv[1]))
-for _ in range(int(sys.argv[2])):
-    print("waiting", flush=True)
-    conn = client.accept(timeout=5)
-    print(time.perf_counter(), flush=True)
-    conn.close()
+#: acceptor() in a process of its own, as a PD: channel fd argv[1], argv[2] connections; says on stdout.
+_ACCEPTOR = f"""
+import sys
+sys.path.insert(0, {ROOT!r})
+from bench.connect import acceptor
+acceptor(int(sys.argv[1]), int(sys.argv[2]), lambda line: print(line, flush=True))
 """
 
 
-def waiting_setups(mgr: bmi.PDManagement, ca: bmi.pd.PDClient, b: bmi.PDController, cb: bmi.pd.PDClient | None,
-                   n: int) -> tuple[list[float], list[float], int]:
-    """connect while the destination waits in accept: in a thread of ours on cb, or (cb None) in another
-    process on a new channel of b's, as a PD.  Returns (until connect returned, until both ends had
-    theirs, how many connections went straight to the waiting accept: only those are timed)."""
-    if cb is not None:
-        said: queue.SimpleQueue[str] = queue.SimpleQueue()
+def acceptor(fd: int, n: int, say: Callable[[str], None]) -> None:
+    """The destination, on its channel fd spoken by hand: for each of n connections it sends accept, then
+    get_version; once get_version is answered the accept waits in the layer (which reads a channel's
+    records in order), and it says "waiting"; then when it had the connection (perf_counter: one clock
+    for every process)."""
+    with socket.socket(fileno=fd) as sock:
+        for i in range(n):
+            protocol.send(sock, protocol.request(2 * i, "accept", {"timeout": 5}))
+            protocol.send(sock, protocol.request(2 * i + 1, "get_version", {}))
+            for expected in (2 * i + 1, 2 * i):
+                data, fds, _ = protocol.receive(sock)
+                assert protocol.decode(data)["id"] == expected
+                for x in fds:
+                    os.close(x)
+                say("waiting" if expected % 2 else str(time.perf_counter()))
 
-        def acceptor() -> None:
-            for _ in range(n):
-                said.put("waiting")
-                conn = cb.accept(timeout=5)
-                said.put(str(time.perf_counter()))
-                conn.close()
 
-        thread = threading.Thread(target=acceptor)
-        thread.start()
-        hear, end = said.get, thread.join
-    else:
-        fd = mgr.channels().open(b.get_pd_id())
+def waiting_setups(mgr: bmi.PDManagement, ca: bmi.pd.PDClient, dest: int, n: int,
+                   apart: bool) -> tuple[list[float], list[float]]:
+    """connect while the destination waits in accept on a new channel (the previous one ends): in a thread
+    of ours, or (apart) in another process, as a PD.  Returns (until connect returned, until both ends
+    had theirs)."""
+    fd = mgr.channels().open(dest)
+    if apart:
         peer = subprocess.Popen([sys.executable, "-c", _ACCEPTOR, str(fd), str(n)], pass_fds=(fd,),
                                 stdout=subprocess.PIPE, text=True)
         os.close(fd)
         assert peer.stdout is not None
-        hear, end = (lambda: peer.stdout.readline().strip()), peer.wait  # type: ignore[union-attr]
-    connect, both, handed = [], [], 0
+        out = peer.stdout
+        hear, end = (lambda: out.readline().strip()), peer.wait
+    else:
+        said: queue.SimpleQueue[str] = queue.SimpleQueue()
+        thread = threading.Thread(target=acceptor, args=(fd, n, said.put))
+        thread.start()
+        hear, end = said.get, thread.join
+    connect, both = [], []
     for _ in range(n):
         assert hear() == "waiting"
-        for _ in range(2):      # meanwhile the accept reaches the layer, which stays busy (a sleep here would
-            ca.get_version()    # let the CPUs idle: on this VM a wake-up from idle costs more than the set-up)
         t0 = time.perf_counter()
-        mine = ca.connect(b.get_pd_id(), CT.IPC)
+        mine = ca.connect(dest, CT.IPC)
         t1 = time.perf_counter()
         accepted = float(hear())
-        if not any(c.conn_id == mine.conn and c.pending_fd is not None for c in mgr.registry.live(b.get_pd_id())):
-            handed += 1                 # in the waiting accept's hands already when connect returned
-            connect.append(t1 - t0)
-            both.append(max(t1, accepted) - t0)
+        connect.append(t1 - t0)
+        both.append(max(t1, accepted) - t0)
         mine.close()
     end()
-    return connect, both, handed
+    return connect, both
 
 
 def layer_work(mgr: bmi.PDManagement, source: int, dest: int, n: int) -> list[float]:
@@ -188,8 +192,6 @@ def main() -> None:
             x.close()
             y.close()
         cut_all(a, b)
-        waiting, waiting_both, handed = waiting_setups(mgr, ca, b, cb, n)
-        cut_all(a, b)
         layer = layer_work(mgr, a.get_pd_id(), b.get_pd_id(), n)
         cut_all(a, b)
 
@@ -205,7 +207,9 @@ def main() -> None:
             ca.get_version()
             call.append(time.perf_counter() - t0)
         cut_all(a, b)
-        apart, apart_both, handed_apart = waiting_setups(mgr, ca, b, None, n)    # b's channel is a new one now
+        waiting, waiting_both = waiting_setups(mgr, ca, b.get_pd_id(), n, apart=False)     # cb's channel ends
+        cut_all(a, b)
+        apart, apart_both = waiting_setups(mgr, ca, b.get_pd_id(), n, apart=True)
         cut_all(a, b)
         for c in clients:
             c.close()
@@ -220,11 +224,10 @@ def main() -> None:
     print(f"connection set-up (connect+accept, policy check, fd pair, 2 fd passes): "
           f"{median_us(setup):8.1f} us   socketpair(): {median_us(anchor_setup):6.1f} us   "
           f"ratio {statistics.median(setup) / pair:6.1f}x  (goal <= 10x)")
-    print(f"connection set-up, destination already waiting in accept (a thread of this process; {handed} of {n} handed at once): "
+    print(f"connection set-up, destination already waiting in accept (a thread of this process): "
           f"connect {median_us(waiting):8.1f} us   ratio {statistics.median(waiting) / pair:6.1f}x;  "
           f"both ends {median_us(waiting_both):8.1f} us   ratio {statistics.median(waiting_both) / pair:6.1f}x")
-    print(f"connection set-up, destination already waiting in accept (another process, as a PD; {handed_apart} of "
-          f"{n} handed at once): connect {median_us(apart):8.1f} us   ratio {statistics.median(apart) / pair:6.1f}x;  "
+    print(f"connection set-up, destination already waiting in accept (another process, as a PD): connect {median_us(apart):8.1f} us   ratio {statistics.median(apart) / pair:6.1f}x;  "
           f"both ends {median_us(apart_both):8.1f} us   ratio {statistics.median(apart_both) / pair:6.1f}x")
     print(f"the layer's own work (policy check, pair, mode, 2 fd passes; in-process, no round trip): "
           f"{median_us(layer):8.1f} us   ratio {statistics.median(layer) / pair:6.1f}x  (goal <= 10x)")

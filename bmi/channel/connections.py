@@ -4,8 +4,9 @@ Mechanisms only; *whether* a connection may exist is decided in bmi/api.py.
 Each connection keeps a layer-side duplicate of the source's socket end, so
 that revoking it is one shutdown(SHUT_RDWR): both PDs see EOF / EPIPE at
 once, whatever copies of the fds they made (on an AF_UNIX stream or
-seqpacket pair the kernel shuts the peer's opposite directions with it).  Modes are seen from the source
-towards the destination and enforced by the kernel:
+seqpacket pair the kernel shuts the peer's opposite directions with it).
+Modes are seen from the source towards the destination and enforced by the
+kernel:
 
 - IPC (SOCK_SEQPACKET), STREAM (SOCK_STREAM), EVENT (SOCK_SEQPACKET carrying
   8-byte counters): READ shuts the source's sending side, WRITE its

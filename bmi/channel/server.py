@@ -381,7 +381,7 @@ class ChannelServer:
         self._hand_over(ch)
 
     def _hand_over(self, ch: _Channel) -> None:
-        """Any thread: answer ch's waiting accepts, oldest first, with the connections queued for its PD, oldest first."""
+        """Any thread: answer ch's waiting accepts with the connections queued for its PD, each oldest first."""
         while True:
             with ch.lock:
                 if ch.closed or not ch.accepts:
@@ -399,7 +399,7 @@ class ChannelServer:
                 os.close(fd)
 
     def _end_accepts(self, timed: list[_Channel]) -> float | None:
-        """The leader: answer null to the accepts whose time is up; the seconds until the next one's is (None: never)."""
+        """The leader: answer null to the accepts whose time is up; seconds until the next one's is (None: never)."""
         now = time.monotonic()
         nearest: float | None = None
         for ch in timed:
