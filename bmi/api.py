@@ -7,7 +7,6 @@ exceptions whose messages say what was asked, of which PD, and why.
 """
 from __future__ import annotations
 
-import contextlib
 import hmac
 import logging
 import os
@@ -1130,9 +1129,8 @@ class CallerScope:
         # Both PDs' locks (lower id first) while checking and making: a policy withdrawn with
         # disable_existing, or the destination destroyed, cannot slip in between and leave a
         # connection that outlives the cut.
-        with contextlib.ExitStack() as held:
-            for x in sorted((x for x in (pd, dest) if x is not None), key=lambda x: x.pd_id):
-                held.enter_context(x.lock)
+        low, high = (pd, dest or pd) if dest is None or pd.pd_id < dest.pd_id else (dest, pd)
+        with low.lock, high.lock:           # RLocks: one PD's is taken twice when dest is None
             if not _allowed(pd.policies.get(tid, []), con_type, mode):
                 raise PermissionDenied(f"{what}: no policy of PD {source} allows {con_type.name} mode {mode} "
                                        f"towards PD {tid}", pd_id=source)

@@ -1,10 +1,12 @@
 """Connections between PDs: the fd pairs, their kernel-enforced modes, and revocation.
 
 Mechanisms only; *whether* a connection may exist is decided in bmi/api.py.
-Each connection keeps a layer-side duplicate of every socket end, so that
-revoking it is one shutdown(SHUT_RDWR): both PDs see EOF / EPIPE at once,
-whatever copies of the fds they made.  Modes are seen from the source
-towards the destination and enforced by the kernel:
+Each connection keeps a layer-side duplicate of the source's socket end, so
+that revoking it is one shutdown(SHUT_RDWR): both PDs see EOF / EPIPE at
+once, whatever copies of the fds they made (on an AF_UNIX stream or
+seqpacket pair the kernel shuts the peer's opposite directions with it).
+Modes are seen from the source towards the destination and enforced by the
+kernel:
 
 - IPC (SOCK_SEQPACKET), STREAM (SOCK_STREAM), EVENT (SOCK_SEQPACKET carrying
   8-byte counters): READ shuts the source's sending side, WRITE its
@@ -51,7 +53,7 @@ class Connection:
     con_type: ConnectionType
     mode: int
     size: int = 0
-    held: list[socket.socket] = field(default_factory=list)   # layer dups, for revocation
+    held: list[socket.socket] = field(default_factory=list)   # layer dup(s) of an end, for revocation
     pending_fd: int | None = None                             # the dest's end until accepted
 
     def describe(self) -> dict[str, object]:
@@ -101,7 +103,8 @@ class Registry:
         return conn, src_fd
 
     def _socket_pair(self, conn: Connection, what: str) -> tuple[int, int]:
-        src, dst = self.sockets.pair(_SOCKET_KIND[conn.con_type], fds=False, what=what, pd_id=conn.source)
+        kind = _SOCKET_KIND[conn.con_type]
+        src, dst = self.sockets.pair(kind, fds=False, what=what, pd_id=conn.source)
         try:
             if conn.con_type is ConnectionType.EVENT:
                 for s in (src, dst):
@@ -110,7 +113,7 @@ class Registry:
                 src.shutdown(socket.SHUT_WR)        # the source may only read from dest
             elif conn.mode == WRITE:
                 src.shutdown(socket.SHUT_RD)        # the source may only write to dest
-            conn.held = [src.dup(), dst.dup()]
+            conn.held = [socket.socket(socket.AF_UNIX, kind, fileno=os.dup(src.fileno()))]
             return src.detach(), dst.detach()
         finally:
             src.close()

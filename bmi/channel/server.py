@@ -19,6 +19,14 @@ Nothing a PD does can block the layer for other PDs:
 - a PD that keeps sending malformed records (STRIKE_LIMIT) has its channel
   dropped.
 
+An accept and a connection queued for the same PD meet in whichever thread
+brings the second of them: the leader that read the accept, or the thread
+that ran the connect, right after it sent the connecting PD its reply.  A
+PD already waiting in accept thus gets its end from the connecting PD's own
+request, with no other thread woken for it, and the connecting PD's reply
+waits for no more than its own work.  The leader only answers accepts whose
+time is up.
+
 The caller of a request is the PD the channel was opened for: the socket,
 never the message, says who is asking.  When a channel ends (the PD's
 programs all exited, it closed fd 3, or it was dropped), every connection
@@ -52,7 +60,7 @@ WORKERS = 4               # requests running at once (plus the leader)
 Handler = Callable[[int, str, dict, "int | None"], "tuple[Any, int | None]"]
 
 
-@dataclass
+@dataclass(eq=False)          # each channel is itself (a set member by identity)
 class _Channel:
     pd_id: int
     sock: socket.socket
@@ -79,6 +87,8 @@ class ChannelServer:
         self._stopping = False
         self._leader = threading.Lock()             # held by the thread that reads the channels
         self._ready: deque[_Channel] = deque()      # channels with a request waiting for a thread
+        self._timed: set[_Channel] = set()          # channels with an accept that times out (the leader ends it)
+        self._request = threading.local()           # .queued: channels the request this thread runs queued for
         self._idle = 0                              # threads waiting to lead
         self._running = 0                           # threads running a request
         self._threads: list[threading.Thread] = []
@@ -118,19 +128,27 @@ class ChannelServer:
         return ch is not None and not ch.closed
 
     def incoming(self, pd_id: int) -> None:
-        """A connection was queued for pd_id: answer a waiting accept.
+        """A connection was queued for pd_id: hand it to an accept of pd_id's that waits, in this thread
+        (after the reply to the request running here, if one is: the connecting PD's comes first).
 
-        With no accept waiting the leader is not woken (that costs the caller
-        a thread switch): an accept that comes later is served when it is
-        read, and one the leader is registering now right after.
+        With no accept waiting the connection stays queued for the next one.
         """
         with self._lock:
             ch = self._channels.get(pd_id)
-        if ch is not None:
-            with ch.lock:
-                if not ch.accepts:
-                    return
-        self._wake()
+        if ch is None:
+            return
+        queued = getattr(self._request, "queued", None)
+        if queued is not None:
+            queued.append(ch)
+        else:
+            self._hand_over_queued(ch)
+
+    def _hand_over_queued(self, ch: _Channel) -> None:
+        """_hand_over for a connection just queued: whatever happens to the accept, the connection stays made."""
+        try:
+            self._hand_over(ch)
+        except Exception:
+            log.exception("PD %d: handing a connection to its accept failed inside the layer", ch.pd_id)
 
     def close(self) -> None:
         with self._lock:
@@ -200,9 +218,8 @@ class ChannelServer:
                 if self._ready and self._running < WORKERS and (self._idle > 0 or self._spawn()):
                     self._running += 1
                     return self._ready.popleft()
-                channels = list(self._channels.values())
-            self._serve_accepts(channels)
-            for key, _ in self._sel.select(self._next_deadline(channels)):
+                timed = list(self._timed)
+            for key, _ in self._sel.select(self._end_accepts(timed)):
                 if key.data is None:
                     try:
                         while os.read(self._wake_r, 4096):
@@ -229,11 +246,6 @@ class ChannelServer:
                 with self._lock:
                     if self._channels.get(ch.pd_id) is ch:
                         del self._channels[ch.pd_id]
-
-    @staticmethod
-    def _next_deadline(channels: list[_Channel]) -> float | None:
-        deadlines = [d for ch in channels for d in ch.accepts.values() if d is not None]
-        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _close(self, ch: _Channel) -> None:
         """Any thread: stop the channel now; the selector thread releases the socket."""
@@ -295,7 +307,8 @@ class ChannelServer:
                 os.close(fd)
 
     def _enqueue(self, ch: _Channel, msg_id: Any, method: str, params: dict, fd: int | None) -> None:
-        """Queue a request for the workers (accept: wait for a connection); its fd is ours from here.
+        """Queue a request for the workers (accept: take a queued connection or wait for one); its fd is ours
+        from here.
 
         The reply is owed (_taken) before any worker can send it.
         """
@@ -362,27 +375,48 @@ class ChannelServer:
             if len(ch.accepts) >= ACCEPT_LIMIT or msg_id in ch.accepts:
                 raise p.ProtocolError(p.BUSY, f"PD {ch.pd_id} already waits in {len(ch.accepts)} accept calls")
             ch.accepts[msg_id] = None if timeout is None else time.monotonic() + timeout
+            if timeout is not None:
+                with self._lock:
+                    self._timed.add(ch)
+        self._hand_over(ch)
 
-    def _serve_accepts(self, channels: list[_Channel]) -> None:
-        now = time.monotonic()
-        for ch in channels:
-            while ch.accepts and not ch.closed:
-                msg_id = next(iter(ch.accepts))
+    def _hand_over(self, ch: _Channel) -> None:
+        """Any thread: answer ch's waiting accepts with the connections queued for its PD, each oldest first."""
+        while True:
+            with ch.lock:
+                if ch.closed or not ch.accepts:
+                    return
                 got = self._registry.take(ch.pd_id)
                 if got is None:
-                    break
-                conn, fd = got
+                    return
+                msg_id = next(iter(ch.accepts))
                 del ch.accepts[msg_id]
+            conn, fd = got
+            try:
                 self._answered(ch.pd_id, msg_id)
-                try:
-                    self._reply(ch, p.result(msg_id, conn.describe()), (fd,))
-                finally:
-                    os.close(fd)
-            for msg_id, deadline in list(ch.accepts.items()):
-                if deadline is not None and deadline <= now:
+                self._reply(ch, p.result(msg_id, conn.describe()), (fd,))
+            finally:
+                os.close(fd)
+
+    def _end_accepts(self, timed: list[_Channel]) -> float | None:
+        """The leader: answer null to the accepts whose time is up; seconds until the next one's is (None: never)."""
+        now = time.monotonic()
+        nearest: float | None = None
+        for ch in timed:
+            with ch.lock:
+                ended = [m for m, deadline in ch.accepts.items() if deadline is not None and deadline <= now]
+                for msg_id in ended:
                     del ch.accepts[msg_id]
-                    self._answered(ch.pd_id, msg_id)
-                    self._reply(ch, p.result(msg_id, None))
+                left = [deadline for deadline in ch.accepts.values() if deadline is not None]
+                if not left:
+                    with self._lock:
+                        self._timed.discard(ch)
+            if left:
+                nearest = min(left) if nearest is None else min(nearest, *left)
+            for msg_id in ended:
+                self._answered(ch.pd_id, msg_id)
+                self._reply(ch, p.result(msg_id, None))
+        return None if nearest is None else max(0.0, nearest - now)
 
     # -- workers ----------------------------------------------------------------------------
     def _work(self, ch: _Channel) -> None:
@@ -411,6 +445,7 @@ class ChannelServer:
     def _answer(self, ch: _Channel, msg_id: Any, method: str, params: dict, fd: int | None) -> None:
         """Run one request and send its reply, or an error the caller gets in its place."""
         out_fd = None
+        self._request.queued = []
         try:
             value, out_fd = self._handler(ch.pd_id, method, params, fd)
             data = self._encoded(ch.pd_id, method, p.result(msg_id, value))
@@ -430,6 +465,9 @@ class ChannelServer:
         finally:
             if out_fd is not None:
                 os.close(out_fd)
+            queued, self._request.queued = self._request.queued, None
+            for dest in queued:
+                self._hand_over_queued(dest)
 
     @staticmethod
     def _encoded(pd_id: int, method: str, reply: dict) -> bytes:

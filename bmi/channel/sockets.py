@@ -86,7 +86,8 @@ class SocketMaker:
                     raise ResourceError(f"{what}: the socket maker failed: {e.strerror or e}", pd_id=pd_id) from None
         if isinstance(got, int):
             raise ResourceError(f"{what}: making the socket pair failed: {os.strerror(got)}", pd_id=pd_id)
-        ends = socket.socket(fileno=got[0]), socket.socket(fileno=got[1])
+        # family and type given: socket(fileno=) alone asks the kernel for them (three getsockopt per end)
+        ends = socket.socket(socket.AF_UNIX, kind, fileno=got[0]), socket.socket(socket.AF_UNIX, kind, fileno=got[1])
         try:
             if not fds and fd_passing_refusable():
                 for end in ends:
