@@ -119,10 +119,10 @@ class SocketMaker:
         return got
 
     def _ask(self, kind: int, count: int) -> None:
+        """One message for the whole batch: the maker wakes once (csrc/spawn/sockmaker.c)."""
         assert self._sock is not None
-        for _ in range(count):
-            self._sock.send(kind.to_bytes(4, sys.byteorder))
-            self._asked.append(kind)
+        self._sock.send(kind.to_bytes(4, sys.byteorder) + count.to_bytes(4, sys.byteorder))
+        self._asked.extend([kind] * count)
 
     def _collect(self, kind: int | None) -> tuple[int, int] | int | None:
         """Read the maker's replies: all that are there (kind None), or until the next one for `kind`, returned."""

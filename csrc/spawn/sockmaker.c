@@ -8,10 +8,13 @@
  * it could squat a name a host service uses (X11, D-Bus).  Made here, such a
  * name lands in a namespace no process ever joins.
  *
- * Protocol on the SOCK_SEQPACKET pair: the manager sends one int (the socket
- * type); the maker answers one int (0 or an errno), with the two ends of a
- * new AF_UNIX socketpair attached (SCM_RIGHTS) when it is 0.  EOF: the
- * manager is gone (or closed the maker), and the maker exits.
+ * Protocol on the SOCK_SEQPACKET pair: the manager sends the socket type as
+ * one int, optionally followed by a count (1..MAX_COUNT; one int alone asks
+ * for one); for each pair asked the maker answers one int (0 or an errno),
+ * with the two ends of a new AF_UNIX socketpair attached (SCM_RIGHTS) when it
+ * is 0.  A batch asked in one message wakes the maker once, not once per pair
+ * on the CPU the manager needs.  EOF: the manager is gone (or closed the
+ * maker), and the maker exits.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -29,6 +32,7 @@
 #define CLONE_PIDFD 0x00001000
 #endif
 #define MAKER_STACK (64 * 1024)
+#define MAX_COUNT 64         /* pairs asked in one message */
 
 static void answer(int fd, int err, const int pair[2])
 {
@@ -67,21 +71,24 @@ static int maker(void *arg)
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
     for (;;) {
-        int type, pair[2];
-        ssize_t n = recv(fd, &type, sizeof type, 0);
+        int ask[2] = {0, 1}, pair[2];     /* type, count */
+        ssize_t n = recv(fd, ask, sizeof ask, 0);
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0) _exit(0);
-        if (n != (ssize_t)sizeof type || (type != SOCK_STREAM && type != SOCK_SEQPACKET)) {
+        if ((n != (ssize_t)sizeof ask[0] && n != (ssize_t)sizeof ask) || ask[1] < 1 || ask[1] > MAX_COUNT ||
+            (ask[0] != SOCK_STREAM && ask[0] != SOCK_SEQPACKET)) {
             answer(fd, EINVAL, NULL);
             continue;
         }
-        if (socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, pair)) {
-            answer(fd, errno, NULL);
-            continue;
+        for (int i = 0; i < ask[1]; i++) {
+            if (socketpair(AF_UNIX, ask[0] | SOCK_CLOEXEC, 0, pair)) {
+                answer(fd, errno, NULL);
+                continue;
+            }
+            answer(fd, 0, pair);
+            close(pair[0]);
+            close(pair[1]);
         }
-        answer(fd, 0, pair);
-        close(pair[0]);
-        close(pair[1]);
     }
 }
 

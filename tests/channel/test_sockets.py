@@ -1,12 +1,16 @@
 """The socket maker (bmi/channel/sockets.py): where the sockets handed to PDs are made, and what they refuse."""
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import socket
+import sys
 
 import pytest
 
 from bmi.channel.sockets import SO_PASSRIGHTS, SocketMaker, fd_passing_refusable
+from bmi.drivers.linux.spawn import start_socket_maker
 
 SO_NETNS_COOKIE = 71
 
@@ -51,3 +55,36 @@ def test_a_maker_killed_by_hand_is_replaced(maker):
         assert b.recv(1) == b"y"
         a.close()
         b.close()
+
+
+def test_a_batch_asked_in_one_message_is_answered_pair_by_pair():
+    """type + count in one message: count answers, each with a fresh pair; a count out of 1..64 or an
+    unknown type is answered EINVAL alone (the maker serves the next request as before)."""
+    sock, _, pidfd = start_socket_maker()
+    try:
+        def ask(*ints: int) -> None:
+            sock.send(b"".join(i.to_bytes(4, sys.byteorder, signed=True) for i in ints))
+
+        def answer() -> tuple[int, list[int]]:
+            data, fds, _, _ = socket.recv_fds(sock, 4, 2)
+            return int.from_bytes(data, sys.byteorder), fds
+
+        ask(socket.SOCK_SEQPACKET, 3)
+        got = [answer() for _ in range(3)]
+        assert [code for code, _ in got] == [0, 0, 0] and all(len(fds) == 2 for _, fds in got)
+        assert len({os.fstat(fd).st_ino for _, fds in got for fd in fds}) == 6
+        for _, fds in got:
+            for fd in fds:
+                os.close(fd)
+        for bad in ((socket.SOCK_STREAM, 0), (socket.SOCK_STREAM, 65), (socket.SOCK_STREAM, -1), (99, 1)):
+            ask(*bad)
+            assert answer() == (errno.EINVAL, [])
+        ask(socket.SOCK_STREAM)                 # one int alone: one pair
+        code, fds = answer()
+        assert code == 0 and len(fds) == 2
+        for fd in fds:
+            os.close(fd)
+    finally:
+        sock.close()
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+        os.close(pidfd)
