@@ -104,7 +104,7 @@ def _cpu_list(text: str) -> list[int]:
 
 def _unescape(field: str) -> str:
     """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field) if "\\" in field else field
 
 
 def _own_dir(mount: str, mount_root: str, path: str) -> str | None:
@@ -138,6 +138,8 @@ def _layout() -> list[_Tree]:
     v2: _Tree | None = None
     seen: set[frozenset[str]] = set()
     for line in mountinfo:
+        if " - cgroup" not in line:      # (cgroup and cgroup2) most of a host's mounts: no split, no unescape
+            continue
         fields = line.split()
         sep = fields.index("-")
         fstype, root, mount = fields[sep + 1], _unescape(fields[3]), _unescape(fields[4])
