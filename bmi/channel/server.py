@@ -227,7 +227,12 @@ class ChannelServer:
                     except BlockingIOError:
                         pass
                 else:
-                    self._read(key.data)
+                    try:
+                        self._read(key.data)
+                    except Exception:   # a bug reading one PD's channel must not end the leader (and the server)
+                        log.exception("PD %d: reading its channel failed inside the layer; closing the channel",
+                                      key.data.pd_id)
+                        self._close(key.data)
 
     def _apply_ops(self) -> None:
         while True:

@@ -53,3 +53,31 @@ def test_a_failing_request_is_answered_and_the_channel_lives_on(channel, method,
         assert reply["id"] == msg_id and reply["error"]["code"] == code, reply
         assert words in reply["error"]["message"], reply
         assert ask(channel, 10 + msg_id, "ok") == {"jsonrpc": "2.0", "id": 10 + msg_id, "result": "fine"}
+
+
+def test_a_bug_while_reading_one_channel_closes_it_and_the_others_are_served(monkeypatch):
+    """The thread reading the channels survives a failure inside the layer on one PD's record: that channel
+    is closed (its PD sees EOF), and every other channel is read and answered as before."""
+    decode = p.decode
+
+    def breaks_on_poison(data: bytes):
+        if b"poison" in data:
+            raise RuntimeError("a bug in the layer's reading")
+        return decode(data)
+
+    monkeypatch.setattr(p, "decode", breaks_on_poison)
+    registry = Registry()
+    server = ChannelServer(handler, registry)
+    broken, other = (socket.socket(fileno=server.open(pd_id)) for pd_id in (7, 8))
+    try:
+        for s in (broken, other):
+            s.settimeout(5)
+        p.send(broken, p.request(1, "poison", {}))
+        assert broken.recv(1) == b""                    # closed by the layer
+        for msg_id in (1, 2):
+            assert ask(other, msg_id, "ok")["result"] == "fine"
+    finally:
+        broken.close()
+        other.close()
+        server.close()
+        registry.close()
