@@ -26,7 +26,7 @@ import itertools
 import os
 import socket
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -36,6 +36,10 @@ from .protocol import mode_name
 from .sockets import SocketMaker
 
 INBOX_LIMIT = 16                       # connections waiting for one PD's accept
+#: Live connections one PD may have opened: the layer holds an fd for each until it is revoked or a PD
+#: ends (a PD closing its end does not end it), so without a bound a PD connecting in a loop would grow
+#: the layer's open fds without end.
+SOURCE_LIMIT = 1024
 MAX_SHM = 1 << 30
 EVENT_BUFFER = 4096                    # EVENT carries counters, not data
 _SHM_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -73,6 +77,7 @@ class Registry:
         self._lock = threading.Lock()
         self._live: dict[int, Connection] = {}
         self._inbox: dict[int, deque[Connection]] = {}
+        self._opened: Counter[int] = Counter()        # live connections per source PD
         self._ids = itertools.count(1)
         self._on_incoming = on_incoming
         self.sockets = SocketMaker()       # every socket pair handed to a PD (channels too) is made here
@@ -84,6 +89,10 @@ class Registry:
             if len(self._inbox.get(dest, ())) >= INBOX_LIMIT:
                 raise ResourceError(f"{what}: PD {dest} has {INBOX_LIMIT} connections it has not accepted",
                                     pd_id=dest)
+            if self._opened[source] >= SOURCE_LIMIT:
+                raise ResourceError(f"{what}: PD {source} has {SOURCE_LIMIT} live connections it opened (closing "
+                                    f"an end does not end one); revoke some (set_allowed_connections with "
+                                    f"disable_existing) or restart the PD", pd_id=source)
         conn = Connection(next(self._ids), source, dest, con_type, mode)
         if con_type is ConnectionType.SHM:
             src_fd, dst_fd = self._shm_pair(conn, size, what)
@@ -97,7 +106,7 @@ class Registry:
             self._discard(conn)
             raise
         with self._lock:
-            self._live[conn.conn_id] = conn
+            self._add_live(conn)
             self._inbox.setdefault(dest, deque()).append(conn)
         self._on_incoming(dest)
         return conn, src_fd
@@ -146,6 +155,11 @@ class Registry:
             os.close(x)
         return src, dst
 
+    def _add_live(self, conn: Connection) -> None:
+        """Under self._lock."""
+        self._live[conn.conn_id] = conn
+        self._opened[conn.source] += 1
+
     def take(self, dest: int) -> tuple[Connection, int] | None:
         """The oldest connection waiting for dest's accept, and its fd (now the caller's)."""
         with self._lock:
@@ -169,6 +183,7 @@ class Registry:
                     if (pd_id is None or pd_id in (c.source, c.dest)) and (keep is None or not keep(c))]
             for c in gone:
                 del self._live[c.conn_id]
+                self._opened[c.source] -= 1
                 queue = self._inbox.get(c.dest)
                 if queue is not None and c in queue:
                     queue.remove(c)

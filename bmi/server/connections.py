@@ -113,7 +113,7 @@ class KeptConnections(Registry):
         with self._lock:
             self._ids = itertools.count(first)
             for conn in restored:
-                self._live[conn.conn_id] = conn
+                self._add_live(conn)
                 if conn.pending_fd is not None:
                     self._inbox.setdefault(conn.dest, deque()).append(conn)
         for pd_id in sorted({x for c in restored for x in (c.source, c.dest)} - running):

@@ -10,7 +10,7 @@ import pytest
 import bmi
 import bmi.pd
 from bmi import ConnectionPolicy, ConnectionType as CT, PDDescription
-from bmi.channel import protocol
+from bmi.channel import connections, protocol
 from tests.channel.progs import build, run_pd
 
 MB = 1 << 20
@@ -139,6 +139,34 @@ def test_connections_wait_for_accept_in_a_bounded_queue(mgr, as_pd):
     s.close()
     for c in made[1:]:
         c.close()
+
+
+def test_a_pd_connecting_in_a_loop_is_bounded_until_it_revokes(mgr, as_pd, monkeypatch):
+    """Closing both ends does not end a connection (the layer holds an fd for its revocation), so a PD
+    that connects, accepts and closes in a loop is refused after SOURCE_LIMIT, saying what to do; a
+    revocation gives the room back.  The bound is the source's: its peer may still open its own."""
+    monkeypatch.setattr(connections, "SOURCE_LIMIT", 4)
+    a = mgr.allocate_pd(PDDescription(mem=32 * MB))
+    b = mgr.allocate_pd(PDDescription(mem=32 * MB))
+    ca, cb = as_pd(a), as_pd(b)
+    ipc = [ConnectionPolicy(CT.IPC, bmi.RW)]
+    a.set_allowed_connections(b.get_pd_id(), ipc)
+    b.set_allowed_connections(a.get_pd_id(), ipc)
+
+    def once(src, dst, dst_pd) -> None:
+        mine = src.connect(dst_pd.get_pd_id(), CT.IPC)
+        theirs = dst.accept(timeout=5)
+        mine.close()
+        theirs.close()
+
+    for _ in range(4):
+        once(ca, cb, b)
+    with pytest.raises(bmi.ResourceError, match=f"PD {a.get_pd_id()} has 4 live connections it opened.*revoke"):
+        ca.connect(b.get_pd_id(), CT.IPC)
+    once(cb, ca, a)                                 # b's own connections are not a's
+    a.set_allowed_connections(b.get_pd_id(), [], disable_existing=True)
+    a.set_allowed_connections(b.get_pd_id(), ipc)
+    once(ca, cb, b)
 
 
 def test_layer_errors_arrive_as_typed_exceptions(mgr, as_pd):
