@@ -218,13 +218,17 @@ class PDCgroups:
     def __init__(self, name: str, pd_id: int | None, groups: list[_Group]):
         self.name = name
         self.pd_id = pd_id
-        self._groups = groups
         self._destroyed = False
-        self.procs_files = tuple(os.path.join(g.path, "cgroup.procs") for g in groups)
-        self._ctl = {c: g for g in groups for c in g.controllers}
         # v2 only: the rules of the BPF device program attached (None: none yet), or why it was refused
         self._device_rules: dict[tuple[str, str, str], str] | None = None
         self._device_refusal = ""
+        self._use(groups)
+
+    def _use(self, groups: list[_Group]) -> None:
+        """Act on these groups: what follows from them (files, controllers, how to kill and freeze)."""
+        self._groups = groups
+        self.procs_files = tuple(os.path.join(g.path, "cgroup.procs") for g in groups)
+        self._ctl = {c: g for g in groups for c in g.controllers}
         v2 = next((g for g in groups if g.version == 2), None)
         # the v2 group whose cgroup.kill kills its whole subtree at once
         self._killer: _Group | None = (
@@ -685,7 +689,6 @@ class PDCgroups:
                                 + "; ".join(failures), pd_id=self.pd_id)
         self._destroyed = True
 
-
     def _drop_empty_groups(self) -> None:
         """rmdir every group at once: the kernel refuses (EBUSY) one that still holds a process or a
         sub-group, and those stay for the kill and the walk; usually none does (the PD's tree was
@@ -698,14 +701,8 @@ class PDCgroups:
                 pass
             except OSError:
                 kept.insert(0, g)
-        if len(kept) == len(self._groups):
-            return
-        self._groups = kept
-        self._ctl = {c: g for g in kept for c in g.controllers}
-        if self._killer not in kept:
-            self._killer = None
-        if self._freezer not in kept:
-            self._freezer = None
+        if len(kept) != len(self._groups):
+            self._use(kept)
 
 
 def _label(name: object, pd_id: int | None) -> str:
