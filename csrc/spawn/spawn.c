@@ -289,17 +289,15 @@ static long start_init(const struct cfg *c, struct placement *pl, int *pidfd, st
                                         .stack = (uint64_t)(uintptr_t)stack, .stack_size = INIT_STACK,
                                         .cgroup = (uint64_t)pl->v2_dir};
             pid = clone3_run(&ca, init_child, s);
-            if (pid > 0 && killed_at_birth(pid)) {
+            /* a kernel before 5.7, or a group the kernel kills every newcomer of: the manager writes the pid */
+            int by_pid = pid < 0 ? errno == ENOSYS || errno == E2BIG || errno == EINVAL : killed_at_birth(pid);
+            if (pid > 0 && by_pid) {
                 siginfo_t si;   /* it never ran an instruction: reaped, its stack is ours for the clone below */
                 while (waitid((idtype_t)P_PIDFD, (id_t)*pidfd, &si, WEXITED) < 0 && errno == EINTR) {}
                 close(*pidfd);
                 *pidfd = -1;
-                pid = -1;
-                errno = EINVAL;
             }
-            if (pid < 0 && (errno == ENOSYS || errno == E2BIG || errno == EINVAL)) {
-                /* a kernel before 5.7, or a group the kernel kills every newcomer of: the manager writes the
-                 * pid instead */
+            if (by_pid) {
                 pl->by_pid[pl->nby_pid++] = pl->v2_procs;
                 close(pl->v2_dir);
                 pl->v2_dir = -1;
@@ -410,11 +408,12 @@ static int plan_placement(char **procs, struct placement *pl, char *err, size_t 
                 return put_err(err, errlen, BMI_SPAWN_ERESOURCE, e, "placing the PD in", path);
             }
         }
-        if (fd >= 0 && !fstatfs(fd, &fs) && fs.f_type == CGROUP2_SUPER_MAGIC_ && pl->v2_dir < 0) {
+        long type = fd >= 0 && !fstatfs(fd, &fs) ? (long)fs.f_type : 0;
+        if (type == CGROUP2_SUPER_MAGIC_ && pl->v2_dir < 0) {
             pl->v2_dir = fd, pl->v2_procs = path;
             continue;
         }
-        if (fd >= 0 && !fstatfs(fd, &fs) && fs.f_type == CGROUP_SUPER_MAGIC_) {
+        if (type == CGROUP_SUPER_MAGIC_) {
             int t = openat(fd, "tasks", O_WRONLY | O_CLOEXEC);
             int e = errno;
             close(fd);
