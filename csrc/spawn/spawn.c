@@ -108,6 +108,24 @@ struct start {
     char num[11][24];
 };
 
+/* A syscall for the CLONE_VM child before its exec: the error comes back as -errno and errno is left
+ * alone, because errno is the manager thread's (the child runs with that thread's TLS): reading it in the
+ * child races with the manager's own calls, and writing it clobbers the manager's. */
+static long child_syscall(long nr, long a, long b, long c, long d, long e)
+{
+#if defined(__x86_64__)
+    long ret;
+    register long r10 __asm__("r10") = d;
+    register long r8 __asm__("r8") = e;
+    __asm__ volatile("syscall" : "=a"(ret) : "0"(nr), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8)
+                     : "rcx", "r11", "memory");
+    return ret;
+#else
+    long ret = syscall(nr, a, b, c, d, e);      /* elsewhere glibc's errno, as before */
+    return ret == -1 ? -errno : ret;
+#endif
+}
+
 /* Runs on its own stack in the manager's memory (CLONE_VM) until the exec:
  * syscalls only, nothing written but its own stack and its own fd table.
  * It waits for the manager to map its uids and place it in its cgroups:
@@ -125,33 +143,36 @@ static int init_child(void *arg)
     close_except(keep, 8 + pl->ntasks);
     const char *stage = "placing the PD in";
     for (int i = 0; i < pl->ntasks; i++) {
-        if (write(pl->tasks[i], "0", 1) != 1) {
-            struct rec r = {.kind = BMI_SPAWN_ERESOURCE, .err = errno};
+        long w = child_syscall(SYS_write, pl->tasks[i], (long)"0", 1, 0, 0);
+        if (w != 1) {
+            struct rec r = {.kind = BMI_SPAWN_ERESOURCE, .err = w < 0 ? (int)-w : EIO};
             memcpy(r.stage, stage, strlen(stage) + 1);
             size_t len = strlen(pl->tasks_name[i]);
             if (len >= sizeof r.detail) len = sizeof r.detail - 1;
             memcpy(r.detail, pl->tasks_name[i], len);
             write_all(c->err_wr, (const char *)&r, sizeof r);
-            while (read(c->release_rd, &r, 1) < 0 && errno == EINTR) {}  /* alive until the manager reads it */
+            while (child_syscall(SYS_read, c->release_rd, (long)&r, 1, 0, 0) == -EINTR) {}  /* till it is read */
             _exit(127);
         }
-        close(pl->tasks[i]);
+        child_syscall(SYS_close, pl->tasks[i], 0, 0, 0, 0);
     }
     char b;
-    ssize_t n;
-    do n = read(c->release_rd, &b, 1); while (n < 0 && errno == EINTR);
+    long n;
+    do n = child_syscall(SYS_read, c->release_rd, (long)&b, 1, 0, 0); while (n == -EINTR);
     if (n != 1) _exit(127); /* the manager gave up; it kills and reaps us */
     /* root of the new user namespace before the exec, so bmi-init keeps its capabilities there
      * (raw syscalls: glibc's set*id would signal the manager's threads) */
     stage = "becoming root of the user namespace";
-    if (syscall(SYS_setresgid, 0, 0, 0) == 0 && syscall(SYS_setresuid, 0, 0, 0) == 0) {
+    long failed = child_syscall(SYS_setresgid, 0, 0, 0, 0, 0);
+    if (!failed) failed = child_syscall(SYS_setresuid, 0, 0, 0, 0, 0);
+    if (!failed) {
         int fds[] = {c->exec_fd, c->console_fd, c->status_fd, c->lifeline_fd, c->channel_fd, c->err_wr};
         for (unsigned i = 0; i < sizeof fds / sizeof fds[0]; i++)
-            if (fds[i] >= 0) fcntl(fds[i], F_SETFD, 0);
-        syscall(SYS_execveat, init_fd, "", s->argv, c->envp, AT_EMPTY_PATH);
+            if (fds[i] >= 0) child_syscall(SYS_fcntl, fds[i], F_SETFD, 0, 0, 0);
+        failed = child_syscall(SYS_execveat, init_fd, (long)"", (long)s->argv, (long)c->envp, AT_EMPTY_PATH);
         stage = "exec of bmi-init";
     }
-    struct rec r = {.kind = BMI_SPAWN_ERESOURCE, .err = errno};
+    struct rec r = {.kind = BMI_SPAWN_ERESOURCE, .err = (int)-failed};
     memcpy(r.stage, stage, strlen(stage) + 1);
     write_all(c->err_wr, (const char *)&r, sizeof r);
     _exit(127);
