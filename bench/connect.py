@@ -40,6 +40,7 @@ import bmi.pd  # noqa: E402
 from bench.floor import round_trip_us, versus  # noqa: E402
 from bmi import ConnectionPolicy, ConnectionType as CT, PDDescription  # noqa: E402
 from bmi.channel import protocol  # noqa: E402
+from bmi.channel.connections import SOURCE_LIMIT  # noqa: E402
 from bmi.channel.dispatch import Dispatcher  # noqa: E402
 
 #: A PD's side of channel calls: its channel is the fd given; prints the median microseconds of n get_version.
@@ -53,6 +54,11 @@ for _ in range(n + 100):
     times.append(time.perf_counter_ns() - t)
 print(statistics.median(times[100:]) / 1e3)
 """
+
+
+#: the set-up loops cut every connection made this often, untimed: the layer holds an end of each until a
+#: cut, and refuses a PD more than SOURCE_LIMIT live ones
+CUT_EVERY = SOURCE_LIMIT // 2
 
 
 def median_us(samples: list[float]) -> float:
@@ -97,8 +103,8 @@ def acceptor(fd: int, n: int, say: Callable[[str], None]) -> None:
                 say("waiting" if expected % 2 else str(time.perf_counter()))
 
 
-def waiting_setups(mgr: bmi.PDManagement, ca: bmi.pd.PDClient, dest: int, n: int,
-                   apart: bool) -> tuple[list[float], list[float]]:
+def waiting_setups(mgr: bmi.PDManagement, ca: bmi.pd.PDClient, dest: int, n: int, apart: bool,
+                   cut: Callable[[], None]) -> tuple[list[float], list[float]]:
     """connect while the destination waits in accept on a new channel (the previous one ends): in a thread
     of ours, or (apart) in another process, as a PD.  Returns (until connect returned, until both ends
     had theirs)."""
@@ -116,7 +122,7 @@ def waiting_setups(mgr: bmi.PDManagement, ca: bmi.pd.PDClient, dest: int, n: int
         thread.start()
         hear, end = said.get, thread.join
     connect, both = [], []
-    for _ in range(n):
+    for i in range(n):
         assert hear() == "waiting"
         t0 = time.perf_counter()
         mine = ca.connect(dest, CT.IPC)
@@ -125,11 +131,13 @@ def waiting_setups(mgr: bmi.PDManagement, ca: bmi.pd.PDClient, dest: int, n: int
         connect.append(t1 - t0)
         both.append(max(t1, accepted) - t0)
         mine.close()
+        if i % CUT_EVERY == CUT_EVERY - 1:
+            cut()
     end()
     return connect, both
 
 
-def layer_work(mgr: bmi.PDManagement, source: int, dest: int, n: int) -> list[float]:
+def layer_work(mgr: bmi.PDManagement, source: int, dest: int, n: int, cut: Callable[[], None]) -> list[float]:
     """The layer's part of a set-up in this process, with no round trip: the dispatcher's connect (policy
     check, pair, mode), its reply with the source's end, the destination's end taken and its reply, both
     ends received (two fd passes) as the PDs' channels would."""
@@ -152,6 +160,8 @@ def layer_work(mgr: bmi.PDManagement, source: int, dest: int, n: int) -> list[fl
         for fd in received:
             os.close(fd)
         received.clear()
+        if i % CUT_EVERY == CUT_EVERY - 1:
+            cut()
     for s in (to_source, at_source, to_dest, at_dest):
         s.close()
     return times
@@ -178,8 +188,11 @@ def main() -> None:
         ca, cb = clients
         a.set_allowed_connections(b.get_pd_id(), [ConnectionPolicy(CT.IPC, bmi.RW)])
 
+        def cut() -> None:
+            cut_all(a, b)
+
         setup, anchor_setup = [], []
-        for _ in range(n):
+        for i in range(n):
             t0 = time.perf_counter()
             mine = ca.connect(b.get_pd_id(), CT.IPC)
             theirs = cb.accept(timeout=5)
@@ -191,8 +204,10 @@ def main() -> None:
             anchor_setup.append(time.perf_counter() - t0)
             x.close()
             y.close()
+            if i % CUT_EVERY == CUT_EVERY - 1:
+                cut()
         cut_all(a, b)
-        layer = layer_work(mgr, a.get_pd_id(), b.get_pd_id(), n)
+        layer = layer_work(mgr, a.get_pd_id(), b.get_pd_id(), n, cut)
         cut_all(a, b)
 
         mine, theirs = ca.connect(b.get_pd_id(), CT.IPC), cb.accept(timeout=5)
@@ -207,9 +222,9 @@ def main() -> None:
             ca.get_version()
             call.append(time.perf_counter() - t0)
         cut_all(a, b)
-        waiting, waiting_both = waiting_setups(mgr, ca, b.get_pd_id(), n, apart=False)     # cb's channel ends
+        waiting, waiting_both = waiting_setups(mgr, ca, b.get_pd_id(), n, False, cut)     # cb's channel ends
         cut_all(a, b)
-        apart, apart_both = waiting_setups(mgr, ca, b.get_pd_id(), n, apart=True)
+        apart, apart_both = waiting_setups(mgr, ca, b.get_pd_id(), n, True, cut)
         cut_all(a, b)
         for c in clients:
             c.close()
