@@ -36,23 +36,40 @@ while True:
 """
 
 
+class Echo:
+    """The floor's peer process, kept running: a caller can interleave its round trips with the calls it
+    holds to them, so both are measured at the same moment, under the same load (this 2-core VM's
+    figures drift by 2-5x between minutes)."""
+
+    def __init__(self) -> None:
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._peer = subprocess.Popen([sys.executable, "-c", _ECHO, str(theirs.fileno())],
+                                      pass_fds=(theirs.fileno(),))
+        theirs.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        self._peer.wait()
+
+
+def echo_ns(sock: socket.socket, i: int) -> int:
+    """Nanoseconds of one JSON-RPC request/reply with an Echo over `sock` (its own end, or a dup of it)."""
+    t = time.perf_counter_ns()
+    sock.send(json.dumps({"jsonrpc": "2.0", "id": i, "method": "get_version", "params": {}},
+                         separators=(",", ":")).encode())
+    reply = json.loads(sock.recv(65536))
+    elapsed = time.perf_counter_ns() - t
+    assert reply["id"] == i
+    return elapsed
+
+
 def round_trip_us(n: int = 2000) -> float:
     """Median microseconds of one JSON-RPC request/reply between two Python processes."""
-    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    peer = subprocess.Popen([sys.executable, "-c", _ECHO, str(theirs.fileno())], pass_fds=(theirs.fileno(),))
-    theirs.close()
-    times = []
+    echo = Echo()
     try:
-        for i in range(n + 100):            # the first 100 warm both sides up
-            t = time.perf_counter_ns()
-            mine.send(json.dumps({"jsonrpc": "2.0", "id": i, "method": "get_version", "params": {}},
-                                 separators=(",", ":")).encode())
-            reply = json.loads(mine.recv(65536))
-            times.append(time.perf_counter_ns() - t)
-            assert reply["id"] == i
+        times = [echo_ns(echo.sock, i) for i in range(n + 100)]     # the first 100 warm both sides up
     finally:
-        mine.close()
-        peer.wait()
+        echo.close()
     return statistics.median(times[100:]) / 1e3
 
 

@@ -1,31 +1,31 @@
-"""The layer's side of every PD channel: framing, per-PD queues, fairness, accept.
+"""The layer's side of every PD channel: framing, per-PD order, fairness, accept.
 
-Leader/followers: of a few threads, one (the leader) waits on all channels
-and reads them; when it has read a request it hands the lead to an idle
-thread and runs the request itself, so a reply leaves from the thread that
-read the request (no hand-off to a worker on the way: that cost as much as
-the round trip itself).  The lead is handed over only to a thread that is
-there to take it: while WORKERS requests run, the leader keeps reading and
-the requests it reads wait for a thread.  At most one request per PD runs
-at a time, in order; a thread that finished one takes the next waiting
-PD's (the back of the line: fair between PDs).
+A few threads serve every channel.  Each waits in epoll for a readable
+channel; a channel is armed one-shot, so the thread that wakes for it holds
+it alone: it reads the channel's records and runs each request itself, in
+order, then arms the channel again.  No thread hands a request or the lead
+to another (each hand-off cost as much as the round trip itself), and the
+other threads go on waiting for the other channels, so a request that takes
+long holds up only its own PD.  While a thread serves a channel and no other
+waits, one more thread is started, up to THREADS.
 Nothing a PD does can block the layer for other PDs:
 
-- each PD has a bounded queue (QUEUE_LIMIT); beyond it the request gets a
-  BUSY error at once;
-- at most READ_BUDGET records are read from one PD per round;
+- at most READ_BUDGET records are read from one PD before its channel goes
+  to the back of the line (epoll hands out ready channels in turn); what a
+  PD sends beyond what is served stays in its socket, whose buffer pushes
+  back on the PD;
 - replies are sent without blocking; a PD that does not read its replies
   (the send would block) has its channel dropped;
 - a PD that keeps sending malformed records (STRIKE_LIMIT) has its channel
   dropped.
 
 An accept and a connection queued for the same PD meet in whichever thread
-brings the second of them: the leader that read the accept, or the thread
+brings the second of them: the thread that read the accept, or the thread
 that ran the connect, right after it sent the connecting PD its reply.  A
 PD already waiting in accept thus gets its end from the connecting PD's own
 request, with no other thread woken for it, and the connecting PD's reply
-waits for no more than its own work.  The leader only answers accepts whose
-time is up.
+waits for no more than its own work.  The waiting threads answer accepts
+whose time is up.
 
 The caller of a request is the PD the channel was opened for: the socket,
 never the message, says who is asking.  When a channel ends (the PD's
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
-import selectors
+import select
 import socket
 import threading
 import time
@@ -49,12 +49,12 @@ from .connections import Registry
 
 log = logging.getLogger("bmi.channel")
 
-QUEUE_LIMIT = 16          # requests queued or running per PD
 READ_BUDGET = 16          # records read from one PD before serving the others
 STRIKE_LIMIT = 64         # malformed records before the channel is dropped
 ACCEPT_LIMIT = 4          # accept calls waiting at once per PD
 MAX_ACCEPT_WAIT = 24 * 3600.0
-WORKERS = 4               # requests running at once (plus the leader)
+THREADS = 5               # threads serving channels: requests that run at once, one per PD
+_ARMED = select.EPOLLIN | select.EPOLLONESHOT
 
 #: (caller, method, params, fd) -> (result, fd to pass back or None); raises BMIError/ProtocolError.
 Handler = Callable[[int, str, dict, "int | None"], "tuple[Any, int | None]"]
@@ -64,12 +64,15 @@ Handler = Callable[[int, str, dict, "int | None"], "tuple[Any, int | None]"]
 class _Channel:
     pd_id: int
     sock: socket.socket
+    fd: int
     lock: threading.Lock = field(default_factory=threading.Lock)
-    queue: deque = field(default_factory=deque)
-    running: bool = False
+    queue: deque = field(default_factory=deque)      # requests taken up again (resume), run before reading
+    held: bool = False          # a thread serves it (reads it, runs its requests); no other may
+    readable: bool = False      # epoll said so while it was held: the holder reads again before letting go
     accepts: dict = field(default_factory=dict)      # request id -> deadline (monotonic) or None
     strikes: int = 0
     closed: bool = False
+    forgotten: bool = False     # out of epoll, socket closed
 
 
 class ChannelServer:
@@ -78,19 +81,16 @@ class ChannelServer:
     def __init__(self, handler: Handler, registry: Registry):
         self._handler = handler
         self._registry = registry
-        self._sel = selectors.DefaultSelector()
+        self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._epoll.register(self._wake_r, select.EPOLLIN)     # level: at the stop, every thread sees it
         self._lock = threading.Lock()
         self._channels: dict[int, _Channel] = {}
-        self._ops: deque[tuple[str, _Channel]] = deque()
+        self._by_fd: dict[int, _Channel] = {}
         self._stopping = False
-        self._leader = threading.Lock()             # held by the thread that reads the channels
-        self._ready: deque[_Channel] = deque()      # channels with a request waiting for a thread
-        self._timed: set[_Channel] = set()          # channels with an accept that times out (the leader ends it)
+        self._timed: set[_Channel] = set()          # channels with an accept that times out
         self._request = threading.local()           # .queued: channels the request this thread runs queued for
-        self._idle = 0                              # threads waiting to lead
-        self._running = 0                           # threads running a request
+        self._waiting = 0                           # threads waiting in epoll
         self._threads: list[threading.Thread] = []
         with self._lock:
             self._spawn()
@@ -104,16 +104,17 @@ class ChannelServer:
         return pd_end.detach()
 
     def attach(self, pd_id: int, layer: socket.socket) -> None:
-        """Serve `layer` as pd_id's channel (any previous one is dropped); bmid re-attaches kept ones after a restart."""
+        """Serve `layer` as pd_id's channel (any previous one is dropped); bmid re-attaches kept ones after a
+        restart."""
         layer.setblocking(False)
-        ch = _Channel(pd_id, layer)
+        ch = _Channel(pd_id, layer, layer.fileno())
         with self._lock:
             old = self._channels.get(pd_id)
             self._channels[pd_id] = ch
-            self._ops.append(("add", ch))
+            self._by_fd[ch.fd] = ch
+            self._epoll.register(ch.fd, _ARMED)
         if old is not None:
             self._close(old)
-        self._wake()
 
     def drop(self, pd_id: int) -> None:
         """End pd_id's channel (the PD sees EOF on fd 3) and cut its connections."""
@@ -164,181 +165,13 @@ class ChannelServer:
                 break
             for t in alive:
                 t.join()
-        self._sel.close()
+        with self._lock:
+            left = list(self._by_fd.values())
+        for ch in left:
+            self._forget(ch)
+        self._epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-
-    # -- the selector thread ----------------------------------------------------------------
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass            # a wake-up is pending already
-
-    def _spawn(self) -> bool:
-        """One more serving thread, if WORKERS + 1 are not there yet (the caller holds self._lock)."""
-        self._threads = [t for t in self._threads if t.is_alive()]
-        if self._stopping or len(self._threads) > WORKERS:
-            return False
-        t = threading.Thread(target=self._serve, name="bmi-channel", daemon=True)
-        self._threads.append(t)
-        t.start()
-        return True
-
-    def _serve(self) -> None:
-        """A serving thread: run waiting requests; else lead (read the channels) until there is one to run."""
-        while True:
-            with self._lock:
-                ch = self._ready.popleft() if self._ready else None
-                if ch is None:
-                    self._idle += 1
-                else:
-                    self._running += 1
-            if ch is None:
-                with self._leader:
-                    with self._lock:
-                        self._idle -= 1
-                    ch = self._lead()
-                if ch is None:
-                    return
-            try:
-                self._work(ch)
-            finally:
-                with self._lock:
-                    self._running -= 1
-
-    def _lead(self) -> _Channel | None:
-        """Read the channels until a request is there to run and another thread can take the lead
-        (that channel is returned, counted as running), or the server stops (None)."""
-        while True:
-            self._apply_ops()
-            with self._lock:
-                if self._stopping and not self._channels:
-                    return None
-                if self._ready and self._running < WORKERS and (self._idle > 0 or self._spawn()):
-                    self._running += 1
-                    return self._ready.popleft()
-                timed = list(self._timed)
-            for key, _ in self._sel.select(self._end_accepts(timed)):
-                if key.data is None:
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                else:
-                    try:
-                        self._read(key.data)
-                    except Exception:   # a bug reading one PD's channel must not end the leader (and the server)
-                        log.exception("PD %d: reading its channel failed inside the layer; closing the channel",
-                                      key.data.pd_id)
-                        self._close(key.data)
-
-    def _apply_ops(self) -> None:
-        while True:
-            with self._lock:
-                if not self._ops:
-                    return
-                op, ch = self._ops.popleft()
-            if op == "add" and not ch.closed:
-                self._sel.register(ch.sock, selectors.EVENT_READ, ch)
-            elif op == "remove":
-                try:
-                    self._sel.unregister(ch.sock)
-                except (KeyError, ValueError):
-                    pass
-                ch.sock.close()
-                with self._lock:
-                    if self._channels.get(ch.pd_id) is ch:
-                        del self._channels[ch.pd_id]
-
-    def _close(self, ch: _Channel) -> None:
-        """Any thread: stop the channel now; the selector thread releases the socket."""
-        with ch.lock:
-            if ch.closed:
-                return
-            ch.closed = True
-            ch.accepts.clear()
-            try:
-                ch.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        with self._lock:
-            self._ops.append(("remove", ch))
-        self._registry.ended(ch.pd_id)
-        self._ended(ch.pd_id)
-        self._wake()
-
-    def _read(self, ch: _Channel) -> None:
-        for _ in range(READ_BUDGET):
-            if ch.closed:
-                return
-            try:
-                data, fds, whole = p.receive(ch.sock, blocking=False)
-            except BlockingIOError:
-                return
-            except OSError:
-                self._close(ch)
-                return
-            if not data and not fds:
-                self._close(ch)            # EOF: every process of the PD closed its channel
-                return
-            idle = not ch.running
-            self._take(ch, data, fds, whole)
-            if idle and ch.running:
-                return      # a request to run now: the next leader reads the rest (the channel stays readable)
-
-    def _take(self, ch: _Channel, data: bytes, fds: list[int], whole: bool) -> None:
-        """Turn one record into a queued request, or answer it with an error right here."""
-        msg_id: Any = None
-        try:
-            if not whole:
-                raise p.ProtocolError(p.INVALID_REQUEST, f"record truncated (at most {p.MAX_MESSAGE} bytes and "
-                                                         f"{p.MAX_FDS} fds)")
-            msg = p.decode(data)
-            if isinstance(msg, dict):
-                msg_id = msg.get("id")
-            method, params = _check_request(msg)
-            self._enqueue(ch, msg_id, method, params, fds.pop(0) if fds and method == "setup_pd" else None)
-        except p.ProtocolError as e:
-            if e.code != p.BUSY:
-                ch.strikes += 1
-            self._reply(ch, p.error_from(msg_id if _valid_id(msg_id) else None, e))
-            if ch.strikes >= STRIKE_LIMIT:
-                log.warning("PD %d: %d malformed channel records; dropping its channel", ch.pd_id, ch.strikes)
-                self._close(ch)
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    def _enqueue(self, ch: _Channel, msg_id: Any, method: str, params: dict, fd: int | None) -> None:
-        """Queue a request for the workers (accept: take a queued connection or wait for one); its fd is ours
-        from here.
-
-        The reply is owed (_taken) before any worker can send it.
-        """
-        self._taken(ch.pd_id, msg_id, method, params)
-        try:
-            if method == "accept":
-                self._accept(ch, msg_id, params)
-                return
-            with ch.lock:
-                if len(ch.queue) + ch.running >= QUEUE_LIMIT:
-                    raise p.ProtocolError(p.BUSY, f"PD {ch.pd_id} has {QUEUE_LIMIT} requests in flight; "
-                                                  f"read the replies first")
-                ch.queue.append((msg_id, method, params, fd))
-                fd = None
-                start = not ch.running
-                ch.running = True
-        except p.ProtocolError:
-            self._answered(ch.pd_id, msg_id)        # answered right away, with that error
-            raise
-        finally:
-            if fd is not None:
-                os.close(fd)
-        if start:
-            with self._lock:
-                self._ready.append(ch)
 
     def resume(self, pd_id: int, msg_id: Any, method: str, params: dict) -> None:
         """Take a request again that a previous server read but never answered (bmid after a restart)."""
@@ -346,11 +179,10 @@ class ChannelServer:
             ch = self._channels.get(pd_id)
         if ch is None or ch.closed:
             return
-        try:
-            self._enqueue(ch, msg_id, method, params, None)
-        except p.ProtocolError as e:
-            self._reply(ch, p.error_from(msg_id, e))
-        self._wake()
+        with ch.lock:
+            ch.queue.append((msg_id, method, params))
+        self._serve(ch, read=False)
+        self._wake()        # a waiting thread looks at the accepts' deadlines again
 
     def interrupt(self, pd_id: int, msg_id: Any, error: BaseException) -> None:
         """Answer a request a previous server read but never answered with `error`."""
@@ -404,7 +236,8 @@ class ChannelServer:
                 os.close(fd)
 
     def _end_accepts(self, timed: list[_Channel]) -> float | None:
-        """The leader: answer null to the accepts whose time is up; seconds until the next one's is (None: never)."""
+        """A waiting thread: answer null to the accepts whose time is up; seconds until the next one's is
+        (None: never)."""
         now = time.monotonic()
         nearest: float | None = None
         for ch in timed:
@@ -423,29 +256,185 @@ class ChannelServer:
                 self._reply(ch, p.result(msg_id, None))
         return None if nearest is None else max(0.0, nearest - now)
 
-    # -- workers ----------------------------------------------------------------------------
-    def _work(self, ch: _Channel) -> None:
-        """Run ch's next request; put ch back in line if it has more."""
+    # -- the serving threads -----------------------------------------------------------------
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass            # a wake-up is pending already
+
+    def _spawn(self) -> None:
+        """One more serving thread, if THREADS are not there yet (the caller holds self._lock)."""
+        self._threads = [t for t in self._threads if t.is_alive()]
+        if not self._stopping and len(self._threads) < THREADS:
+            t = threading.Thread(target=self._run, name="bmi-channel", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _run(self) -> None:
+        """A serving thread: wait for a readable channel and serve it; end the accepts whose time is up."""
+        while not self._stopping:
+            with self._lock:
+                timed = list(self._timed)
+            timeout = self._end_accepts(timed)
+            with self._lock:
+                self._waiting += 1
+            try:
+                events = self._epoll.poll(-1 if timeout is None else timeout, 1)
+            finally:
+                with self._lock:
+                    self._waiting -= 1
+            if events and events[0][0] != self._wake_r:
+                with self._lock:
+                    if self._waiting == 0:
+                        self._spawn()       # someone waits for the other channels while this one is served
+            for fd, _ in events:
+                if fd == self._wake_r:
+                    if self._stopping:
+                        return      # left unread: every other thread wakes for it too
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    continue
+                with self._lock:
+                    ch = self._by_fd.get(fd)
+                if ch is not None:
+                    self._serve(ch, read=True)
+
+    def _serve(self, ch: _Channel, read: bool) -> None:
+        """Hold ch, run what it has (taken-up requests, then up to READ_BUDGET records), and let it go: armed
+        again, or, once closed, out of epoll.  If another thread holds it, that one reads it again."""
         with ch.lock:
-            if not ch.queue or ch.closed:
-                for *_, fd in ch.queue:
-                    if fd is not None:
-                        os.close(fd)
-                ch.queue.clear()
-                ch.running = False
+            if ch.held:
+                ch.readable = ch.readable or read
                 return
-            msg_id, method, params, fd = ch.queue.popleft()
+            ch.held = True
+        try:
+            while True:
+                while True:
+                    with ch.lock:
+                        if ch.closed or not ch.queue:
+                            break
+                        msg_id, method, params = ch.queue.popleft()
+                    try:
+                        self._start(ch, msg_id, method, params, None)
+                    except p.ProtocolError as e:
+                        self._reply(ch, p.error_from(msg_id, e))
+                if read and not ch.closed:
+                    self._read(ch)
+                with ch.lock:
+                    read, ch.readable = ch.readable, False
+                    if ch.closed or not (ch.queue or read):
+                        ch.held = False
+                        break
+        except Exception:   # a bug serving one PD's channel must not end the thread (and the server)
+            log.exception("PD %d: reading its channel failed inside the layer; closing the channel", ch.pd_id)
+            self._close(ch)
+            with ch.lock:
+                ch.held = False
+        if ch.closed:
+            self._forget(ch)
+        else:
+            try:
+                self._epoll.modify(ch.fd, _ARMED)
+            except (OSError, ValueError):
+                pass        # closed and forgotten meanwhile
+
+    def _forget(self, ch: _Channel) -> None:
+        """A closed channel out of epoll and its socket closed (once; the fd number may be reused at once)."""
+        with self._lock:
+            if ch.forgotten:
+                return
+            ch.forgotten = True
+            if self._by_fd.get(ch.fd) is ch:
+                del self._by_fd[ch.fd]
+            if self._channels.get(ch.pd_id) is ch:
+                del self._channels[ch.pd_id]
+            self._timed.discard(ch)
+            try:
+                self._epoll.unregister(ch.fd)
+            except (OSError, ValueError):
+                pass
+            ch.sock.close()
+        with ch.lock:
+            ch.queue.clear()
+
+    def _close(self, ch: _Channel) -> None:
+        """Any thread: stop the channel now; the socket is released by the thread that serves it next (its
+        shutdown makes it readable) or at the server's close."""
+        with ch.lock:
+            if ch.closed:
+                return
+            ch.closed = True
+            ch.accepts.clear()
+            try:
+                ch.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._registry.ended(ch.pd_id)
+        self._ended(ch.pd_id)
+
+    def _read(self, ch: _Channel) -> None:
+        for _ in range(READ_BUDGET):
+            if ch.closed:
+                return
+            try:
+                data, fds, whole = p.receive(ch.sock, blocking=False)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._close(ch)
+                return
+            if not data and not fds:
+                self._close(ch)            # EOF: every process of the PD closed its channel
+                return
+            self._take(ch, data, fds, whole)
+
+    def _take(self, ch: _Channel, data: bytes, fds: list[int], whole: bool) -> None:
+        """Run one record's request (accept: take a queued connection or wait for one), or answer it with an
+        error right here."""
+        msg_id: Any = None
+        try:
+            if not whole:
+                raise p.ProtocolError(p.INVALID_REQUEST, f"record truncated (at most {p.MAX_MESSAGE} bytes and "
+                                                         f"{p.MAX_FDS} fds)")
+            msg = p.decode(data)
+            if isinstance(msg, dict):
+                msg_id = msg.get("id")
+            method, params = _check_request(msg)
+            self._start(ch, msg_id, method, params, fds.pop(0) if fds and method == "setup_pd" else None)
+        except p.ProtocolError as e:
+            if e.code != p.BUSY:
+                ch.strikes += 1
+            self._reply(ch, p.error_from(msg_id if _valid_id(msg_id) else None, e))
+            if ch.strikes >= STRIKE_LIMIT:
+                log.warning("PD %d: %d malformed channel records; dropping its channel", ch.pd_id, ch.strikes)
+                self._close(ch)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _start(self, ch: _Channel, msg_id: Any, method: str, params: dict, fd: int | None) -> None:
+        """A request taken (its reply is owed from here): an accept waits for a connection or takes a queued
+        one; any other request runs now, in this thread."""
+        self._taken(ch.pd_id, msg_id, method, params)
+        if method != "accept":
+            self._run_request(ch, msg_id, method, params, fd)
+            return
+        try:
+            self._accept(ch, msg_id, params)
+        except p.ProtocolError:
+            self._answered(ch.pd_id, msg_id)        # answered right away, with that error
+            raise
+
+    def _run_request(self, ch: _Channel, msg_id: Any, method: str, params: dict, fd: int | None) -> None:
+        """Answer one request; the thread lives on whatever happens (the next request of this PD is served)."""
         try:
             self._answer(ch, msg_id, method, params, fd)
-        except Exception:           # the thread lives on: the next request of this PD is served
+        except Exception:
             log.exception("PD %d: answering %s failed inside the layer", ch.pd_id, method)
-        with ch.lock:
-            more = bool(ch.queue)
-            if not more:
-                ch.running = False
-        if more:
-            with self._lock:
-                self._ready.append(ch)
 
     def _answer(self, ch: _Channel, msg_id: Any, method: str, params: dict, fd: int | None) -> None:
         """Run one request and send its reply, or an error the caller gets in its place."""
