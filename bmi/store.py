@@ -117,9 +117,10 @@ class _Deferred:
     A group whose members only stage PD records (write_pd: a set_priority)
     then writes them in one statement outside BEGIN ... COMMIT: SQLite
     makes that statement a transaction of its own, as durable
-    (synchronous=FULL) and as atomic.  Each statement lets go of the GIL,
-    and the group's leader waits to get it back from 8 busy client threads
-    each time: three statements a group made that wait most of a group's time.
+    (synchronous=FULL) and as atomic; a group that changed nothing runs
+    none.  Each statement lets go of the GIL, and the leader, which holds
+    the store's lock meanwhile, waits to get it back from the busy client
+    threads: one hand-over a group instead of three.
     """
 
     __slots__ = ("_db", "begun")
