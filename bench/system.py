@@ -1,6 +1,6 @@
 """System mode against session mode: setup_pd of a big image, per-call overhead, and list + status of many live PDs.
 
-    .venv/bin/python bench/system.py [--image-mib 256] [--calls 2000] [--pds 1000] [--running]
+    .venv/bin/python bench/system.py [--image-mib 256] [--calls 2000] [--pds 1000] [--rounds 3] [--running]
 
 setup_pd through bmid copies and hashes each image once, as session mode
 does (the goal: within 1.25x of session mode for a 256 MiB FileImage).
@@ -17,7 +17,9 @@ processes, and a bare synchronous=FULL SQLite commit in the state's
 directory (goals: reads <= 2x the round trip, changes <= 3x it plus one
 commit).  Then group commit: CLIENTS client processes, each on a PD of its
 own, each doing --changes set_priority calls, against one client doing the
-same (goal: <= 2x the time), and beside that ratio the least one the CPU
+same (goal: <= 2x the time), --rounds pairs alternating (the pair with the
+median ratio is shown, then medians and ranges), what the rest of the
+machine used meanwhile, and beside that ratio the least one the CPU
 allows: what bmid and the clients spent in that run (bmid from /proc, the
 clients from getrusage) spread over the machine's cores, or bmid's user
 time alone (its Python runs under one GIL), whichever is longer, over the
@@ -63,12 +65,14 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 @dataclass
 class Run:
-    """One changers() run: its wall time and the CPU seconds it cost bmid and the clients."""
+    """One changers() run: its wall time, the CPU seconds it cost bmid and the clients, and what the rest of the
+    machine used meanwhile (other processes and the kernel's own threads, in CPU seconds)."""
 
     seconds: float
     bmid_user: float
     bmid_system: float
     clients: float
+    others: float = 0.0
 
     @property
     def cpu(self) -> float:
@@ -87,6 +91,13 @@ def _cpu_of(pid: int) -> tuple[float, float]:
     return int(fields[11]) / _TICK, int(fields[12]) / _TICK
 
 
+def _machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (not idle, not waiting for I/O) since it started."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / _TICK
+
+
 def changers(daemon: Bmid, mgr, clients: int, changes: int) -> Run:
     """`clients` processes, each on a PD of its own, each making `changes` set_priority calls: the time until
     all are done, and what CPU it took."""
@@ -97,7 +108,7 @@ def changers(daemon: Bmid, mgr, clients: int, changes: int) -> Run:
     try:
         for proc in procs:
             assert proc.stdout.readline().strip() == "ready"
-        before = _cpu_of(daemon.proc.pid)
+        before, busy = _cpu_of(daemon.proc.pid), _machine_busy()
         t = time.perf_counter()
         for proc in procs:
             proc.stdin.write("go\n")
@@ -107,14 +118,32 @@ def changers(daemon: Bmid, mgr, clients: int, changes: int) -> Run:
             _, user, system = map(float, proc.stdout.readline().split())
             spent += user + system
         seconds = time.perf_counter() - t
-        after = _cpu_of(daemon.proc.pid)
-        return Run(seconds, after[0] - before[0], after[1] - before[1], spent)
+        after, busy = _cpu_of(daemon.proc.pid), _machine_busy() - busy
+        run = Run(seconds, after[0] - before[0], after[1] - before[1], spent)
+        run.others = max(0.0, busy - run.cpu)
+        return run
     finally:
         for proc in procs:
             proc.stdin.close()
             proc.wait()
         for pd in pds:
             pd.destroy()
+
+
+def group_commit_rounds(daemon: Bmid, mgr, clients: int, changes: int, rounds: int) -> str:
+    """`rounds` pairs of runs, 1 client then `clients`, alternating (a shared machine's load drifts): the report
+    of the pair whose ratio is the median, then the medians and ranges of all."""
+    pairs = [(changers(daemon, mgr, 1, changes), changers(daemon, mgr, clients, changes)) for _ in range(rounds)]
+    pairs.sort(key=lambda pair: pair[1].seconds / pair[0].seconds)
+    one, many = pairs[len(pairs) // 2]
+    report = group_commit_report(one, many, clients, changes)
+    if rounds > 1:
+        def spread(values: list[float], unit: str) -> str:
+            return f"{statistics.median(values):.2f}{unit} ({min(values):.2f}-{max(values):.2f})"
+        report += (f"\n  over {rounds} rounds, median (range): 1 client {spread([a.seconds for a, _ in pairs], ' s')}, "
+                   f"{clients} clients {spread([b.seconds for _, b in pairs], ' s')}, "
+                   f"ratio {spread([b.seconds / a.seconds for a, b in pairs], 'x')}")
+    return report
 
 
 def group_commit_report(one: Run, many: Run, clients: int, changes: int) -> str:
@@ -124,6 +153,9 @@ def group_commit_report(one: Run, many: Run, clients: int, changes: int) -> str:
     per = 1e6 / calls
     return (f"{changes} set_priority per client: 1 client {one.seconds:.2f} s, {clients} clients {many.seconds:.2f} s, "
             f"ratio {many.seconds / one.seconds:.2f}x  (goal <= 2x: group commit)\n"
+            f"  the rest of the machine used {many.others:.2f} CPU s during the {clients} clients' "
+            f"{many.seconds:.2f} s ({one.others:.2f} during the 1 client's): a shared machine's load slows the "
+            f"{clients} clients, which need {many.cpu / many.seconds:.1f} cores, more than the one\n"
             f"  CPU per change with {clients} clients: bmid {many.bmid_user * per:.0f} us user + "
             f"{many.bmid_system * per:.0f} us system, client {many.clients * per:.0f} us "
             f"(1 client: bmid {(one.bmid_user + one.bmid_system) * 1e6 / changes:.0f} us, client "
@@ -232,6 +264,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--pds", type=int, default=1000)
     parser.add_argument("--changes", type=int, default=500, help="set_priority calls per client (group commit)")
+    parser.add_argument("--rounds", type=int, default=3, help="1-client / N-client pairs of group commit runs")
     parser.add_argument("--running", action="store_true", help="start every PD (busybox sleep), not only allocate")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -256,9 +289,7 @@ def main() -> None:
                     session_us = f"{a[name]:9.1f}" if name in a else f"{'-':>9}"
                     ratio = f"{b[name] / a[name]:7.1f}x" if name in a else f"{'-':>8}"
                     print(f"  {name:<32} {session_us} {b[name]:9.1f} {ratio} {b[name] / floor:5.1f}x {goal}")
-                one = changers(daemon, system, 1, args.changes)
-                many_ = changers(daemon, system, CLIENTS, args.changes)
-                print(group_commit_report(one, many_, CLIENTS, args.changes))
+                print(group_commit_rounds(daemon, system, CLIENTS, args.changes, args.rounds))
                 what = "running" if args.running else "allocated"
                 print(f"{args.pds} {what} PDs (bmid, ms)")
                 for name, value in many(system, args.pds, args.running).items():

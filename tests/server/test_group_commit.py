@@ -172,6 +172,116 @@ def test_records_of_a_member_that_fails_are_not_written_with_its_group(tmp_path)
     assert stored == [1, 3, 4]
 
 
+def _staging(store: Store):
+    """Member i's work as a set_priority's: it only stages its PD's record (write_pd), no statement of its own."""
+    def work_of(i: int):
+        def work(db: sqlite3.Connection) -> int:
+            store.write_pd({"pd_id": i + 1, "parent": 0, "status": "READY", "priority": i})
+            return i
+        return work
+    return work_of
+
+
+def _statements(store: Store) -> list[str]:
+    """Every statement the store's connection runs until _untraced (the first word of each, upper case)."""
+    ran: list[str] = []
+    store._db.set_trace_callback(lambda sql: ran.append(sql.split(None, 1)[0].upper()))
+    return ran
+
+
+def _untraced(store: Store) -> None:
+    store._db.set_trace_callback(None)
+
+
+def test_a_group_that_only_stages_records_writes_them_in_one_statement(tmp_path):
+    """set_priority from 8 clients: each member only stages its PD's record, and the group writes them in one
+    INSERT that is its own transaction -- no BEGIN IMMEDIATE and COMMIT around it, each of which let go of the
+    GIL and waited to get it back from the busy client threads.  All are stored before any after() runs."""
+    store = Store(str(tmp_path))
+    sizes: list[int] = []
+    _gathering(store, MEMBERS, sizes)
+    ran = _statements(store)
+    seen_at_apply: dict[int, list[int]] = {}
+
+    def after_of(i: int):
+        def after(result: int) -> None:
+            with closing(sqlite3.connect(store.path)) as db:    # what another connection (or a restart) sees
+                seen_at_apply[i] = [row[0] for row in db.execute("SELECT pd_id FROM pds ORDER BY pd_id")]
+        return after
+
+    try:
+        out = _commit_all(store, _staging(store), after_of)
+        _untraced(store)
+        stored = store.pds()
+    finally:
+        store.close()
+    assert sizes == [MEMBERS], sizes
+    assert out == {i: i for i in range(MEMBERS)}
+    assert ran == ["INSERT"], ran
+    assert seen_at_apply == {i: [1, 2, 3, 4] for i in range(MEMBERS)}
+    assert {pd_id: record["priority"] for pd_id, record in stored.items()} == {i + 1: i for i in range(MEMBERS)}
+
+
+def test_a_group_whose_members_run_statements_is_still_one_transaction(tmp_path):
+    """A member that runs a statement of its own (an event, the end of an intent) opens the transaction first:
+    its statement and the group's records are committed together, or not at all."""
+    store = Store(str(tmp_path))
+    _gathering(store, 2, [])
+    ran = _statements(store)
+
+    def work_of(i: int):
+        return _put(i) if i == 0 else _staging(store)(i)
+
+    def one(i: int, out: dict) -> None:
+        out[i] = store.commit(work_of(i))
+
+    out: dict[int, object] = {}
+    threads = [threading.Thread(target=one, args=(i, out)) for i in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        _untraced(store)
+        rows, stored = _rows(store), sorted(store.pds())
+    finally:
+        store.close()
+    assert out == {0: 0, 1: 1}
+    assert ran == ["BEGIN", "INSERT", "INSERT", "COMMIT"], ran
+    assert rows == {"k0": "0"} and stored == [2]
+
+
+def test_a_failed_group_commit_of_records_only_fails_every_member_and_stores_none(tmp_path):
+    """The one-statement group fails as a whole too: every member gets the StateError, no after() runs, no
+    record is stored."""
+    store = Store(str(tmp_path))
+    _gathering(store, MEMBERS, [])
+    real_execute = store._db
+
+    class Failing:
+        """The store's connection, whose INSERT of the records fails as a write to a broken disk does."""
+
+        in_transaction = property(lambda self: real_execute.in_transaction)
+
+        def execute(self, sql: str, *args):
+            if sql.startswith("INSERT OR REPLACE INTO pds"):
+                raise sqlite3.OperationalError("disk I/O error")
+            return real_execute.execute(sql, *args)
+
+    applied: list[int] = []
+    store._db = Failing()                           # type: ignore[assignment]
+    try:
+        out = _commit_all(store, _staging(store), lambda i: applied.append)
+    finally:
+        store._db = real_execute
+    try:
+        stored = store.pds()
+    finally:
+        store.close()
+    assert all(isinstance(e, StateError) for e in out.values()), out
+    assert applied == [] and stored == {}
+
+
 def test_waves_of_commits_hand_the_lead_on_and_all_finish(tmp_path):
     """More commits than one group takes: what queues while a group commits is led by one of its own members
     once that group is done (none waits for a group that never comes), and groups hold more than one."""
