@@ -26,6 +26,7 @@ import os
 import re
 import select
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -65,7 +66,7 @@ class _Group:
     controllers: frozenset[str]
 
 
-def _read(path: str) -> str:
+def read_raw(path: str) -> str:
     """The whole file through raw reads (a buffered text open costs ~60 us more, per file, on these
     pseudo-files: fstat, ioctl, lseeks and a decoder)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -120,26 +121,108 @@ def _own_dir(mount: str, mount_root: str, path: str) -> str | None:
     return os.path.normpath(os.path.join(mount, path.lstrip("/")))
 
 
+class _MountWatch:
+    """The cgroup lines of /proc/self/mountinfo, kept while a driver is open (hold/release) and read again only
+    when the kernel says the mount table changed: an open mountinfo polls POLLPRI|POLLERR after any mount or
+    umount in its mount namespace (proc(5)).  A read costs ~60 us (the kernel prints every mount of the
+    host), and every create of a PD's groups needs the layout.  Read afresh, as without a hold, in a fork
+    (the poll state is the parent's) and once this process is in another mount namespace."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._watched: tuple[int, int] | None = None    # (pid, mount namespace inode) of the fd below
+        self._fd = -1
+        self._poller = select.poll()
+        self._lines: list[str] = []
+
+    def hold(self) -> None:
+        with self._lock:
+            self._holders += 1
+
+    def release(self) -> None:
+        """The last holder gone: the fd is closed, nothing is kept."""
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0:
+                self._forget()
+
+    def _forget(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._watched, self._lines, self._poller = -1, None, [], select.poll()
+
+    def after_fork(self) -> None:
+        """In a fork's child: a lock another thread held at the fork would never be released there."""
+        self._lock = threading.Lock()
+
+    def cgroup_lines(self) -> list[str]:
+        """The lines of /proc/self/mountinfo that are cgroup or cgroup2 mounts."""
+        with self._lock:
+            if not self._holders:
+                return _cgroup_mounts(read_raw("/proc/self/mountinfo"))
+            here = (os.getpid(), os.stat("/proc/self/ns/mnt").st_ino)
+            if here != self._watched:
+                self._forget()
+                self._fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+                self._poller.register(self._fd, select.POLLPRI)
+                self._watched = here
+            elif not self._poller.poll(0):
+                return self._lines
+            # the poll above consumed the change (or the fd is new): a change after it is reported next time
+            self._lines = _cgroup_mounts(read_raw("/proc/self/mountinfo"))
+            return self._lines
+
+
+def _cgroup_mounts(mountinfo: str) -> list[str]:
+    # (cgroup and cgroup2) most of a host's mounts: no split, no unescape
+    return [line for line in mountinfo.splitlines() if " - cgroup" in line]
+
+
+_mounts = _MountWatch()
+os.register_at_fork(after_in_child=_mounts.after_fork)
+hold_layout, release_layout = _mounts.hold, _mounts.release
+
+
 def _layout() -> list[_Tree]:
     """The hierarchies PD groups go into: v1 ones first, then v2."""
     try:
-        own_v1: dict[str, str] = {}
-        own_v2: str | None = None
-        for line in _read("/proc/self/cgroup").splitlines():
-            hid, ctls, path = line.split(":", 2)
-            if hid == "0" and not ctls:
-                own_v2 = path
-            else:
-                own_v1.update(dict.fromkeys(ctls.split(","), path))
-        mountinfo = _read("/proc/self/mountinfo").splitlines()
+        own = read_raw("/proc/self/cgroup")
+        mounts = _mounts.cgroup_lines()
     except OSError as e:
         raise DriverUnavailable(f"find this process's cgroups: {e}") from e
+    global _parsed
+    if _parsed is None or _parsed[0] is not mounts or _parsed[1] != own:    # (the same mounts and own groups)
+        _parsed = (mounts, own, *_parse(mounts, own))
+    v1, v2 = _parsed[2], _parsed[3]
+    if v2 is None:
+        return list(v1)
+    try:    # read each time: what our parent delegates to us may change
+        offered = frozenset(read_raw(os.path.join(v2[1], "cgroup.controllers")).split())
+    except OSError:
+        offered = frozenset()
+    return [*v1, _Tree(2, *v2, offered & _V2_CONTROLLERS)]
+
+
+#: the last _parse: (its mount lines, /proc/self/cgroup, its v1 trees, the v2 mount and own group)
+_parsed: tuple[list[str], str, tuple[_Tree, ...], tuple[str, str] | None] | None = None
+
+
+def _parse(mounts: list[str], own_groups: str) -> tuple[tuple[_Tree, ...], tuple[str, str] | None]:
+    """The v1 trees, and where the v2 one is (mount, own group), from the cgroup mount lines of
+    /proc/self/mountinfo and the text of /proc/self/cgroup."""
+    own_v1: dict[str, str] = {}
+    own_v2: str | None = None
+    for line in own_groups.splitlines():
+        hid, ctls, path = line.split(":", 2)
+        if hid == "0" and not ctls:
+            own_v2 = path
+        else:
+            own_v1.update(dict.fromkeys(ctls.split(","), path))
     trees: list[_Tree] = []
-    v2: _Tree | None = None
+    v2: tuple[str, str] | None = None
     seen: set[frozenset[str]] = set()
-    for line in mountinfo:
-        if " - cgroup" not in line:      # (cgroup and cgroup2) most of a host's mounts: no split, no unescape
-            continue
+    for line in mounts:
         fields = line.split()
         sep = fields.index("-")
         fstype, root, mount = fields[sep + 1], _unescape(fields[3]), _unescape(fields[4])
@@ -153,12 +236,8 @@ def _layout() -> list[_Tree]:
         elif fstype == "cgroup2" and v2 is None and own_v2 is not None:
             own = _own_dir(mount, root, own_v2)
             if own:
-                try:
-                    offered = frozenset(_read(os.path.join(own, "cgroup.controllers")).split())
-                except OSError:
-                    offered = frozenset()
-                v2 = _Tree(2, mount, own, offered & _V2_CONTROLLERS)
-    return trees + ([v2] if v2 else [])
+                v2 = (mount, own)
+    return tuple(trees), v2
 
 
 def groups_of_this_process(prefix: str) -> set[str]:
@@ -316,7 +395,7 @@ class PDCgroups:
 
     def _get(self, path: str, what: str) -> str:
         try:
-            return _read(path)
+            return read_raw(path)
         except OSError as e:
             raise self._fail(what, path, e, "reading") from e
 
@@ -436,7 +515,7 @@ class PDCgroups:
         while directories:
             directory = directories.pop()
             try:
-                found.update(int(p) for p in _read(os.path.join(directory, "cgroup.procs")).split())
+                found.update(int(p) for p in read_raw(os.path.join(directory, "cgroup.procs")).split())
                 with os.scandir(directory) as entries:
                     directories.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
             except FileNotFoundError:
@@ -605,7 +684,7 @@ class PDCgroups:
         for name, value in files:
             path = os.path.join(g.path, name)
             try:
-                saved.append((path, _read(path).strip()))
+                saved.append((path, read_raw(path).strip()))
                 _write(path, value)
             except OSError:
                 pass
@@ -743,7 +822,7 @@ def _make(tree: _Tree, name: str, label: str, pd_id: int | None, optional: bool)
         # a new v1 cpuset starts empty and refuses processes until filled
         try:
             for f in ("cpuset.cpus", "cpuset.mems"):
-                _write(os.path.join(path, f), _read(os.path.join(tree.own, f)).strip())
+                _write(os.path.join(path, f), read_raw(os.path.join(tree.own, f)).strip())
         except OSError as e:
             _remove_tree(path)
             raise ResourceError(f"{doing}: copying {f} into {path}: {e.strerror}", pd_id=pd_id) from e
@@ -754,7 +833,7 @@ def _enable_controllers(tree: _Tree, doing: str, pd_id: int | None) -> None:
     """Let children of our own v2 cgroup have the controllers PDs need."""
     control = os.path.join(tree.own, "cgroup.subtree_control")
     try:
-        missing = tree.controllers - set(_read(control).split())
+        missing = tree.controllers - set(read_raw(control).split())
         if missing:
             _write(control, " ".join("+" + c for c in sorted(missing)))
     except OSError as e:
