@@ -492,8 +492,56 @@ def test_v1_only_path_freezer_and_signal_kill():
     assert result.stdout.strip().endswith("ok v1")
 
 
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1) for a private mount namespace")
+def test_the_kept_layout_follows_mounts_and_a_move_to_another_cgroup():
+    """While a driver holds the layout, a create reads /proc/self/mountinfo again only after the kernel reports a
+    mount change: an umount and a new mount of a hierarchy, and a move of this process, must still show."""
+    result = _in_mount_namespace("held")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("ok held")
+
+
+def _held_layout_scenario(name: str) -> None:
+    """Runs inside the private mount namespace: the layout kept by hold_layout after mount changes and a move."""
+    from bmi.drivers.linux import cgroups
+    cgroups.hold_layout()
+    try:
+        first = cgroups._layout()[0]
+        sub = os.path.join(first.own, name)
+        os.mkdir(sub)
+        try:
+            with open(os.path.join(sub, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+            try:
+                assert cgroups._layout()[0].own == sub, cgroups._layout()
+            finally:
+                with open(os.path.join(first.own, "cgroup.procs"), "w") as f:
+                    f.write(str(os.getpid()))
+        finally:
+            os.rmdir(sub)
+        assert cgroups._layout()[0].own == first.own
+        v2 = next(t for t in cgroups._layout() if t.version == 2)
+        subprocess.run(["umount", "-l", v2.mount], check=True)
+        assert [t for t in cgroups._layout() if t.version == 2] == [], "the kept layout missed an umount"
+        elsewhere = os.path.join("/tmp", name)
+        os.mkdir(elsewhere)
+        try:
+            subprocess.run(["mount", "-t", "cgroup2", "cgroup2", elsewhere], check=True)
+            assert [t.mount for t in cgroups._layout() if t.version == 2] == [elsewhere], \
+                "the kept layout missed a new mount"
+            subprocess.run(["umount", elsewhere], check=True)
+        finally:
+            os.rmdir(elsewhere)
+    finally:
+        cgroups.release_layout()
+    print("ok held")
+
+
 def _scenario(layout: str, name: str) -> None:
     """Runs inside the private mount namespace."""
+    if layout == "held":
+        _held_layout_scenario(name)
+        return
     if layout == "v2":      # only cgroup2, at the usual place
         subprocess.run(["umount", "-l", CGROUP_ROOT], check=True)
         subprocess.run(["mount", "-t", "cgroup2", "cgroup2", CGROUP_ROOT], check=True)
