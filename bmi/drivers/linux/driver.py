@@ -67,6 +67,7 @@ class LinuxPD:
     assigned: dict[str, str] = field(default_factory=dict)         # assigned host node -> its cgroup rule
     owners: dict[str, devices.Owner] = field(default_factory=dict)  # host nodes chowned to it, and their owners
     links: list[str] = field(default_factory=list)                  # host ends of its network interfaces
+    fresh_groups: bool = False      # made by allocate and no process put in them yet: no OOM kill counted there
 
 
 def _alive(pid: int) -> bool:
@@ -158,7 +159,7 @@ class LinuxDriver(net.HostBridges, Driver):
         except BaseException:
             groups.destroy()
             raise
-        return LinuxPD(pd_id, desc, groups, ids=ids)
+        return LinuxPD(pd_id, desc, groups, ids=ids, fresh_groups=True)
 
     def _take_ids(self, pd_id: int) -> uids.IdLease:
         """The PD's own host uid/gid, held until it is destroyed."""
@@ -233,7 +234,8 @@ class LinuxDriver(net.HostBridges, Driver):
         console_r, console_w = os.pipe2(os.O_CLOEXEC)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         try:
-            oom_base = pd.groups.oom_kills()
+            oom_base = 0 if pd.fresh_groups else pd.groups.oom_kills()
+            pd.fresh_groups = False     # (a start that fails may still have placed a process there)
             child = spawn.spawn(pd.image_fd, archive=pd.archive, argv=argv, env=env, console_fd=console_w,
                                 status_fd=status_w, lifeline_fd=self._lifeline_r, channel_fd=channel_fd,
                                 cgroup_procs=pd.groups.procs_files, outer_uid=ids.uid, outer_gid=ids.gid,

@@ -71,6 +71,18 @@ def test_memory_limit_kills_with_reason_oom(mgr):
     assert "survived" not in pd.get_runtime_param("/console/log")
 
 
+def test_a_start_after_an_oom_kill_counts_only_its_own(mgr):
+    """The OOM count of a PD's groups is kept over its runs: a start takes its count as the base (0 in the groups
+    allocate just made), so the run after an OOM kill ends as what it did, not as oom."""
+    pd, _ = sh(mgr, "x=$(busybox head -c 200000000 /dev/zero | busybox tr '\\0' a); echo survived",
+               mem=24 << 20)
+    assert pd.get_runtime_param("/system/exit-reason") == "oom"
+    pd.set_config_param("/boot/cmdline", "busybox true")
+    pd.request_status_change(PDStatus.RUNNING)
+    assert pd.wait(20) is PDStatus.SHUTDOWN
+    assert pd.get_runtime_param("/system/exit-reason") == "exited with status 0"
+
+
 def _cpu_seconds(pids):
     total = 0
     for pid in pids:
