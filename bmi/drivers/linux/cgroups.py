@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from bmi.errors import (DriverUnavailable, InvalidArgument, InvalidState,
                         NotSupported, PermissionDenied, ResourceError)
@@ -301,6 +301,8 @@ class PDCgroups:
         # v2 only: the rules of the BPF device program attached (None: none yet), or why it was refused
         self._device_rules: dict[tuple[str, str, str], str] | None = None
         self._device_refusal = ""
+        # v1: the memsw limit when known without reading it (a memory group just made has none)
+        self._memsw_known: int | None = None
         self._use(groups)
 
     def _use(self, groups: list[_Group]) -> None:
@@ -310,11 +312,10 @@ class PDCgroups:
         self._ctl = {c: g for g in groups for c in g.controllers}
         v2 = next((g for g in groups if g.version == 2), None)
         # the v2 group whose cgroup.kill kills its whole subtree at once
-        self._killer: _Group | None = (
-            v2 if v2 and os.path.exists(os.path.join(v2.path, "cgroup.kill")) else None)
+        self._killer: _Group | None = v2 if v2 and _has_core_file(v2, "cgroup.kill") else None
         # the host's own v1 freezer first: on a hybrid host the v2 tree is systemd's bookkeeping
         v1_freezer = self._ctl.get("freezer")
-        if v1_freezer is None and v2 and os.path.exists(os.path.join(v2.path, "cgroup.freeze")):
+        if v1_freezer is None and v2 and _has_core_file(v2, "cgroup.freeze"):
             self._freezer: _Group | None = v2
         else:
             self._freezer = v1_freezer
@@ -363,7 +364,10 @@ class PDCgroups:
             for group in reversed(made):
                 _remove_tree(group.path)
             raise
-        return cls(name, pd_id, groups), bool(made)
+        opened = cls(name, pd_id, groups)
+        if any("memory" in g.controllers and g.version == 1 for g in made):
+            opened._memsw_known = _V1_UNLIMITED
+        return opened, bool(made)
 
     # --- helpers ----------------------------------------------------------
 
@@ -392,6 +396,21 @@ class PDCgroups:
             _write(path, value)
         except OSError as e:
             raise self._fail(what, path, e, f"writing {value!r} to") from e
+
+    def _set_each(self, path: str, values: Sequence[str], what: str) -> None:
+        """_set of each value in turn through one open (the kernel takes one devices rule a write)."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise self._fail(what, path, e, f"writing {values[0]!r} to" if values else "opening") from e
+        try:
+            for value in values:
+                try:
+                    os.write(fd, value.encode())
+                except OSError as e:
+                    raise self._fail(what, path, e, f"writing {value!r} to") from e
+        finally:
+            os.close(fd)
 
     def _get(self, path: str, what: str) -> str:
         try:
@@ -422,7 +441,8 @@ class PDCgroups:
         memsw = os.path.join(g.path, "memory.memsw.limit_in_bytes")
         if os.path.exists(memsw):
             # the kernel keeps memsw >= limit: raise memsw first, lower it last
-            grow = nbytes > int(self._get(memsw, what))
+            known, self._memsw_known = self._memsw_known, None      # (known once: others may write it later)
+            grow = nbytes > (known if known is not None else int(self._get(memsw, what)))
             files.insert(0, memsw) if grow else files.append(memsw)
         for path in files:
             self._set(path, str(nbytes), what)
@@ -545,8 +565,7 @@ class PDCgroups:
         if "devices" in self._ctl:
             path = self._group("devices", "limit devices").path
             self._set(os.path.join(path, "devices.deny"), "a", "limit devices")
-            for rule in rules:
-                self.allow_device(rule)
+            self._set_each(os.path.join(path, "devices.allow"), rules, "allow a device")
         else:
             self._program_devices(dict(map(devices.parse_rule, rules)), "limit devices", strict=False)
 
@@ -782,6 +801,20 @@ class PDCgroups:
                 kept.insert(0, g)
         if len(kept) != len(self._groups):
             self._use(kept)
+
+
+#: whether the kernel gives a (non-root) v2 group a file: cgroup.freeze (5.2), cgroup.kill (5.14); per kernel, so
+#: looked up once (a stat in each new group costs ~20 us)
+_core_files: dict[str, bool] = {}
+
+
+def _has_core_file(group: _Group, name: str) -> bool:
+    found = _core_files.get(name)
+    if found is None:
+        found = os.path.exists(os.path.join(group.path, name))
+        if found or os.path.isdir(group.path):      # (not a group that is gone)
+            _core_files[name] = found
+    return found
 
 
 def _label(name: object, pd_id: int | None) -> str:

@@ -289,6 +289,19 @@ def test_memory_limit_oom_kills_an_allocating_process(make, run):
     cg.destroy()
 
 
+def test_memory_limit_goes_down_and_up_in_a_new_group_and_a_reopened_one(make):
+    """v1 keeps memory.memsw.limit_in_bytes >= memory.limit_in_bytes, so the order of the two writes depends on
+    the memsw limit in force (known without a read only in a group just made): every move must succeed."""
+    cg = make()
+    for group in (cg, PDCgroups.reopen(cg.name, pd_id=7)[0]):
+        for nbytes in (48 << 20, 1 << 30, 16 << 20, 2 << 30, 32 << 20):
+            group.set_memory_max(nbytes)
+            assert group.memory_max() == nbytes
+            memsw = [os.path.join(d, "memory.memsw.limit_in_bytes") for d in group_dirs(group)
+                     if os.path.exists(os.path.join(d, "memory.memsw.limit_in_bytes"))]
+            assert [int(read(f)) for f in memsw] == [nbytes] * len(memsw)
+
+
 # --- CPU --------------------------------------------------------------------
 
 def test_cpu_quota_holds_a_busy_loop_near_20_percent(make, run):
