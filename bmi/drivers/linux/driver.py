@@ -395,7 +395,8 @@ class LinuxDriver(net.HostBridges, Driver):
     def destroy(self, pd: LinuxPD) -> None:
         if pd.destroyed:
             return
-        if pd.run is not None and pd.groups.frozen():
+        # (an ended run left no process to thaw: its init became a zombie only once its namespace was empty)
+        if pd.run is not None and not pd.run.exited.is_set() and pd.groups.frozen():
             pd.groups.thaw()
         self._discard_run(pd)
         pd.groups.destroy()

@@ -144,6 +144,25 @@ def test_paused_pd_uses_no_cpu(mgr):
     assert _cpu_seconds(pids) - c0 > 0.2
 
 
+def test_destroy_of_a_paused_pd_and_of_one_that_ended_takes_its_whole_tree(mgr):
+    """A paused PD's frozen tree is thawed to die; an ended PD has no process left, so nothing is thawed."""
+    paused = start(mgr, ["busybox", "sh", "-c", "busybox sleep 100 & while :; do :; done"])
+    ended = start(mgr, ["busybox", "true"])
+    assert ended.wait(20) is PDStatus.SHUTDOWN
+    deadline = time.monotonic() + 10
+    while len(_host_pids(mgr, paused)) < 3 and time.monotonic() < deadline:   # its init, sh and sleep
+        time.sleep(0.05)
+    pids = _host_pids(mgr, paused)
+    assert len(pids) == 3
+    paused.request_status_change(PDStatus.PAUSED)
+    for pd in (paused, ended):
+        t0 = time.monotonic()
+        pd.destroy()
+        assert time.monotonic() - t0 < 5, "destroy waited for a frozen process"
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}"), f"process {pid} of the paused PD survived its destroy"
+
+
 def test_bundled_dynamic_program_runs_as_archive(mgr, tmp_path):
     archive = tmp_path / "root.cpio"
     with open(archive, "wb") as f:
