@@ -152,7 +152,7 @@ class LinuxDriver(net.HostBridges, Driver):
 
     # -- allocation and images ----------------------------------------------------------------
     def allocate(self, pd_id: int, desc: PDDescription) -> LinuxPD:
-        groups = cgroups.PDCgroups.create(self.cgroup_name(pd_id), pd_id=pd_id)
+        groups = cgroups.PDCgroups.create(self.cgroup_name(pd_id), pd_id=pd_id, cpus=desc.cpu)   # (pinned at once)
         try:
             self._limit(groups, desc.mem, desc.cpu, desc.performance, 0, DEFAULT_PIDS_MAX)
             ids = self._take_ids(pd_id)

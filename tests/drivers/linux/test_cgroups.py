@@ -328,6 +328,27 @@ def test_set_cpus_pins_and_clamps_to_the_parent(make, run):
     cg.destroy()
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to tell one CPU from all")
+def test_create_with_cpus_pins_a_v1_cpuset_at_once_as_set_cpus_would(run):
+    """create(cpus=n) writes the CPUs set_cpus(n) picks instead of the parent's; set_cpus(n) then keeps them."""
+    groups = [PDCgroups.create(f"{PREFIX}pinned{pd_id}", pd_id=pd_id, cpus=1) for pd_id in (1, 2)]
+    try:
+        if not any(os.path.exists(os.path.join(d, "cpuset.effective_cpus")) for d in group_dirs(groups[0])):
+            pytest.skip("no v1 cpuset: a v2 one is empty (the parent's CPUs) until set_cpus")
+        files = [os.path.join(os.path.dirname(control_file(cg, "cpuset.effective_cpus")), "cpuset.cpus")
+                 for cg in groups]
+        picked = [read(f) for f in files]
+        assert all(len(p.split(",")) == 1 and "-" not in p for p in picked), picked     # one CPU each, at once
+        assert picked[0] != picked[1]                                                   # rotated with pd_id
+        p = run(groups[0], ["sleep", "60"])
+        assert os.sched_getaffinity(p.pid) == {int(picked[0])}
+        assert groups[0].set_cpus(1) == 1 and read(files[0]) == picked[0]
+        assert groups[0].set_cpus(2) == 2 and len(os.sched_getaffinity(p.pid)) == 2
+    finally:
+        for cg in groups:
+            cg.destroy()
+
+
 @pytest.mark.parametrize("priority,v1,v2", [(0, 1024, 100), (10, 9537, 931),
                                             (-10, 110, 11), (3, 2000, 195)])
 def test_weight_sets_the_cpu_weight_file(make, priority, v1, v2):
