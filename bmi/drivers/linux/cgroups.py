@@ -36,7 +36,7 @@ from bmi.errors import (DriverUnavailable, InvalidArgument, InvalidState,
 
 from . import devices
 
-__all__ = ["cgroup_version", "describe", "PDCgroups", "UNLIMITED"]
+__all__ = ["cgroup_version", "describe", "hold_layout", "PDCgroups", "read_raw", "release_layout", "UNLIMITED"]
 
 UNLIMITED = 2**63 - 1
 """What memory_max() returns when no limit is set."""
@@ -125,8 +125,8 @@ class _MountWatch:
     """The cgroup lines of /proc/self/mountinfo, kept while a driver is open (hold/release) and read again only
     when the kernel says the mount table changed: an open mountinfo polls POLLPRI|POLLERR after any mount or
     umount in its mount namespace (proc(5)).  A read costs ~60 us (the kernel prints every mount of the
-    host), and every create of a PD's groups needs the layout.  Read afresh, as without a hold, in a fork
-    (the poll state is the parent's) and once this process is in another mount namespace."""
+    host), and every create of a PD's groups needs the layout.  A fork (the poll state of an inherited fd is
+    shared with the parent) and a process now in another mount namespace open their own."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -170,7 +170,11 @@ class _MountWatch:
             elif not self._poller.poll(0):
                 return self._lines
             # the poll above consumed the change (or the fd is new): a change after it is reported next time
-            self._lines = _cgroup_mounts(read_raw("/proc/self/mountinfo"))
+            try:
+                self._lines = _cgroup_mounts(read_raw("/proc/self/mountinfo"))
+            except OSError:
+                self._forget()      # (the change is consumed: the next call must not keep the old lines)
+                raise
             return self._lines
 
 
@@ -192,9 +196,10 @@ def _layout() -> list[_Tree]:
     except OSError as e:
         raise DriverUnavailable(f"find this process's cgroups: {e}") from e
     global _parsed
-    if _parsed is None or _parsed[0] is not mounts or _parsed[1] != own:    # (the same mounts and own groups)
-        _parsed = (mounts, own, *_parse(mounts, own))
-    v1, v2 = _parsed[2], _parsed[3]
+    parsed = _parsed
+    if parsed is None or parsed[0] is not mounts or parsed[1] != own:    # (the same mounts and own groups)
+        parsed = _parsed = (mounts, own, *_parse(mounts, own))
+    v1, v2 = parsed[2], parsed[3]
     if v2 is None:
         return list(v1)
     try:    # read each time: what our parent delegates to us may change
