@@ -544,15 +544,19 @@ def _held_layout_scenario(name: str) -> None:
         sub = os.path.join(first.own, name)
         os.mkdir(sub)
         try:
-            with open(os.path.join(sub, "cgroup.procs"), "w") as f:
-                f.write(str(os.getpid()))
-            try:
-                assert cgroups._layout()[0].own == sub, cgroups._layout()
-            finally:
-                with open(os.path.join(first.own, "cgroup.procs"), "w") as f:
-                    f.write(str(os.getpid()))
+            child = os.fork()   # (the fork moves, not this process: v2 may refuse it back into a parent group)
+            if child == 0:
+                moved = False
+                try:
+                    cgroups._layout()           # a fork watches the mounts on its own fd
+                    with open(os.path.join(sub, "cgroup.procs"), "w") as f:
+                        f.write(str(os.getpid()))
+                    moved = cgroups._layout()[0].own == sub
+                finally:
+                    os._exit(0 if moved else 1)
+            assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0, "the kept layout missed a move"
         finally:
-            os.rmdir(sub)
+            cgroups._remove_tree(sub)
         assert cgroups._layout()[0].own == first.own
         v2 = next(t for t in cgroups._layout() if t.version == 2)
         subprocess.run(["umount", "-l", v2.mount], check=True)
