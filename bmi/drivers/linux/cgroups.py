@@ -46,6 +46,11 @@ _V2_CONTROLLERS = frozenset({"cpu", "cpuset", "memory", "pids"})
 _V1_UNLIMITED = 2**63 - 4096      # v1 shows "no limit" as LONG_MAX rounded to pages
 _CFS_PERIOD_US = 100_000
 _CFS_MIN_QUOTA_US = 1_000         # the kernel refuses smaller quotas
+#: (version, controller) -> what the kernel puts in these files of a new group (fixed in the kernel's source:
+#: default_cfs_period(), NICE_0_LOAD, CGROUP_WEIGHT_DFL, PAGE_COUNTER_MAX); a write of the same is skipped
+_KERNEL_DEFAULTS = {(1, "cpu"): (("cpu.cfs_period_us", str(_CFS_PERIOD_US)), ("cpu.shares", "1024")),
+                    (2, "cpu"): (("cpu.weight", "100"),),
+                    (1, "memory"): (("memory.memsw.limit_in_bytes", str(_V1_UNLIMITED)),)}
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 
 
@@ -306,8 +311,8 @@ class PDCgroups:
         # v2 only: the rules of the BPF device program attached (None: none yet), or why it was refused
         self._device_rules: dict[tuple[str, str, str], str] | None = None
         self._device_refusal = ""
-        # v1: the memsw limit when known without reading it (a memory group just made has none)
-        self._memsw_known: int | None = None
+        # files of the groups just made, with the value the kernel gave them, until our first write to each
+        self._fresh: dict[str, str] = {}
         # v1: (n, CPUs picked) when create(cpus=n) pinned the new cpuset, until the set_cpus(n) that follows
         self._pinned: tuple[int, int] | None = None
         self._use(groups)
@@ -380,8 +385,8 @@ class PDCgroups:
                 _remove_tree(group.path)
             raise
         opened = cls(name, pd_id, groups)
-        if any("memory" in g.controllers and g.version == 1 for g in made):
-            opened._memsw_known = _V1_UNLIMITED
+        opened._fresh = {os.path.join(g.path, file): value for g in made
+                         for controller in g.controllers for file, value in _KERNEL_DEFAULTS.get((g.version, controller), ())}
         opened._pinned = pinned
         return opened, bool(made)
 
@@ -412,6 +417,11 @@ class PDCgroups:
             _write(path, value)
         except OSError as e:
             raise self._fail(what, path, e, f"writing {value!r} to") from e
+
+    def _set_new(self, path: str, value: str, what: str) -> None:
+        """_set, unless the group was just made and the kernel gave the file that value already."""
+        if self._fresh.pop(path, None) != value:
+            self._set(path, value, what)
 
     def _set_each(self, path: str, values: Sequence[str], what: str) -> None:
         """_set of each value in turn through one open (the kernel takes one devices rule a write)."""
@@ -457,8 +467,8 @@ class PDCgroups:
         memsw = os.path.join(g.path, "memory.memsw.limit_in_bytes")
         if os.path.exists(memsw):
             # the kernel keeps memsw >= limit: raise memsw first, lower it last
-            known, self._memsw_known = self._memsw_known, None      # (known once: others may write it later)
-            grow = nbytes > (known if known is not None else int(self._get(memsw, what)))
+            known = self._fresh.pop(memsw, None)
+            grow = nbytes > int(known if known is not None else self._get(memsw, what))
             files.insert(0, memsw) if grow else files.append(memsw)
         for path in files:
             self._set(path, str(nbytes), what)
@@ -520,7 +530,7 @@ class PDCgroups:
         if g.version == 2:
             self._set(os.path.join(g.path, "cpu.max"), f"{quota} {_CFS_PERIOD_US}", what)
         else:
-            self._set(os.path.join(g.path, "cpu.cfs_period_us"), str(_CFS_PERIOD_US), what)
+            self._set_new(os.path.join(g.path, "cpu.cfs_period_us"), str(_CFS_PERIOD_US), what)
             self._set(os.path.join(g.path, "cpu.cfs_quota_us"), str(quota), what)
 
     def set_weight(self, priority: int) -> None:
@@ -531,7 +541,7 @@ class PDCgroups:
         g = self._group("cpu", what)
         priority = self._int(priority, -10, 10, what)
         name, default = ("cpu.weight", 100) if g.version == 2 else ("cpu.shares", 1024)
-        self._set(os.path.join(g.path, name), str(round(default * 1.25**priority)), what)
+        self._set_new(os.path.join(g.path, name), str(round(default * 1.25**priority)), what)
 
     # --- processes ----------------------------------------------------------
 

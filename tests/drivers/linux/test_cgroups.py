@@ -328,6 +328,28 @@ def test_set_cpus_pins_and_clamps_to_the_parent(make, run):
     cg.destroy()
 
 
+def test_a_new_group_holds_the_kernel_defaults_whose_writes_are_skipped():
+    """The limits skip writing a value a group just made has anyway (cgroups._KERNEL_DEFAULTS): on this kernel
+    each of those files must hold exactly that, and a write of another value must still reach the file."""
+    from bmi.drivers.linux.cgroups import _KERNEL_DEFAULTS
+    cg = PDCgroups.create(f"{PREFIX}defaults", pd_id=3)
+    try:
+        checked = {}
+        for d in group_dirs(cg):
+            for (_, _), files in _KERNEL_DEFAULTS.items():
+                for name, value in files:
+                    if os.path.exists(os.path.join(d, name)):
+                        checked[name] = (read(os.path.join(d, name)), value)
+        assert checked and all(have == want for have, want in checked.values()), checked
+        cg.set_weight(0)                    # the default: nothing to write
+        cg.set_weight(3)
+        assert int(read(control_file(cg, "cpu.weight", "cpu.shares"))) in (195, 2000)
+        cg.set_weight(0)                    # no longer fresh: written
+        assert int(read(control_file(cg, "cpu.weight", "cpu.shares"))) in (100, 1024)
+    finally:
+        cg.destroy()
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to tell one CPU from all")
 def test_create_with_cpus_pins_a_v1_cpuset_at_once_as_set_cpus_would(run):
     """create(cpus=n) writes the CPUs set_cpus(n) picks instead of the parent's; set_cpus(n) then keeps them."""
