@@ -336,10 +336,12 @@ def test_a_new_group_holds_the_kernel_defaults_whose_writes_are_skipped():
     try:
         checked = {}
         for d in group_dirs(cg):
-            for (_, _), files in _KERNEL_DEFAULTS.items():
+            for files in _KERNEL_DEFAULTS.values():
                 for name, value in files:
                     if os.path.exists(os.path.join(d, name)):
                         checked[name] = (read(os.path.join(d, name)), value)
+        if not any(os.path.exists(os.path.join(d, f)) for d in group_dirs(cg) for f in ("cpu.weight", "cpu.shares")):
+            pytest.skip("no cpu controller for the PD's groups here")
         assert checked and all(have == want for have, want in checked.values()), checked
         cg.set_weight(0)                    # the default: nothing to write
         cg.set_weight(3)
