@@ -26,16 +26,17 @@ import os
 import re
 import select
 import signal
+import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from bmi.errors import (DriverUnavailable, InvalidArgument, InvalidState,
                         NotSupported, PermissionDenied, ResourceError)
 
 from . import devices
 
-__all__ = ["cgroup_version", "describe", "PDCgroups", "UNLIMITED"]
+__all__ = ["cgroup_version", "describe", "hold_layout", "PDCgroups", "read_raw", "release_layout", "UNLIMITED"]
 
 UNLIMITED = 2**63 - 1
 """What memory_max() returns when no limit is set."""
@@ -45,6 +46,11 @@ _V2_CONTROLLERS = frozenset({"cpu", "cpuset", "memory", "pids"})
 _V1_UNLIMITED = 2**63 - 4096      # v1 shows "no limit" as LONG_MAX rounded to pages
 _CFS_PERIOD_US = 100_000
 _CFS_MIN_QUOTA_US = 1_000         # the kernel refuses smaller quotas
+#: (version, controller) -> what the kernel puts in these files of a new group (fixed in the kernel's source:
+#: default_cfs_period(), NICE_0_LOAD, CGROUP_WEIGHT_DFL, PAGE_COUNTER_MAX); a write of the same is skipped
+_KERNEL_DEFAULTS = {(1, "cpu"): (("cpu.cfs_period_us", str(_CFS_PERIOD_US)), ("cpu.shares", "1024")),
+                    (2, "cpu"): (("cpu.weight", "100"),),
+                    (1, "memory"): (("memory.memsw.limit_in_bytes", str(_V1_UNLIMITED)),)}
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 
 
@@ -76,6 +82,9 @@ def _read(path: str) -> str:
     finally:
         os.close(fd)
     return b"".join(chunks).decode()
+
+
+read_raw = _read    # (the driver reads its /proc files the same way)
 
 
 def _write(path: str, value: str) -> None:
@@ -120,26 +129,113 @@ def _own_dir(mount: str, mount_root: str, path: str) -> str | None:
     return os.path.normpath(os.path.join(mount, path.lstrip("/")))
 
 
+class _MountWatch:
+    """The cgroup lines of /proc/self/mountinfo, kept while a driver is open (hold/release) and read again only
+    when the kernel says the mount table changed: an open mountinfo polls POLLPRI|POLLERR after any mount or
+    umount in its mount namespace (proc(5)).  A read costs ~60 us (the kernel prints every mount of the
+    host), and every create of a PD's groups needs the layout.  A fork (the poll state of an inherited fd is
+    shared with the parent) and a process now in another mount namespace open their own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._watched: tuple[int, int] | None = None    # (pid, mount namespace inode) of the fd below
+        self._fd = -1
+        self._poller = select.poll()
+        self._lines: list[str] = []
+
+    def hold(self) -> None:
+        with self._lock:
+            self._holders += 1
+
+    def release(self) -> None:
+        """The last holder gone: the fd is closed, nothing is kept."""
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0:
+                self._forget()
+
+    def _forget(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._watched, self._lines, self._poller = -1, None, [], select.poll()
+
+    def after_fork(self) -> None:
+        """In a fork's child: a lock another thread held at the fork would never be released there."""
+        self._lock = threading.Lock()
+
+    def cgroup_lines(self) -> list[str]:
+        """The lines of /proc/self/mountinfo that are cgroup or cgroup2 mounts."""
+        with self._lock:
+            if not self._holders:
+                return _cgroup_mounts(_read("/proc/self/mountinfo"))
+            here = (os.getpid(), os.stat("/proc/self/ns/mnt").st_ino)
+            if here != self._watched:
+                self._forget()
+                self._fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+                self._poller.register(self._fd, select.POLLPRI)
+                self._watched = here
+            elif not self._poller.poll(0):
+                return self._lines
+            # the poll above consumed the change (or the fd is new): a change after it is reported next time
+            try:
+                self._lines = _cgroup_mounts(_read("/proc/self/mountinfo"))
+            except OSError:
+                self._forget()      # (the change is consumed: the next call must not keep the old lines)
+                raise
+            return self._lines
+
+
+def _cgroup_mounts(mountinfo: str) -> list[str]:
+    # (cgroup and cgroup2) most of a host's mounts: no split, no unescape
+    return [line for line in mountinfo.splitlines() if " - cgroup" in line]
+
+
+_mounts = _MountWatch()
+os.register_at_fork(after_in_child=_mounts.after_fork)
+hold_layout, release_layout = _mounts.hold, _mounts.release
+
+
 def _layout() -> list[_Tree]:
     """The hierarchies PD groups go into: v1 ones first, then v2."""
     try:
-        own_v1: dict[str, str] = {}
-        own_v2: str | None = None
-        for line in _read("/proc/self/cgroup").splitlines():
-            hid, ctls, path = line.split(":", 2)
-            if hid == "0" and not ctls:
-                own_v2 = path
-            else:
-                own_v1.update(dict.fromkeys(ctls.split(","), path))
-        mountinfo = _read("/proc/self/mountinfo").splitlines()
+        own = _read("/proc/self/cgroup")
+        mounts = _mounts.cgroup_lines()
     except OSError as e:
         raise DriverUnavailable(f"find this process's cgroups: {e}") from e
+    global _parsed
+    parsed = _parsed
+    if parsed is None or parsed[0] is not mounts or parsed[1] != own:    # (the same mounts and own groups)
+        parsed = _parsed = (mounts, own, *_parse(mounts, own))
+    v1, v2 = parsed[2], parsed[3]
+    if v2 is None:
+        return list(v1)
+    try:    # read each time: what our parent delegates to us may change
+        offered = frozenset(_read(os.path.join(v2[1], "cgroup.controllers")).split())
+    except OSError:
+        offered = frozenset()
+    return [*v1, _Tree(2, *v2, offered & _V2_CONTROLLERS)]
+
+
+#: the last _parse: (its mount lines, /proc/self/cgroup, its v1 trees, the v2 mount and own group)
+_parsed: tuple[list[str], str, tuple[_Tree, ...], tuple[str, str] | None] | None = None
+
+
+def _parse(mounts: list[str], own_groups: str) -> tuple[tuple[_Tree, ...], tuple[str, str] | None]:
+    """The v1 trees, and where the v2 one is (mount, own group), from the cgroup mount lines of
+    /proc/self/mountinfo and the text of /proc/self/cgroup."""
+    own_v1: dict[str, str] = {}
+    own_v2: str | None = None
+    for line in own_groups.splitlines():
+        hid, ctls, path = line.split(":", 2)
+        if hid == "0" and not ctls:
+            own_v2 = path
+        else:
+            own_v1.update(dict.fromkeys(ctls.split(","), path))
     trees: list[_Tree] = []
-    v2: _Tree | None = None
+    v2: tuple[str, str] | None = None
     seen: set[frozenset[str]] = set()
-    for line in mountinfo:
-        if " - cgroup" not in line:      # (cgroup and cgroup2) most of a host's mounts: no split, no unescape
-            continue
+    for line in mounts:
         fields = line.split()
         sep = fields.index("-")
         fstype, root, mount = fields[sep + 1], _unescape(fields[3]), _unescape(fields[4])
@@ -153,12 +249,8 @@ def _layout() -> list[_Tree]:
         elif fstype == "cgroup2" and v2 is None and own_v2 is not None:
             own = _own_dir(mount, root, own_v2)
             if own:
-                try:
-                    offered = frozenset(_read(os.path.join(own, "cgroup.controllers")).split())
-                except OSError:
-                    offered = frozenset()
-                v2 = _Tree(2, mount, own, offered & _V2_CONTROLLERS)
-    return trees + ([v2] if v2 else [])
+                v2 = (mount, own)
+    return tuple(trees), v2
 
 
 def groups_of_this_process(prefix: str) -> set[str]:
@@ -222,6 +314,10 @@ class PDCgroups:
         # v2 only: the rules of the BPF device program attached (None: none yet), or why it was refused
         self._device_rules: dict[tuple[str, str, str], str] | None = None
         self._device_refusal = ""
+        # files of the groups just made, with the value the kernel gave them, until our first write to each
+        self._fresh: dict[str, str] = {}
+        # v1: (n, CPUs picked) when create(cpus=n) pinned the new cpuset, until the set_cpus(n) that follows
+        self._pinned: tuple[int, int] | None = None
         self._use(groups)
 
     def _use(self, groups: list[_Group]) -> None:
@@ -231,11 +327,10 @@ class PDCgroups:
         self._ctl = {c: g for g in groups for c in g.controllers}
         v2 = next((g for g in groups if g.version == 2), None)
         # the v2 group whose cgroup.kill kills its whole subtree at once
-        self._killer: _Group | None = (
-            v2 if v2 and os.path.exists(os.path.join(v2.path, "cgroup.kill")) else None)
+        self._killer: _Group | None = v2 if v2 and _has_core_file(v2, "cgroup.kill") else None
         # the host's own v1 freezer first: on a hybrid host the v2 tree is systemd's bookkeeping
         v1_freezer = self._ctl.get("freezer")
-        if v1_freezer is None and v2 and os.path.exists(os.path.join(v2.path, "cgroup.freeze")):
+        if v1_freezer is None and v2 and _has_core_file(v2, "cgroup.freeze"):
             self._freezer: _Group | None = v2
         else:
             self._freezer = v1_freezer
@@ -243,10 +338,12 @@ class PDCgroups:
     # --- creation -------------------------------------------------------
 
     @classmethod
-    def create(cls, name: str, *, pd_id: int | None = None) -> "PDCgroups":
+    def create(cls, name: str, *, pd_id: int | None = None, cpus: int | None = None) -> "PDCgroups":
         """Make the PD's group in every hierarchy; on failure remove what
-        was made and raise ResourceError."""
-        return cls._open(name, pd_id, reuse=False)[0]
+        was made and raise ResourceError.  cpus: a new v1 cpuset gets the CPUs set_cpus(cpus) picks
+        rather than a copy of the parent's, and that set_cpus then has nothing to write (each write to
+        cpuset.cpus costs ~50 us)."""
+        return cls._open(name, pd_id, reuse=False, cpus=cpus)[0]
 
     @classmethod
     def reopen(cls, name: str, *, pd_id: int | None = None) -> tuple["PDCgroups", bool]:
@@ -255,7 +352,8 @@ class PDCgroups:
         return cls._open(name, pd_id, reuse=True)
 
     @classmethod
-    def _open(cls, name: str, pd_id: int | None, reuse: bool) -> tuple["PDCgroups", bool]:
+    def _open(cls, name: str, pd_id: int | None, reuse: bool,
+              cpus: int | None = None) -> tuple["PDCgroups", bool]:
         label = _label(name, pd_id)
         if not isinstance(name, str) or not _NAME.match(name):
             raise InvalidArgument(f"create cgroups for {label}: bad group name {name!r}: "
@@ -265,6 +363,9 @@ class PDCgroups:
             raise DriverUnavailable(f"create cgroups for {label}: no cgroup filesystem is mounted",
                                     pd_id=pd_id)
         has_v1 = any(t.version == 1 for t in trees)
+        if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= 1 << 16:
+            cpus = None     # (set_cpus refuses it by name)
+        pinned: tuple[int, int] | None = None
         groups: list[_Group] = []
         made: list[_Group] = []
         try:
@@ -276,15 +377,21 @@ class PDCgroups:
                 # on hybrid hosts a v2 tree without controllers is only a bonus; so is a v1 devices
                 # hierarchy we may not write (the PD then says /capability/devices/enforced = no)
                 optional = (tree.version == 2 and has_v1 and not tree.controllers) or tree.controllers == {"devices"}
-                group = _make(tree, name, label, pd_id, optional)
+                group, picked = _make(tree, name, label, pd_id, optional, cpus)
                 if group:
                     groups.append(group)
                     made.append(group)
+                if picked and cpus is not None:
+                    pinned = (cpus, picked)
         except BaseException:
             for group in reversed(made):
                 _remove_tree(group.path)
             raise
-        return cls(name, pd_id, groups), bool(made)
+        opened = cls(name, pd_id, groups)
+        opened._fresh = {os.path.join(g.path, file): value for g in made
+                         for controller in g.controllers for file, value in _KERNEL_DEFAULTS.get((g.version, controller), ())}
+        opened._pinned = pinned
+        return opened, bool(made)
 
     # --- helpers ----------------------------------------------------------
 
@@ -313,6 +420,26 @@ class PDCgroups:
             _write(path, value)
         except OSError as e:
             raise self._fail(what, path, e, f"writing {value!r} to") from e
+
+    def _set_new(self, path: str, value: str, what: str) -> None:
+        """_set, unless the group was just made and the kernel gave the file that value already."""
+        if self._fresh.pop(path, None) != value:
+            self._set(path, value, what)
+
+    def _set_each(self, path: str, values: Sequence[str], what: str) -> None:
+        """_set of each value in turn through one open (the kernel takes one devices rule a write)."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise self._fail(what, path, e, f"writing {values[0]!r} to" if values else "opening") from e
+        try:
+            for value in values:
+                try:
+                    os.write(fd, value.encode())
+                except OSError as e:
+                    raise self._fail(what, path, e, f"writing {value!r} to") from e
+        finally:
+            os.close(fd)
 
     def _get(self, path: str, what: str) -> str:
         try:
@@ -343,7 +470,8 @@ class PDCgroups:
         memsw = os.path.join(g.path, "memory.memsw.limit_in_bytes")
         if os.path.exists(memsw):
             # the kernel keeps memsw >= limit: raise memsw first, lower it last
-            grow = nbytes > int(self._get(memsw, what))
+            known = self._fresh.pop(memsw, None)
+            grow = nbytes > int(known if known is not None else self._get(memsw, what))
             files.insert(0, memsw) if grow else files.append(memsw)
         for path in files:
             self._set(path, str(nbytes), what)
@@ -379,13 +507,15 @@ class PDCgroups:
         what = "set CPUs"
         g = self._group("cpuset", what)
         n = self._int(n, 1, 1 << 16, what)
+        pinned, self._pinned = self._pinned, None
+        if pinned is not None and pinned[0] == n:
+            return pinned[1]        # create(cpus=n) wrote just that
         parent = os.path.dirname(g.path)
         avail = _cpu_list(self._get(os.path.join(parent, self._cpuset_file(g)), what))
         if not avail:
             raise ResourceError(f"{what} of {_label(self.name, self.pd_id)}: the parent cgroup "
                                 f"{parent} has no CPUs", pd_id=self.pd_id)
-        start = (self.pd_id or 0) % len(avail)
-        chosen = sorted((avail[start:] + avail[:start])[:n])
+        chosen = _pick_cpus(avail, n, self.pd_id)
         self._set(os.path.join(g.path, "cpuset.cpus"), ",".join(map(str, chosen)), what)
         return len(chosen)
 
@@ -403,7 +533,7 @@ class PDCgroups:
         if g.version == 2:
             self._set(os.path.join(g.path, "cpu.max"), f"{quota} {_CFS_PERIOD_US}", what)
         else:
-            self._set(os.path.join(g.path, "cpu.cfs_period_us"), str(_CFS_PERIOD_US), what)
+            self._set_new(os.path.join(g.path, "cpu.cfs_period_us"), str(_CFS_PERIOD_US), what)
             self._set(os.path.join(g.path, "cpu.cfs_quota_us"), str(quota), what)
 
     def set_weight(self, priority: int) -> None:
@@ -414,7 +544,7 @@ class PDCgroups:
         g = self._group("cpu", what)
         priority = self._int(priority, -10, 10, what)
         name, default = ("cpu.weight", 100) if g.version == 2 else ("cpu.shares", 1024)
-        self._set(os.path.join(g.path, name), str(round(default * 1.25**priority)), what)
+        self._set_new(os.path.join(g.path, name), str(round(default * 1.25**priority)), what)
 
     # --- processes ----------------------------------------------------------
 
@@ -466,8 +596,7 @@ class PDCgroups:
         if "devices" in self._ctl:
             path = self._group("devices", "limit devices").path
             self._set(os.path.join(path, "devices.deny"), "a", "limit devices")
-            for rule in rules:
-                self.allow_device(rule)
+            self._set_each(os.path.join(path, "devices.allow"), rules, "allow a device")
         else:
             self._program_devices(dict(map(devices.parse_rule, rules)), "limit devices", strict=False)
 
@@ -705,6 +834,20 @@ class PDCgroups:
             self._use(kept)
 
 
+#: whether the kernel gives a (non-root) v2 group a file: cgroup.freeze (5.2), cgroup.kill (5.14); per kernel, so
+#: looked up once (a stat in each new group costs ~20 us)
+_core_files: dict[str, bool] = {}
+
+
+def _has_core_file(group: _Group, name: str) -> bool:
+    found = _core_files.get(name)
+    if found is None:
+        found = os.path.exists(os.path.join(group.path, name))
+        if found or os.path.isdir(group.path):      # (not a group that is gone)
+            _core_files[name] = found
+    return found
+
+
 def _label(name: object, pd_id: int | None) -> str:
     return f"PD {pd_id} (cgroup {name!r})" if pd_id is not None else f"cgroup {name!r}"
 
@@ -721,9 +864,16 @@ def _wait(done, timeout: float) -> bool:
     return True
 
 
-def _make(tree: _Tree, name: str, label: str, pd_id: int | None, optional: bool) -> _Group | None:
-    """mkdir the PD's group in one tree and prepare it; None if an optional
-    tree is not writable."""
+def _pick_cpus(available: list[int], n: int, pd_id: int | None) -> list[int]:
+    """n of `available` (all if fewer); the start rotates with pd_id so PDs spread over the CPUs."""
+    start = (pd_id or 0) % len(available)
+    return sorted((available[start:] + available[:start])[:n])
+
+
+def _make(tree: _Tree, name: str, label: str, pd_id: int | None, optional: bool,
+          cpus: int | None = None) -> tuple[_Group | None, int]:
+    """mkdir the PD's group in one tree and prepare it; None if an optional tree is not writable.  With the
+    group, how many CPUs it was pinned to (v1 cpuset and cpus given, as set_cpus(cpus) would), else 0."""
     path = os.path.join(tree.own, name)
     doing = f"create cgroups for {label}"
     if tree.version == 2 and tree.controllers:
@@ -732,22 +882,30 @@ def _make(tree: _Tree, name: str, label: str, pd_id: int | None, optional: bool)
         os.mkdir(path)
     except OSError as e:
         if optional and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return None
+            return None, 0
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise _no_cgroup_access(doing, pd_id) from e
         why = ("it already exists (a PD of that name, or left by a manager that died)"
                if e.errno == errno.EEXIST else f"{errno.errorcode.get(e.errno or 0, '?')} {e.strerror}")
         raise ResourceError(f"{doing}: mkdir {path}: {why}", pd_id=pd_id) from e
     group = _Group(tree.version, path, tree.controllers)
+    picked = 0
     if tree.version == 1 and "cpuset" in tree.controllers:
         # a new v1 cpuset starts empty and refuses processes until filled
         try:
             for f in ("cpuset.cpus", "cpuset.mems"):
-                _write(os.path.join(path, f), _read(os.path.join(tree.own, f)).strip())
+                available = (_cpu_list(_read(os.path.join(tree.own, "cpuset.effective_cpus")))
+                             if f == "cpuset.cpus" and cpus is not None else [])
+                if available:   # (none: the copy, and then set_cpus says the parent has no CPUs)
+                    chosen = _pick_cpus(available, cpus or 1, pd_id)
+                    value, picked = ",".join(map(str, chosen)), len(chosen)
+                else:
+                    value = _read(os.path.join(tree.own, f)).strip()
+                _write(os.path.join(path, f), value)
         except OSError as e:
             _remove_tree(path)
             raise ResourceError(f"{doing}: copying {f} into {path}: {e.strerror}", pd_id=pd_id) from e
-    return group
+    return group, picked
 
 
 def _enable_controllers(tree: _Tree, doing: str, pd_id: int | None) -> None:

@@ -67,6 +67,7 @@ class LinuxPD:
     assigned: dict[str, str] = field(default_factory=dict)         # assigned host node -> its cgroup rule
     owners: dict[str, devices.Owner] = field(default_factory=dict)  # host nodes chowned to it, and their owners
     links: list[str] = field(default_factory=list)                  # host ends of its network interfaces
+    fresh_groups: bool = False      # made by allocate and no process put in them yet: no OOM kill counted there
 
 
 def _alive(pid: int) -> bool:
@@ -121,6 +122,8 @@ class LinuxDriver(net.HostBridges, Driver):
         self._ids = uids.IdPool()
         if lifeline:
             cgroups.sweep(_SESSION_GROUP, lambda match: not _alive(int(match[1])))
+        cgroups.hold_layout()       # until close: a create reads the cgroup mounts again only after a mount change
+        self._layout_held = True
 
     def cgroup_name(self, pd_id: int) -> str:
         """Session groups carry the manager's pid: a later manager removes them if it died (sweep)."""
@@ -142,22 +145,21 @@ class LinuxDriver(net.HostBridges, Driver):
         }
 
     def host_resources(self) -> HostResources:
-        with open("/proc/meminfo") as f:
-            total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
-        with open("/proc/sys/kernel/pid_max") as f:
-            pid_max = int(f.read())
+        # raw reads: each allocate_pd asks, and a buffered text open costs ~30 us more per file
+        total = int(cgroups.read_raw("/proc/meminfo").partition("MemTotal:")[2].split(None, 1)[0]) * 1024
+        pid_max = int(cgroups.read_raw("/proc/sys/kernel/pid_max"))
         return HostResources(cpus=len(os.sched_getaffinity(0)), memory=total, pids=pid_max)
 
     # -- allocation and images ----------------------------------------------------------------
     def allocate(self, pd_id: int, desc: PDDescription) -> LinuxPD:
-        groups = cgroups.PDCgroups.create(self.cgroup_name(pd_id), pd_id=pd_id)
+        groups = cgroups.PDCgroups.create(self.cgroup_name(pd_id), pd_id=pd_id, cpus=desc.cpu)   # (pinned at once)
         try:
             self._limit(groups, desc.mem, desc.cpu, desc.performance, 0, DEFAULT_PIDS_MAX)
             ids = self._take_ids(pd_id)
         except BaseException:
             groups.destroy()
             raise
-        return LinuxPD(pd_id, desc, groups, ids=ids)
+        return LinuxPD(pd_id, desc, groups, ids=ids, fresh_groups=True)
 
     def _take_ids(self, pd_id: int) -> uids.IdLease:
         """The PD's own host uid/gid, held until it is destroyed."""
@@ -232,7 +234,8 @@ class LinuxDriver(net.HostBridges, Driver):
         console_r, console_w = os.pipe2(os.O_CLOEXEC)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         try:
-            oom_base = pd.groups.oom_kills()
+            oom_base = 0 if pd.fresh_groups else pd.groups.oom_kills()
+            pd.fresh_groups = False     # (a start that fails may still have placed a process there)
             child = spawn.spawn(pd.image_fd, archive=pd.archive, argv=argv, env=env, console_fd=console_w,
                                 status_fd=status_w, lifeline_fd=self._lifeline_r, channel_fd=channel_fd,
                                 cgroup_procs=pd.groups.procs_files, outer_uid=ids.uid, outer_gid=ids.gid,
@@ -392,7 +395,8 @@ class LinuxDriver(net.HostBridges, Driver):
     def destroy(self, pd: LinuxPD) -> None:
         if pd.destroyed:
             return
-        if pd.run is not None and pd.groups.frozen():
+        # (an ended run left no process to thaw: its init became a zombie only once its namespace was empty)
+        if pd.run is not None and not pd.run.exited.is_set() and pd.groups.frozen():
             pd.groups.thaw()
         self._discard_run(pd)
         pd.groups.destroy()
@@ -526,6 +530,9 @@ class LinuxDriver(net.HostBridges, Driver):
 
     def close(self) -> None:
         self._monitor.close()
+        if self._layout_held:
+            self._layout_held = False
+            cgroups.release_layout()
         if self._lifeline_w >= 0:
             os.close(self._lifeline_w)
             os.close(self._lifeline_r)

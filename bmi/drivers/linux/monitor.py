@@ -21,6 +21,7 @@ class Monitor:
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._lock = threading.Lock()
         self._pending: list[tuple[int, Callable[[], None] | Callable[[bytes], None], bool]] = []
+        self._woken = False     # a wake-up is written and _pending not yet taken
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="bmi-monitor", daemon=True)
         self._thread.start()
@@ -36,7 +37,9 @@ class Monitor:
     def _add(self, fd: int, callback, is_console: bool) -> None:
         with self._lock:
             self._pending.append((fd, callback, is_console))
-        os.write(self._wake_w, b"x")
+            wake, self._woken = not self._woken, True
+        if wake:    # (one wake-up for a console and an exit added together)
+            os.write(self._wake_w, b"x")
 
     def _run(self) -> None:
         while True:
@@ -61,7 +64,7 @@ class Monitor:
         except BlockingIOError:
             pass
         with self._lock:
-            pending, self._pending = self._pending, []
+            pending, self._pending, self._woken = self._pending, [], False
         for fd, callback, is_console in pending:
             self._sel.register(fd, selectors.EVENT_READ, (callback, is_console))
 

@@ -165,10 +165,13 @@ class IdPool:
         return f"yes (host ids {start}-{start + count - 1}, {how})"
 
     def _open_lock(self) -> int:
-        directory = os.path.dirname(self.lock_file)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            os.makedirs(directory, mode=0o755, exist_ok=True)
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fd = os.open(self.lock_file, flags, 0o600)
+            except FileNotFoundError:   # (its directory only the first time: no makedirs on each allocate)
+                os.makedirs(os.path.dirname(self.lock_file), mode=0o755, exist_ok=True)
+                fd = os.open(self.lock_file, flags, 0o600)
         except OSError as e:
             raise ResourceError(f"cannot open the uid lock file {self.lock_file}: {e.strerror}") from None
         if os.fstat(fd).st_uid != os.geteuid():     # others must not be able to take read locks on it

@@ -289,6 +289,19 @@ def test_memory_limit_oom_kills_an_allocating_process(make, run):
     cg.destroy()
 
 
+def test_memory_limit_goes_down_and_up_in_a_new_group_and_a_reopened_one(make):
+    """v1 keeps memory.memsw.limit_in_bytes >= memory.limit_in_bytes, so the order of the two writes depends on
+    the memsw limit in force (known without a read only in a group just made): every move must succeed."""
+    cg = make()
+    for group in (cg, PDCgroups.reopen(cg.name, pd_id=7)[0]):
+        for nbytes in (48 << 20, 1 << 30, 16 << 20, 2 << 30, 32 << 20):
+            group.set_memory_max(nbytes)
+            assert group.memory_max() == nbytes
+            memsw = [os.path.join(d, "memory.memsw.limit_in_bytes") for d in group_dirs(group)
+                     if os.path.exists(os.path.join(d, "memory.memsw.limit_in_bytes"))]
+            assert [int(read(f)) for f in memsw] == [nbytes] * len(memsw)
+
+
 # --- CPU --------------------------------------------------------------------
 
 def test_cpu_quota_holds_a_busy_loop_near_20_percent(make, run):
@@ -313,6 +326,51 @@ def test_set_cpus_pins_and_clamps_to_the_parent(make, run):
     every = cg.set_cpus(1 << 12)                     # more than there are: clamped
     assert every == cg.cpus() == len(os.sched_getaffinity(p.pid)) >= 1
     cg.destroy()
+
+
+def test_a_new_group_holds_the_kernel_defaults_whose_writes_are_skipped():
+    """The limits skip writing a value a group just made has anyway (cgroups._KERNEL_DEFAULTS): on this kernel
+    each of those files must hold exactly that, and a write of another value must still reach the file."""
+    from bmi.drivers.linux.cgroups import _KERNEL_DEFAULTS
+    cg = PDCgroups.create(f"{PREFIX}defaults", pd_id=3)
+    try:
+        checked = {}
+        for d in group_dirs(cg):
+            for files in _KERNEL_DEFAULTS.values():
+                for name, value in files:
+                    if os.path.exists(os.path.join(d, name)):
+                        checked[name] = (read(os.path.join(d, name)), value)
+        if not any(os.path.exists(os.path.join(d, f)) for d in group_dirs(cg) for f in ("cpu.weight", "cpu.shares")):
+            pytest.skip("no cpu controller for the PD's groups here")
+        assert checked and all(have == want for have, want in checked.values()), checked
+        cg.set_weight(0)                    # the default: nothing to write
+        cg.set_weight(3)
+        assert int(read(control_file(cg, "cpu.weight", "cpu.shares"))) in (195, 2000)
+        cg.set_weight(0)                    # no longer fresh: written
+        assert int(read(control_file(cg, "cpu.weight", "cpu.shares"))) in (100, 1024)
+    finally:
+        cg.destroy()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to tell one CPU from all")
+def test_create_with_cpus_pins_a_v1_cpuset_at_once_as_set_cpus_would(run):
+    """create(cpus=n) writes the CPUs set_cpus(n) picks instead of the parent's; set_cpus(n) then keeps them."""
+    groups = [PDCgroups.create(f"{PREFIX}pinned{pd_id}", pd_id=pd_id, cpus=1) for pd_id in (1, 2)]
+    try:
+        if not any(os.path.exists(os.path.join(d, "cpuset.effective_cpus")) for d in group_dirs(groups[0])):
+            pytest.skip("no v1 cpuset: a v2 one is empty (the parent's CPUs) until set_cpus")
+        files = [os.path.join(os.path.dirname(control_file(cg, "cpuset.effective_cpus")), "cpuset.cpus")
+                 for cg in groups]
+        picked = [read(f) for f in files]
+        assert all(len(p.split(",")) == 1 and "-" not in p for p in picked), picked     # one CPU each, at once
+        assert picked[0] != picked[1]                                                   # rotated with pd_id
+        p = run(groups[0], ["sleep", "60"])
+        assert os.sched_getaffinity(p.pid) == {int(picked[0])}
+        assert groups[0].set_cpus(1) == 1 and read(files[0]) == picked[0]
+        assert groups[0].set_cpus(2) == 2 and len(os.sched_getaffinity(p.pid)) == 2
+    finally:
+        for cg in groups:
+            cg.destroy()
 
 
 @pytest.mark.parametrize("priority,v1,v2", [(0, 1024, 100), (10, 9537, 931),
@@ -492,8 +550,60 @@ def test_v1_only_path_freezer_and_signal_kill():
     assert result.stdout.strip().endswith("ok v1")
 
 
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1) for a private mount namespace")
+def test_the_kept_layout_follows_mounts_and_a_move_to_another_cgroup():
+    """While a driver holds the layout, a create reads /proc/self/mountinfo again only after the kernel reports a
+    mount change: an umount and a new mount of a hierarchy, and a move of this process, must still show."""
+    result = _in_mount_namespace("held")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("ok held")
+
+
+def _held_layout_scenario(name: str) -> None:
+    """Runs inside the private mount namespace: the layout kept by hold_layout after mount changes and a move."""
+    from bmi.drivers.linux import cgroups
+    cgroups.hold_layout()
+    try:
+        first = cgroups._layout()[0]
+        sub = os.path.join(first.own, name)
+        os.mkdir(sub)
+        try:
+            child = os.fork()   # (the fork moves, not this process: v2 may refuse it back into a parent group)
+            if child == 0:
+                moved = False
+                try:
+                    cgroups._layout()           # a fork watches the mounts on its own fd
+                    with open(os.path.join(sub, "cgroup.procs"), "w") as f:
+                        f.write(str(os.getpid()))
+                    moved = cgroups._layout()[0].own == sub
+                finally:
+                    os._exit(0 if moved else 1)
+            assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0, "the kept layout missed a move"
+        finally:
+            cgroups._remove_tree(sub)
+        assert cgroups._layout()[0].own == first.own
+        v2 = next(t for t in cgroups._layout() if t.version == 2)
+        subprocess.run(["umount", "-l", v2.mount], check=True)
+        assert [t for t in cgroups._layout() if t.version == 2] == [], "the kept layout missed an umount"
+        elsewhere = os.path.join("/tmp", name)
+        os.mkdir(elsewhere)
+        try:
+            subprocess.run(["mount", "-t", "cgroup2", "cgroup2", elsewhere], check=True)
+            assert [t.mount for t in cgroups._layout() if t.version == 2] == [elsewhere], \
+                "the kept layout missed a new mount"
+            subprocess.run(["umount", elsewhere], check=True)
+        finally:
+            os.rmdir(elsewhere)
+    finally:
+        cgroups.release_layout()
+    print("ok held")
+
+
 def _scenario(layout: str, name: str) -> None:
     """Runs inside the private mount namespace."""
+    if layout == "held":
+        _held_layout_scenario(name)
+        return
     if layout == "v2":      # only cgroup2, at the usual place
         subprocess.run(["umount", "-l", CGROUP_ROOT], check=True)
         subprocess.run(["mount", "-t", "cgroup2", "cgroup2", CGROUP_ROOT], check=True)

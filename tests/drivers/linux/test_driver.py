@@ -71,6 +71,18 @@ def test_memory_limit_kills_with_reason_oom(mgr):
     assert "survived" not in pd.get_runtime_param("/console/log")
 
 
+def test_a_start_after_an_oom_kill_counts_only_its_own(mgr):
+    """The OOM count of a PD's groups is kept over its runs: a start takes its count as the base (0 in the groups
+    allocate just made), so the run after an OOM kill ends as what it did, not as oom."""
+    pd, _ = sh(mgr, "x=$(busybox head -c 200000000 /dev/zero | busybox tr '\\0' a); echo survived",
+               mem=24 << 20)
+    assert pd.get_runtime_param("/system/exit-reason") == "oom"
+    pd.set_config_param("/boot/cmdline", "busybox true")
+    pd.request_status_change(PDStatus.RUNNING)
+    assert pd.wait(20) is PDStatus.SHUTDOWN
+    assert pd.get_runtime_param("/system/exit-reason") == "exited with status 0"
+
+
 def _cpu_seconds(pids):
     total = 0
     for pid in pids:
@@ -130,6 +142,25 @@ def test_paused_pd_uses_no_cpu(mgr):
     while _cpu_seconds(pids) - c0 <= 0.2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _cpu_seconds(pids) - c0 > 0.2
+
+
+def test_destroy_of_a_paused_pd_and_of_one_that_ended_takes_its_whole_tree(mgr):
+    """A paused PD's frozen tree is thawed to die; an ended PD has no process left, so nothing is thawed."""
+    paused = start(mgr, ["busybox", "sh", "-c", "busybox sleep 100 & while :; do :; done"])
+    ended = start(mgr, ["busybox", "true"])
+    assert ended.wait(20) is PDStatus.SHUTDOWN
+    deadline = time.monotonic() + 10
+    while len(_host_pids(mgr, paused)) < 3 and time.monotonic() < deadline:   # its init, sh and sleep
+        time.sleep(0.05)
+    pids = _host_pids(mgr, paused)
+    assert len(pids) == 3
+    paused.request_status_change(PDStatus.PAUSED)
+    for pd in (paused, ended):
+        t0 = time.monotonic()
+        pd.destroy()
+        assert time.monotonic() - t0 < 5, "destroy waited for a frozen process"
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}"), f"process {pid} of the paused PD survived its destroy"
 
 
 def test_bundled_dynamic_program_runs_as_archive(mgr, tmp_path):

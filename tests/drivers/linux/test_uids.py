@@ -120,3 +120,17 @@ def test_a_manager_that_is_not_root_maps_its_subuid_range_with_newuidmap():
         pytest.skip(f"no overlayfs for a private /etc here: {done.stderr.strip()}")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [f"yes True {sub}", "uid: 0 0", f"['{sub}']"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the default block is a root manager's")
+def test_the_lock_file_and_its_directory_are_made_on_the_first_take(tmp_path):
+    pool = IdPool({})
+    pool.lock_file = str(tmp_path / "run" / "bmi" / "uids.lock")
+    first = pool.acquire(1)
+    second = pool.acquire(2)
+    try:
+        assert os.stat(pool.lock_file).st_uid == 0 and oct(os.stat(pool.lock_file).st_mode & 0o777) == "0o600"
+        assert first.uid == DEFAULT_RANGE[0] and second.uid == first.uid + 1   # a fresh lock file: nothing taken
+    finally:
+        first.release()
+        second.release()
