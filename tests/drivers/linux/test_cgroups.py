@@ -353,6 +353,7 @@ def test_a_new_group_holds_the_kernel_defaults_whose_writes_are_skipped():
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to tell one CPU from all")
+@pytest.mark.hybrid_host
 def test_create_with_cpus_pins_a_v1_cpuset_at_once_as_set_cpus_would(run):
     """create(cpus=n) writes the CPUs set_cpus(n) picks instead of the parent's; set_cpus(n) then keeps them."""
     groups = [PDCgroups.create(f"{PREFIX}pinned{pd_id}", pd_id=pd_id, cpus=1) for pd_id in (1, 2)]
