@@ -26,7 +26,7 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
-BUSY = -32011                    # the PD's queue is full: retry after reading replies
+BUSY = -32011                    # the PD already waits in ACCEPT_LIMIT accept calls
 
 #: bmi exception <-> JSON-RPC error code (server errors live in -32000..-32099).
 ERROR_CODES: dict[type[errors.BMIError], int] = {
