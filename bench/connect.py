@@ -260,8 +260,9 @@ def main() -> None:
           f"plain socketpair: {median_us(anchor_rtt):6.1f} us   "
           f"ratio {statistics.median(rtt) / statistics.median(anchor_rtt):6.2f}x")
     print(f"floor: a JSON-RPC round trip between two Python processes: {floor:8.1f} us")
-    print(f"one channel call (get_version), from another process (a PD): {versus(pd_call, pd_floor)}  (goal <= 2x; "
-          f"that process's own round trips to the floor's peer, interleaved with its calls: {pd_floor:.1f} us)")
+    print(f"one channel call (get_version), from another process (a PD): {versus(pd_call, floor)}  (goal <= 2x)")
+    print(f"  against that process's own round trips to the floor's peer, interleaved with its calls "
+          f"({pd_floor:.1f} us): {pd_call / pd_floor:5.2f}x (both floors drift with the VM's idle wake-ups)")
     print(f"one channel call (get_version), from a thread of the layer's process: {versus(median_us(call), floor)}")
     print(f"connection set-up against the floor: {versus(median_us(setup), floor)} "
           f"(two channel calls: >= 2x)")
