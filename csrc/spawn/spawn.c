@@ -126,6 +126,19 @@ static long child_syscall(long nr, long a, long b, long c, long d, long e)
 #endif
 }
 
+/* The CLONE_VM child's failure (errno err; where: stage, detail) as one record on the set-up pipe, through
+ * child_syscall (glibc's write would read and set the manager thread's errno).  One write: a record is
+ * smaller than PIPE_BUF, so it goes whole. */
+static void child_report(const struct cfg *c, int err, const char *stage, const char *detail)
+{
+    struct rec r = {.kind = BMI_SPAWN_ERESOURCE, .err = err};
+    memcpy(r.stage, stage, strlen(stage) + 1);
+    size_t len = detail ? strlen(detail) : 0;
+    if (len >= sizeof r.detail) len = sizeof r.detail - 1;
+    if (len) memcpy(r.detail, detail, len);
+    while (child_syscall(SYS_write, c->err_wr, (long)&r, sizeof r, 0, 0) == -EINTR) {}
+}
+
 /* Runs on its own stack in the manager's memory (CLONE_VM) until the exec:
  * syscalls only, nothing written but its own stack and its own fd table.
  * It waits for the manager to map its uids and place it in its cgroups:
@@ -142,21 +155,16 @@ static int init_child(void *arg)
     for (int i = 0; i < pl->ntasks; i++) keep[8 + i] = pl->tasks[i];
     close_except(keep, 8 + pl->ntasks);
     const char *stage = "placing the PD in";
+    char b;
     for (int i = 0; i < pl->ntasks; i++) {
         long w = child_syscall(SYS_write, pl->tasks[i], (long)"0", 1, 0, 0);
         if (w != 1) {
-            struct rec r = {.kind = BMI_SPAWN_ERESOURCE, .err = w < 0 ? (int)-w : EIO};
-            memcpy(r.stage, stage, strlen(stage) + 1);
-            size_t len = strlen(pl->tasks_name[i]);
-            if (len >= sizeof r.detail) len = sizeof r.detail - 1;
-            memcpy(r.detail, pl->tasks_name[i], len);
-            write_all(c->err_wr, (const char *)&r, sizeof r);
-            while (child_syscall(SYS_read, c->release_rd, (long)&r, 1, 0, 0) == -EINTR) {}  /* till it is read */
+            child_report(c, w < 0 ? (int)-w : EIO, stage, pl->tasks_name[i]);
+            while (child_syscall(SYS_read, c->release_rd, (long)&b, 1, 0, 0) == -EINTR) {}  /* till it is read */
             _exit(127);
         }
         child_syscall(SYS_close, pl->tasks[i], 0, 0, 0, 0);
     }
-    char b;
     long n;
     do n = child_syscall(SYS_read, c->release_rd, (long)&b, 1, 0, 0); while (n == -EINTR);
     if (n != 1) _exit(127); /* the manager gave up; it kills and reaps us */
@@ -172,9 +180,7 @@ static int init_child(void *arg)
         failed = child_syscall(SYS_execveat, init_fd, (long)"", (long)s->argv, (long)c->envp, AT_EMPTY_PATH);
         stage = "exec of bmi-init";
     }
-    struct rec r = {.kind = BMI_SPAWN_ERESOURCE, .err = (int)-failed};
-    memcpy(r.stage, stage, strlen(stage) + 1);
-    write_all(c->err_wr, (const char *)&r, sizeof r);
+    child_report(c, (int)-failed, stage, NULL);
     _exit(127);
 }
 
