@@ -328,14 +328,12 @@ class Store:
                                 m.error = e
                                 raise _MemberFailed from None
                         rows = self._row_statements()
-                        if db.begun or len(rows) > 1:
-                            for sql, values in rows:
-                                db.execute(sql, values)
-                            self.group_test_hook(len(group))
-                        else:       # at most one statement: its own transaction (one GIL hand-over, not three)
-                            self.group_test_hook(len(group))
-                            for sql, values in rows:
-                                self._db.execute(sql, values)
+                        self.group_test_hook(len(group))
+                        # at most one statement and no BEGIN yet: it is a transaction of its own (one GIL
+                        # hand-over, not three)
+                        execute = db.execute if db.begun or len(rows) > 1 else self._db.execute
+                        for sql, values in rows:
+                            execute(sql, values)
                 except _MemberFailed:
                     continue            # rolled back: the group again without it
                 except (OSError, sqlite3.Error) as e:
