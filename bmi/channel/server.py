@@ -277,6 +277,7 @@ class ChannelServer:
             with self._lock:
                 timed = list(self._timed)
             timeout = self._end_accepts(timed)
+            events: list[tuple[int, int]] = []
             with self._lock:
                 self._waiting += 1
             try:
@@ -284,9 +285,7 @@ class ChannelServer:
             finally:
                 with self._lock:
                     self._waiting -= 1
-            if events and events[0][0] != self._wake_r:
-                with self._lock:
-                    if self._waiting == 0:
+                    if self._waiting == 0 and events and events[0][0] != self._wake_r:
                         self._spawn()       # someone waits for the other channels while this one is served
             for fd, _ in events:
                 if fd == self._wake_r:
