@@ -184,6 +184,8 @@ class Registry:
             for c in gone:
                 del self._live[c.conn_id]
                 self._opened[c.source] -= 1
+                if not self._opened[c.source]:
+                    del self._opened[c.source]      # (PD ids are not reused: no entry per PD ever seen)
                 queue = self._inbox.get(c.dest)
                 if queue is not None and c in queue:
                     queue.remove(c)
