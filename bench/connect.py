@@ -252,7 +252,8 @@ def main() -> None:
     print(f"connection set-up, destination already waiting in accept (a thread of this process): "
           f"connect {median_us(waiting):8.1f} us   ratio {statistics.median(waiting) / pair:6.1f}x;  "
           f"both ends {median_us(waiting_both):8.1f} us   ratio {statistics.median(waiting_both) / pair:6.1f}x")
-    print(f"connection set-up, destination already waiting in accept (another process, as a PD): connect {median_us(apart):8.1f} us   ratio {statistics.median(apart) / pair:6.1f}x;  "
+    print(f"connection set-up, destination already waiting in accept (another process, as a PD): "
+          f"connect {median_us(apart):8.1f} us   ratio {statistics.median(apart) / pair:6.1f}x;  "
           f"both ends {median_us(apart_both):8.1f} us   ratio {statistics.median(apart_both) / pair:6.1f}x")
     print(f"the layer's own work (policy check, pair, mode, 2 fd passes; in-process, no round trip): "
           f"{median_us(layer):8.1f} us   ratio {statistics.median(layer) / pair:6.1f}x  (goal <= 10x)")
