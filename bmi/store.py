@@ -5,8 +5,12 @@ every PD's record (description, status, measurement in every bank, config
 params, priority, connection policies, parent), the live connections
 between PDs (their fds are with the fd keeper), the pending operations
 (an intent log: finished or rolled back at the next start), the event log
-and a few counters.  synchronous=FULL: an acknowledged change survives a
-power cut too, not only a SIGKILL of bmid.
+and a few counters.  An acknowledged change survives a power cut too, not
+only a SIGKILL of bmid: every transaction a reply depends on is made
+durable (fdatasync of the WAL, what synchronous=FULL does inside COMMIT)
+before the reply.  The store does that sync itself, apart from COMMIT
+(synchronous=NORMAL), so that bmid's client loop can run the next calls
+while one sync makes several groups durable (Store.sync, clients.py).
 
 Private to root: the directory is 0700 and the database (so its -wal and
 -shm, which SQLite creates with the database's mode) 0600 whatever the
@@ -102,11 +106,13 @@ class Event:
 class _Member:
     """One commit() call in a group: what to run, and what came of it."""
 
-    __slots__ = ("work", "after", "done", "result", "error", "wake")
+    __slots__ = ("work", "committed", "after", "done", "result", "error", "wake", "seq")
 
-    def __init__(self, work: Callable[[sqlite3.Connection], Any], after: Callable[[Any], None] | None):
-        self.work, self.after = work, after
+    def __init__(self, work: Callable[[sqlite3.Connection], Any], after: Callable[[Any], None] | None,
+                 committed: Callable[[Any], None] | None = None):
+        self.work, self.committed, self.after = work, committed, after
         self.done, self.result, self.error = False, None, None
+        self.seq = 0                        # the transaction that wrote it (Store._commits when it committed)
         self.wake = threading.Lock()        # released when its group is done, or when it is to lead the next
         self.wake.acquire()
 
@@ -116,8 +122,8 @@ class _Deferred:
 
     A group whose members only stage PD records (write_pd: a set_priority)
     then writes them in one statement outside BEGIN ... COMMIT: SQLite
-    makes that statement a transaction of its own, as durable
-    (synchronous=FULL) and as atomic; a group that changed nothing runs
+    makes that statement a transaction of its own, as durable (once
+    synced) and as atomic; a group that changed nothing runs
     none.  Each statement lets go of the GIL, and the leader, which holds
     the store's lock meanwhile, waits to get it back from the busy client
     threads: one hand-over a group instead of three.
@@ -133,6 +139,20 @@ class _Deferred:
             self._db.execute("BEGIN IMMEDIATE")
             self.begun = True
         return self._db.execute(sql, parameters)
+
+
+class Commit:
+    """What commit_all() committed: the members' outcomes, final once the store is durable up to `seq`."""
+
+    __slots__ = ("seq", "_members")
+
+    def __init__(self, members: list[_Member]):
+        self._members = members
+        self.seq = max((m.seq for m in members), default=0)
+
+    def errors(self) -> list[BaseException | None]:
+        """Each member's error (its work, its group's COMMIT, its after()), None where it is stored."""
+        return [m.error for m in self._members]
 
 
 class _MemberFailed(Exception):
@@ -198,7 +218,7 @@ class Store:
                 raise sqlite3.DatabaseError("database disk image is malformed: "
                                             + "; ".join(str(r[0]) for r in check[:3]))
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA synchronous=NORMAL")      # synced by the store: see sync()
             self._db.executescript(_SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
             if "name" not in columns:           # a state written before events carried names
@@ -222,6 +242,11 @@ class Store:
         #: scratch of the group being committed (see commit)
         self.staged: dict[Any, Any] = {}
         self._rows: dict[int, tuple[int, int, str, str] | None] = {}     # its PD records (write_pd, delete_pd)
+        self._commits = 0                       # transactions committed by this store (under _lock)
+        self._durable = 0                       # how many of them are known to be on disk
+        self._awaiting: list[list[_Member]] = []    # committed groups whose after()s wait for the sync
+        self._broken: StateError | None = None  # a sync failed: nothing committed since can be trusted
+        self.flush()                            # what opening wrote (the schema)
 
     # -- space ----------------------------------------------------------------------------------
     def make_reserve(self) -> bool:
@@ -256,8 +281,14 @@ class Store:
         return StateError(f"{what} was refused: the state directory {self.state_dir} is full (bmid could not store "
                           f"it, or it has spent its reserve); free space there and try again")
 
-    def commit(self, work: Callable[[sqlite3.Connection], T], after: Callable[[T], None] | None = None) -> T:
+    def commit(self, work: Callable[[sqlite3.Connection], T], after: Callable[[T], None] | None = None,
+               committed: Callable[[T], None] | None = None) -> T:
         """work(db) in a write transaction, then after(result) under the store's lock once it is durable.
+
+        committed(result), when given, runs under the store's lock as soon as
+        the COMMIT returned, before the sync: for what must follow the
+        database rather than the disk (bmid's record cache, which the next
+        transaction's work compares with).
 
         Group commit (as PostgreSQL does): calls that arrive while a group
         is being committed queue up, and the first of them then commits all
@@ -272,19 +303,89 @@ class Store:
         group, empty at its start).  When the disk is full the reserve is
         released and the group runs again.  So work may run more than once:
         it must change nothing outside the database and self.staged.
+        Returns once the group is durable (sync()).
         """
-        member = _Member(work, after)
-        with self._queue_lock:
-            self._queue.append(member)
-            follow, self._leading = self._leading, True
-        self.before_group_test_hook()
-        if follow:
-            member.wake.acquire()
-        if not member.done:                     # the first, or handed the lead: commit what is queued
-            self._lead(member)
+        member = _Member(work, after, committed)
+        self._commit_members([member])
+        if member.error is None:
+            self.sync()
         if member.error is not None:
             raise member.error
         return member.result
+
+    def commit_all(self, jobs: list[tuple[Callable[[sqlite3.Connection], Any], Callable[[Any], None] | None,
+                                          Callable[[Any], None] | None]]) -> Commit:
+        """commit() of several (work, after, committed) at once, all in one group, without raising and without
+        waiting for the sync: bmid's client loop (server/clients.py) commits the calls of a round with it, and
+        answers them once durable() reaches the Commit's seq."""
+        members = [_Member(work, after, committed) for work, after, committed in jobs]
+        if members:
+            self._commit_members(members)
+        return Commit(members)
+
+    # -- durability: COMMIT writes the WAL; sync() puts it on disk, then runs the after()s ------------
+    def committed(self) -> int:
+        """How many transactions this store has committed (durable or not)."""
+        return self._commits
+
+    def durable(self) -> int:
+        """How many of them are known to be on disk (their after()s have run)."""
+        return self._durable
+
+    def sync(self) -> None:
+        """Make every transaction committed so far durable, then run their after()s."""
+        upto = self._commits
+        if upto > self._durable:
+            self.flush()
+        self.made_durable(upto)
+
+    def flush(self) -> None:
+        """fdatasync of the WAL (what synchronous=FULL does in each COMMIT), outside the store's lock, so
+        commits go on meanwhile; everything COMMIT returned before this call is on disk after it.  Any thread;
+        several at once are fine.  A failure breaks the store for good (Linux reports a lost write once)."""
+        try:
+            fd = os.open(self.path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return                      # no WAL: everything is in the database file, synced by its checkpoint
+        except OSError as e:
+            raise self._break(e) from None
+        try:
+            os.fdatasync(fd)
+        except OSError as e:
+            raise self._break(e) from None
+        finally:
+            os.close(fd)
+
+    def _break(self, e: OSError) -> StateError:
+        with self._lock:
+            if self._broken is None:
+                self._broken = state_failure(e, "sync the bmid state database to disk", self.path)
+            return self._broken
+
+    def made_durable(self, upto: int) -> None:
+        """flush() made the transactions up to `upto` durable: run their groups' after()s, in commit order."""
+        with self._lock:
+            if self._broken is not None:
+                raise StateError(str(self._broken))
+            self._durable = max(self._durable, upto)
+            while self._awaiting and self._awaiting[0][0].seq <= self._durable:
+                for m in self._awaiting.pop(0):
+                    try:
+                        m.after(m.result)   # type: ignore[misc]
+                    except Exception as e:
+                        m.error = e
+
+    def _commit_members(self, members: list["_Member"]) -> None:
+        """Queue members together (so one group takes them all) and wait until their group is done, leading it
+        when this thread is the first or is handed the lead (through members[0])."""
+        with self._queue_lock:
+            self._queue.extend(members)
+            follow, self._leading = self._leading, True
+        self.before_group_test_hook()
+        if follow:
+            members[0].wake.acquire()
+        if not members[0].done:                 # the first, or handed the lead: commit what is queued
+            self._lead(members[0])
 
     def _lead(self, leader: "_Member") -> None:
         """Commit everything queued as one group; wake its members, then the first of the next group to lead it.
@@ -313,6 +414,10 @@ class Store:
         """One transaction for every member of group (the caller holds the lock); sets each one's outcome."""
         spent = False
         try:
+            if self._broken is not None:
+                for m in group:
+                    m.error = StateError(str(self._broken))
+                return
             while True:
                 self.staged, self._rows = {}, {}
                 try:
@@ -344,12 +449,19 @@ class Store:
                     for m in group:
                         m.error = type(failure)(str(failure))
                     return
-                for m in group:
-                    if m.error is None and m.after is not None:
+                if db.begun or rows:
+                    self._commits += 1
+                stored = [m for m in group if m.error is None]
+                for m in stored:
+                    m.seq = self._commits
+                    if m.committed is not None:
                         try:
-                            m.after(m.result)
+                            m.committed(m.result)
                         except Exception as e:
                             m.error = e
+                waiting = [m for m in stored if m.error is None and m.after is not None]
+                if waiting:
+                    self._awaiting.append(waiting)
                 return
         except BaseException:           # e.g. a KeyboardInterrupt in the leader: nobody's change is stored
             for m in group:
@@ -373,21 +485,26 @@ class Store:
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on error); no reserve."""
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on error), durable when it returns; no
+        reserve."""
         with self._lock:
             try:
                 with self._transaction() as db:
                     yield db
             except (OSError, sqlite3.Error) as e:
                 raise self._failure(e) from None
+        self.sync()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (the caller holds the lock)."""
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (the caller holds the lock); not synced."""
+        if self._broken is not None:
+            raise StateError(str(self._broken))
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
             self._db.execute("COMMIT")
+            self._commits += 1
         except BaseException:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
@@ -488,15 +605,14 @@ class Store:
     def begin(self, method: str, pd_id: int | None, **detail: Any) -> int:
         """Record an operation before it changes anything outside the database.
 
-        Committed without an fsync (synchronous=NORMAL: in the WAL, so it
-        survives a crash of bmid at once); the fsync of the commit that ends
-        the operation makes it durable with the result.  What an intent
+        Committed without a sync (in the WAL, so it survives a crash of
+        bmid at once); the sync of the commit that ends the operation makes
+        it durable with the result.  What an intent
         guards (processes, cgroups) does not outlive the host either, so a
         power cut that loses an unsynced intent loses what it was for too;
         one fsync per change instead of two.
         """
         with self._lock:
-            self._db.execute("PRAGMA synchronous=NORMAL")
             try:
                 with self._transaction() as db:
                     cur = db.execute("INSERT INTO ops(pd_id, method, detail, started) VALUES(?, ?, ?, ?)",
@@ -504,8 +620,6 @@ class Store:
                     return int(cur.lastrowid)
             except (OSError, sqlite3.Error) as e:
                 raise self._failure(e) from None
-            finally:
-                self._db.execute("PRAGMA synchronous=FULL")
 
     @staticmethod
     def end(db: sqlite3.Connection, op_id: int) -> None:

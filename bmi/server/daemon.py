@@ -46,24 +46,24 @@ import os
 import queue
 import select
 import socket
-import struct
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable, Iterator
 
 from ..api import PDController, PDManagement
 from ..channel import protocol as p
 from ..channel.board import BoardWriter
-from ..channel.dispatch import Dispatcher, reporting_progress
+from ..channel.dispatch import Dispatcher
 from ..channel.methods import READ_ONLY
-from ..channel.server import ChannelServer, _check_request
+from ..channel.server import ChannelServer
 from ..drivers import BMIDS
 from ..drivers.keeping import Keeping
 from ..drivers.linux.system import leftover_cgroups
 from ..errors import BMIError, InvalidArgument, PermissionDenied, ResourceError
-from ..store import DB_FILE, RESERVE_BYTES, Event, StateError, Store, private_dir, state_failure
+from ..store import DB_FILE, RESERVE_BYTES, Commit, Event, StateError, Store, private_dir, state_failure
 from ..system import LINUX_URI, default_socket
 from ..types import PDStatus
+from .clients import ClientLoop
 from .connections import KeptConnections
 from .inflight import Ledger, Pending
 from .keeper import Keeper, existing as existing_keeper
@@ -73,7 +73,6 @@ log = logging.getLogger("bmi.bmid")
 URIS = tuple(BMIDS)
 MAX_CONSOLE_CHUNK = 16 * 1024       # bytes of console per reply (hex doubles it; MAX_MESSAGE is 64 KiB)
 MAX_WAIT = 60.0
-REPLY_PIECE = 30 * 1024         # bytes of reply JSON per record when a reply is split (hex: 60 KiB)
 EVENT_POLL = 0.5
 EXIT_RETRY = 1.0                # s between attempts to store an exit while the state directory is full
 ACCEPT_WAKE = 1.0               # s: how long a pending SIGTERM may wait for the main thread (serve_forever)
@@ -281,6 +280,8 @@ class Daemon:
         self._alloc_lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
+        self._round = threading.local()         # .changes: what held_changes() collects
+        self._clients = ClientLoop(self)
         if "group" in os.environ.get(TEST_PAUSE, "").split():
             self._gather_groups_for_tests()
         self.restore()
@@ -302,19 +303,30 @@ class Daemon:
             if gathering():
                 _pause_at(self.state_dir, f"group-of-{members}")
 
+        self.gathering = gathering                      # type: ignore[method-assign]
         self.store.before_group_test_hook = gather       # type: ignore[method-assign]
         self.store.group_test_hook = pause               # type: ignore[method-assign]
 
+    def gathering(self) -> int:
+        """How many changes the client loop's round is to gather before its commit: 0 (tests: see above)."""
+        return 0
+
     # -- persistence ----------------------------------------------------------------------
     def persist(self, ids: Iterable[int] | None = None, op_id: int | None = None, *, ops: Iterable[int] = (),
-                restarted: int | None = None) -> None:
+                restarted: int | None = None, made_by: str | None = None) -> None:
         """Write the records of these PDs (all when None) as they are now, with an event per status change.
 
-        Nothing in memory (the record cache, the status board, subscribers)
-        changes before the commit succeeded: a failed commit leaves them as
-        the store has them.  The board is updated under the store's lock,
-        so it never shows a status older than one a reply or an event
-        reported.  `restarted`: that PD went through RESTARTING in this call.
+        Nothing in memory changes before the commit succeeded: the record
+        cache (what the database holds, which the next work compares with)
+        follows the COMMIT, and what clients see (the status board, events)
+        follows only once it is durable; a failed commit leaves both as the
+        store has them.  The board is updated under the store's lock, in
+        commit order, so it never shows a status older than one a reply or
+        an event reported.  `restarted`: that PD went through RESTARTING in
+        this call.  Inside held_changes() the commit waits for
+        commit_held(); `made_by` names the call whose change this is (bmid
+        stops if it cannot be stored, see _store_or_stop), None for a
+        status a read noticed.
         """
         ended = [*ops, *(() if op_id is None else (op_id,))]
 
@@ -352,19 +364,61 @@ class Daemon:
                 Store.end(db, op)
             return events, written, shown, next_id
 
-        def after(result: tuple[list[Event], dict[int, dict[str, Any] | None], dict[int, PDStatus], int]) -> None:
-            events, written, shown, self._stored_next_id = result
+        def committed(result: tuple[list[Event], dict[int, dict[str, Any] | None], dict[int, PDStatus], int]
+                      ) -> None:
+            _, written, _, self._stored_next_id = result
             for pd_id, record in written.items():
                 if record is None:
                     self._cache.pop(pd_id, None)
-                    self.board.remove(pd_id)
                 else:
                     self._cache[pd_id] = record
+
+        def after(result: tuple[list[Event], dict[int, dict[str, Any] | None], dict[int, PDStatus], int]) -> None:
+            events, written, shown, _ = result
+            for pd_id, record in written.items():
+                if record is None:
+                    self.board.remove(pd_id)
             for pd_id, status in shown.items():
                 self.board.set(pd_id, status)
             self._publish(events)
 
-        self.store.commit(work, after)
+        changes = getattr(self._round, "changes", None)
+        if changes is None:
+            self.store.commit(work, after, committed)
+        else:
+            changes.append((work, after, committed, made_by))
+
+    @contextlib.contextmanager
+    def held_changes(self) -> Iterator[list[Any]]:
+        """What persist() is asked for inside (in this thread) is not committed but collected in the list this
+        yields, for commit_held() to commit as one group: the client loop's round of calls (clients.py)."""
+        changes: list[tuple[Any, Any, Any, str | None]] = []
+        self._round.changes = changes
+        try:
+            yield changes
+        finally:
+            self._round.changes = None
+
+    def commit_held(self, changes: list[Any]) -> Commit:
+        """Commit what held_changes() collected, as one group, without waiting for the sync (the caller answers
+        the calls once store.durable() reaches the Commit's seq, and checks it again then)."""
+        commit = self.store.commit_all([(work, after, committed) for work, after, committed, _ in changes])
+        self.check_held(changes, commit)
+        return commit
+
+    @staticmethod
+    def stop_unstored(what: str, e: BaseException) -> None:
+        """End bmid at once: `what` could not be stored (the client loop, when a sync failed)."""
+        _stop_unstored(what, e)
+
+    @staticmethod
+    def check_held(changes: list[Any], commit: Commit) -> None:
+        """bmid stops if a call's change in `commit` could not be stored (a status a read noticed: a warning)."""
+        for (_, _, _, made_by), error in zip(changes, commit.errors()):
+            if error is not None and made_by is not None:
+                _stop_unstored(made_by, error)
+            elif error is not None:
+                log.warning("storing a PD's exit a read noticed (its exit watcher stores it): %s", error)
 
     # -- restart --------------------------------------------------------------------------
     def restore(self) -> None:
@@ -508,12 +562,9 @@ class Daemon:
         """
         test_pause(self.state_dir, "commit", f"commit:{method}")
         try:
-            self.persist(ids, op, restarted=restarted)
+            self.persist(ids, op, restarted=restarted, made_by=method)
         except BaseException as e:
-            log.critical("%s could not be stored (%s); stopping so that the next start finishes or rolls it back "
-                         "from its stored intent", method, e)
-            logging.shutdown()
-            os._exit(FAIL_STOP)
+            _stop_unstored(method, e)
 
     def _settle(self, pd_id: Any) -> None:
         """Store (and show on the board) an exit this read noticed before the exit watcher did.
@@ -542,7 +593,7 @@ class Daemon:
             for event in events:
                 sub.put(event)
 
-    def _stream_events(self, conn: socket.socket, msg_id: Any, params: dict) -> None:
+    def stream_events(self, conn: socket.socket, msg_id: Any, params: dict) -> None:
         """Turn this connection into an event stream: backlog after `since`, then live events."""
         since = params.get("since")
         if since is not None and (isinstance(since, bool) or not isinstance(since, int)):
@@ -615,65 +666,7 @@ class Daemon:
                 if self._stopping.is_set():
                     return
                 raise
-            threading.Thread(target=self._serve_client, args=(conn,), name="bmid-client", daemon=True).start()
-
-    def _role(self, conn: socket.socket) -> str:
-        """'admin' for root, 'read' for the configured group, '' for anyone else."""
-        pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                             struct.calcsize("3i")))
-        if uid == 0:
-            return "admin"
-        if self.group is not None and (gid == self.group or self.group in _groups_of(pid)):
-            return "read"
-        return ""
-
-    def _serve_client(self, conn: socket.socket) -> None:
-        with conn:
-            role = self._role(conn)
-            while True:
-                record = p.next_record(conn)
-                if record is None:
-                    return
-                data, fds, whole = record
-                msg_id: Any = None
-                out: int | None = None
-                try:
-                    if not whole:
-                        raise p.ProtocolError(p.INVALID_REQUEST, f"record truncated (at most {p.MAX_MESSAGE} bytes)")
-                    msg = p.decode(data)
-                    msg_id = msg.get("id") if isinstance(msg, dict) else None
-                    method, params = _check_request(msg)
-                    if not role or (role == "read" and method not in READ_ONLY):
-                        who = "a read-only client" if role else "this user"
-                        raise PermissionDenied(f"{method}: {who} may not call it on bmid ({self.socket_path})")
-                    if method == "subscribe":
-                        self._stream_events(conn, msg_id, params)
-                        return
-                    fd = fds.pop(0) if fds and method == "setup_pd" else None
-                    try:
-                        if params.get("progress") is True:
-                            with reporting_progress(_progress_to(conn, msg_id)):
-                                value, out = self.call(0, method, params, fd)
-                        else:
-                            value, out = self.call(0, method, params, fd)
-                    finally:
-                        if fd is not None:
-                            os.close(fd)
-                    reply = p.result(msg_id, value)
-                except Exception as e:      # a request must never take bmid down
-                    if not isinstance(e, (p.ProtocolError, BMIError)):
-                        log.exception("a client's %s failed inside bmid", msg_id)
-                    reply = p.error_from(msg_id, e)
-                finally:
-                    for fd in fds:
-                        os.close(fd)
-                try:
-                    _send_reply(conn, reply, (out,) if out is not None else ())
-                except (OSError, BMIError):
-                    return
-                finally:
-                    if out is not None:
-                        os.close(out)
+            self._clients.add(conn)
 
     def stop(self) -> None:
         """Stop serving; the PDs keep running and the keeper keeps their fds."""
@@ -770,6 +763,14 @@ def _refuse_fresh_state_beside_leftovers(state_dir: str, earlier: list[int]) -> 
                      f"process `python -m bmi.server.keeper {sock}`)")
 
 
+def _stop_unstored(method: str, e: BaseException) -> None:
+    """End bmid at once: the change `method` made could not be stored (see Daemon._store_or_stop)."""
+    log.critical("%s could not be stored (%s); stopping so that the next start finishes or rolls it back "
+                 "from its stored intent", method, e)
+    logging.shutdown()
+    os._exit(FAIL_STOP)
+
+
 def test_pause(state_dir: str, *points: str) -> None:
     """For tests of the crash windows: with one of points in $BMID_TEST_PAUSE, say so (a file paused-<point>
     in the state directory) and block this thread until the test SIGKILLs bmid exactly here or lets it go on
@@ -791,34 +792,6 @@ def _pause_at(state_dir: str, point: str) -> None:
     while not os.path.exists(resume):
         time.sleep(0.01)
     os.unlink(resume)
-
-
-def _progress_to(conn: socket.socket, msg_id: Any) -> Callable[[int, int], None]:
-    """A progress callback that sends records to the client before its reply; when it has gone, the send
-    fails and the start it asked for stops (a Ctrl-C'd `bmi create --start` leaves the PD READY)."""
-    return lambda done, total: p.send(conn, p.progress(msg_id, done, total))
-
-
-def _send_reply(conn: socket.socket, reply: dict, fds: tuple[int, ...]) -> None:
-    """One record, or when the reply is larger (a 256 KiB console log) pieces {"more": hex} ending in "last"."""
-    data = p.encode(reply)
-    if len(data) <= p.MAX_MESSAGE:
-        p.send_encoded(conn, data, fds)
-        return
-    pieces = range(0, len(data), REPLY_PIECE)
-    for start in pieces:
-        last = start == pieces[-1]
-        p.send(conn, {"jsonrpc": "2.0", "id": reply.get("id"), "more": data[start:start + REPLY_PIECE].hex(),
-                      "last": last}, fds if last else ())
-
-
-def _groups_of(pid: int) -> set[int]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            line = next(x for x in f if x.startswith("Groups:"))
-    except (OSError, StopIteration):
-        return set()
-    return {int(g) for g in line.split()[1:]}
 
 
 def _peer_gone(conn: socket.socket) -> bool:

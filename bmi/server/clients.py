@@ -1,0 +1,319 @@
+"""bmid's clients: one thread serves the quick calls of all of them, in rounds that share one commit.
+
+Why: with a thread per client, every change woke that client's thread, and
+the threads then took turns at the GIL and at the store's group-commit locks
+(about 40 futex calls per change with 8 clients, most of bmid's CPU).  Here
+one thread waits in epoll on every client connection.  Each round it reads
+the request of each client that sent one, runs the quick ones itself (QUICK:
+reads of memory and of cgroup files, and changes that only write those),
+commits what they changed as one group (Daemon.one_commit: one fsync for the
+round), and only then sends their replies, so no reply tells of a change the
+store does not hold yet.  A call that can block (a start, a wait, an image's
+copy, the TPM, a memory limit the kernel reclaims for) runs in a thread of
+its own, which gives the connection back to the loop once it has answered.
+Each connection is armed EPOLLONESHOT: one request of a client is in hand at
+a time, so a client's calls run in its order.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import select
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..channel import protocol as p
+from ..channel.dispatch import reporting_progress
+from ..channel.methods import READ_ONLY
+from ..channel.server import _check_request
+from ..errors import BMIError, PermissionDenied
+from ..store import Commit
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger("bmi.bmid")
+
+#: The calls the loop runs itself: they read bmid's memory or a cgroup file, or change only memory and a
+#: cgroup weight (no reclaim, no process, no fd, no TPM).  set_runtime_param is not one: a lowered memory
+#: limit makes the kernel reclaim before the write returns.
+QUICK = frozenset({"get_version", "list_pd", "get_controller", "get_current_status", "get_config_param",
+                   "get_runtime_param", "list_runtime_params", "set_priority", "set_config_param"})
+REPLY_PIECE = 30 * 1024         # bytes of reply JSON per record when a reply is split (hex: 60 KiB)
+GATHER_WAIT = 30.0              # s a test's gathered round waits for its members at most
+_ARMED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+
+
+@dataclass
+class Client:
+    """One connection and what its peer may do: 'admin' (root), 'read' (the configured group) or ''."""
+
+    conn: socket.socket
+    role: str
+
+
+@dataclass
+class Request:
+    msg_id: Any
+    method: str
+    params: dict
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def quick(self) -> bool:
+        return self.method in QUICK and self.params.get("progress") is not True
+
+
+#: A quick call's reply, and the fd to pass with it, waiting for its round's commit.
+Answered = tuple[Client, dict, "int | None"]
+
+
+@dataclass
+class Round:
+    """The replies of one round's quick calls, sent once the store is durable up to `needed`: its own commit
+    and every one before it (what its reads may have seen)."""
+
+    needed: int
+    answered: list[Answered]
+    changes: list[Any]
+    commit: Commit | None
+
+
+class ClientLoop:
+    """Every client connection of one bmid, served as the module says."""
+
+    def __init__(self, daemon: "Daemon"):
+        self._daemon = daemon
+        self._store = daemon.store
+        self._epoll = select.epoll()
+        self._clients: dict[int, Client] = {}
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[Round] = collections.deque()     # rounds until their sync
+        self._to_sync: queue.SimpleQueue[int] = queue.SimpleQueue()       # commit counts the syncer is asked
+        self._flushed = 0               # the syncer's last flush covered the commits up to this one
+        self._flush_error: BMIError | None = None
+        self._synced = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)   # the syncer's word to the loop
+        self._epoll.register(self._synced, select.EPOLLIN)
+        threading.Thread(target=self._serve, name="bmid-clients", daemon=True).start()
+        threading.Thread(target=self._sync, name="bmid-sync", daemon=True).start()
+
+    def add(self, conn: socket.socket) -> None:
+        client = Client(conn, role_of(conn, self._daemon.group))
+        with self._lock:
+            self._clients[conn.fileno()] = client
+        self._epoll.register(conn.fileno(), _ARMED)
+
+    def _serve(self) -> None:
+        """Rounds of calls.  While a flush is in flight the calls of further rounds gather (their changes made,
+        not committed); once it is done they are committed in one transaction and flushed by the next: one
+        COMMIT and one fdatasync for all the calls of that time, as many as the clients sent."""
+        changes: list[Any] = []         # of the calls run since the last commit
+        answered: list[Answered] = []   # their replies (and those of reads among them)
+        syncing = False                 # a flush is in flight
+        while True:
+            events = self._epoll.poll()
+            if any(fd == self._synced for fd, _ in events):
+                os.eventfd_read(self._synced)
+                self._answer_durable()
+                syncing = False
+            with self._daemon.held_changes() as held:
+                self._round(events, answered)
+                wanted = self._daemon.gathering()
+                deadline = time.monotonic() + GATHER_WAIT
+                while wanted and len(held) < wanted and time.monotonic() < deadline:      # tests only
+                    self._round(self._epoll.poll(0.01), answered)
+            changes.extend(held)
+            if syncing or not answered:
+                continue
+            if not changes and not self._waiting and self._store.durable() >= self._store.committed():
+                self._send(answered)        # reads, with nothing stored still on its way to the disk
+            else:
+                commit = self._daemon.commit_held(changes) if changes else None
+                self._waiting.append(Round(self._store.committed(), answered, changes, commit))
+                self._to_sync.put(self._store.committed())
+                syncing = True
+            changes, answered = [], []
+
+    def _sync(self) -> None:
+        """The syncer: flush the WAL for every commit asked for since its last flush (one fdatasync for all of
+        them), then tell the loop.  It runs no call and sends no reply, so it needs the GIL only between its
+        three system calls; the loop goes on with the next rounds meanwhile."""
+        while True:
+            needed = self._to_sync.get()
+            while not self._to_sync.empty():
+                needed = max(needed, self._to_sync.get())
+            if needed > self._store.durable():
+                try:
+                    self._store.flush()
+                except BMIError as e:
+                    self._flush_error = e
+            self._flushed = max(self._flushed, needed)
+            os.eventfd_write(self._synced, 1)
+
+    def _answer_durable(self) -> None:
+        """The syncer flushed: run the after()s of what is durable now, then answer the rounds it covers."""
+        if self._flush_error is not None:
+            self._daemon.stop_unstored("a change of a client", self._flush_error)
+        try:
+            self._store.made_durable(self._flushed)
+        except BMIError as e:
+            self._daemon.stop_unstored("a change of a client", e)
+        durable = self._store.durable()
+        while self._waiting and self._waiting[0].needed <= durable:
+            done = self._waiting.popleft()
+            if done.commit is not None:
+                self._daemon.check_held(done.changes, done.commit)
+            self._send(done.answered)
+
+    def _send(self, answered: list[Answered]) -> None:
+        for client, reply, out in answered:
+            self._reply(client, reply, out)
+
+    def _round(self, events: list[tuple[int, int]], answered: list[Answered]) -> None:
+        """The request of each ready client: a quick one answered here (its reply kept for after the round's
+        commit), any other handed to a thread of its own."""
+        with self._lock:
+            ready = [self._clients[fd] for fd, _ in events if fd in self._clients]
+        for client in ready:
+            record = p.next_record(client.conn)
+            if record is None:
+                self._drop(client)
+                continue
+            request = self._request(client, *record)
+            if isinstance(request, dict):
+                answered.append((client, request, None))
+            elif request.quick:
+                answered.append((client, *self._answer(client, request)))
+            else:
+                threading.Thread(target=self._serve_one, args=(client, request), name="bmid-call",
+                                 daemon=True).start()
+
+    def _request(self, client: Client, data: bytes, fds: list[int], whole: bool) -> Request | dict:
+        """The request in one record, or the error reply when it is none this client may make (its fds closed
+        then; else they belong to the Request)."""
+        msg_id: Any = None
+        try:
+            if not whole:
+                raise p.ProtocolError(p.INVALID_REQUEST, f"record truncated (at most {p.MAX_MESSAGE} bytes)")
+            msg = p.decode(data)
+            msg_id = msg.get("id") if isinstance(msg, dict) else None
+            method, params = _check_request(msg)
+            if not client.role or (client.role == "read" and method not in READ_ONLY):
+                who = "a read-only client" if client.role else "this user"
+                raise PermissionDenied(f"{method}: {who} may not call it on bmid ({self._daemon.socket_path})")
+        except (p.ProtocolError, BMIError) as e:
+            for fd in fds:
+                os.close(fd)
+            return p.error_from(msg_id, e)
+        return Request(msg_id, method, params, fds)
+
+    def _answer(self, client: Client, request: Request) -> tuple[dict, int | None]:
+        """Run one request: its reply, and the fd to pass with it (closed by whoever sends it)."""
+        fd = request.fds.pop(0) if request.fds and request.method == "setup_pd" else None
+        try:
+            if request.params.get("progress") is True:
+                with reporting_progress(_progress_to(client.conn, request.msg_id)):
+                    value, out = self._daemon.call(0, request.method, request.params, fd)
+            else:
+                value, out = self._daemon.call(0, request.method, request.params, fd)
+            return p.result(request.msg_id, value), out
+        except Exception as e:      # a request must never take bmid down
+            if not isinstance(e, (p.ProtocolError, BMIError)):
+                log.exception("a client's %s failed inside bmid", request.msg_id)
+            return p.error_from(request.msg_id, e), None
+        finally:
+            for extra in ([fd] if fd is not None else []) + request.fds:
+                os.close(extra)
+
+    def _serve_one(self, client: Client, request: Request) -> None:
+        """A call that may block, in its own thread; an event subscription keeps the connection for good."""
+        if request.method == "subscribe":
+            for fd in request.fds:
+                os.close(fd)
+            try:
+                self._daemon.stream_events(client.conn, request.msg_id, request.params)
+            finally:
+                self._drop(client)
+            return
+        reply, out = self._answer(client, request)
+        self._reply(client, reply, out, blocking=True)
+
+    def _reply(self, client: Client, reply: dict, out: int | None, *, blocking: bool = False) -> None:
+        """Send a reply (and the fd `out`, closed then) and arm the connection again.  The loop never waits for
+        a client: a reply that does not fit its socket now (a client that does not read, a reply of several
+        records) is sent from a thread of its own."""
+        data, fds = p.encode(reply), (out,) if out is not None else ()
+        try:
+            if len(data) > p.MAX_MESSAGE and not blocking:
+                raise BlockingIOError
+            if len(data) <= p.MAX_MESSAGE:
+                p.send_encoded(client.conn, data, fds, blocking=blocking)
+            else:
+                _send_pieces(client.conn, reply, data, fds)
+            sent = True
+        except BlockingIOError:
+            threading.Thread(target=self._reply, args=(client, reply, out), kwargs={"blocking": True},
+                             name="bmid-reply", daemon=True).start()
+            return                  # out is the thread's now
+        except (OSError, BMIError):
+            sent = False
+        if out is not None:
+            os.close(out)
+        try:
+            if sent:
+                self._epoll.modify(client.conn.fileno(), _ARMED)
+                return
+        except (OSError, ValueError):
+            pass
+        self._drop(client)
+
+    def _drop(self, client: Client) -> None:
+        with self._lock:
+            if self._clients.get(client.conn.fileno()) is not client:
+                return
+            del self._clients[client.conn.fileno()]
+        try:
+            self._epoll.unregister(client.conn.fileno())
+        except (OSError, ValueError):
+            pass
+        client.conn.close()
+
+
+def role_of(conn: socket.socket, group: int | None) -> str:
+    """'admin' for root, 'read' for the configured group, '' for anyone else."""
+    pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    if uid == 0:
+        return "admin"
+    if group is not None and (gid == group or group in _groups_of(pid)):
+        return "read"
+    return ""
+
+
+def _groups_of(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            line = next(x for x in f if x.startswith("Groups:"))
+    except (OSError, StopIteration):
+        return set()
+    return {int(g) for g in line.split()[1:]}
+
+
+def _progress_to(conn: socket.socket, msg_id: Any) -> Callable[[int, int], None]:
+    """A progress callback that sends records to the client before its reply; when it has gone, the send
+    fails and the start it asked for stops (a Ctrl-C'd `bmi create --start` leaves the PD READY)."""
+    return lambda done, total: p.send(conn, p.progress(msg_id, done, total))
+
+
+def _send_pieces(conn: socket.socket, reply: dict, data: bytes, fds: tuple[int, ...]) -> None:
+    """A reply larger than one record (a 256 KiB console log) as pieces {"more": hex} ending in "last"."""
+    pieces = range(0, len(data), REPLY_PIECE)
+    for start in pieces:
+        last = start == pieces[-1]
+        p.send(conn, {"jsonrpc": "2.0", "id": reply.get("id"), "more": data[start:start + REPLY_PIECE].hex(),
+                      "last": last}, fds if last else ())
