@@ -348,15 +348,16 @@ class Store:
         except FileNotFoundError:
             return                      # no WAL: everything is in the database file, synced by its checkpoint
         except OSError as e:
-            raise self._break(e) from None
+            raise self.flush_failed(e) from None
         try:
             os.fdatasync(fd)
         except OSError as e:
-            raise self._break(e) from None
+            raise self.flush_failed(e) from None
         finally:
             os.close(fd)
 
-    def _break(self, e: OSError) -> StateError:
+    def flush_failed(self, e: OSError) -> StateError:
+        """A flush (here, or bmid's WalSyncer) failed: the store is broken from now on."""
         with self._lock:
             if self._broken is None:
                 self._broken = state_failure(e, "sync the bmid state database to disk", self.path)

@@ -16,10 +16,8 @@ a time, so a client's calls run in its order.
 """
 from __future__ import annotations
 
-import collections
 import logging
 import os
-import queue
 import select
 import socket
 import struct
@@ -34,6 +32,7 @@ from ..channel.methods import READ_ONLY
 from ..channel.server import _check_request
 from ..errors import BMIError, PermissionDenied
 from ..store import Commit
+from .walsync import WalSyncer
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -94,14 +93,9 @@ class ClientLoop:
         self._epoll = select.epoll()
         self._clients: dict[int, Client] = {}
         self._lock = threading.Lock()
-        self._waiting: collections.deque[Round] = collections.deque()     # rounds until their sync
-        self._to_sync: queue.SimpleQueue[int] = queue.SimpleQueue()       # commit counts the syncer is asked
-        self._flushed = 0               # the syncer's last flush covered the commits up to this one
-        self._flush_error: BMIError | None = None
-        self._synced = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)   # the syncer's word to the loop
-        self._epoll.register(self._synced, select.EPOLLIN)
+        self._syncer = WalSyncer(self._store.path + "-wal")
+        self._epoll.register(self._syncer.fileno(), select.EPOLLIN)
         threading.Thread(target=self._serve, name="bmid-clients", daemon=True).start()
-        threading.Thread(target=self._sync, name="bmid-sync", daemon=True).start()
 
     def add(self, conn: socket.socket) -> None:
         client = Client(conn, role_of(conn, self._daemon.group))
@@ -110,18 +104,17 @@ class ClientLoop:
         self._epoll.register(conn.fileno(), _ARMED)
 
     def _serve(self) -> None:
-        """Rounds of calls.  While a flush is in flight the calls of further rounds gather (their changes made,
-        not committed); once it is done they are committed in one transaction and flushed by the next: one
+        """Rounds of calls.  While a sync is in flight the calls of further rounds gather (their changes made,
+        not committed); once it is done they are committed in one transaction and the next sync begins: one
         COMMIT and one fdatasync for all the calls of that time, as many as the clients sent."""
         changes: list[Any] = []         # of the calls run since the last commit
         answered: list[Answered] = []   # their replies (and those of reads among them)
-        syncing = False                 # a flush is in flight
+        syncing: Round | None = None    # what the sync in flight is for
         while True:
             events = self._epoll.poll()
-            if any(fd == self._synced for fd, _ in events):
-                os.eventfd_read(self._synced)
-                self._answer_durable()
-                syncing = False
+            if syncing is not None and any(fd == self._syncer.fileno() for fd, _ in events):
+                self._synced(syncing)
+                syncing = None
             with self._daemon.held_changes() as held:
                 self._round(events, answered)
                 wanted = self._daemon.gathering()
@@ -129,47 +122,28 @@ class ClientLoop:
                 while wanted and len(held) < wanted and time.monotonic() < deadline:      # tests only
                     self._round(self._epoll.poll(0.01), answered)
             changes.extend(held)
-            if syncing or not answered:
+            if syncing is not None or not answered:
                 continue
-            if not changes and not self._waiting and self._store.durable() >= self._store.committed():
+            if not changes and self._store.durable() >= self._store.committed():
                 self._send(answered)        # reads, with nothing stored still on its way to the disk
             else:
                 commit = self._daemon.commit_held(changes) if changes else None
-                self._waiting.append(Round(self._store.committed(), answered, changes, commit))
-                self._to_sync.put(self._store.committed())
-                syncing = True
+                syncing = Round(self._store.committed(), answered, changes, commit)
+                self._syncer.ask()
             changes, answered = [], []
 
-    def _sync(self) -> None:
-        """The syncer: flush the WAL for every commit asked for since its last flush (one fdatasync for all of
-        them), then tell the loop.  It runs no call and sends no reply, so it needs the GIL only between its
-        three system calls; the loop goes on with the next rounds meanwhile."""
-        while True:
-            needed = self._to_sync.get()
-            while not self._to_sync.empty():
-                needed = max(needed, self._to_sync.get())
-            if needed > self._store.durable():
-                try:
-                    self._store.flush()
-                except BMIError as e:
-                    self._flush_error = e
-            self._flushed = max(self._flushed, needed)
-            os.eventfd_write(self._synced, 1)
-
-    def _answer_durable(self) -> None:
-        """The syncer flushed: run the after()s of what is durable now, then answer the rounds it covers."""
-        if self._flush_error is not None:
-            self._daemon.stop_unstored("a change of a client", self._flush_error)
+    def _synced(self, done: Round) -> None:
+        """The sync is done: run the after()s of what it made durable, then answer the calls it was for."""
+        failure = self._syncer.answer()
+        if failure is not None:
+            self._daemon.stop_unstored("a change of a client", self._store.flush_failed(failure))
         try:
-            self._store.made_durable(self._flushed)
+            self._store.made_durable(done.needed)
         except BMIError as e:
             self._daemon.stop_unstored("a change of a client", e)
-        durable = self._store.durable()
-        while self._waiting and self._waiting[0].needed <= durable:
-            done = self._waiting.popleft()
-            if done.commit is not None:
-                self._daemon.check_held(done.changes, done.commit)
-            self._send(done.answered)
+        if done.commit is not None:
+            self._daemon.check_held(done.changes, done.commit)
+        self._send(done.answered)
 
     def _send(self, answered: list[Answered]) -> None:
         for client, reply, out in answered:
