@@ -1,18 +1,19 @@
-"""bmid's clients: one thread serves the quick calls of all of them, in rounds that share one commit.
+"""bmid's clients: one thread serves the quick calls of all of them, and commits them in groups.
 
 Why: with a thread per client, every change woke that client's thread, and
 the threads then took turns at the GIL and at the store's group-commit locks
 (about 40 futex calls per change with 8 clients, most of bmid's CPU).  Here
 one thread waits in epoll on every client connection.  Each round it reads
-the request of each client that sent one, runs the quick ones itself (QUICK:
-reads of memory and of cgroup files, and changes that only write those),
-commits what they changed as one group (Daemon.one_commit: one fsync for the
-round), and only then sends their replies, so no reply tells of a change the
-store does not hold yet.  A call that can block (a start, a wait, an image's
-copy, the TPM, a memory limit the kernel reclaims for) runs in a thread of
-its own, which gives the connection back to the loop once it has answered.
-Each connection is armed EPOLLONESHOT: one request of a client is in hand at
-a time, so a client's calls run in its order.
+the request of each client that sent one and runs the quick ones itself
+(QUICK: reads of memory and of cgroup files, and changes that only write
+those).  Their changes are committed as one transaction, and the WAL's sync
+then runs in a C thread without the GIL (walsync.py) while the loop goes on
+with the next rounds, whose changes wait for that sync to end and then share
+the next commit and sync.  Replies go out only once their commit is durable,
+so no reply tells of a change the store might lose.  A call that can block
+(a start, a wait, an image's copy, the TPM, a memory limit the kernel
+reclaims for) runs in a thread of its own, which answers it.  One request of
+a client is in hand at a time (see Client), so its calls run in its order.
 """
 from __future__ import annotations
 
@@ -46,15 +47,25 @@ QUICK = frozenset({"get_version", "list_pd", "get_controller", "get_current_stat
                    "get_runtime_param", "list_runtime_params", "set_priority", "set_config_param"})
 REPLY_PIECE = 30 * 1024         # bytes of reply JSON per record when a reply is split (hex: 60 KiB)
 GATHER_WAIT = 30.0              # s a test's gathered round waits for its members at most
-_ARMED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+_READABLE = select.EPOLLIN | select.EPOLLRDHUP
 
 
 @dataclass
 class Client:
-    """One connection and what its peer may do: 'admin' (root), 'read' (the configured group) or ''."""
+    """One connection and what its peer may do: 'admin' (root), 'read' (the configured group) or ''.
+
+    A client whose request is in hand (`in_hand`: read, its reply not yet
+    sent) is left in the epoll (level-triggered: it has nothing more to
+    read, and no system call is spent on it) unless it gives the loop
+    something to see before its reply -- another request, a hang-up -- or
+    its call goes to a thread: then it is `parked` (out of the epoll) until
+    the reply is sent, so its calls run one at a time, in its order.
+    """
 
     conn: socket.socket
     role: str
+    in_hand: bool = False
+    parked: bool = False
 
 
 @dataclass
@@ -101,36 +112,38 @@ class ClientLoop:
         client = Client(conn, role_of(conn, self._daemon.group))
         with self._lock:
             self._clients[conn.fileno()] = client
-        self._epoll.register(conn.fileno(), _ARMED)
+        self._epoll.register(conn.fileno(), _READABLE)
 
     def _serve(self) -> None:
         """Rounds of calls.  While a sync is in flight the calls of further rounds gather (their changes made,
         not committed); once it is done they are committed in one transaction and the next sync begins: one
         COMMIT and one fdatasync for all the calls of that time, as many as the clients sent."""
-        changes: list[Any] = []         # of the calls run since the last commit
-        answered: list[Answered] = []   # their replies (and those of reads among them)
-        syncing: Round | None = None    # what the sync in flight is for
+        changes = self._daemon.hold_changes()       # of the calls run since the last commit
+        answered: list[Answered] = []               # their replies (and those of reads among them)
+        syncing: Round | None = None                # what the sync in flight is for
+        syncer = self._syncer.fileno()
         while True:
             events = self._epoll.poll()
-            if syncing is not None and any(fd == self._syncer.fileno() for fd, _ in events):
+            if syncing is not None and any(fd == syncer for fd, _ in events):
                 self._synced(syncing)
                 syncing = None
-            with self._daemon.held_changes() as held:
-                self._round(events, answered)
-                wanted = self._daemon.gathering()
+            self._round(events, answered)
+            wanted = self._daemon.gathering()
+            if wanted:                              # tests only
                 deadline = time.monotonic() + GATHER_WAIT
-                while wanted and len(held) < wanted and time.monotonic() < deadline:      # tests only
+                while len(changes) < wanted and time.monotonic() < deadline:
                     self._round(self._epoll.poll(0.01), answered)
-            changes.extend(held)
             if syncing is not None or not answered:
                 continue
             if not changes and self._store.durable() >= self._store.committed():
                 self._send(answered)        # reads, with nothing stored still on its way to the disk
             else:
-                commit = self._daemon.commit_held(changes) if changes else None
-                syncing = Round(self._store.committed(), answered, changes, commit)
+                batch = changes[:]
+                changes.clear()
+                commit = self._daemon.commit_held(batch) if batch else None
+                syncing = Round(self._store.committed(), answered, batch, commit)
                 self._syncer.ask()
-            changes, answered = [], []
+            answered = []
 
     def _synced(self, done: Round) -> None:
         """The sync is done: run the after()s of what it made durable, then answer the calls it was for."""
@@ -155,18 +168,30 @@ class ClientLoop:
         with self._lock:
             ready = [self._clients[fd] for fd, _ in events if fd in self._clients]
         for client in ready:
+            if client.in_hand:
+                self._park(client)      # more from it before its reply: after the reply
+                continue
             record = p.next_record(client.conn)
             if record is None:
                 self._drop(client)
                 continue
+            client.in_hand = True
             request = self._request(client, *record)
             if isinstance(request, dict):
                 answered.append((client, request, None))
             elif request.quick:
                 answered.append((client, *self._answer(client, request)))
             else:
+                self._park(client)
                 threading.Thread(target=self._serve_one, args=(client, request), name="bmid-call",
                                  daemon=True).start()
+
+    def _park(self, client: Client) -> None:
+        """Out of the epoll until its reply is sent (see Client)."""
+        with self._lock:
+            if client.in_hand and not client.parked and self._clients.get(client.conn.fileno()) is client:
+                self._epoll.unregister(client.conn.fileno())
+                client.parked = True
 
     def _request(self, client: Client, data: bytes, fds: list[int], whole: bool) -> Request | dict:
         """The request in one record, or the error reply when it is none this client may make (its fds closed
@@ -219,9 +244,9 @@ class ClientLoop:
         self._reply(client, reply, out, blocking=True)
 
     def _reply(self, client: Client, reply: dict, out: int | None, *, blocking: bool = False) -> None:
-        """Send a reply (and the fd `out`, closed then) and arm the connection again.  The loop never waits for
-        a client: a reply that does not fit its socket now (a client that does not read, a reply of several
-        records) is sent from a thread of its own."""
+        """Send a reply (and the fd `out`, closed then); the client's next request may be read.  The loop never
+        waits for a client: a reply that does not fit its socket now (a client that does not read, a reply of
+        several records) is sent from a thread of its own."""
         data, fds = p.encode(reply), (out,) if out is not None else ()
         try:
             if len(data) > p.MAX_MESSAGE and not blocking:
@@ -239,23 +264,22 @@ class ClientLoop:
             sent = False
         if out is not None:
             os.close(out)
-        try:
-            if sent:
-                self._epoll.modify(client.conn.fileno(), _ARMED)
-                return
-        except (OSError, ValueError):
-            pass
-        self._drop(client)
+        if not sent:
+            self._drop(client)
+            return
+        with self._lock:
+            client.in_hand = False
+            if client.parked and self._clients.get(client.conn.fileno()) is client:
+                self._epoll.register(client.conn.fileno(), _READABLE)
+                client.parked = False
 
     def _drop(self, client: Client) -> None:
         with self._lock:
             if self._clients.get(client.conn.fileno()) is not client:
                 return
             del self._clients[client.conn.fileno()]
-        try:
-            self._epoll.unregister(client.conn.fileno())
-        except (OSError, ValueError):
-            pass
+            if not client.parked:
+                self._epoll.unregister(client.conn.fileno())
         client.conn.close()
 
 

@@ -48,7 +48,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from ..api import PDController, PDManagement
 from ..channel import protocol as p
@@ -78,6 +78,7 @@ EXIT_RETRY = 1.0                # s between attempts to store an exit while the 
 ACCEPT_WAKE = 1.0               # s: how long a pending SIGTERM may wait for the main thread (serve_forever)
 FAIL_STOP = 75                  # bmid's exit status when it stops because it cannot store a change it made
 TEST_PAUSE = "BMID_TEST_PAUSE"  # tests only: e.g. "commit:destroy exit" stops bmid there (see test_pause)
+_PAUSES = frozenset(os.environ.get(TEST_PAUSE, "").split())     # read once: test_pause runs on every change
 _LIVE = (PDStatus.RUNNING, PDStatus.PAUSED)
 NETWORK_METHODS = ("create_network", "destroy_network")
 NETWORKS_KEY = "networks"        # meta: the host networks bmid made (list_networks() dicts), made again at start
@@ -280,9 +281,9 @@ class Daemon:
         self._alloc_lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
-        self._round = threading.local()         # .changes: what held_changes() collects
+        self._round = threading.local()         # .changes: what hold_changes() collects in a thread
         self._clients = ClientLoop(self)
-        if "group" in os.environ.get(TEST_PAUSE, "").split():
+        if "group" in _PAUSES:
             self._gather_groups_for_tests()
         self.restore()
         threading.Thread(target=self._reconcile_exits, name="bmid-exits", daemon=True).start()
@@ -323,10 +324,10 @@ class Daemon:
         store has them.  The board is updated under the store's lock, in
         commit order, so it never shows a status older than one a reply or
         an event reported.  `restarted`: that PD went through RESTARTING in
-        this call.  Inside held_changes() the commit waits for
-        commit_held(); `made_by` names the call whose change this is (bmid
-        stops if it cannot be stored, see _store_or_stop), None for a
-        status a read noticed.
+        this call.  In a thread that holds its changes (hold_changes) the
+        commit waits for commit_held(); `made_by` names the call whose
+        change this is (bmid stops if it cannot be stored, see
+        _store_or_stop), None for a status a read noticed.
         """
         ended = [*ops, *(() if op_id is None else (op_id,))]
 
@@ -388,19 +389,14 @@ class Daemon:
         else:
             changes.append((work, after, committed, made_by))
 
-    @contextlib.contextmanager
-    def held_changes(self) -> Iterator[list[Any]]:
-        """What persist() is asked for inside (in this thread) is not committed but collected in the list this
-        yields, for commit_held() to commit as one group: the client loop's round of calls (clients.py)."""
-        changes: list[tuple[Any, Any, Any, str | None]] = []
-        self._round.changes = changes
-        try:
-            yield changes
-        finally:
-            self._round.changes = None
+    def hold_changes(self) -> list[Any]:
+        """From now on what persist() is asked for in this thread is not committed but collected in the list
+        returned, for commit_held() to commit as one group: the client loop's calls (clients.py)."""
+        self._round.changes = []
+        return self._round.changes
 
     def commit_held(self, changes: list[Any]) -> Commit:
-        """Commit what held_changes() collected, as one group, without waiting for the sync (the caller answers
+        """Commit what hold_changes() collected, as one group, without waiting for the sync (the caller answers
         the calls once store.durable() reaches the Commit's seq, and checks it again then)."""
         commit = self.store.commit_all([(work, after, committed) for work, after, committed, _ in changes])
         self.check_held(changes, commit)
@@ -775,12 +771,10 @@ def test_pause(state_dir: str, *points: str) -> None:
     """For tests of the crash windows: with one of points in $BMID_TEST_PAUSE, say so (a file paused-<point>
     in the state directory) and block this thread until the test SIGKILLs bmid exactly here or lets it go on
     (a file resume-<point>)."""
-    asked = os.environ.get(TEST_PAUSE)
-    if not asked:
+    if not _PAUSES:
         return
-    wanted = asked.split()
     for point in points:
-        if point in wanted:
+        if point in _PAUSES:
             _pause_at(state_dir, point)
 
 

@@ -545,15 +545,15 @@ class PDCgroups:
         g = self._group("cpu", what)
         priority = self._int(priority, -10, 10, what)
         name, default = ("cpu.weight", 100) if g.version == 2 else ("cpu.shares", 1024)
-        path, value = os.path.join(g.path, name), str(round(default * 1.25**priority))
-        if self._fresh.pop(path, None) == value:
-            return
+        value = str(round(default * 1.25**priority))
         try:
             if self._weight_fd < 0:
-                self._weight_fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                if self._fresh.pop(os.path.join(g.path, name), None) == value:
+                    return
+                self._weight_fd = os.open(os.path.join(g.path, name), os.O_WRONLY | os.O_CLOEXEC)
             os.pwrite(self._weight_fd, value.encode(), 0)
         except OSError as e:
-            raise self._fail(what, path, e, f"writing {value!r} to") from e
+            raise self._fail(what, os.path.join(g.path, name), e, f"writing {value!r} to") from e
 
     # --- processes ----------------------------------------------------------
 
