@@ -15,12 +15,14 @@ Crash safety, in order, for every call that changes something:
 2. the call runs,
 3. the changed PD records, any status events and the end of the intent are
    written in one transaction (from the reserve if the disk is full),
-   shared with the changes other clients made meanwhile (group commit,
-   Store.commit: one fsync for all); if even that fails bmid exits at once
-   (FAIL_STOP) so memory never holds a change the store lacks, every
+   shared with the changes other clients made meanwhile (group commit:
+   Store.commit, or the client loop's commit_held, clients.py), then made
+   durable by one sync of the WAL for all; if either fails bmid exits at
+   once (FAIL_STOP) so memory never holds a change the store lacks, every
    member of the group is refused, and the next start treats it as a crash,
-4. only after the commit do the record cache, the status board and event
-   subscribers see the change, and only then is the reply sent.
+4. the record cache follows the commit; only once it is durable do the
+   status board and event subscribers see the change, and only then is
+   the reply sent.
 A PD's exit record is read through the fd keeper, which keeps it until the
 PD's exit is stored.  Before any of this, at start, the state is checked
 (locks, database, ledger, reserve, leftovers of an earlier bmid) and a

@@ -28,8 +28,13 @@ class WalSyncer:
 
     def _serve(self) -> None:
         failed = lib.bmi_walsync_serve(self._asked, self._done, self._path, self._result)
-        if failed < 0:          # an eventfd failed: no sync is answered again, so no reply is sent
+        if failed < 0:          # an eventfd failed: say so as the answer of the sync asked (if it can be)
             log.critical("the state database's sync thread stopped: %s", os.strerror(-failed))
+            self._result[0] = -failed
+            try:
+                os.eventfd_write(self._done, 1)
+            except OSError:
+                pass
 
     def fileno(self) -> int:
         """Readable once the sync asked for is done."""

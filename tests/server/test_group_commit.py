@@ -312,3 +312,53 @@ def test_waves_of_commits_hand_the_lead_on_and_all_finish(tmp_path):
     assert failed == []
     assert len(rows) == threads_ * each and sum(sizes) == threads_ * each
     assert max(sizes) > 1, sizes
+
+
+def test_commit_all_applies_nothing_before_the_sync_and_everything_after(tmp_path):
+    """commit_all (bmid's client loop) commits without waiting for the WAL's sync: committed() counts the
+    transaction, durable() does not yet, and no after() has run; committed() runs at once (bmid's record
+    cache follows the database).  Once the WAL is flushed and made_durable() told, the after()s run, in
+    order."""
+    store = Store(str(tmp_path))
+    seen: list[str] = []
+    try:
+        before = store.durable()
+        commit = store.commit_all([(_put(i), lambda r, i=i: seen.append(f"after {i}"),
+                                    lambda r, i=i: seen.append(f"committed {i}")) for i in range(3)])
+        assert commit.errors() == [None, None, None]
+        assert seen == ["committed 0", "committed 1", "committed 2"]
+        assert store.committed() == commit.seq > store.durable() == before
+        store.flush()
+        store.made_durable(commit.seq)
+        assert seen[3:] == ["after 0", "after 1", "after 2"]
+        assert store.durable() == commit.seq
+        store.commit(_put(9))                       # commit() itself returns durable
+        assert store.durable() == store.committed()
+    finally:
+        store.close()
+
+
+def test_a_sync_that_failed_breaks_the_store_for_good(tmp_path):
+    """Linux reports a lost write to one fsync only: after a failed sync nothing written since can be trusted,
+    so every later commit, transaction and after() is refused with the failure."""
+    store = Store(str(tmp_path))
+    try:
+        commit = store.commit_all([(_put(1), lambda r: None, None)])
+        failure = store.flush_failed(OSError(5, "Input/output error"))
+        assert isinstance(failure, StateError) and "sync" in str(failure), failure
+        for attempt in (lambda: store.made_durable(commit.seq), lambda: store.commit(_put(2)), store.sync):
+            try:
+                attempt()
+            except StateError as e:
+                assert "Input/output error" in str(e)
+            else:
+                raise AssertionError("the broken store took it")
+        try:
+            with store.tx() as db:
+                db.execute("INSERT INTO meta(key, value) VALUES('k3', '3')")
+        except StateError:
+            pass
+        else:
+            raise AssertionError("the broken store took a transaction")
+    finally:
+        store.close()

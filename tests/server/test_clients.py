@@ -1,0 +1,137 @@
+"""bmid's client loop (bmi/server/clients.py): one thread runs the quick calls of every client and commits
+them in groups; a call that can block runs in a thread of its own.  Through a real bmid, with raw client
+sockets where a well-behaved client (bmi.open) cannot misbehave as the test needs."""
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+
+import bmi
+from bmi.channel import protocol as p
+from tests.server.test_bmid import _run
+
+WAIT = 3.0          # s: how long the slow call (wait on a running PD) blocks
+
+
+def _connect(d) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock.connect(d.socket)
+    return sock
+
+
+def _ask(sock: socket.socket, msg_id: int, method: str, **params) -> None:
+    p.send(sock, {"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
+
+
+def _answer(sock: socket.socket, timeout: float = 10.0) -> dict:
+    assert select.select([sock], [], [], timeout)[0], "no reply"
+    return p.decode(sock.recv(p.MAX_MESSAGE + 1))
+
+
+def test_a_call_that_blocks_holds_up_no_other_client(daemon):
+    """A `wait` on a running PD runs in a thread of its own: meanwhile the loop answers another client's
+    changes and reads, and the wait is answered when its timeout ends."""
+    with daemon.open() as mgr, _connect(daemon) as waiter:
+        pd = _run(mgr, "busybox sleep 100")
+        other = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
+        started = time.monotonic()
+        _ask(waiter, 1, "wait", pd=pd.get_pd_id(), timeout=WAIT)
+        for i in range(30):
+            other.set_priority(i % 5)
+            assert other.get_current_status() is bmi.PDStatus.ALLOCATED
+        served = time.monotonic() - started
+        assert not select.select([waiter], [], [], 0)[0], "the wait was answered before its timeout"
+        assert served < WAIT - 0.5, f"30 changes took {served:.2f}s while another client waited"
+        reply = _answer(waiter, WAIT + 10)
+        assert reply == {"jsonrpc": "2.0", "id": 1, "result": "RUNNING"}, reply
+        assert time.monotonic() - started >= WAIT - 0.1
+        assert other.get_priority() == 29 % 5
+        pd.destroy()
+
+
+def test_requests_sent_before_their_replies_run_in_order_and_are_answered_once(daemon):
+    """A client that sends many requests before reading any: quick ones (set_priority, run by the loop) and
+    ones that go to a thread (get_priority) alternate, and each get_priority sees the set_priority sent just
+    before it; every request is answered once, in the order sent."""
+    with daemon.open() as mgr, _connect(daemon) as sock:
+        pd_id = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20)).get_pd_id()
+        priorities = [(i * 7) % 21 - 10 for i in range(60)]
+        for i, priority in enumerate(priorities):
+            _ask(sock, 2 * i, "set_priority", pd=pd_id, priority=priority)
+            _ask(sock, 2 * i + 1, "get_priority", pd=pd_id)
+        replies = [_answer(sock) for _ in range(2 * len(priorities))]
+        assert [r["id"] for r in replies] == list(range(2 * len(priorities)))
+        assert [r["result"] for r in replies[1::2]] == priorities
+        assert all(r == {"jsonrpc": "2.0", "id": r["id"], "result": None} for r in replies[0::2])
+        assert not select.select([sock], [], [], 0.2)[0], "a request was answered twice"
+
+
+def test_a_client_that_does_not_read_its_replies_holds_up_no_one(daemon):
+    """A client sends requests and never reads a reply, until its socket pushes back: bmid sends no more to it
+    than fits, takes no more from it, and serves the other clients as before; once it goes, all is well."""
+    with daemon.open() as mgr:
+        pd = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
+        hog = _connect(daemon)
+        hog.setblocking(False)
+        sent = 0
+        try:
+            deadline = time.monotonic() + 10
+            while sent < 20000 and time.monotonic() < deadline:
+                try:
+                    _ask(hog, sent, "get_version")
+                    sent += 1
+                except BlockingIOError:
+                    time.sleep(0.01)        # bmid may still be taking some: then it stops, and so do we
+                    try:
+                        _ask(hog, sent, "get_version")
+                        sent += 1
+                    except BlockingIOError:
+                        break
+            started = time.monotonic()
+            for i in range(50):
+                pd.set_priority(i % 3)
+            assert time.monotonic() - started < 5.0
+            assert pd.get_priority() == 49 % 3
+        finally:
+            hog.close()
+        time.sleep(0.2)
+        assert mgr.list_pd() == [0, pd.get_pd_id()]
+        with daemon.open() as again:
+            assert again.get_controller(pd.get_pd_id()).get_priority() == 49 % 3
+
+
+def test_every_acknowledged_change_of_many_clients_survives_a_kill(daemon):
+    """Eight clients, each on its PD, change it concurrently (their changes share the loop's commits): after a
+    SIGKILL of bmid and a restart, each PD has the last priority its client was told was set."""
+    changes, clients = 60, 8
+    with daemon.open() as mgr:
+        pds = [mgr.allocate_pd(bmi.PDDescription(mem=16 << 20)) for _ in range(clients)]
+        ids = [pd.get_pd_id() for pd in pds]
+    failures: list[BaseException] = []
+    barrier = threading.Barrier(clients)
+
+    def client(pd_id: int, k: int) -> None:
+        try:
+            with daemon.open() as own:
+                ctl = own.get_controller(pd_id)
+                barrier.wait(10)
+                for i in range(changes):
+                    ctl.set_priority((i + k) % 21 - 10)
+        except BaseException as e:      # noqa: BLE001 - reported below
+            failures.append(e)
+
+    threads = [threading.Thread(target=client, args=(pd_id, k)) for k, pd_id in enumerate(ids)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures, failures
+    daemon.kill()
+    daemon.start()
+    with daemon.open() as mgr:
+        assert [mgr.get_controller(i).get_priority() for i in ids] == \
+            [(changes - 1 + k) % 21 - 10 for k in range(clients)]
+        for pd_id in ids:
+            mgr.get_controller(pd_id).destroy()
