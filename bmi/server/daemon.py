@@ -50,7 +50,8 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Collection, Iterable
 
 from ..api import PDController, PDManagement
 from ..channel import protocol as p
@@ -284,6 +285,7 @@ class Daemon:
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
         self._round = threading.local()         # .changes: what hold_changes() collects in a thread
+        self._held_calls = 0                    # how many calls the commit_held() under way stores (tests)
         self._clients = ClientLoop(self)
         if "group" in _PAUSES:
             self._gather_groups_for_tests()
@@ -298,13 +300,15 @@ class Daemon:
             return next((int(n[7:]) for n in os.listdir(self.state_dir) if n.startswith("gather-")), 0)
 
         def gather() -> None:
+            if self._held_calls:        # the client loop's commit: its calls were gathered by the loop
+                return
             want, deadline = gathering(), time.monotonic() + 30
             while want and 0 < self.store.queued() < want and time.monotonic() < deadline:
                 time.sleep(0.005)       # (an empty queue: a group took this change already)
 
         def pause(members: int) -> None:
-            if gathering():
-                _pause_at(self.state_dir, f"group-of-{members}")
+            if gathering():     # the client loop's calls are one member (commit_held): count the calls
+                _pause_at(self.state_dir, f"group-of-{self._held_calls or members}")
 
         self.gathering = gathering                      # type: ignore[method-assign]
         self.store.before_group_test_hook = gather       # type: ignore[method-assign]
@@ -332,7 +336,16 @@ class Daemon:
         _store_or_stop), None for a status a read noticed.
         """
         ended = [*ops, *(() if op_id is None else (op_id,))]
+        held = getattr(self._round, "changes", None)
+        if held is not None:
+            held.append(_Held(None if ids is None else list(ids), ended, restarted, made_by))
+            return
+        work, after, committed = self._persistence(ids, ended, () if restarted is None else (restarted,))
+        self.store.commit(work, after, committed)
 
+    def _persistence(self, ids: Iterable[int] | None, ended: list[int], restarted: Collection[int]
+                     ) -> tuple[Callable[[Any], Any], Callable[[Any], None], Callable[[Any], None]]:
+        """persist()'s work, after and committed for Store.commit: see there."""
         def work(db: Any) -> tuple[list[Event], dict[int, dict[str, Any] | None], dict[int, PDStatus], int]:
             events: list[Event] = []
             written: dict[int, dict[str, Any] | None] = {}
@@ -352,11 +365,11 @@ class Daemon:
                     continue
                 shown[pd_id] = PDStatus[record["status"]]
                 name = record["config"].get("/name", "")
-                if pd_id == restarted:
+                if pd_id in restarted:
                     events.append(Store.add_event(db, pd_id, PDStatus.RESTARTING.name, "restart requested", name))
-                if record != old or pd_id == restarted:
+                if record != old or pd_id in restarted:
                     self.store.write_pd(record)
-                    if old is None or old["status"] != record["status"] or pd_id == restarted:
+                    if old is None or old["status"] != record["status"] or pd_id in restarted:
                         reason = record["ended"]["reason"] if record["ended"] else ""
                         events.append(Store.add_event(db, pd_id, record["status"], reason, name))
                     written[pd_id] = staged[pd_id] = record
@@ -385,11 +398,7 @@ class Daemon:
                 self.board.set(pd_id, status)
             self._publish(events)
 
-        changes = getattr(self._round, "changes", None)
-        if changes is None:
-            self.store.commit(work, after, committed)
-        else:
-            changes.append((work, after, committed, made_by))
+        return work, after, committed
 
     def hold_changes(self) -> list[Any]:
         """From now on what persist() is asked for in this thread is not committed but collected in the list
@@ -398,9 +407,17 @@ class Daemon:
         return self._round.changes
 
     def commit_held(self, changes: list[Any]) -> Commit:
-        """Commit what hold_changes() collected, as one group, without waiting for the sync (the caller answers
-        the calls once store.durable() reaches the Commit's seq, and checks it again then)."""
-        commit = self.store.commit_all([(work, after, committed) for work, after, committed, _ in changes])
+        """Commit what hold_changes() collected as one persist() of all of it (a few calls' records in one pass,
+        not one group member each), without waiting for the sync: the caller answers the calls once
+        store.durable() reaches the Commit's seq, and checks it again then."""
+        ids = None if any(h.ids is None for h in changes) else [i for h in changes for i in h.ids]
+        ended = [op for h in changes for op in h.ended]
+        restarted = {h.restarted for h in changes if h.restarted is not None}
+        self._held_calls = len(changes)
+        try:
+            commit = self.store.commit_all([self._persistence(ids, ended, restarted)])
+        finally:
+            self._held_calls = 0
         self.check_held(changes, commit)
         return commit
 
@@ -411,12 +428,15 @@ class Daemon:
 
     @staticmethod
     def check_held(changes: list[Any], commit: Commit) -> None:
-        """bmid stops if a call's change in `commit` could not be stored (a status a read noticed: a warning)."""
-        for (_, _, _, made_by), error in zip(changes, commit.errors()):
-            if error is not None and made_by is not None:
-                _stop_unstored(made_by, error)
-            elif error is not None:
-                log.warning("storing a PD's exit a read noticed (its exit watcher stores it): %s", error)
+        """bmid stops if the calls' changes in `commit` could not be stored (only statuses reads noticed: a
+        warning, their exit watcher stores them)."""
+        error = next((e for e in commit.errors() if e is not None), None)
+        if error is None:
+            return
+        calls = sorted({h.made_by for h in changes if h.made_by is not None})
+        if calls:
+            _stop_unstored(", ".join(calls), error)
+        log.warning("storing a PD's exit a read noticed (its exit watcher stores it): %s", error)
 
     # -- restart --------------------------------------------------------------------------
     def restore(self) -> None:
@@ -759,6 +779,16 @@ def _refuse_fresh_state_beside_leftovers(state_dir: str, earlier: list[int]) -> 
                      f"earlier bmid remain ({'; '.join(found)}); restore the database from a backup, or end those "
                      f"PDs first (kill the processes in those cgroups and remove the cgroups, and stop the keeper "
                      f"process `python -m bmi.server.keeper {sock}`)")
+
+
+@dataclass
+class _Held:
+    """A persist() held for commit_held() (see hold_changes)."""
+
+    ids: list[int] | None
+    ended: list[int]
+    restarted: int | None
+    made_by: str | None
 
 
 def _stop_unstored(method: str, e: BaseException) -> None:
