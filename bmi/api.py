@@ -438,6 +438,26 @@ class PDManagement:
                          "sha256": pd.measurement["sha256"].hex() if "sha256" in pd.measurement else ""})
         return rows
 
+    def lock_now(self, pd_ids: Iterable[int]) -> Callable[[], None] | None:
+        """Hold the locks of these PDs (those that exist) if no other thread holds one now: the function that
+        lets them go, or None (nothing held) at once.  For a caller that must not wait behind a long call on a
+        PD (a start, a shutdown's grace, an image's copy): bmid's client loop, which serves every client."""
+        with self._lock:
+            pds = [self._pds[i] for i in dict.fromkeys(pd_ids) if i in self._pds]
+        held: list[_PD] = []
+        for pd in pds:
+            if not pd.lock.acquire(blocking=False):
+                break
+            held.append(pd)
+
+        def release() -> None:
+            for pd in reversed(held):
+                pd.lock.release()
+        if len(held) < len(pds):
+            release()
+            return None
+        return release
+
     def subtree(self, pd_id: int) -> list[int]:
         """pd_id and every PD below it (what a lowered limit can change)."""
         with self._lock:

@@ -179,12 +179,25 @@ class ClientLoop:
             request = self._request(client, *record)
             if isinstance(request, dict):
                 answered.append((client, request, None))
-            elif request.quick:
-                answered.append((client, *self._answer(client, request)))
+            elif request.quick and (release := self._lock_now(request)) is not None:
+                try:
+                    answered.append((client, *self._answer(client, request)))
+                finally:
+                    release()
             else:
                 self._park(client)
                 threading.Thread(target=self._serve_one, args=(client, request), name="bmid-call",
                                  daemon=True).start()
+
+    def _lock_now(self, request: Request) -> Callable[[], None] | None:
+        """The locks of the PDs a quick call takes, held if they are free now; None when a call on one of them
+        runs elsewhere (a shutdown holds its PD for its grace period): the quick call then runs in a thread of
+        its own rather than have the loop, and every client, wait."""
+        pd_id = request.params.get("pd")
+        if not isinstance(pd_id, int) or isinstance(pd_id, bool) or pd_id == 0:
+            return _no_lock         # the manager's own calls: no PD lock
+        mgr = self._daemon.mgr
+        return mgr.lock_now(mgr.subtree(pd_id) if request.method == "set_priority" else (pd_id,))
 
     def _park(self, client: Client) -> None:
         """Out of the epoll until its reply is sent (see Client)."""
@@ -281,6 +294,10 @@ class ClientLoop:
             if not client.parked:
                 self._epoll.unregister(client.conn.fileno())
         client.conn.close()
+
+
+def _no_lock() -> None:
+    """What _lock_now gives for a call that takes no PD's lock: nothing to let go of."""
 
 
 def role_of(conn: socket.socket, group: int | None) -> str:

@@ -135,3 +135,26 @@ def test_every_acknowledged_change_of_many_clients_survives_a_kill(daemon):
             [(changes - 1 + k) % 21 - 10 for k in range(clients)]
         for pd_id in ids:
             mgr.get_controller(pd_id).destroy()
+
+
+def test_a_long_call_on_a_pd_holds_up_only_the_calls_on_that_pd(daemon):
+    """A shutdown of a PD that ignores SIGTERM holds that PD for bmid's grace period (2 s in these tests).
+    Meanwhile another client's quick calls on other PDs are answered at once, and its quick call on that PD
+    waits for the shutdown -- in a thread of its own, not in the loop that serves everyone."""
+    with daemon.open() as mgr, _connect(daemon) as stopper, _connect(daemon) as reader:
+        stubborn = _run(mgr, 'trap "" TERM; while :; do busybox sleep 0.1; done')
+        other = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
+        time.sleep(0.3)                             # the trap is set
+        started = time.monotonic()
+        _ask(stopper, 1, "request_status_change", pd=stubborn.get_pd_id(), status="SHUTDOWN")
+        time.sleep(0.3)                             # the shutdown holds the PD now
+        _ask(reader, 2, "get_current_status", pd=stubborn.get_pd_id())
+        for i in range(20):
+            other.set_priority(i % 5)
+            assert other.get_current_status() is bmi.PDStatus.ALLOCATED
+        served = time.monotonic() - started
+        assert served < 1.5, f"20 calls on another PD took {served:.2f}s behind a shutdown"
+        assert not select.select([reader], [], [], 0)[0], "the status was answered in the middle of the shutdown"
+        assert _answer(stopper, 30) == {"jsonrpc": "2.0", "id": 1, "result": None}
+        assert _answer(reader, 30) == {"jsonrpc": "2.0", "id": 2, "result": "SHUTDOWN"}
+        assert time.monotonic() - started >= 1.5
