@@ -246,7 +246,11 @@ class Store:
         self._durable = 0                       # how many of them are known to be on disk
         self._awaiting: list[list[_Member]] = []    # committed groups whose after()s wait for the sync
         self._broken: StateError | None = None  # a sync failed: nothing committed since can be trusted
-        self.flush()                            # what opening wrote (the schema)
+        try:
+            self.flush()                        # what opening wrote (the schema)
+        except BaseException:
+            self._db.close()
+            raise
 
     # -- space ----------------------------------------------------------------------------------
     def make_reserve(self) -> bool:

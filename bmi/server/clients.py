@@ -9,11 +9,14 @@ the request of each client that sent one and runs the quick ones itself
 those).  Their changes are committed as one transaction, and the WAL's sync
 then runs in a C thread without the GIL (walsync.py) while the loop goes on
 with the next rounds, whose changes wait for that sync to end and then share
-the next commit and sync.  Replies go out only once their commit is durable,
-so no reply tells of a change the store might lose.  A call that can block
-(a start, a wait, an image's copy, the TPM, a memory limit the kernel
-reclaims for) runs in a thread of its own, which answers it.  One request of
-a client is in hand at a time (see Client), so its calls run in its order.
+the next commit and sync (when no other client is about to call, the loop
+syncs itself: a lone client does not pay the hand-over).  Replies go out
+only once their commit is durable, so no reply tells of a change the store
+might lose.  A call that can block (a start, a wait, an image's copy, the
+TPM, a memory limit the kernel reclaims for) runs in a thread of its own,
+which answers it; so does a quick call on a PD that such a call holds.  One
+request of a client is in hand at a time (see Client), so its calls run in
+its order.
 """
 from __future__ import annotations
 
@@ -87,8 +90,8 @@ Answered = tuple[Client, dict, "int | None"]
 
 @dataclass
 class Round:
-    """The replies of one round's quick calls, sent once the store is durable up to `needed`: its own commit
-    and every one before it (what its reads may have seen)."""
+    """The quick calls run since the last commit: their replies, sent once the store is durable up to
+    `needed` (their own commit and every one before it: what their reads may have seen)."""
 
     needed: int
     answered: list[Answered]
@@ -117,6 +120,13 @@ class ClientLoop:
         self._epoll.register(conn.fileno(), _READABLE)
 
     def _serve(self) -> None:
+        try:
+            self._rounds()
+        except BaseException as e:          # a bug: bmid stops rather than go on without answering anyone
+            log.exception("bmid's client loop failed")
+            self._daemon.stop_unstored("the client loop", e)
+
+    def _rounds(self) -> None:
         """Rounds of calls.  While a sync is in flight the calls of further rounds gather (their changes made,
         not committed); once it is done they are committed in one transaction and the next sync begins: one
         COMMIT and one fdatasync for all the calls of that time, as many as the clients sent."""
@@ -144,7 +154,9 @@ class ClientLoop:
                 changes.clear()
                 commit = self._daemon.commit_held(batch) if batch else None
                 done = Round(self._store.committed(), answered, batch, commit)
-                if self._others_coming():
+                if self._store.durable() >= done.needed:
+                    self._synced(done, None)        # the calls wrote nothing new
+                elif self._others_coming():
                     syncing = done
                     self._syncer.ask()
                 else:
@@ -248,7 +260,9 @@ class ClientLoop:
             if not client.role or (client.role == "read" and method not in READ_ONLY):
                 who = "a read-only client" if client.role else "this user"
                 raise PermissionDenied(f"{method}: {who} may not call it on bmid ({self._daemon.socket_path})")
-        except (p.ProtocolError, BMIError) as e:
+        except Exception as e:      # a request must never take bmid down
+            if not isinstance(e, (p.ProtocolError, BMIError)):
+                log.exception("a client's request %r could not be read", msg_id)
             for fd in fds:
                 os.close(fd)
             return p.error_from(msg_id, e)
