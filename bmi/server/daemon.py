@@ -284,7 +284,7 @@ class Daemon:
         self._alloc_lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
-        self._round = threading.local()         # .changes: what hold_changes() collects in a thread
+        self._holding = threading.local()       # .changes: what hold_changes() collects in a thread
         self._held_calls = 0                    # how many calls the commit_held() under way stores (tests)
         self._clients = ClientLoop(self)
         if "group" in _PAUSES:
@@ -336,7 +336,7 @@ class Daemon:
         _store_or_stop), None for a status a read noticed.
         """
         ended = [*ops, *(() if op_id is None else (op_id,))]
-        held = getattr(self._round, "changes", None)
+        held = getattr(self._holding, "changes", None)
         if held is not None:
             held.append(_Held(None if ids is None else list(ids), ended, restarted, made_by))
             return
@@ -403,8 +403,8 @@ class Daemon:
     def hold_changes(self) -> list[Any]:
         """From now on what persist() is asked for in this thread is not committed but collected in the list
         returned, for commit_held() to commit as one group: the client loop's calls (clients.py)."""
-        self._round.changes = []
-        return self._round.changes
+        self._holding.changes = []
+        return self._holding.changes
 
     def commit_held(self, changes: list[Any]) -> Commit:
         """Commit what hold_changes() collected as one persist() of all of it (a few calls' records in one pass,
