@@ -173,7 +173,7 @@ class ClientLoop:
         coming = False
         for client, at in list(self._answered_at.items()):
             if now - at > COMING:
-                del self._answered_at[client]
+                self._answered_at.pop(client, None)
             elif not client.in_hand:
                 coming = True
         return coming
@@ -336,6 +336,7 @@ class ClientLoop:
             del self._clients[client.conn.fileno()]
             if not client.parked:
                 self._epoll.unregister(client.conn.fileno())
+        self._answered_at.pop(client, None)     # (a client that only ever read would stay there for good)
         client.conn.close()
 
 

@@ -3,6 +3,7 @@ them in groups; a call that can block runs in a thread of its own.  Through a re
 sockets where a well-behaved client (bmi.open) cannot misbehave as the test needs."""
 from __future__ import annotations
 
+import os
 import select
 import socket
 import threading
@@ -158,3 +159,24 @@ def test_a_long_call_on_a_pd_holds_up_only_the_calls_on_that_pd(daemon):
         assert _answer(stopper, 30) == {"jsonrpc": "2.0", "id": 1, "result": None}
         assert _answer(reader, 30) == {"jsonrpc": "2.0", "id": 2, "result": "SHUTDOWN"}
         assert time.monotonic() - started >= 1.5
+
+
+def test_clients_that_come_and_go_leave_nothing_behind(daemon):
+    """Short-lived clients (a `bmi list` each) leave no connection, fd or thread in bmid once they are gone."""
+    def bmid_fds() -> int:
+        return len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+
+    def bmid_threads() -> int:
+        return len(os.listdir(f"/proc/{daemon.proc.pid}/task"))
+
+    with daemon.open() as mgr:
+        mgr.list_pd()
+        fds, threads = bmid_fds(), bmid_threads()
+        for _ in range(200):
+            with daemon.open() as brief:
+                assert brief.list_pd() == [0]
+                assert brief.get_version() == mgr.get_version()
+        deadline = time.monotonic() + 10
+        while (bmid_fds(), bmid_threads()) != (fds, threads) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (bmid_fds(), bmid_threads()) == (fds, threads)
