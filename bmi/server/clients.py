@@ -200,8 +200,9 @@ class ClientLoop:
     def _send(self, answered: list[Answered]) -> None:
         now = time.monotonic()
         for client, reply, out in answered:
-            self._answered_at[client] = now
             self._reply(client, reply, out)
+            if client.conn.fileno() >= 0:       # not dropped: it may call again
+                self._answered_at[client] = now
 
     def _round(self, events: list[tuple[int, int]], answered: list[Answered]) -> None:
         """The request of each ready client: a quick one answered here (its reply kept for after the round's
