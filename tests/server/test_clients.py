@@ -176,7 +176,7 @@ def test_clients_that_come_and_go_leave_nothing_behind(daemon):
             with daemon.open() as brief:
                 assert brief.list_pd() == [0]
                 assert brief.get_version() == mgr.get_version()
-        deadline = time.monotonic() + 10
-        while (bmid_fds(), bmid_threads()) != (fds, threads) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 10       # (a thread of an earlier call may end meanwhile: not more, then)
+        while (bmid_fds() > fds or bmid_threads() > threads) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert (bmid_fds(), bmid_threads()) == (fds, threads)
+        assert bmid_fds() <= fds and bmid_threads() <= threads, (bmid_fds(), fds, bmid_threads(), threads)
