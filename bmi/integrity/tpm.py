@@ -175,6 +175,7 @@ class Swtpm:
     def _stop(self) -> None:
         pid = self.pid()
         if pid is None:
+            self._reap_killed()
             return
         child = _CHILDREN.pop(pid, None)
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -192,6 +193,21 @@ class Swtpm:
                 break
         for p in (self.sock, Path(f"{self.sock}.ctrl"), self.pidfile):
             p.unlink(missing_ok=True)
+
+
+    def _reap_killed(self) -> None:
+        """The swtpm of the pid file is gone already (killed from outside): if it was our child, wait until it
+        is reaped -- it may still be exiting, too early for _reap()'s poll, and would stay a zombie."""
+        try:
+            pid = int(self.pidfile.read_text())
+        except (OSError, ValueError):
+            return
+        child = _CHILDREN.pop(pid, None)
+        if child is not None:
+            try:
+                child.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                _CHILDREN[pid] = child
 
 
 def _reap() -> None:
