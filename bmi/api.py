@@ -99,6 +99,7 @@ class PDManagement:
         self._driver = driver
         self.uri = uri
         self._pds: dict[int, _PD] = {}
+        self._children: dict[int, set[int]] = {}    # parent id -> its children's ids, kept with _pds
         self._destroyed: set[int] = set()
         self._next_id = 1
         self._lock = threading.RLock()
@@ -156,8 +157,18 @@ class PDManagement:
             self._next_id += 1
         handle = self._driver.allocate(pd_id, actual)
         with self._lock:
-            self._pds[pd_id] = _PD(pd_id, desc, actual.cpu, handle, performance=actual.performance, parent=parent)
+            self._add(_PD(pd_id, desc, actual.cpu, handle, performance=actual.performance, parent=parent))
         return pd_id
+
+    def _add(self, pd: _PD) -> None:
+        """Put pd in _pds and under its parent (the caller holds the lock)."""
+        self._pds[pd.pd_id] = pd
+        self._children.setdefault(pd.parent, set()).add(pd.pd_id)
+
+    def _children_of(self, pd_id: int) -> list[int]:
+        """The ids of pd_id's children, in id order (the caller holds the lock).  From an index, not a scan of
+        every PD: set_priority alone asks for them three times, and bmid may hold a thousand PDs."""
+        return sorted(self._children.get(pd_id, ()))
 
     def _allocate_child(self, desc: PDDescription, actual: PDDescription, parent: _PD) -> int:
         """A task tree as on L4: the child's memory leaves the parent's limit until the child is destroyed."""
@@ -224,7 +235,7 @@ class PDManagement:
         parent's) and when a PD's limit was lowered.
         """
         with self._lock:
-            children = [c.pd_id for c in self._pds.values() if c.parent == pd_id and only in (None, c.pd_id)]
+            children = [c for c in self._children_of(pd_id) if only in (None, c)]
         for name in names:
             bound = self._limit(pd_id, name)
             if bound is None:
@@ -463,7 +474,7 @@ class PDManagement:
         with self._lock:
             found, frontier = [pd_id], [pd_id]
             while frontier:
-                frontier = [c.pd_id for c in self._pds.values() if c.parent in frontier]
+                frontier = [c for parent in frontier for c in self._children_of(parent)]
                 found.extend(frontier)
         return found
 
@@ -498,7 +509,8 @@ class PDManagement:
             adopted[pd_id], kept = self._adopt(pd_id, record)
             release[pd_id] = adopted[pd_id].status, kept
         with self._lock:
-            self._pds.update(adopted)
+            for pd in adopted.values():
+                self._add(pd)
             self._next_id = max(self._next_id, next_id)
             self._destroyed.update(destroyed)
         return release
@@ -567,7 +579,7 @@ class PDManagement:
         """Children first; then the PD's channel, connections and resources; memory back to its parent."""
         pd_id = pd.pd_id
         with self._lock:
-            children = [c for c in self._pds.values() if c.parent == pd_id]
+            children = [self._pds[c] for c in self._children_of(pd_id)]
         for child in children:
             self._destroy(child)
         with pd.lock:
@@ -577,6 +589,8 @@ class PDManagement:
             self._driver.destroy(pd.handle)
             with self._lock:
                 self._pds.pop(pd_id, None)
+                self._children.pop(pd_id, None)
+                self._children.get(pd.parent, set()).discard(pd_id)
                 self._destroyed.add(pd_id)
                 for other in self._pds.values():
                     other.policies.pop(pd_id, None)

@@ -237,3 +237,23 @@ def test_a_pd_loads_a_childs_image_through_the_one_copy_path(mgr, as_pd):
     with pytest.raises(bmi.InvalidArgument, match="progress must be callable"):
         child.setup_pd(bmi.BytesImage(data), progress=3)
     assert mgr.get_controller(child.get_pd_id()).get_current_status() is bmi.PDStatus.READY
+
+
+def test_a_lowered_priority_reaches_every_descendant_and_a_destroyed_one_no_more(mgr, as_pd):
+    """The manager finds a PD's children from an index it keeps with allocate and destroy: a lowered limit
+    reaches the grandchild, a destroyed child leaves the tree, and its parent's tree is the rest."""
+    a = mgr.allocate_pd(PDDescription(mem=64 * MB))
+    a.set_priority(5)
+    client = as_pd(a)
+    child, sibling = client.allocate_pd(PDDescription(mem=16 * MB)), client.allocate_pd(PDDescription(mem=16 * MB))
+    grandchild = as_pd(mgr.get_controller(child.get_pd_id())).allocate_pd(PDDescription(mem=8 * MB))
+    for pd in (child, sibling, grandchild):
+        mgr.get_controller(pd.get_pd_id()).set_priority(5)
+    a.set_priority(2)
+    assert [mgr.get_controller(pd.get_pd_id()).get_priority() for pd in (child, sibling, grandchild)] == [2, 2, 2]
+    child.destroy()
+    assert grandchild.get_pd_id() not in mgr.list_pd() and sibling.get_pd_id() in mgr.list_pd()
+    a.set_priority(1)
+    assert mgr.get_controller(sibling.get_pd_id()).get_priority() == 1
+    a.destroy()
+    assert sibling.get_pd_id() not in mgr.list_pd()

@@ -134,3 +134,27 @@ def test_the_lock_file_and_its_directory_are_made_on_the_first_take(tmp_path):
     finally:
         first.release()
         second.release()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the default block is a root manager's")
+def test_an_id_let_go_is_the_lowest_free_again_and_a_held_one_is_never_given_twice(tmp_path):
+    """acquire() skips the ids its own leases hold without a lock attempt: a released id must come back (the
+    lowest free), and one another open of the lock file holds (another manager) must still be skipped."""
+    pool = IdPool({})
+    pool.lock_file = str(tmp_path / "uids.lock")
+    leases = [pool.acquire(i) for i in range(5)]
+    other = IdPool({})
+    other.lock_file = pool.lock_file
+    try:
+        assert [x.uid for x in leases] == [DEFAULT_RANGE[0] + i for i in range(5)]
+        leases[1].release()
+        leases[3].release()
+        taken_elsewhere = other.acquire(9)          # another manager's: the lowest free, leases[1]'s old id
+        assert taken_elsewhere.uid == DEFAULT_RANGE[0] + 1
+        again = pool.acquire(6)
+        assert again.uid == DEFAULT_RANGE[0] + 3     # its own skipped set had forgotten it; the lock decides
+        leases += [again, taken_elsewhere, pool.acquire(7)]
+        assert leases[-1].uid == DEFAULT_RANGE[0] + 5
+    finally:
+        for lease in leases:
+            lease.release()
