@@ -478,6 +478,17 @@ class PDManagement:
                 found.extend(frontier)
         return found
 
+    def reach_of_destroy(self, pd_id: int) -> list[int]:
+        """The PDs whose record a destroy of pd_id changes: its subtree (gone), its parent (the memory comes
+        back) and every PD with a policy toward one of them (dropped).  Ids are never used again, so a policy
+        set toward one of them after this was asked changes nothing."""
+        gone = self.subtree(pd_id)
+        with self._lock:
+            pd = self._pds.get(pd_id)
+            others = [o.pd_id for o in self._pds.values() if o.pd_id not in gone and not o.policies.keys()
+                      .isdisjoint(gone)]
+        return gone + ([pd.parent] if pd is not None and pd.parent != MANAGER_PD else []) + others
+
     def records(self, ids: Iterable[int] | None = None) -> tuple[dict[int, dict[str, Any]], int]:
         """What a store keeps of these PDs (all when None; those that exist) and the next id, as now."""
         with self._lock:

@@ -549,6 +549,13 @@ class Daemon:
             return value, out
         op: int | None = None
         restarted: int | None = None
+        # what the call can change: a destroy, the PDs it reaches (found before they are gone); a lowered limit
+        # lowers the PD's subtree's (api.LIMITS); any call, its target and caller
+        ids = [t for t in (target, caller) if isinstance(t, int) and t]
+        if method == "destroy" and isinstance(target, int):
+            ids = [*self.mgr.reach_of_destroy(target), *ids]
+        elif method in ("set_priority", "set_runtime_param") and isinstance(target, int):   # 0: the manager
+            ids = [*self.mgr.subtree(target), *ids]
         if method in INTENDED:
             detail = {k: v for k, v in params.items() if k in ("status", "tid", "name")}
             op = self.store.begin(method, target if isinstance(target, int) else None, **detail)
@@ -562,11 +569,7 @@ class Daemon:
             restarted = None
             raise
         finally:
-            # destroy removes descendants (store them all); a lowered limit lowers theirs (api.LIMITS)
-            ids = [t for t in (target, caller) if isinstance(t, int) and t]
-            if method in ("set_priority", "set_runtime_param") and isinstance(target, int):   # 0: the manager
-                ids = [*self.mgr.subtree(target), *ids]
-            self._store_or_stop(method, None if method == "destroy" else ids, op, restarted)
+            self._store_or_stop(method, ids, op, restarted)
         return answer
 
     def _store_or_stop(self, method: str, ids: list[int] | None, op: int | None,

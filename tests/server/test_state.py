@@ -18,6 +18,7 @@ import pytest
 
 import bmi
 from bmi.store import RESERVE_FILE
+from tests.channel.progs import run_pd
 from tests.server.bmid import Bmid, require_root
 from tests.server.conftest import SmallFs
 from tests.server.test_bmid import TICKER, _records, _run, _running
@@ -392,3 +393,36 @@ def test_restarts_and_changes_found_at_adoption_are_events_with_the_pds_name(dae
     with daemon.open() as mgr:
         seen = [(e.pd_id, e.status, e.name) for e in mgr.events(since=last, timeout=1)]
     assert (brief.get_pd_id(), bmi.PDStatus.SHUTDOWN, "brief") in seen, seen
+
+
+def test_a_destroy_stores_the_pds_it_changed_and_only_those(daemon):
+    """A destroy stores its reach (the PD, its parent, the PDs with a policy toward it), not every PD: after a
+    kill -9 the parent has the memory of its destroyed child back, the policies toward the destroyed PD are
+    gone from the PDs that had them, and a PD it did not reach is as it was."""
+    ipc = [bmi.ConnectionPolicy(bmi.ConnectionType.IPC, bmi.RW)]
+    with daemon.open() as mgr:
+        parent = run_pd(mgr, "chanpeer", ["child", str(8 << 20), "+", "sleep", "30000"], mem=32 << 20)
+        deadline = time.monotonic() + 15
+        while len(mgr.list_pd()) < 3 and time.monotonic() < deadline:     # 0, the parent, its child
+            time.sleep(0.02)
+        [child_id] = [i for i in mgr.list_pd() if i not in (0, parent.get_pd_id())]
+        assert parent.get_runtime_param("/system/memory/current") == str(24 << 20)
+        a, b, c, d = (mgr.allocate_pd(bmi.PDDescription(mem=16 << 20)) for _ in range(4))
+        a.set_allowed_connections(b.get_pd_id(), ipc)
+        c.set_allowed_connections(b.get_pd_id(), ipc)
+        c.set_allowed_connections(d.get_pd_id(), ipc)
+        b.destroy()
+        mgr.get_controller(child_id).destroy()
+        ids = [pd.get_pd_id() for pd in (a, c, d)]
+    daemon.kill()
+    stored = _records(daemon)
+    daemon.start()
+    assert b.get_pd_id() not in stored and child_id not in stored
+    assert stored[parent.get_pd_id()]["lent"] == 0
+    assert stored[ids[0]]["policies"] == {}
+    assert list(stored[ids[1]]["policies"]) == [str(ids[2])]
+    with daemon.open() as mgr:
+        assert mgr.get_controller(parent.get_pd_id()).get_runtime_param("/system/memory/current") == str(32 << 20)
+        assert mgr.get_controller(ids[1]).get_allowed_connections(ids[2]) == ipc
+        for pd_id in [parent.get_pd_id(), *ids]:
+            mgr.get_controller(pd_id).destroy()
