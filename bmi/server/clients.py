@@ -36,6 +36,7 @@ from ..channel.methods import READ_ONLY
 from ..channel.server import _check_request
 from ..errors import BMIError, PermissionDenied
 from ..store import Commit
+from .failstop import stop_unstored
 from .walsync import WalSyncer
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ class ClientLoop:
             self._rounds()
         except BaseException as e:          # a bug: bmid stops rather than go on without answering anyone
             log.exception("bmid's client loop failed")
-            self._daemon.stop_unstored("the client loop", e)
+            stop_unstored("the client loop", e)
 
     def _rounds(self) -> None:
         """Rounds of calls.  While a sync is in flight the calls of further rounds gather (their changes made,
@@ -182,17 +183,17 @@ class ClientLoop:
         try:
             self._store.flush()
         except BMIError as e:
-            self._daemon.stop_unstored("a change of a client", e)
+            stop_unstored("a change of a client", e)
 
     def _synced(self, done: Round, failure: OSError | None) -> None:
         """done's commit was synced (`failure`: how the sync failed): run the after()s of what it made durable,
         then answer the calls it was for."""
         if failure is not None:
-            self._daemon.stop_unstored("a change of a client", self._store.flush_failed(failure))
+            stop_unstored("a change of a client", self._store.flush_failed(failure))
         try:
             self._store.made_durable(done.needed)
         except BMIError as e:
-            self._daemon.stop_unstored("a change of a client", e)
+            stop_unstored("a change of a client", e)
         if done.commit is not None:
             self._daemon.check_held(done.changes, done.commit)
         self._send(done.answered)

@@ -18,7 +18,7 @@ Crash safety, in order, for every call that changes something:
    shared with the changes other clients made meanwhile (group commit:
    Store.commit, or the client loop's commit_held, clients.py), then made
    durable by one sync of the WAL for all; if either fails bmid exits at
-   once (FAIL_STOP) so memory never holds a change the store lacks, every
+   once (failstop.FAIL_STOP) so memory never holds a change the store lacks, every
    member of the group is refused, and the next start treats it as a crash,
 4. the record cache follows the commit; only once it is durable do the
    status board and event subscribers see the change, and only then is
@@ -67,6 +67,7 @@ from ..store import DB_FILE, RESERVE_BYTES, Commit, Event, StateError, Store, pr
 from ..system import LINUX_URI, default_socket
 from ..types import PDStatus
 from .clients import ClientLoop
+from .failstop import stop_unstored
 from .connections import KeptConnections
 from .inflight import Ledger, Pending
 from .keeper import Keeper, existing as existing_keeper
@@ -79,7 +80,6 @@ MAX_WAIT = 60.0
 EVENT_POLL = 0.5
 EXIT_RETRY = 1.0                # s between attempts to store an exit while the state directory is full
 ACCEPT_WAKE = 1.0               # s: how long a pending SIGTERM may wait for the main thread (serve_forever)
-FAIL_STOP = 75                  # bmid's exit status when it stops because it cannot store a change it made
 TEST_PAUSE = "BMID_TEST_PAUSE"  # tests only: e.g. "commit:destroy exit" stops bmid there (see test_pause)
 _PAUSES = frozenset(os.environ.get(TEST_PAUSE, "").split())     # read once: test_pause runs on every change
 _LIVE = (PDStatus.RUNNING, PDStatus.PAUSED)
@@ -422,11 +422,6 @@ class Daemon:
         return commit
 
     @staticmethod
-    def stop_unstored(what: str, e: BaseException) -> None:
-        """End bmid at once: `what` could not be stored (the client loop, when a sync failed)."""
-        _stop_unstored(what, e)
-
-    @staticmethod
     def check_held(changes: list[Any], commit: Commit) -> None:
         """bmid stops if the calls' changes in `commit` could not be stored (only statuses reads noticed: a
         warning, their exit watcher stores them)."""
@@ -435,7 +430,7 @@ class Daemon:
             return
         calls = sorted({h.made_by for h in changes if h.made_by is not None})
         if calls:
-            _stop_unstored(", ".join(calls), error)
+            stop_unstored(", ".join(calls), error)
         log.warning("storing a PD's exit a read noticed (its exit watcher stores it): %s", error)
 
     # -- restart --------------------------------------------------------------------------
@@ -585,7 +580,7 @@ class Daemon:
         try:
             self.persist(ids, op, restarted=restarted, made_by=method)
         except BaseException as e:
-            _stop_unstored(method, e)
+            stop_unstored(method, e)
 
     def _settle(self, pd_id: Any) -> None:
         """Store (and show on the board) an exit this read noticed before the exit watcher did.
@@ -792,14 +787,6 @@ class _Held:
     ended: list[int]
     restarted: int | None
     made_by: str | None
-
-
-def _stop_unstored(method: str, e: BaseException) -> None:
-    """End bmid at once: the change `method` made could not be stored (see Daemon._store_or_stop)."""
-    log.critical("%s could not be stored (%s); stopping so that the next start finishes or rolls it back "
-                 "from its stored intent", method, e)
-    logging.shutdown()
-    os._exit(FAIL_STOP)
 
 
 def test_pause(state_dir: str, *points: str) -> None:
