@@ -73,6 +73,7 @@ class Run:
     bmid_system: float
     clients: float
     others: float = 0.0
+    busiest: tuple[float, float] = (0.0, 0.0)   # bmid's busiest thread (its client loop): s on a CPU, s waiting for one
 
     @property
     def cpu(self) -> float:
@@ -89,6 +90,25 @@ def _cpu_of(pid: int) -> tuple[float, float]:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) / _TICK, int(fields[12]) / _TICK
+
+
+def _thread_times(pid: int) -> dict[str, tuple[float, float]]:
+    """Each thread of a process: (seconds it ran, seconds it waited runnable for a CPU), from schedstat."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ran, waited, _ = (int(x) / 1e9 for x in f.read().split())
+        except (OSError, ValueError):
+            continue            # a thread that ended, or a kernel without schedstats
+        out[tid] = (ran, waited)
+    return out
+
+
+def _busiest(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    spent = {tid: (ran - before.get(tid, (0.0, 0.0))[0], waited - before.get(tid, (0.0, 0.0))[1])
+             for tid, (ran, waited) in after.items()}
+    return max(spent.values(), default=(0.0, 0.0))
 
 
 def _machine_busy() -> float:
@@ -108,7 +128,7 @@ def changers(daemon: Bmid, mgr, clients: int, changes: int) -> Run:
     try:
         for proc in procs:
             assert proc.stdout.readline().strip() == "ready"
-        before, busy = _cpu_of(daemon.proc.pid), _machine_busy()
+        before, busy, threads = _cpu_of(daemon.proc.pid), _machine_busy(), _thread_times(daemon.proc.pid)
         t = time.perf_counter()
         for proc in procs:
             proc.stdin.write("go\n")
@@ -119,7 +139,8 @@ def changers(daemon: Bmid, mgr, clients: int, changes: int) -> Run:
             spent += user + system
         seconds = time.perf_counter() - t
         after, busy = _cpu_of(daemon.proc.pid), _machine_busy() - busy
-        run = Run(seconds, after[0] - before[0], after[1] - before[1], spent)
+        run = Run(seconds, after[0] - before[0], after[1] - before[1], spent,
+                  busiest=_busiest(threads, _thread_times(daemon.proc.pid)))
         run.others = max(0.0, busy - run.cpu)
         return run
     finally:
@@ -160,6 +181,9 @@ def group_commit_report(one: Run, many: Run, clients: int, changes: int) -> str:
             f"{many.bmid_system * per:.0f} us system, client {many.clients * per:.0f} us "
             f"(1 client: bmid {(one.bmid_user + one.bmid_system) * 1e6 / changes:.0f} us, client "
             f"{one.clients * 1e6 / changes:.0f} us, wall {one.seconds * 1e6 / changes:.0f} us)\n"
+            f"  bmid's busiest thread (its client loop), per change with {clients} clients: on a CPU "
+            f"{many.busiest[0] * per:.0f} us, runnable but waiting for a CPU {many.busiest[1] * per:.0f} us, "
+            f"idle {max(0.0, many.seconds - sum(many.busiest)) * per:.0f} us\n"
             f"  CPU-bound lower bound of the ratio on {cores} cores: {many.floor(cores) / one.seconds:.2f}x "
             f"(max(all CPU / {cores} = {many.cpu / cores:.2f} s, bmid user under one GIL = {many.bmid_user:.2f} s) "
             f"/ 1 client's {one.seconds:.2f} s)")
