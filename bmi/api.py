@@ -485,8 +485,8 @@ class PDManagement:
         gone = self.subtree(pd_id)
         with self._lock:
             pd = self._pds.get(pd_id)
-            others = [o.pd_id for o in self._pds.values() if o.pd_id not in gone and not o.policies.keys()
-                      .isdisjoint(gone)]
+            others = [o.pd_id for o in self._pds.values()
+                      if o.pd_id not in gone and not o.policies.keys().isdisjoint(gone)]
         return gone + ([pd.parent] if pd is not None and pd.parent != MANAGER_PD else []) + others
 
     def records(self, ids: Iterable[int] | None = None) -> tuple[dict[int, dict[str, Any]], int]:

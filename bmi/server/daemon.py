@@ -67,8 +67,8 @@ from ..store import DB_FILE, RESERVE_BYTES, Commit, Event, StateError, Store, pr
 from ..system import LINUX_URI, default_socket
 from ..types import PDStatus
 from .clients import ClientLoop
-from .failstop import stop_unstored
 from .connections import KeptConnections
+from .failstop import stop_unstored
 from .inflight import Ledger, Pending
 from .keeper import Keeper, existing as existing_keeper
 

@@ -113,7 +113,7 @@ class IdPool:
         self.range: tuple[int, int] | None = None
         self._unnamed: set[int] = set()     # ids of the range known to be no user's or group's
         #: ids this pool's leases hold: acquire() skips them without a lock attempt (each attempt is a system
-        #: call that walks the lock file's every lock: with a thousand PDs, allocation took 50 ms for it)
+        #: call that walks every lock of the file: the n-th PD's allocation made n of them)
         self._held: set[int] = set()
         euid = os.geteuid()
         self.shared = (euid, os.getegid())       # what every PD maps when they cannot have their own
