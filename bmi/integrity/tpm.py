@@ -194,7 +194,6 @@ class Swtpm:
         for p in (self.sock, Path(f"{self.sock}.ctrl"), self.pidfile):
             p.unlink(missing_ok=True)
 
-
     def _reap_killed(self) -> None:
         """The swtpm of the pid file is gone already (killed from outside): if it was our child, wait until it
         is reaped -- it may still be exiting, too early for _reap()'s poll, and would stay a zombie."""

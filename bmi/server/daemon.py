@@ -18,8 +18,9 @@ Crash safety, in order, for every call that changes something:
    shared with the changes other clients made meanwhile (group commit:
    Store.commit, or the client loop's commit_held, clients.py), then made
    durable by one sync of the WAL for all; if either fails bmid exits at
-   once (failstop.FAIL_STOP) so memory never holds a change the store lacks, every
-   member of the group is refused, and the next start treats it as a crash,
+   once (failstop.FAIL_STOP) so memory never holds a change the store
+   lacks, every member of the group is refused, and the next start treats
+   it as a crash,
 4. the record cache follows the commit; only once it is durable do the
    status board and event subscribers see the change, and only then is
    the reply sent.

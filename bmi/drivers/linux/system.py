@@ -199,7 +199,7 @@ class SystemDriver(LinuxDriver, Keeping):
             return None
         fd = self._keeper.get(f"pd{pd_id}.uid")
         if fd is not None:
-            return self._ids.kept(ids[0], ids[1], fd)
+            return self._ids.lease(ids[0], ids[1], fd)
         lease = self._ids.reclaim(ids[0])
         if lease is None:
             log.warning("adopt PD %d: its host uid %d was lost with the fd keeper and is now another PD's; "

@@ -197,7 +197,7 @@ class IdPool:
                     continue
                 if uid in self._unnamed or not _named(uid):
                     self._unnamed.add(uid)      # (looked up once per process: NSS may be slow)
-                    return self._lease(uid, fd)
+                    return self.lease(uid, uid, fd)
                 fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(uid, fcntl.F_UNLCK))    # a real user's id: skip it
         except BaseException:
             os.close(fd)
@@ -212,17 +212,15 @@ class IdPool:
             return IdLease(*self.shared)
         fd = self._open_lock()
         if self._lock(fd, uid):
-            return self._lease(uid, fd)
+            return self.lease(uid, uid, fd)
         os.close(fd)
         return None
 
-    def kept(self, uid: int, gid: int, fd: int) -> IdLease:
-        """The lease whose lock `fd` holds already (a copy the fd keeper kept, at adoption)."""
+    def lease(self, uid: int, gid: int, fd: int) -> IdLease:
+        """The lease of ids whose lock `fd` holds (just taken, or the fd keeper's copy at adoption), known to
+        this pool until it is released."""
         self._held.add(uid)
         return IdLease(uid, gid, fd, self._held)
-
-    def _lease(self, uid: int, fd: int) -> IdLease:
-        return self.kept(uid, uid, fd)
 
     def _lock(self, fd: int, uid: int) -> bool:
         try:
