@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import bmi  # noqa: E402
 from bmi.drivers.linux import cgroups, driver, spawn  # noqa: E402
+from bench.host import cgroups_line  # noqa: E402
 
 SOURCE = "static char pad[1 << 20] = {1};\nint main(void) { return pad[0] - 1; }\n"
 SPIN = "static char pad[1 << 20] = {1};\nint main(void) { for (;;) __asm__ volatile(\"pause\"); return pad[0]; }\n"
@@ -130,6 +131,7 @@ def main() -> int:
     parser.add_argument("-n", "--rounds", type=int, default=50)
     parser.add_argument("-d", "--destroy-rounds", type=int, default=30)
     args = parser.parse_args()
+    print(cgroups_line())
     bwrap = shutil.which("bwrap")
     phases = Phases()
     per_phase: dict[str, list[float]] = {}

@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bmi  # noqa: E402
 from bench.floor import BareCommit, round_trip_us  # noqa: E402
+from bench.host import cgroups_line  # noqa: E402
 from tests.server.bmid import Bmid  # noqa: E402
 
 BUSYBOX = "/bin/busybox"
@@ -297,6 +298,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="1-client / N-client pairs of group commit runs")
     parser.add_argument("--running", action="store_true", help="start every PD (busybox sleep), not only allocate")
     args = parser.parse_args()
+    print(cgroups_line())
     with tempfile.TemporaryDirectory() as tmp:
         daemon = Bmid(tmp).start()
         try:
