@@ -11,6 +11,7 @@ import time
 
 import bmi
 from bmi.channel import protocol as p
+from tests.server.bmid import running_bmid
 from tests.server.test_bmid import _run
 
 WAIT = 3.0          # s: how long the slow call (wait on a running PD) blocks
@@ -180,3 +181,38 @@ def test_clients_that_come_and_go_leave_nothing_behind(daemon):
         while (bmid_fds() > fds or bmid_threads() > threads) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert bmid_fds() <= fds and bmid_threads() <= threads, (bmid_fds(), fds, bmid_threads(), threads)
+
+
+def test_requests_that_come_while_a_round_runs_share_its_commit(tmp_path):
+    """Four clients, one PD each.  The first client's set_priority is held inside the loop's round (a test
+    pause) while the other three send theirs; once it goes on, the loop takes the three in before it commits,
+    so all four changes are stored by one commit group of 4 -- not one of 1 and then a second -- and each
+    client is answered only after that group's commit."""
+    with running_bmid(str(tmp_path), env={"BMID_TEST_PAUSE": "commit:set_priority group"}) as d:
+        with d.open() as mgr:
+            ids = [mgr.allocate_pd(bmi.PDDescription(mem=16 << 20)).get_pd_id() for _ in range(4)]
+        open(os.path.join(d.state_dir, "gather-1"), "w").close()    # every group stops at group-of-<size>
+        socks = [_connect(d) for _ in ids]
+        try:
+            _ask(socks[0], 1, "set_priority", pd=ids[0], priority=3)
+            d.wait_paused("commit:set_priority")                    # the first change, made, in the loop
+            for k in range(1, 4):
+                _ask(socks[k], 1, "set_priority", pd=ids[k], priority=3 + k)
+            d.resume("commit:set_priority")
+            for _ in range(3):                                      # the three others, in the same round
+                d.wait_paused("commit:set_priority", timeout=10)
+                d.resume("commit:set_priority")
+            d.wait_paused("group-of-4", timeout=10)
+            assert not select.select(socks, [], [], 0.2)[0], "a change was answered before its commit"
+            d.resume("group-of-4")
+            assert [_answer(s) for s in socks] == [{"jsonrpc": "2.0", "id": 1, "result": None}] * 4
+        except BaseException:
+            d.kill()        # stopped inside a commit: a stop, or the destroys at the end, would wait for ever
+            del d.env["BMID_TEST_PAUSE"]
+            raise
+        finally:
+            for s in socks:
+                s.close()
+        os.unlink(os.path.join(d.state_dir, "gather-1"))
+        with d.open() as mgr:
+            assert [mgr.get_controller(i).get_priority() for i in ids] == [3, 4, 5, 6]
