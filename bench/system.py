@@ -28,6 +28,7 @@ one client's time.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import subprocess
@@ -197,9 +198,10 @@ def per_call(mgr, calls: int, bare: BareCommit | None = None) -> dict[str, float
     measures it while the calls run)."""
     pd = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
     out = {}
+    priorities = itertools.cycle((1, 2))    # a new value each time: a change to store (the same one is not)
     todo = [("get_current_status", pd.get_current_status),
              ("get_runtime_param", lambda: pd.get_runtime_param("/system/memory/max")),
-             ("set_priority", lambda: pd.set_priority(1))]
+             ("set_priority", lambda: pd.set_priority(next(priorities)))]
     if hasattr(mgr, "_channel"):        # bmid: the status as a request too (get_current_status reads the board)
         todo.insert(1, ("get_current_status (request)",
                          lambda: mgr._channel.value("get_current_status", pd=pd.get_pd_id())))
