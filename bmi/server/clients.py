@@ -149,10 +149,10 @@ class ClientLoop:
                     self._round(self._epoll.poll(0.01), answered)
             if syncing is not None or not answered:
                 continue
-            self._take_ready(answered)
             if not changes and self._store.durable() >= self._store.committed():
                 self._send(answered)        # reads, with nothing stored still on its way to the disk
             else:
+                self._take_ready(answered)
                 batch = changes[:]
                 changes.clear()
                 commit = self._daemon.commit_held(batch) if batch else None
@@ -170,8 +170,9 @@ class ClientLoop:
     def _take_ready(self, answered: list[Answered]) -> None:
         """Before a commit, the requests that came while the round ran: they share its COMMIT and sync rather
         than make the next ones (a commit costs the loop more than a call: with 8 clients this took the loop's
-        CPU per change from ~190 to ~160 us, bench/system.py).  At most TAKE_MORE rounds,
-        so the replies in hand are not held back for long."""
+        CPU per change from ~190 to ~160 us, bench/system.py).  Not before reads that wait for no commit:
+        nothing to share, so no poll for them.  At most TAKE_MORE rounds, so the replies in hand are not held
+        back for long."""
         for _ in range(TAKE_MORE):
             ready = self._epoll.poll(0)
             if not ready:
