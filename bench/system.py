@@ -21,9 +21,10 @@ same (goal: <= 2x the time), --rounds pairs alternating (the pair with the
 median ratio is shown, then medians and ranges), what the rest of the
 machine used meanwhile, and beside that ratio the least one the CPU
 allows: what bmid and the clients spent in that run (bmid from /proc, the
-clients from getrusage) spread over the machine's cores, or bmid's user
-time alone (its Python runs under one GIL), whichever is longer, over the
-one client's time.
+clients from getrusage) spread over the machine's cores, or the time bmid's
+client loop spent on a CPU (one thread: its calls, commits and system
+calls run one after another), whichever is longer, over the one client's
+time.
 """
 from __future__ import annotations
 
@@ -82,9 +83,9 @@ class Run:
         return self.bmid_user + self.bmid_system + self.clients
 
     def floor(self, cores: int) -> float:
-        """The least wall time this CPU allows: all of it spread over `cores`, and bmid's user time (Python,
-        under one GIL) one after another."""
-        return max(self.cpu / cores, self.bmid_user)
+        """The least wall time this CPU allows: all of it spread over `cores`, and the client loop's own time on
+        a CPU (one thread: its calls, commits and system calls one after another)."""
+        return max(self.cpu / cores, self.busiest[0])
 
 
 def _cpu_of(pid: int) -> tuple[float, float]:
@@ -187,7 +188,7 @@ def group_commit_report(one: Run, many: Run, clients: int, changes: int) -> str:
             f"{many.busiest[0] * per:.0f} us, runnable but waiting for a CPU {many.busiest[1] * per:.0f} us, "
             f"idle {max(0.0, many.seconds - sum(many.busiest)) * per:.0f} us\n"
             f"  CPU-bound lower bound of the ratio on {cores} cores: {many.floor(cores) / one.seconds:.2f}x "
-            f"(max(all CPU / {cores} = {many.cpu / cores:.2f} s, bmid user under one GIL = {many.bmid_user:.2f} s) "
+            f"(max(all CPU / {cores} = {many.cpu / cores:.2f} s, the client loop's own = {many.busiest[0]:.2f} s) "
             f"/ 1 client's {one.seconds:.2f} s)")
 
 
