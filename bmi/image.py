@@ -95,7 +95,7 @@ def is_plain_file_image(image: object) -> bool:
 def open_file_image(image: FileImage, what: str, pd_id: int | None = None) -> int:
     """The FileImage's file opened read-only (close-on-exec); ImageError when it cannot be, or is no longer a file."""
     try:
-        fd = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)   # a FIFO must not block
     except OSError as e:
         raise ImageError(f"{what}: cannot open {image.path!r}: {e.strerror}", pd_id=pd_id) from e
     if not stat.S_ISREG(os.fstat(fd).st_mode):

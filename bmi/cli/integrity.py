@@ -6,7 +6,6 @@ bmi/cli/__init__.py calls register(subparsers); each handler returns the exit st
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import warnings
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidArgument
+from ..files import MAX_DOCUMENT, read_bytes, read_text, sha256_of
 from ..types import ConnectionIntegrityPolicy, ConnectionType, IntegrityPolicy
 
 POLICY_HELP = """\
@@ -44,8 +44,9 @@ def _hex(text: str, what: str) -> bytes:
 
 def load_policy(path: str) -> IntegrityPolicy:
     """Parse POLICY.json (format in POLICY_HELP); InvalidArgument naming the bad field."""
+    text = read_text(path, "policy", MAX_DOCUMENT)
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = json.loads(text)
         conns = []
         for i, c in enumerate(doc.get("pd_connections", [])):
             ctype = c["con_type"]
@@ -55,7 +56,7 @@ def load_policy(path: str) -> IntegrityPolicy:
         return IntegrityPolicy(_hex(doc["pd_integrity"], "pd_integrity"), tuple(conns))
     except InvalidArgument as e:
         raise InvalidArgument(f"policy {path}: {e}") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InvalidArgument(f"policy {path}: {type(e).__name__}: {e}") from None
 
 
@@ -67,16 +68,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from ..integrity.keys import fingerprint, load_pem, resolve
     from ..types import IntegrityReport
     from ..integrity.verify import UnpinnedKeyWarning, verify_report
-    try:
-        report = IntegrityReport.from_json(Path(args.report).read_text())
-    except OSError as e:
-        raise InvalidArgument(f"verify: cannot read {args.report}: {e.strerror}") from None
+    report = IntegrityReport.from_json(read_text(args.report, "verify: the report", MAX_DOCUMENT))
     if args.expect_image:
-        try:
-            with open(args.expect_image, "rb") as f:
-                expected = hashlib.file_digest(f, "sha256").digest()
-        except OSError as e:
-            raise InvalidArgument(f"verify: cannot read image {args.expect_image}: {e.strerror}") from None
+        expected = sha256_of(args.expect_image, "verify: --expect-image")
     else:
         expected = _hex(args.expect_digest, "--expect-digest")
     pcrs = {}
@@ -109,19 +103,16 @@ def _pinned_key(value: str | None, what: str = "verify") -> str | None:
     if value is None or value.strip().lower().startswith("sha256:"):
         return value
     try:
-        return Path(value).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"{what}: cannot read --ak {value}: {getattr(e, 'strerror', None) or e}; "
-                              "give the AK's PEM file or its fingerprint sha256:<hex>") from None
+        return read_text(value, f"{what}: --ak", MAX_DOCUMENT)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"{e}; give the AK's PEM file or its fingerprint sha256:<hex>") from None
 
 
 def cmd_seal(args: argparse.Namespace) -> int:
+    from ..integrity.credentials import MAX_SECRET
     policy = load_policy(args.policy)
-    try:
-        secret = Path(args.secret_file).read_bytes()
-        storage = Path(args.storage_public).read_bytes() if args.storage_public else None
-    except OSError as e:
-        raise InvalidArgument(f"seal: cannot read {e.filename}: {e.strerror}") from None
+    secret = read_bytes(args.secret_file, "seal: --secret-file", MAX_SECRET)
+    storage = read_bytes(args.storage_public, "seal: --storage-public", MAX_DOCUMENT) if args.storage_public else None
     if storage is not None:
         from ..integrity.verify import wrap_credentials
         blob = wrap_credentials(policy, secret, storage)

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ..errors import IntegrityError, InvalidArgument, ResourceError
+from ..files import MAX_DOCUMENT, read_text
 from ..integrity import wire
 from ..integrity.service import IntegrityService
 from .launches import IMA_PCR, LaunchList
@@ -65,9 +66,10 @@ class AgentConfig:
         values: dict[str, Any] = {}
         file = Path(path) if path else DEFAULT_CONFIG
         if path or file.exists():
+            text = read_text(file, "keylime agent: config", MAX_DOCUMENT)
             try:
-                values = tomllib.loads(file.read_text())
-            except (OSError, tomllib.TOMLDecodeError) as e:
+                values = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
                 raise InvalidArgument(f"keylime agent: config {file}: {e}") from None
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
@@ -255,9 +257,10 @@ class Agent:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(cert, key)
+        ca = read_text(self.config.trusted_client_ca, "keylime agent: trusted_client_ca", MAX_DOCUMENT)
         try:
-            context.load_verify_locations(self.config.trusted_client_ca)
-        except (OSError, ssl.SSLError) as e:
+            context.load_verify_locations(cadata=ca)
+        except ssl.SSLError as e:
             raise InvalidArgument(f"keylime agent: trusted_client_ca {self.config.trusted_client_ca}: {e}") from None
         context.verify_mode = ssl.CERT_REQUIRED
         agent = self

@@ -1,13 +1,13 @@
 """Keylime runtime policies from bmi: which PD images may run under which names on a host."""
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Iterable
 
 from ..errors import InvalidArgument
+from ..files import sha256_of
 from .launches import NAME_PATTERN
 
 
@@ -19,14 +19,7 @@ def _pair(text: str, what: str) -> tuple[str, str]:
 
 
 def _file_digest(path: str, what: str) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as e:
-        raise InvalidArgument(f"keylime-policy: {what} {path}: {e.strerror}") from None
-    return h.hexdigest()
+    return sha256_of(path, f"keylime-policy: {what}").hex()
 
 
 def runtime_policy(images: Iterable[str] = (), digests: Iterable[str] = (), any_name: Iterable[str] = ()) -> dict:

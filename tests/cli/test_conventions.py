@@ -92,6 +92,39 @@ def test_every_command_fails_with_one_json_object():
         _json_error(done)
 
 
+def test_a_file_argument_that_is_no_regular_file_fails_at_once_in_one_line(tmp_path):
+    """A FIFO (open() would wait for a writer), /dev/zero (never ends) or binary bytes where text is asked for: for
+    every file a command reads, exit 2 at once and one line naming the option, the file and what it is."""
+    from bmi.types import IntegrityReport
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    report, policy, secret = tmp_path / "r.json", tmp_path / "policy.json", tmp_path / "secret"
+    report.write_text(IntegrityReport(pd_integrity=bytes(32), pubkey=b"x", signature=b"").to_json())
+    policy.write_text(json.dumps({"pd_integrity": "00" * 32}))
+    secret.write_bytes(b"s")
+    verify = ["verify", str(report), "--nonce", "00"]
+    seal = ["seal", "--policy", str(policy), "--secret-file", str(secret), "-o", str(tmp_path / "blob")]
+    for args, what in (
+            (["verify", "{}", "--nonce", "00", "--expect-digest", "00"], "verify: the report"),
+            ([*verify, "--expect-image", "{}"], "verify: --expect-image"),
+            ([*verify, "--expect-digest", "00", "--ak", "{}"], "verify: --ak"),
+            (["seal", "--policy", "{}", "--secret-file", str(secret), "-o", str(tmp_path / "blob")], "policy"),
+            (["seal", "--policy", str(policy), "--secret-file", "{}", "-o", str(tmp_path / "blob")],
+             "seal: --secret-file"),
+            ([*seal, "--storage-public", "{}"], "seal: --storage-public"),
+            (["keylime-policy", "--image", "web={}"], "keylime-policy: --image"),
+            (["keylime-policy", "--any-name", "{}"], "keylime-policy: --any-name")):
+        for path, kind in ((fifo, "a FIFO"), ("/dev/zero", "a character device")):
+            done = bmi(*(a.replace("{}", path) for a in args), timeout=30)
+            assert (done.returncode, done.stdout) == (2, ""), (args, done.stderr)
+            assert len(done.stderr.splitlines()) == 1, (args, done.stderr)
+            assert done.stderr.startswith(f"bmi: InvalidArgument: {what}: {path} is {kind}, not a regular file"), args
+    binary = verify[:1] + [busybox_path()] + verify[2:] + ["--expect-digest", "00"]
+    done = bmi(*binary)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
+    assert done.stderr.startswith(f"bmi: InvalidArgument: verify: the report: {busybox_path()} is not UTF-8 text")
+
+
 def test_run_exits_with_the_pds_status():
     assert bmi("run", busybox_path(), "--", "busybox", "sh", "-c", "exit 42").returncode == 42
 

@@ -86,7 +86,7 @@ def test_verify(bmi, capsys, tmp_path, state_dir):
     with pytest.raises(IntegrityError, match="PCR value check failed"):
         bmi("verify", str(tmp_path / "r.json"), "--nonce", "0102", "--expect-digest", digest.hex(),
             "--pcr", f"13={'00' * 32}", *pin)
-    with pytest.raises(InvalidArgument, match="cannot read --ak .*nowhere.pem"):
+    with pytest.raises(InvalidArgument, match="--ak: cannot read .*nowhere.pem: No such file.*give the AK.s PEM file"):
         bmi("verify", str(tmp_path / "r.json"), "--nonce", "0102", "--expect-image", str(image),
             "--ak", str(tmp_path / "nowhere.pem"))
     with pytest.raises(InvalidArgument, match="not a fingerprint"):
