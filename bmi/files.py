@@ -1,18 +1,23 @@
 """Files a user names to bmi (a report, a key, a policy, a config, an image to hash), read so a wrong one fails.
 
 Why: open() of a FIFO for reading waits for a writer, and a device such as
-/dev/zero never ends, so `bmi verify /dev/zero` grew until the OOM killer
-came and `bmi verify FIFO` hung; binary bytes where text was expected were
-an internal error.  Here only a regular file is read (opened without
-waiting, then checked), what is held in memory has a size limit, and
-each of these is an InvalidArgument naming the file, what it was for and
-what it is instead.
+/dev/zero never ends, so `bmi verify FIFO` hung for good, `bmi verify
+/dev/zero` grew until the OOM killer came, and binary bytes where text was
+expected were an internal error.  Here nothing waits in open() (a FIFO no
+one writes to reads as empty), what is held in memory has a size limit,
+what is hashed must end (a regular file or a pipe, not a device), and each
+refusal is an InvalidArgument naming the file, what it was for and why.
+A pipe stays usable: `bmi verify <(ssh host bmi attest ...)`.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import stat
+from typing import Callable, NoReturn
 
 from .errors import InvalidArgument
 
@@ -21,24 +26,32 @@ _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCH
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-def open_regular(path: str | os.PathLike[str], what: str) -> int:
-    """A read-only fd of `path` (close-on-exec), which must be a regular file; the caller closes it."""
+def _open(path: str | os.PathLike[str], what: str, streams: tuple[Callable[[int], bool], ...]) -> int:
+    """A blocking read-only fd of a regular file or of a kind `streams` allows (stat.S_IS* tests)."""
     name = os.fspath(path)
     try:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as e:
+        if e.errno == errno.ENXIO:      # a socket (or a device without its driver): say which
+            with contextlib.suppress(OSError):
+                _refuse(name, what, os.stat(name).st_mode)
         raise InvalidArgument(f"{what}: cannot read {name}: {e.strerror}") from None
     mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(mode) and not any(test(mode) for test in streams):
         os.close(fd)
-        kind = next((k for test, k in _KINDS if test(mode)), "not a file")
-        raise InvalidArgument(f"{what}: {name} is {kind}, not a regular file")
+        _refuse(name, what, mode)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)    # a pipe's writer may be slow
     return fd
 
 
+def _refuse(name: str, what: str, mode: int) -> NoReturn:
+    kind = next((k for test, k in _KINDS if test(mode)), "not a file")
+    raise InvalidArgument(f"{what}: {name} is {kind}, not a regular file")
+
+
 def read_bytes(path: str | os.PathLike[str], what: str, limit: int) -> bytes:
-    """The whole of a regular file of at most `limit` bytes."""
-    fd = open_regular(path, what)
+    """All of a file, a pipe or a character device (/dev/stdin), which must end within `limit` bytes."""
+    fd = _open(path, what, (stat.S_ISFIFO, stat.S_ISCHR))
     try:
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(limit + 1)
@@ -47,7 +60,7 @@ def read_bytes(path: str | os.PathLike[str], what: str, limit: int) -> bytes:
     finally:
         os.close(fd)
     if len(data) > limit:
-        raise InvalidArgument(f"{what}: {os.fspath(path)} is larger than {limit} bytes, more than one can be: "
+        raise InvalidArgument(f"{what}: {os.fspath(path)} has more than {limit} bytes, more than one can have: "
                               "is it the right file?")
     return data
 
@@ -63,8 +76,8 @@ def read_text(path: str | os.PathLike[str], what: str, limit: int) -> str:
 
 
 def sha256_of(path: str | os.PathLike[str], what: str) -> bytes:
-    """The SHA-256 of a regular file's bytes (read in pieces: an image may be large)."""
-    fd = open_regular(path, what)
+    """The SHA-256 of a regular file or a pipe (no device: /dev/zero never ends), read in pieces."""
+    fd = _open(path, what, (stat.S_ISFIFO,))
     try:
         with os.fdopen(fd, "rb", closefd=False) as f:
             return hashlib.file_digest(f, "sha256").digest()

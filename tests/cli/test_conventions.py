@@ -92,9 +92,10 @@ def test_every_command_fails_with_one_json_object():
         _json_error(done)
 
 
-def test_a_file_argument_that_is_no_regular_file_fails_at_once_in_one_line(tmp_path):
-    """A FIFO (open() would wait for a writer), /dev/zero (never ends) or binary bytes where text is asked for: for
-    every file a command reads, exit 2 at once and one line naming the option, the file and what it is."""
+def test_a_file_argument_never_hangs_bmi_nor_fills_its_memory(tmp_path):
+    """For every file a command reads: /dev/zero (it never ends) fails at once in one line naming the option and
+    the file, a FIFO no one writes to (open() would wait for a writer) reads as empty, and a pipe works (a shell's
+    `bmi verify <(...)`); binary bytes where text is asked for are refused as such."""
     from bmi.types import IntegrityReport
     fifo = str(tmp_path / "fifo")
     os.mkfifo(fifo)
@@ -103,26 +104,33 @@ def test_a_file_argument_that_is_no_regular_file_fails_at_once_in_one_line(tmp_p
     policy.write_text(json.dumps({"pd_integrity": "00" * 32}))
     secret.write_bytes(b"s")
     verify = ["verify", str(report), "--nonce", "00"]
-    seal = ["seal", "--policy", str(policy), "--secret-file", str(secret), "-o", str(tmp_path / "blob")]
-    for args, what in (
-            (["verify", "{}", "--nonce", "00", "--expect-digest", "00"], "verify: the report"),
-            ([*verify, "--expect-image", "{}"], "verify: --expect-image"),
-            ([*verify, "--expect-digest", "00", "--ak", "{}"], "verify: --ak"),
-            (["seal", "--policy", "{}", "--secret-file", str(secret), "-o", str(tmp_path / "blob")], "policy"),
-            (["seal", "--policy", str(policy), "--secret-file", "{}", "-o", str(tmp_path / "blob")],
-             "seal: --secret-file"),
-            ([*seal, "--storage-public", "{}"], "seal: --storage-public"),
-            (["keylime-policy", "--image", "web={}"], "keylime-policy: --image"),
-            (["keylime-policy", "--any-name", "{}"], "keylime-policy: --any-name")):
-        for path, kind in ((fifo, "a FIFO"), ("/dev/zero", "a character device")):
-            done = bmi(*(a.replace("{}", path) for a in args), timeout=30)
-            assert (done.returncode, done.stdout) == (2, ""), (args, done.stderr)
-            assert len(done.stderr.splitlines()) == 1, (args, done.stderr)
-            assert done.stderr.startswith(f"bmi: InvalidArgument: {what}: {path} is {kind}, not a regular file"), args
-    binary = verify[:1] + [busybox_path()] + verify[2:] + ["--expect-digest", "00"]
-    done = bmi(*binary)
-    assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
-    assert done.stderr.startswith(f"bmi: InvalidArgument: verify: the report: {busybox_path()} is not UTF-8 text")
+    blob = str(tmp_path / "blob")
+    documents = (   # read whole: /dev/zero has too many bytes
+        (["verify", "{}", "--nonce", "00", "--expect-digest", "00"], "verify: the report"),
+        ([*verify, "--expect-digest", "00", "--ak", "{}"], "verify: --ak"),
+        (["seal", "--policy", "{}", "--secret-file", str(secret), "-o", blob], "policy"),
+        (["seal", "--policy", str(policy), "--secret-file", "{}", "--storage-public", "{}", "-o", blob],
+         "seal: --secret-file"))
+    hashed = (      # hashed in pieces: a device is refused
+        ([*verify, "--expect-image", "{}"], "verify: --expect-image"),
+        (["keylime-policy", "--image", "web={}"], "keylime-policy: --image"),
+        (["keylime-policy", "--any-name", "{}"], "keylime-policy: --any-name"))
+    for args, what in documents + hashed:
+        zero = bmi(*(a.replace("{}", "/dev/zero") for a in args), timeout=30)
+        why = "has more than" if (args, what) in documents else "is a character device, not a regular file"
+        assert (zero.returncode, zero.stdout, len(zero.stderr.splitlines())) == (2, "", 1), (args, zero.stderr)
+        assert zero.stderr.startswith(f"bmi: InvalidArgument: {what}: /dev/zero {why}"), (args, zero.stderr)
+        empty = bmi(*(a.replace("{}", fifo) for a in args), timeout=30)       # TimeoutExpired: it hung
+        assert "Traceback" not in empty.stderr and len(empty.stderr.splitlines()) <= 1, (args, empty.stderr)
+    r, w = os.pipe()
+    os.write(w, report.read_bytes())
+    os.close(w)
+    piped = bmi("verify", f"/dev/fd/{r}", "--nonce", "00", "--expect-digest", "00" * 32, pass_fds=(r,))
+    os.close(r)
+    assert piped.returncode == 1 and piped.stderr.startswith("bmi: IntegrityError: "), piped.stderr   # read, checked
+    binary = bmi("verify", busybox_path(), "--nonce", "00", "--expect-digest", "00")
+    assert binary.returncode == 2 and len(binary.stderr.splitlines()) == 1
+    assert binary.stderr.startswith(f"bmi: InvalidArgument: verify: the report: {busybox_path()} is not UTF-8 text")
 
 
 def test_run_exits_with_the_pds_status():
