@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .channel import protocol as wire
 from .channel.connections import Registry, lines as connection_lines
-from .checks import check_bytes, check_int, check_integrity_policy, check_policies, check_progress, check_setup
+from .checks import (check_bytes, check_int, check_integrity_policy, check_pd_name, check_policies, check_progress,
+                     check_setup)
 from .drivers.base import Driver, ExitInfo, Progress
 from .errors import (BMIError, InvalidArgument, InvalidState, NoSuchDomain, NotSupported,
                      PermissionDenied, ResourceError)
@@ -862,6 +863,8 @@ class PDController:
             raise InvalidArgument(f"set_config_param {path!r} of PD {self._id}: value must be a str without NUL",
                                   pd_id=self._id)
         pd = self._owned("set_config_param")
+        if path == "/name":
+            check_pd_name(value, f"set_config_param /name of PD {self._id}", self._id)
         self._check_boot_param(path)
         if path == "/boot/allow":
             self._check_allow(value)

@@ -3,6 +3,8 @@ layer elsewhere (bmi/pd.py, bmi/system.py) refuse a bad argument with the same t
 the clients before anything is sent."""
 from __future__ import annotations
 
+import unicodedata
+
 from .errors import InvalidArgument
 from .types import ConnectionIntegrityPolicy, ConnectionPolicy, ConnectionType, IntegrityPolicy
 
@@ -18,6 +20,21 @@ def check_bytes(value: object, what: str, pd_id: int | None) -> bytes:
     if not isinstance(value, (bytes, bytearray, memoryview)):
         raise InvalidArgument(f"{what}: expected bytes, got {type(value).__name__}", pd_id=pd_id)
     return bytes(value)
+
+
+MAX_PD_NAME = 255       # characters of a PD's /name (a file name's NAME_MAX)
+
+
+def check_pd_name(name: str, what: str, pd_id: int) -> None:
+    """A PD's /name is shown in `bmi list`, `show` and `events` and in logs: a control character (an ANSI escape
+    a PD gave its child repaints the admin's terminal) or a bidi override would make it lie there."""
+    if len(name) > MAX_PD_NAME:
+        raise InvalidArgument(f"{what}: a name is at most {MAX_PD_NAME} characters, this one has {len(name)}",
+                              pd_id=pd_id)
+    for i, char in enumerate(name):
+        if unicodedata.category(char)[0] == "C" or char in "\u2028\u2029":
+            raise InvalidArgument(f"{what}: {name!r} has the control or format character U+{ord(char):04X} at "
+                                  f"{i}; a name is printable text", pd_id=pd_id)
 
 
 def check_policies(policies: object, what: str, pd_id: int) -> list[ConnectionPolicy]:

@@ -307,6 +307,19 @@ def test_child_pd_beyond_the_parents_memory(mgr):
     assert mgr.list_pd() == [0, pd.get_pd_id()]
 
 
+def test_name_a_child_to_take_over_the_admins_terminal(mgr, as_pd_client):
+    """A PD names the child it made with an ANSI escape (clear the screen, fake a line of `bmi list`), a bidi
+    override, a newline: each is refused, and the name the admin sees is the one it had."""
+    other, client = as_pd_client
+    child = client.allocate_pd(PDDescription(mem=8 * MB))
+    child.set_config_param("/name", "worker")
+    for name in ("\x1b[2J\x1b[H1  web  RUNNING", "txt.exe\u202e", "a\nb", "\x9b2J", "w" * 256):
+        with pytest.raises(bmi.InvalidArgument, match=f"set_config_param /name of PD {child.get_pd_id()}: "):
+            child.set_config_param("/name", name)
+    assert mgr.get_controller(child.get_pd_id()).get_config_param("/name") == "worker"
+    assert [row["name"] for row in mgr.describe() if row["pd"] == child.get_pd_id()] == ["worker"]
+
+
 @pytest.fixture
 def as_pd_client(mgr):
     """Another PD's channel, used from here to check the layer still answers."""
