@@ -37,6 +37,9 @@ MIN_MEMORY = 4 * 1024 * 1024          # below this not even a static binary's st
 MAX_NONCE = 64
 DEFAULT_SHUTDOWN_GRACE = 5.0
 MAX_PRIORITY = 10                     # spec 7.2.2: -10..+10; higher runs more (Linux nice = -priority)
+#: Bytes (UTF-8) of one PD's config parameters, names and values: a PD sets its children's, and bmid writes a
+#: PD's whole record at each change of it (18 MB of config made each such change stall bmid 0.3 s).
+MAX_PD_CONFIG = 256 * 1024
 #: What a PD's controller hands it and it hands its children: a child never gets more than its parent has
 #: (PD 0's are the host's).  "priority" is set_priority; the others are runtime parameters.
 LIMITS = ("priority", "/system/cpu/current", "/system/cpu/performance", "/system/pids/max")
@@ -871,7 +874,17 @@ class PDController:
         with pd.lock:
             self._driver.check_config(pd.handle, path, value)
             self._mgr._check_grants(pd.parent, path, value, f"set_config_param {path} of PD {self._id}")
+            self._check_config_room(pd, path, value)
             pd.config[path] = value
+
+    def _check_config_room(self, pd: _PD, path: str, value: str) -> None:
+        """The PD's config stays within MAX_PD_CONFIG bytes with `value` at `path` (the caller holds pd.lock)."""
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in pd.config.items() if k != path)
+        size += len(path.encode()) + len(value.encode())
+        if size > MAX_PD_CONFIG:
+            raise ResourceError(f"set_config_param {path} of PD {self._id}: its config would hold {size} bytes, "
+                                f"more than the {MAX_PD_CONFIG} a PD may have (names and values); set what it "
+                                f"no longer needs to ''", pd_id=self._id)
 
     def _check_boot_param(self, path: str) -> None:
         """/boot/ is what the driver reads to start the PD: a typo there (/boot/cmdlin) would be ignored silently."""

@@ -320,6 +320,26 @@ def test_name_a_child_to_take_over_the_admins_terminal(mgr, as_pd_client):
     assert [row["name"] for row in mgr.describe() if row["pd"] == child.get_pd_id()] == ["worker"]
 
 
+def test_swell_a_childs_config_to_stall_the_layer(mgr, as_pd_client):
+    """A PD pours 60 KB values into the config of the child it made (bmid would write all of it at every change
+    of that child): refused past the limit, with room again once a value is emptied."""
+    from bmi.api import MAX_PD_CONFIG
+    other, client = as_pd_client
+    child = client.allocate_pd(PDDescription(mem=8 * MB))
+    value = "x" * 60000
+    stored = 0
+    with pytest.raises(bmi.ResourceError, match=f"its config would hold .* more than the {MAX_PD_CONFIG} a PD"):
+        for i in range(MAX_PD_CONFIG // len(value) + 1):
+            child.set_config_param(f"/junk/{i}", value)
+            stored += 1
+    assert stored == MAX_PD_CONFIG // (len(value) + len("/junk/0"))
+    controller = mgr.get_controller(child.get_pd_id())
+    assert controller.get_config_param(f"/junk/{stored - 1}") == value
+    child.set_config_param("/junk/0", "")
+    child.set_config_param(f"/junk/{stored}", value)           # room again
+    assert client.get_version() == 1
+
+
 @pytest.fixture
 def as_pd_client(mgr):
     """Another PD's channel, used from here to check the layer still answers."""
