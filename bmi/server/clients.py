@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import select
 import socket
 import struct
@@ -53,6 +54,9 @@ REPLY_PIECE = 30 * 1024         # bytes of reply JSON per record when a reply is
 GATHER_WAIT = 30.0              # s a test's gathered round waits for its members at most
 COMING = 0.002                  # s: a client answered this recently is taken to be about to call again
 TAKE_MORE = 4                   # rounds of requests that came meanwhile a commit takes in at most (_take_ready)
+CLIENTS_MAX = 1024              # connections served at once (fewer under a low fd limit, see client_limit)
+ADMIN_RESERVE = 4               # root may have a quarter more: a flood of the read group never locks root out
+REFUSAL_LOG = 10.0              # s between two log lines about refused connections
 _READABLE = select.EPOLLIN | select.EPOLLRDHUP
 
 
@@ -112,14 +116,29 @@ class ClientLoop:
         self._lock = threading.Lock()
         self._syncer = WalSyncer(self._store.path + "-wal")
         self._answered_at: dict[Client, float] = {}    # the loop's last reply to each client, for COMING s
+        self._limit = client_limit()
+        self._refused, self._refusal_logged = 0, 0.0
         self._epoll.register(self._syncer.fileno(), select.EPOLLIN)
         threading.Thread(target=self._serve, name="bmid-clients", daemon=True).start()
 
     def add(self, conn: socket.socket) -> None:
+        """Serve a new connection, unless bmid serves as many as it may (closed then: see client_limit)."""
         client = Client(conn, role_of(conn, self._daemon.group))
+        room = self._limit + (self._limit // ADMIN_RESERVE if client.role == "admin" else 0)
         with self._lock:
-            self._clients[conn.fileno()] = client
-        self._epoll.register(conn.fileno(), _READABLE)
+            served = len(self._clients) < room
+            if served:
+                self._clients[conn.fileno()] = client
+        if served:
+            self._epoll.register(conn.fileno(), _READABLE)
+            return
+        conn.close()
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= REFUSAL_LOG:
+            log.warning("refused %d connection(s): bmid serves %d clients at most (root %d more); a client that "
+                        "does not close its connections?", self._refused, self._limit, self._limit // ADMIN_RESERVE)
+            self._refused, self._refusal_logged = 0, now
 
     def _serve(self) -> None:
         try:
@@ -358,6 +377,14 @@ class ClientLoop:
 
 def _no_lock() -> None:
     """What _lock_now gives for a call that takes no PD's lock: nothing to let go of."""
+
+
+def client_limit() -> int:
+    """How many connections bmid serves at once: CLIENTS_MAX, or an eighth of its fd limit when that is lower,
+    so a client that leaks connections (or a flood of them) leaves bmid the fds its PDs, its store and its keeper
+    need; past it bmid failed in accept() with EMFILE and exited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(CLIENTS_MAX, soft // 8)) if soft != resource.RLIM_INFINITY else CLIENTS_MAX
 
 
 def role_of(conn: socket.socket, group: int | None) -> str:

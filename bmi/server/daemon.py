@@ -42,6 +42,7 @@ committed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -81,6 +82,10 @@ MAX_WAIT = 60.0
 EVENT_POLL = 0.5
 EXIT_RETRY = 1.0                # s between attempts to store an exit while the state directory is full
 ACCEPT_WAKE = 1.0               # s: how long a pending SIGTERM may wait for the main thread (serve_forever)
+ACCEPT_BACKOFF = 0.1            # s serve_forever waits when accept() is short of fds or memory
+ACCEPT_BACKOFF_LOG = 10.0       # s between two log lines about it
+SUBSCRIBERS_MAX = 128           # event streams at once (a thread each, woken every EVENT_POLL s)
+_SHORT_OF = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 TEST_PAUSE = "BMID_TEST_PAUSE"  # tests only: e.g. "commit:destroy exit" stops bmid there (see test_pause)
 _PAUSES = frozenset(os.environ.get(TEST_PAUSE, "").split())     # read once: test_pause runs on every change
 _LIVE = (PDStatus.RUNNING, PDStatus.PAUSED)
@@ -284,6 +289,7 @@ class Daemon:
         self._sub_lock = threading.Lock()
         self._alloc_lock = threading.Lock()
         self._listener: socket.socket | None = None
+        self._accept_logged = 0.0                # when serve_forever last logged an accept() short of fds
         self._stopping = threading.Event()
         self._holding = threading.local()       # .changes: what hold_changes() collects in a thread
         self._held_calls = 0                    # how many calls the commit_held() under way stores (tests)
@@ -618,7 +624,13 @@ class Daemon:
             return
         sub: queue.SimpleQueue[Event] = queue.SimpleQueue()
         with self._sub_lock:
-            self._subscribers.add(sub)
+            full = len(self._subscribers) >= SUBSCRIBERS_MAX
+            if not full:
+                self._subscribers.add(sub)
+        if full:
+            p.send(conn, p.error_from(msg_id, ResourceError(
+                f"subscribe: bmid streams events to {SUBSCRIBERS_MAX} subscribers at most; close one first")))
+            return
         try:
             last = self.store.last_event() if since is None else since
             p.send(conn, p.result(msg_id, {"last": last}))
@@ -679,11 +691,23 @@ class Daemon:
                 conn, _ = self._listener.accept()
             except TimeoutError:
                 continue
-            except OSError:
+            except OSError as e:
                 if self._stopping.is_set():
                     return
-                raise
+                if e.errno not in _SHORT_OF:
+                    raise
+                self._short_of(e)
+                continue
             self._clients.add(conn)
+
+    def _short_of(self, error: OSError) -> None:
+        """accept() found no fd or memory for a new connection: say so (once in ACCEPT_BACKOFF_LOG s), wait a
+        little for some to be freed, and go on; bmid used to exit here."""
+        now = time.monotonic()
+        if now - self._accept_logged >= ACCEPT_BACKOFF_LOG:
+            log.warning("cannot accept a connection: %s; retrying every %.1f s", error.strerror, ACCEPT_BACKOFF)
+            self._accept_logged = now
+        time.sleep(ACCEPT_BACKOFF)
 
     def stop(self) -> None:
         """Stop serving; the PDs keep running and the keeper keeps their fds."""

@@ -3,16 +3,19 @@ them in groups; a call that can block runs in a thread of its own.  Through a re
 sockets where a well-behaved client (bmi.open) cannot misbehave as the test needs."""
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import bmi
 from bmi.channel import protocol as p
-from tests.server.bmid import running_bmid
-from tests.server.test_bmid import _run
+from tests.server.bmid import Bmid, require_root, running_bmid
+from tests.server.test_bmid import _run, public_dir  # noqa: F401 (a fixture)
 
 WAIT = 3.0          # s: how long the slow call (wait on a running PD) blocks
 
@@ -216,3 +219,128 @@ def test_requests_that_come_while_a_round_runs_share_its_commit(tmp_path):
         os.unlink(os.path.join(d.state_dir, "gather-1"))
         with d.open() as mgr:
             assert [mgr.get_controller(i).get_priority() for i in ids] == [3, 4, 5, 6]
+
+
+def _answered(sock: socket.socket) -> bool:
+    """Whether bmid answered the request sent on sock (a connection bmid refused reads as closed or reset)."""
+    try:
+        return bool(select.select([sock], [], [], 10)[0] and sock.recv(p.MAX_MESSAGE))
+    except OSError:
+        return False
+
+
+#: Run as nobody (in the read-only group): everything imported first, as root can read the interpreter's tree.
+_HOLD_CONNECTIONS = """
+import os, select, socket, sys
+from bmi.channel import protocol as p
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+held, served = [], 0
+for n in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(sys.argv[1])
+    held.append(s)
+for n, s in enumerate(held):
+    try:
+        p.send(s, {"jsonrpc": "2.0", "id": n, "method": "get_version", "params": {}})
+        served += bool(select.select([s], [], [], 10)[0] and s.recv(p.MAX_MESSAGE))
+    except OSError:
+        continue                        # refused: bmid closed it
+print(served, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_flood_of_connections_leaves_bmid_serving_and_root_a_way_in(tmp_path, public_dir):
+    """A member of the read-only group opens 100 connections to a bmid whose fd limit is 256: bmid serves 32
+    (an eighth of its fds), closes the rest and stays up; root still gets in while they are held, and a flood
+    of root's own stops at its reserve; once they are gone every client is served again.  Before, such a flood
+    ran bmid out of fds and accept()'s EMFILE ended it."""
+    require_root()
+    d = Bmid(str(tmp_path), "--group", "65534", socket_dir=public_dir, prefix=("prlimit", "--nofile=256:256"))
+    d.start()
+    try:
+        nobody = subprocess.Popen([sys.executable, "-c", _HOLD_CONNECTIONS, d.socket, "100"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        flood: list[socket.socket] = []
+        try:
+            assert nobody.stdout.readline().strip() == "32"
+            with d.open() as mgr:                               # root's reserve: a quarter more
+                pd = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
+                for n in range(20):
+                    flood.append(_connect(d))
+                    with contextlib.suppress(OSError):          # refused: closed by bmid
+                        _ask(flood[-1], n, "get_version")
+                answered = [s for s in flood if _answered(s)]
+                assert len(answered) == 32 // 4 - 1             # the reserve, less the manager's own
+                assert len(os.listdir(f"/proc/{d.proc.pid}/fd")) < 128
+                pd.set_priority(2)
+        finally:
+            for s in flood:
+                s.close()
+            nobody.communicate("go\n", timeout=30)
+        deadline = time.monotonic() + 10
+        while True:                     # (bmid drops a closed connection when it next reads it)
+            try:
+                with d.open() as mgr:
+                    assert mgr.get_controller(pd.get_pd_id()).get_priority() == 2
+                    clients = [d.open() for _ in range(30)]
+                    assert [c.get_version() for c in clients] == [mgr.get_version()] * 30
+                    for c in clients:
+                        c.close()
+                break
+            except bmi.ResourceError:
+                assert time.monotonic() < deadline, "bmid refused clients after the flood was gone"
+                time.sleep(0.1)
+    finally:
+        d.close()
+
+
+def test_bmid_out_of_fds_waits_for_some_instead_of_exiting(daemon):
+    """accept() fails with EMFILE when bmid has no fd left (its limit lowered under it here): it waits for one
+    and goes on; the connections that came meanwhile are served once fds are free again."""
+    with daemon.open() as mgr:
+        pd = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
+        pid = str(daemon.proc.pid)
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        with open(f"/proc/{pid}/limits") as f:
+            soft = next(line.split()[3] for line in f if line.startswith("Max open files"))
+        subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={fds + 4}:"], check=True)     # the soft limit
+        try:
+            waiting = [_connect(daemon) for _ in range(40)]      # more than bmid can take: the rest wait
+            for n, s in enumerate(waiting):
+                _ask(s, n, "get_version")
+            time.sleep(1.0)
+            assert daemon.proc.poll() is None, "bmid exited when accept() found no fd"
+        finally:
+            subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:"], check=True)
+        assert all(_answer(s, 10)["result"] == mgr.get_version() for s in waiting)
+        for s in waiting:
+            s.close()
+        pd.set_priority(3)
+        assert pd.get_priority() == 3
+
+
+def test_event_streams_are_capped_and_a_closed_one_frees_its_place(daemon):
+    """Each event stream holds a thread of bmid: past SUBSCRIBERS_MAX a subscribe is refused with ResourceError
+    (not a thread more), and one that closes makes room."""
+    from bmi.server.daemon import SUBSCRIBERS_MAX
+    streams = [_connect(daemon) for _ in range(SUBSCRIBERS_MAX + 1)]
+    try:
+        for n, s in enumerate(streams):
+            _ask(s, n, "subscribe")
+        replies = [_answer(s) for s in streams]
+        assert [("result" in r) for r in replies] == [True] * SUBSCRIBERS_MAX + [False]
+        assert replies[-1]["error"]["message"].startswith(f"subscribe: bmid streams events to {SUBSCRIBERS_MAX} ")
+        streams.pop(0).close()
+        deadline = time.monotonic() + 10
+        while True:                     # (a stream's thread sees its peer gone within EVENT_POLL)
+            with _connect(daemon) as again:
+                _ask(again, 1, "subscribe")
+                if "result" in _answer(again):
+                    break
+            assert time.monotonic() < deadline, "a closed stream's place was not freed"
+            time.sleep(0.2)
+    finally:
+        for s in streams:
+            s.close()
