@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import itertools
 import os
+import resource
 import socket
 import threading
 from collections import Counter, deque
@@ -65,6 +66,14 @@ class Connection:
                 "con_type": self.con_type.name, "mode": self.mode, "size": self.size}
 
 
+def live_limit() -> int:
+    """Live connections of all PDs together: a quarter of the fd limit, as the layer holds an fd of each (and
+    bmid's keeper another); past it PDs of different sources connecting in a loop ran bmid out of the fds its
+    store needs, and a store that fails stops bmid."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1 << 20 if soft == resource.RLIM_INFINITY else max(64, soft // 4)
+
+
 class Registry:
     """Every live connection of one manager; thread-safe.
 
@@ -89,6 +98,10 @@ class Registry:
             if len(self._inbox.get(dest, ())) >= INBOX_LIMIT:
                 raise ResourceError(f"{what}: PD {dest} has {INBOX_LIMIT} connections it has not accepted",
                                     pd_id=dest)
+            if len(self._live) >= live_limit():
+                raise ResourceError(f"{what}: the layer holds {len(self._live)} live connections, all its fd limit "
+                                    f"allows (a quarter of RLIMIT_NOFILE); revoke some (set_allowed_connections "
+                                    f"with disable_existing), or give bmid a higher LimitNOFILE", pd_id=source)
             if self._opened[source] >= SOURCE_LIMIT:
                 raise ResourceError(f"{what}: PD {source} has {SOURCE_LIMIT} live connections it opened (closing "
                                     f"an end does not end one); revoke some (set_allowed_connections with "

@@ -169,6 +169,32 @@ def test_a_pd_connecting_in_a_loop_is_bounded_until_it_revokes(mgr, as_pd, monke
     once(ca, cb, b)
 
 
+def test_pds_of_many_sources_together_are_bounded_by_the_layers_fd_limit(mgr, as_pd, monkeypatch):
+    """Each source's bound (SOURCE_LIMIT) times many sources could still run the layer out of fds (bmid's store
+    then fails and bmid stops): past live_limit() live connections of all PDs, a connect is refused saying
+    why, and a revocation gives the room back."""
+    monkeypatch.setattr(connections, "live_limit", lambda: 6)
+    a, b, c = (mgr.allocate_pd(PDDescription(mem=32 * MB)) for _ in range(3))
+    ca, cb, cc = as_pd(a), as_pd(b), as_pd(c)
+    ipc = [ConnectionPolicy(CT.IPC, bmi.RW)]
+    for source in (a, c):
+        source.set_allowed_connections(b.get_pd_id(), ipc)
+
+    def once(src) -> None:
+        mine = src.connect(b.get_pd_id(), CT.IPC)
+        theirs = cb.accept(timeout=5)
+        mine.close()
+        theirs.close()
+
+    for src in (ca, ca, ca, ca, cc, cc):
+        once(src)
+    with pytest.raises(bmi.ResourceError, match="the layer holds 6 live connections, all its fd limit allows"):
+        cc.connect(b.get_pd_id(), CT.IPC)
+    a.set_allowed_connections(b.get_pd_id(), [], disable_existing=True)     # a's four go
+    for _ in range(4):
+        once(cc)
+
+
 def test_layer_errors_arrive_as_typed_exceptions(mgr, as_pd):
     a = mgr.allocate_pd(PDDescription(mem=32 * MB))
     channel = as_pd(a)._channel
