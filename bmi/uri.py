@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from .api import PDManagement
 from .drivers import DRIVERS
@@ -26,9 +26,17 @@ def resolve(uri: str | None) -> str:
     return uri or os.environ.get("BMI_URI") or DEFAULT_URI
 
 
+def split(uri: str, what: str = "open") -> SplitResult:
+    """urlsplit(), whose ValueError (an unclosed IPv6 bracket: linux+ssh://[::1/system) is an InvalidArgument."""
+    try:
+        return urlsplit(uri)
+    except ValueError as e:
+        raise InvalidArgument(f"{what} {uri!r}: {e}") from None
+
+
 def is_session(uri: str) -> bool:
     """Whether the URI's PDs live only as long as the process that opened it (linux/xen:///session)."""
-    return urlsplit(uri).path == "/session"
+    return split(uri).path == "/session"
 
 
 def open(uri: str | None = None, *, integrity: bool = True) -> PDManagement:  # noqa: A001 (spec name)
@@ -40,7 +48,7 @@ def open(uri: str | None = None, *, integrity: bool = True) -> PDManagement:  # 
         uri = resolve(None)
     if not isinstance(uri, str):
         raise InvalidArgument(f"open: the URI must be a str, got {type(uri).__name__}")
-    parts = urlsplit(uri)
+    parts = split(uri)
     key = (parts.scheme, parts.path or "/")
     if bool(parts.netloc) != is_remote(uri) or key not in KNOWN:
         known = ", ".join(f"{s}://{'[user@]host[:port]' if s.endswith(SSH_SUFFIX) else ''}{p}" for s, p in KNOWN)

@@ -133,6 +133,13 @@ def test_a_file_argument_never_hangs_bmi_nor_fills_its_memory(tmp_path):
     assert binary.stderr.startswith(f"bmi: InvalidArgument: verify: the report: {busybox_path()} is not UTF-8 text")
 
 
+def test_a_uri_urllib_cannot_split_is_a_usage_error_in_one_line():
+    for command in (["list"], ["info"], ["run", busybox_path()]):
+        done = bmi("--uri", "linux+ssh://[::1/system", *command)       # the IPv6 bracket is never closed
+        assert (done.returncode, done.stdout) == (2, ""), done.stderr
+        assert done.stderr == "bmi: InvalidArgument: open 'linux+ssh://[::1/system': Invalid IPv6 URL\n"
+
+
 def test_run_exits_with_the_pds_status():
     assert bmi("run", busybox_path(), "--", "busybox", "sh", "-c", "exit 42").returncode == 42
 

@@ -316,6 +316,8 @@ def test_a_silent_host_times_out_at_connect(tmp_path):
     ("linux+ssh://host/system?keyfile=/nonexistent", "not a readable file"),
     ("linux+ssh://-oProxyCommand=x/system", "is not a host or user name"),
     ("linux+ssh://host/session", "unknown URI"),
+    ("linux+ssh://[::1/system", "'linux\\+ssh://\\[::1/system': Invalid IPv6 URL"),     # was a ValueError
+    ("xen+ssh://h]/system", "Invalid IPv6 URL"),
 ])
 def test_bad_uris_are_refused_before_ssh_runs(uri, message):
     with pytest.raises(bmi.InvalidArgument, match=message):
