@@ -105,7 +105,9 @@ class _BmidChannel(Channel):
                 reply, got = self._receive(method, progress)
             except OSError as e:
                 self._gone = True
-                raise ResourceError(f"{method}: the connection to bmid failed: {e.strerror or e}") from None
+                why = (" (bmid closed it: it restarted, or it serves as many clients as it may; its log says which)"
+                       if e.errno in (errno.ECONNRESET, errno.EPIPE) else "")
+                raise ResourceError(f"{method}: the connection to bmid failed: {e.strerror or e}{why}") from None
             except ResourceError:
                 self._gone = True
                 raise

@@ -126,7 +126,7 @@ class ClientLoop:
         client = Client(conn, role_of(conn, self._daemon.group))
         room = self._limit + (self._limit // ADMIN_RESERVE if client.role == "admin" else 0)
         with self._lock:
-            served = len(self._clients) < room
+            served = len(self._clients) < room or len(self._clients) - self._hung_up() < room
             if served:
                 self._clients[conn.fileno()] = client
         if served:
@@ -139,6 +139,14 @@ class ClientLoop:
             log.warning("refused %d connection(s): bmid serves %d clients at most (root %d more); a client that "
                         "does not close its connections?", self._refused, self._limit, self._limit // ADMIN_RESERVE)
             self._refused, self._refusal_logged = 0, now
+
+    def _hung_up(self) -> int:
+        """How many clients have gone without the loop having dropped them yet (it drops each when it next
+        polls): a client that just closed must not keep the next one out.  Only when bmid is full."""
+        poller = select.poll()
+        for fd in self._clients:
+            poller.register(fd, select.POLLRDHUP)
+        return sum(1 for _, events in poller.poll(0) if events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR))
 
     def _serve(self) -> None:
         try:
