@@ -55,7 +55,7 @@ GATHER_WAIT = 30.0              # s a test's gathered round waits for its member
 COMING = 0.002                  # s: a client answered this recently is taken to be about to call again
 TAKE_MORE = 4                   # rounds of requests that came meanwhile a commit takes in at most (_take_ready)
 CLIENTS_MAX = 1024              # connections served at once (fewer under a low fd limit, see client_limit)
-ADMIN_RESERVE = 4               # root may have a quarter more: a flood of the read group never locks root out
+ROOT_EXTRA = 0.25               # root may have this much more: a flood of the read group never locks root out
 REFUSAL_LOG = 10.0              # s between two log lines about refused connections
 _READABLE = select.EPOLLIN | select.EPOLLRDHUP
 
@@ -117,6 +117,7 @@ class ClientLoop:
         self._syncer = WalSyncer(self._store.path + "-wal")
         self._answered_at: dict[Client, float] = {}    # the loop's last reply to each client, for COMING s
         self._limit = client_limit()
+        self._root_extra = int(self._limit * ROOT_EXTRA)
         self._refused, self._refusal_logged = 0, 0.0
         self._epoll.register(self._syncer.fileno(), select.EPOLLIN)
         threading.Thread(target=self._serve, name="bmid-clients", daemon=True).start()
@@ -124,7 +125,7 @@ class ClientLoop:
     def add(self, conn: socket.socket) -> None:
         """Serve a new connection, unless bmid serves as many as it may (closed then: see client_limit)."""
         client = Client(conn, role_of(conn, self._daemon.group))
-        room = self._limit + (self._limit // ADMIN_RESERVE if client.role == "admin" else 0)
+        room = self._limit + (self._root_extra if client.role == "admin" else 0)
         with self._lock:
             served = len(self._clients) < room or len(self._clients) - self._hung_up() < room
             if served:
@@ -137,7 +138,7 @@ class ClientLoop:
         now = time.monotonic()
         if now - self._refusal_logged >= REFUSAL_LOG:
             log.warning("refused %d connection(s): bmid serves %d clients at most (root %d more); a client that "
-                        "does not close its connections?", self._refused, self._limit, self._limit // ADMIN_RESERVE)
+                        "does not close its connections?", self._refused, self._limit, self._root_extra)
             self._refused, self._refusal_logged = 0, now
 
     def _hung_up(self) -> int:
