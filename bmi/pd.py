@@ -51,9 +51,9 @@ class Connection:
         return sock
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fd, self.fd = self.fd, -1       # taken before the close: an interrupt must not close it twice
+        if fd >= 0:
+            os.close(fd)
 
     def __enter__(self) -> "Connection":
         return self

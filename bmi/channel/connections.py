@@ -234,9 +234,9 @@ class Registry:
     def _discard(self, conn: Connection) -> None:
         """Revoke conn and forget it: shut first, so that nothing kept elsewhere stays connected."""
         self._shut(conn)
-        if conn.pending_fd is not None:
-            os.close(conn.pending_fd)
-            conn.pending_fd = None
+        pending, conn.pending_fd = conn.pending_fd, None    # taken before the close: never closed twice
+        if pending is not None:
+            os.close(pending)
         self._forget(conn)
 
     # -- hooks ----------------------------------------------------------------------------

@@ -162,8 +162,8 @@ class SocketMaker:
             os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)
         except ChildProcessError:
             pass
-        os.close(self._pidfd)
-        self._pidfd = -1
+        pidfd, self._pidfd = self._pidfd, -1      # taken before the close: an interrupt must not close it twice
+        os.close(pidfd)
 
     def close(self) -> None:
         with self._lock:

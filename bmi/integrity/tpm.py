@@ -164,8 +164,8 @@ class Swtpm:
                 last = True
             except BlockingIOError:
                 last = False
-            os.close(self._users_fd)
-            self._users_fd = None
+            users, self._users_fd = self._users_fd, None     # taken first: never closed twice
+            os.close(users)
             if last:
                 self._stop()
             _reap()

@@ -168,9 +168,9 @@ class Bridge:
         f.write_all(self._image, chunk)
 
     def _drop_image(self) -> None:
-        if self._image is not None:
-            os.close(self._image)
-            self._image = None
+        image, self._image = self._image, None      # taken before the close: never closed twice
+        if image is not None:
+            os.close(image)
         self._refusal = None
 
     def _request(self, data: bytes) -> None:

@@ -154,9 +154,10 @@ class _MountWatch:
                 self._forget()
 
     def _forget(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd, self._watched, self._lines, self._poller = -1, None, [], select.poll()
+        fd, self._fd = self._fd, -1     # taken before the close: an interrupt must not close it twice
+        self._watched, self._lines, self._poller = None, [], select.poll()
+        if fd >= 0:
+            os.close(fd)
 
     def after_fork(self) -> None:
         """In a fork's child: a lock another thread held at the fork would never be released there."""
@@ -814,9 +815,9 @@ class PDCgroups:
         first).  Idempotent; if it raises, calling it again retries."""
         if self._destroyed:
             return
-        if self._weight_fd >= 0:
-            os.close(self._weight_fd)
-            self._weight_fd = -1
+        weight, self._weight_fd = self._weight_fd, -1   # taken first: a Ctrl-C between the close and the
+        if weight >= 0:                                 # reset made the exit's destroy() close it again (EBADF,
+            os.close(weight)                            # or an fd reused by then)
         self._drop_empty_groups()
         self._kill_all()
         failures = []

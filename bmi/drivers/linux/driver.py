@@ -402,9 +402,9 @@ class LinuxDriver(net.HostBridges, Driver):
         pd.groups.destroy()
         for device in list(pd.owners):
             devices.give_back(device, pd.owners.pop(device))
-        if pd.image_fd is not None:
-            os.close(pd.image_fd)
-            pd.image_fd = None
+        image, pd.image_fd = pd.image_fd, None      # taken before the close: never closed twice
+        if image is not None:
+            os.close(image)
         if pd.ids is not None:      # its processes are gone with its cgroups: the uid is free again
             pd.ids.release()
             pd.ids = None
@@ -533,7 +533,7 @@ class LinuxDriver(net.HostBridges, Driver):
         if self._layout_held:
             self._layout_held = False
             cgroups.release_layout()
-        if self._lifeline_w >= 0:
-            os.close(self._lifeline_w)
-            os.close(self._lifeline_r)
-            self._lifeline_w = self._lifeline_r = -1
+        ends, self._lifeline_w, self._lifeline_r = (self._lifeline_w, self._lifeline_r), -1, -1
+        for end in ends:                # taken first: an interrupt must not close them twice
+            if end >= 0:
+                os.close(end)

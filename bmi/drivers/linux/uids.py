@@ -53,9 +53,9 @@ class IdLease:
     held: set[int] | None = field(default=None, repr=False)     # its pool's ids in use, which it leaves
 
     def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fd, self.fd = self.fd, -1       # taken before the close: an interrupt must not close it twice
+        if fd >= 0:
+            os.close(fd)
             if self.held is not None:
                 self.held.discard(self.uid)
 

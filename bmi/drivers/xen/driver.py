@@ -379,9 +379,9 @@ class XenDriver(net.HostBridges, Driver):
             time.sleep(0.05)
 
     def _drop_saved(self, pd: XenPD) -> None:
-        if pd.saved_fd is not None:
-            os.close(pd.saved_fd)
-            pd.saved_fd = None
+        saved, pd.saved_fd = pd.saved_fd, None      # taken before the close: never closed twice
+        if saved is not None:
+            os.close(saved)
 
     def _close_console(self, pd: XenPD) -> None:
         fd, pd.console_fd = pd.console_fd, None

@@ -255,6 +255,32 @@ def test_calls_after_destroy_are_invalid_state_and_the_name_is_free_again(make):
     again.destroy()
 
 
+def test_a_destroy_interrupted_after_a_close_never_closes_that_fd_again(make, monkeypatch):
+    """Ctrl-C landing right after destroy() closed the weight fd: the destroy at exit (a weakref finalizer) must
+    not close that number again: by then it may be another file's (`bmi run` printed EBADF in a traceback)."""
+    cg = make()
+    cg.set_weight(2)                                    # opens the weight fd, kept for the next change
+    weight = next(int(fd) for fd in os.listdir("/proc/self/fd")
+                  if os.readlink(f"/proc/self/fd/{fd}").endswith(("/cpu.shares", "/cpu.weight")))
+    real_close = os.close
+
+    def close_then_interrupt(fd: int) -> None:
+        real_close(fd)
+        if fd == weight:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(os, "close", close_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        cg.destroy()
+    monkeypatch.setattr(os, "close", real_close)
+    reused = os.open(os.devnull, os.O_RDONLY)          # the lowest free number: the weight fd's
+    try:
+        assert reused == weight
+        cg.destroy()                                    # as at exit
+        os.fstat(reused)                                # still open: not closed in its place
+    finally:
+        real_close(reused)
+
+
 @pytest.mark.parametrize("call", [
     lambda cg: cg.set_memory_max(0), lambda cg: cg.set_memory_max(-1),
     lambda cg: cg.set_memory_max("64M"), lambda cg: cg.set_memory_max(True),
