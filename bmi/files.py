@@ -17,7 +17,7 @@ import fcntl
 import hashlib
 import os
 import stat
-from typing import Callable, NoReturn
+from typing import BinaryIO, Callable, Iterator, NoReturn
 
 from .errors import InvalidArgument
 
@@ -49,16 +49,21 @@ def _refuse(name: str, what: str, mode: int) -> NoReturn:
     raise InvalidArgument(f"{what}: {name} is {kind}, not a regular file")
 
 
+@contextlib.contextmanager
+def _reading(path: str | os.PathLike[str], what: str,
+             streams: tuple[Callable[[int], bool], ...]) -> Iterator[BinaryIO]:
+    """_open()'s fd as a file, closed after; a read that fails is an InvalidArgument naming the file."""
+    with os.fdopen(_open(path, what, streams), "rb") as f:
+        try:
+            yield f
+        except OSError as e:
+            raise InvalidArgument(f"{what}: cannot read {os.fspath(path)}: {e.strerror}") from None
+
+
 def read_bytes(path: str | os.PathLike[str], what: str, limit: int) -> bytes:
     """All of a file, a pipe or a character device (/dev/stdin), which must end within `limit` bytes."""
-    fd = _open(path, what, (stat.S_ISFIFO, stat.S_ISCHR))
-    try:
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
-    except OSError as e:
-        raise InvalidArgument(f"{what}: cannot read {os.fspath(path)}: {e.strerror}") from None
-    finally:
-        os.close(fd)
+    with _reading(path, what, (stat.S_ISFIFO, stat.S_ISCHR)) as f:
+        data = f.read(limit + 1)
     if len(data) > limit:
         raise InvalidArgument(f"{what}: {os.fspath(path)} has more than {limit} bytes, more than one can have: "
                               "is it the right file?")
@@ -77,11 +82,5 @@ def read_text(path: str | os.PathLike[str], what: str, limit: int) -> str:
 
 def sha256_of(path: str | os.PathLike[str], what: str) -> bytes:
     """The SHA-256 of a regular file or a pipe (no device: /dev/zero never ends), read in pieces."""
-    fd = _open(path, what, (stat.S_ISFIFO,))
-    try:
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return hashlib.file_digest(f, "sha256").digest()
-    except OSError as e:
-        raise InvalidArgument(f"{what}: cannot read {os.fspath(path)}: {e.strerror}") from None
-    finally:
-        os.close(fd)
+    with _reading(path, what, (stat.S_ISFIFO,)) as f:
+        return hashlib.file_digest(f, "sha256").digest()

@@ -66,12 +66,17 @@ class Connection:
                 "con_type": self.con_type.name, "mode": self.mode, "size": self.size}
 
 
+def fd_limit() -> int:
+    """This process's soft RLIMIT_NOFILE (2**20 when unlimited): what the layer's own bounds are shares of."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
+
+
 def live_limit() -> int:
     """Live connections of all PDs together: a quarter of the fd limit, as the layer holds an fd of each (and
     bmid's keeper another); past it PDs of different sources connecting in a loop ran bmid out of the fds its
     store needs, and a store that fails stops bmid."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return 1 << 20 if soft == resource.RLIM_INFINITY else max(64, soft // 4)
+    return max(64, fd_limit() // 4)
 
 
 class Registry:

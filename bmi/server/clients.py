@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import select
 import socket
 import struct
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..channel import protocol as p
+from ..channel.connections import fd_limit
 from ..channel.dispatch import reporting_progress
 from ..channel.methods import READ_ONLY
 from ..channel.server import _check_request
@@ -392,8 +392,7 @@ def client_limit() -> int:
     """How many connections bmid serves at once: CLIENTS_MAX, or an eighth of its fd limit when that is lower,
     so a client that leaks connections (or a flood of them) leaves bmid the fds its PDs, its store and its keeper
     need; past it bmid failed in accept() with EMFILE and exited."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(16, min(CLIENTS_MAX, soft // 8)) if soft != resource.RLIM_INFINITY else CLIENTS_MAX
+    return max(16, min(CLIENTS_MAX, fd_limit() // 8))
 
 
 def role_of(conn: socket.socket, group: int | None) -> str:
