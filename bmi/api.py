@@ -7,6 +7,7 @@ exceptions whose messages say what was asked, of which PD, and why.
 """
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import os
@@ -22,7 +23,7 @@ from .checks import (check_bytes, check_int, check_integrity_policy, check_pd_na
 from .drivers.base import Driver, ExitInfo, Progress
 from .errors import (BMIError, InvalidArgument, InvalidState, NoSuchDomain, NotSupported,
                      PermissionDenied, ResourceError)
-from .params import Leaf, ParamTree, const, normalize, parse_allow, parse_int
+from .params import Leaf, Param, ParamTree, normalize, parse_allow, parse_int, read
 from .types import (ConnectionIntegrityPolicy, ConnectionPolicy, ConnectionType, IntegrityPolicy,
                     IntegrityReport, PDDescription, PDStatus, RuntimeCapability)
 
@@ -200,8 +201,8 @@ class PDManagement:
         """PD pd_id's own value of one of LIMITS (PD 0: the host's); None where the driver has no such limit."""
         if name == "priority":
             return MAX_PRIORITY if pd_id == MANAGER_PD else self._pd(pd_id, "priority").priority
-        leaf = PDController(self, pd_id)._tree().leaves.get(name)
-        return int(leaf.get()) if leaf is not None and leaf.get is not None else None
+        value = read(PDController(self, pd_id)._tree().leaves.get(name))
+        return int(value) if value is not None else None
 
     def _check_limit(self, parent: int, name: str, asked: int, what: str) -> None:
         """Refuse giving a child of `parent` more of a limit than `parent` has itself (the host, for PD 0)."""
@@ -1024,23 +1025,23 @@ class PDController:
             self._mgr._refresh(pd)
             return ParamTree(self._id, self._pd_leaves(pd))
 
-    def _host_leaves(self) -> dict[str, Leaf]:
+    def _host_leaves(self) -> dict[str, Param]:
         host = self._driver.host_resources()
         return {
-            "/system/status": const(PDStatus.RUNNING.name),
-            "/system/driver": const(self._driver.name),
-            "/system/memory/max": const(str(host.memory)),
-            "/system/memory/min": const(str(host.memory)),
-            "/system/memory/current": const(str(host.memory)),
-            "/system/cpu/max": const(str(host.cpus)),
-            "/system/cpu/min": const(str(host.cpus)),
-            "/system/cpu/current": const(str(host.cpus)),
-            "/system/cpu/performance": const("100"),
+            "/system/status": PDStatus.RUNNING.name,
+            "/system/driver": self._driver.name,
+            "/system/memory/max": str(host.memory),
+            "/system/memory/min": str(host.memory),
+            "/system/memory/current": str(host.memory),
+            "/system/cpu/max": str(host.cpus),
+            "/system/cpu/min": str(host.cpus),
+            "/system/cpu/current": str(host.cpus),
+            "/system/cpu/performance": "100",
             "/system/pds": Leaf(get=lambda: " ".join(map(str, self._mgr.list_pd()[1:]))),
-            **({"/system/pids/max": const(str(host.pids))} if host.pids is not None else {}),
+            **({"/system/pids/max": str(host.pids)} if host.pids is not None else {}),
         }
 
-    def _pd_leaves(self, pd: _PD) -> dict[str, Leaf]:
+    def _pd_leaves(self, pd: _PD) -> dict[str, Param]:
         drv, handle, pid = self._driver, pd.handle, pd.pd_id
 
         def set_memory(value: str) -> None:
@@ -1056,15 +1057,15 @@ class PDController:
             drv.set_performance(handle, percent)
             pd.performance = percent
 
-        leaves = {
-            "/system/status": const(pd.status.name),
-            "/system/priority": const(str(pd.priority)),
-            "/system/memory/max": const(str(pd.desc.mem)),
-            "/system/memory/min": const(str(MIN_MEMORY)),
+        leaves: dict[str, Param] = {
+            "/system/status": pd.status.name,
+            "/system/priority": str(pd.priority),
+            "/system/memory/max": str(pd.desc.mem),
+            "/system/memory/min": str(MIN_MEMORY),
             "/system/memory/current": Leaf(get=lambda: str(drv.memory_limit(handle)), set=set_memory),
             "/system/memory/used": Leaf(get=lambda: str(drv.memory_used(handle))),
-            "/system/cpu/max": const(str(pd.cpus_max)),
-            "/system/cpu/min": const("1"),
+            "/system/cpu/max": str(pd.cpus_max),
+            "/system/cpu/min": "1",
             "/system/cpu/current": Leaf(get=lambda: str(drv.cpus(handle)), set=set_cpus),
             "/system/cpu/performance": Leaf(get=lambda: str(pd.performance), set=set_performance),
             "/console/log": Leaf(get=lambda: drv.console_log(handle).decode("utf-8", "replace")),
@@ -1072,24 +1073,27 @@ class PDController:
         leaves.update(drv.extra_params(handle, pd.config))
         if pd.ended is not None:
             if pd.ended.exit_status is not None:
-                leaves["/system/exit-status"] = const(str(pd.ended.exit_status))
-            leaves["/system/exit-reason"] = const(pd.ended.reason)
+                leaves["/system/exit-status"] = str(pd.ended.exit_status)
+            leaves["/system/exit-reason"] = pd.ended.reason
         for bank, digest in pd.measurement.items():
-            leaves[f"/system/measurement/{bank}"] = const(digest.hex())
+            leaves[f"/system/measurement/{bank}"] = digest.hex()
         registry = self._mgr._registry
         leaves["/interfaces/connections"] = Leaf(get=lambda: connection_lines(registry.live(pid), pid))
-        leaves["/system/parent"] = const(str(pd.parent))
-        leaves["/interfaces/devices"] = const(" ".join(sorted(pd.devices)))
-        leaves["/interfaces/network"] = const(_network_lines(pd.config))
+        leaves["/system/parent"] = str(pd.parent)
+        leaves["/interfaces/devices"] = " ".join(sorted(pd.devices))
+        leaves["/interfaces/network"] = _network_lines(pd.config)
         leaves.update(_CONNECTION_CAPABILITIES)
         if drv.channels:
-            leaves["/capability/connections/fd-passing"] = const(_fd_passing(pd))
-        for status, names in _CAPABILITY_PARAMS.items():
-            if status in drv.capabilities:
-                for name in names:
-                    value = PDStatus.RUNNING.name if name == "resume" else status.name
-                    leaves[f"/capability/{name}"] = const(value)
+            leaves["/capability/connections/fd-passing"] = Leaf(get=lambda: _fd_passing(pd))
+        leaves.update(_capability_params(drv.capabilities))
         return leaves
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_params(capabilities: frozenset[PDStatus]) -> dict[str, str]:
+    """/capability/pause etc.: the status each of the driver's optional transitions leads to (fixed per driver)."""
+    return {f"/capability/{name}": PDStatus.RUNNING.name if name == "resume" else status.name
+            for status, names in _CAPABILITY_PARAMS.items() if status in capabilities for name in names}
 
 
 def _allowed(policies: Sequence[ConnectionPolicy], con_type: ConnectionType, mode: int) -> bool:
@@ -1108,10 +1112,10 @@ def _network_lines(config: dict[str, str]) -> str:
 
 
 _CONNECTION_CAPABILITIES = {
-    "/capability/connections/types": const("IPC STREAM SHM EVENT"),
-    "/capability/connections/revocable": const("IPC STREAM EVENT"),
-    "/capability/connections/shm-revocable": const(
-        "no: revoking an SHM connection stops nothing already mapped or held; only new connections are refused"),
+    "/capability/connections/types": "IPC STREAM SHM EVENT",
+    "/capability/connections/revocable": "IPC STREAM EVENT",
+    "/capability/connections/shm-revocable":
+        "no: revoking an SHM connection stops nothing already mapped or held; only new connections are refused",
 }
 
 

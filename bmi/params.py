@@ -1,9 +1,11 @@
 """The '/'-hierarchical runtime parameter tree (spec 7.2.12-7.2.14, 7.6).
 
 A tree is a flat map of full names to leaves, each with an optional getter
-and setter; directories are implied by the names.  The tree is rebuilt
-from the PD's state on each call, so a parameter exists exactly while its
-mechanism does (e.g. `/system/exit-status` only after the PD ended).
+and setter, or the text of a read-only constant; directories are implied
+by the names.  The tree is rebuilt from the PD's state on each call, so a
+parameter exists exactly while its mechanism does (e.g.
+`/system/exit-status` only after the PD ended); what costs more than a
+string to know is a getter, run only when that parameter is read.
 """
 from __future__ import annotations
 
@@ -53,14 +55,26 @@ class Leaf(NamedTuple):
     set: Setter | None = None
 
 
+#: A parameter: a Leaf, or a read-only constant as its text (no closure and no tuple: a PD's tree is rebuilt on
+#: every parameter call, and making a const Leaf for each of its ~30 constants was most of a get's time).
+Param = Leaf | str
+
+
+def read(param: Param | None) -> str | None:
+    """A parameter's value; None when there is no such parameter or it has no getter."""
+    if param is None or isinstance(param, str):
+        return param
+    return param.get() if param.get is not None else None
+
+
 class ParamTree:
     """A PD's runtime parameters at one moment."""
 
-    def __init__(self, pd_id: int, leaves: dict[str, Leaf]):
+    def __init__(self, pd_id: int, leaves: dict[str, Param]):
         self.pd_id = pd_id
         self.leaves = leaves
 
-    def _leaf(self, name: str, what: str) -> tuple[str, Leaf]:
+    def _leaf(self, name: str, what: str) -> tuple[str, Param]:
         path = normalize(name, what=what, pd_id=self.pd_id)
         leaf = self.leaves.get(path)
         if leaf is None:
@@ -75,17 +89,18 @@ class ParamTree:
 
     def get(self, name: str) -> str:
         path, leaf = self._leaf(name, "get_runtime_param")
-        if leaf.get is None:
+        value = read(leaf)
+        if value is None:
             raise PermissionDenied(f"get_runtime_param {path!r} of PD {self.pd_id}: write-only parameter",
                                    pd_id=self.pd_id)
-        return leaf.get()
+        return value
 
     def set(self, name: str, value: str) -> None:
         path, leaf = self._leaf(name, "set_runtime_param")
         if not isinstance(value, str):      # PDController.set_runtime_param has turned an int into its text
             raise InvalidArgument(f"set_runtime_param {path!r} of PD {self.pd_id}: value must be a str or int, "
                                   f"got {type(value).__name__}", pd_id=self.pd_id)
-        if leaf.set is None:
+        if isinstance(leaf, str) or leaf.set is None:
             raise PermissionDenied(f"set_runtime_param {path!r} of PD {self.pd_id}: read-only parameter",
                                    pd_id=self.pd_id)
         leaf.set(value)
@@ -102,7 +117,9 @@ class ParamTree:
                 continue
             child = prefix + name[len(prefix):].split("/", 1)[0]
             if child == name:
-                children[child] = RuntimeCapability(child, leaf.get is not None, leaf.set is not None)
+                constant = isinstance(leaf, str)
+                children[child] = RuntimeCapability(child, constant or leaf.get is not None,
+                                                    not constant and leaf.set is not None)
             else:
                 children.setdefault(child, RuntimeCapability(child, False, False))
         return [children[k] for k in sorted(children)]
@@ -137,9 +154,4 @@ def parse_allow(value: str, *, what: str, pd_id: int | None) -> frozenset[str]:
         raise InvalidArgument(f"{what} of PD {pd_id}: {', '.join(map(repr, unknown))} cannot be allowed "
                               f"(known: {', '.join(sorted(ALLOWABLE))})", pd_id=pd_id)
     return names
-
-
-def const(value: str) -> Leaf:
-    """A read-only parameter with a fixed value."""
-    return Leaf(get=lambda: value)
 

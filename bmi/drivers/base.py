@@ -143,7 +143,8 @@ class Driver(abc.ABC):
         return None
 
     def extra_params(self, handle: Any, config: Mapping[str, str]) -> dict[str, Any]:
-        """Driver-specific runtime parameters (name -> params.Leaf); config is the PD's (some depend on it)."""
+        """Driver-specific runtime parameters (name -> params.Param: a Leaf, or a constant's text); config is the
+        PD's (some depend on it)."""
         return {}
 
     def list_devices(self) -> list[str]:

@@ -23,6 +23,28 @@ def test_listing_is_direct_children_with_access(pd):
     assert all(c.name.count("/") == 3 for c in mem)
 
 
+def _leaves(pd, root="/"):
+    for cap in pd.list_runtime_params(root):
+        if cap.read or cap.write:
+            yield cap
+        else:
+            yield from _leaves(pd, cap.name)
+
+
+def test_every_readable_parameter_reads_as_text_and_every_other_refuses(pd):
+    """A constant is its text in the tree and a costly value a getter run only when read (bmi/params.py): every
+    leaf the listing says is readable must read, and one it says is not must refuse, whichever form it has."""
+    leaves = list(_leaves(pd))
+    assert len(leaves) > 20, leaves
+    for cap in leaves:
+        assert cap.read, cap         # (no write-only parameter yet)
+        assert isinstance(pd.get_runtime_param(cap.name), str), cap
+        if not cap.write:
+            with pytest.raises(bmi.PermissionDenied, match="read-only"):
+                pd.set_runtime_param(cap.name, "1")
+    assert "/capability/isolation/proc-mem" in {c.name for c in leaves}
+
+
 def test_required_parameters_exist_with_values(pd):
     assert pd.get_runtime_param("/system/memory/max") == str(64 << 20)
     assert pd.get_runtime_param("/system/memory/current") == str(64 << 20)

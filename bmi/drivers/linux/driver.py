@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 from ...errors import InvalidArgument, InvalidState, ResourceError
 from ...image import PDImage
 from ...integrity.measure import measure_into
-from ...params import Leaf, const, parse_allow, parse_int
+from ...params import Leaf, Param, parse_allow, parse_int
 from ...types import PDDescription, PDStatus
 from ..base import Driver, ExitInfo, HostResources, Progress
 from ..console import Console
@@ -450,23 +450,24 @@ class LinuxDriver(net.HostBridges, Driver):
     def set_performance(self, pd: LinuxPD, percent: int) -> None:
         pd.groups.set_cpu_share(percent, pd.groups.cpus())
 
-    def extra_params(self, pd: LinuxPD, config: Mapping[str, str]) -> dict[str, Leaf]:
+    def extra_params(self, pd: LinuxPD, config: Mapping[str, str]) -> dict[str, Param]:
         def set_pids_max(value: str) -> None:
             limit = parse_int(value, what="/system/pids/max", pd_id=pd.pd_id, lo=1, hi=4194304)
             pd.groups.set_pids_max(limit)
             pd.pids_max = limit
 
-        leaves = {
+        def proc_mem() -> str:
+            kept = spawn.capability_mask(config.get("/boot/capabilities", ""), f"/boot/capabilities of PD {pd.pd_id}",
+                                         pd.pd_id)
+            return spawn.proc_mem_isolation(pd.archive if pd.image_fd is not None else None, kept)
+
+        leaves: dict[str, Param] = {
             "/system/pids/current": Leaf(get=lambda: str(len(pd.groups.pids()))),
             "/system/pids/max": Leaf(get=lambda: str(pd.pids_max), set=set_pids_max),
-            "/system/image/format": const("archive" if pd.archive else "elf") if pd.image_fd is not None
-            else const("none"),
-            "/capability/isolation/per-pd-uid": const(self._ids.capability()),
-            "/capability/isolation/proc-mem": const(spawn.proc_mem_isolation(
-                pd.archive if pd.image_fd is not None else None,
-                spawn.capability_mask(config.get("/boot/capabilities", ""), f"/boot/capabilities of PD {pd.pd_id}",
-                                      pd.pd_id))),
-            **{name: const(value) for name, value in devices.capabilities(pd.groups.devices_enforcement()).items()},
+            "/system/image/format": ("archive" if pd.archive else "elf") if pd.image_fd is not None else "none",
+            "/capability/isolation/per-pd-uid": self._ids.capability(),
+            "/capability/isolation/proc-mem": Leaf(get=proc_mem),
+            **devices.capabilities(pd.groups.devices_enforcement()),
         }
         run = pd.run
         if run is not None and not run.exited.is_set():

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 from ...errors import BMIError, InvalidArgument, InvalidState, NotSupported, ResourceError
 from ...image import PDImage
 from ...integrity.measure import measure_into
-from ...params import Leaf, const
+from ...params import Leaf, Param
 from ...types import PDDescription, PDStatus
 from ..base import Driver, ExitInfo, HostResources, Progress
 from ..console import Console
@@ -509,7 +509,7 @@ class XenDriver(net.HostBridges, Driver):
             return None
         return self._xen.info(domid, what=f"{what} of PD {pd.pd_id}", pd_id=pd.pd_id)
 
-    def extra_params(self, pd: XenPD, config: Mapping[str, str]) -> dict[str, Leaf]:
+    def extra_params(self, pd: XenPD, config: Mapping[str, str]) -> dict[str, Param]:
         def online() -> str:
             info = self._live_info(pd, "get /system/cpu/online")
             return str(info.vcpus_online if info is not None else 0)
@@ -521,13 +521,13 @@ class XenDriver(net.HostBridges, Driver):
                                        pd_id=pd.pd_id)[1])
 
         return {
-            **{name: const(value) for name, value in DEVICE_CAPABILITIES.items()},
-            "/capability/connection-enforcement": const(CONNECTION_ENFORCEMENT),
+            **DEVICE_CAPABILITIES,
+            "/capability/connection-enforcement": CONNECTION_ENFORCEMENT,
             "/system/cpu/online": Leaf(get=online),
             "/system/cpu/weight": Leaf(get=weight),
             "/system/xen/domid": Leaf(get=lambda: "" if pd.domid is None else str(pd.domid)),
-            "/system/xen/name": const(pd.name),
-            "/system/image/format": const(pd.boot.fmt if pd.boot is not None else "none"),
+            "/system/xen/name": pd.name,
+            "/system/image/format": pd.boot.fmt if pd.boot is not None else "none",
         }
 
     # -- devices: PCI passthrough needs an IOMMU; said instead of ignored ------------------------------
