@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import base64
 import datetime
+import errno
 import hashlib
 import hmac
 import ipaddress
 import json
 import logging
 import re
+import socket
 import ssl
 import struct
+import sys
 import threading
+import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -48,6 +52,13 @@ DATA_PCR = 16                 # Keylime binds the agent's public key here (confi
 DEFAULT_CONFIG = Path("/etc/bmi/keylime.toml")
 _NONCE = re.compile(r"[A-Za-z0-9]{1,64}")
 _PATH = re.compile(r"/v(2\.\d+)/(quotes/identity|quotes/integrity|notifications/revocation|agent/info)/?")
+MAX_BODY = 64 * 1024          # bytes of a request's body (the API's only one: a revocation notice)
+HANDSHAKES = 16               # TLS handshakes under way at once; a new connection past it cuts the oldest
+HANDSHAKE_TIMEOUT = 5.0       # s a client has to finish TLS (its certificate) after connecting
+CLIENTS = 32                  # connections past TLS (certified clients) served at once; more are closed
+IDLE_TIMEOUT = 30.0           # s a connection may take to send its next request, or the rest of one
+NOTE_EVERY = 10.0             # s between two log lines about connections that failed or were cut
+_SHORT_OF = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 @dataclass
@@ -119,7 +130,7 @@ class Agent:
         self.uuid = config.uuid or str(uuidlib.UUID(bytes=hashlib.sha256(ak.ek_public_area).digest()[:16]))
         self.pubkey = ak.pem             # bound into PCR 16 (no payloads: no separate transport key)
         self.revocations: list[dict] = []
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     # -- TLS ------------------------------------------------------------------------------------
@@ -268,20 +279,28 @@ class Agent:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             disable_nagle_algorithm = True      # headers and body are two writes: no 40 ms delayed-ACK stall
+            timeout = IDLE_TIMEOUT              # a client that stops sending lets go of its thread
 
             def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                try:
-                    code, results = agent.handle(self.command, self.path, body)
-                except Exception as e:      # a TPM failure: the verifier retries, the agent stays up
-                    log.warning("keylime agent: %s %s failed: %s", self.command, self.path, e)
-                    code, results = 500, {"error": str(e)}
+                length = _content_length(self.headers.get("Content-Length"))
+                if length is None or length > MAX_BODY:
+                    self.close_connection = True        # its body is not read: the stream cannot go on
+                    code, results = (413, {"error": f"a request body is at most {MAX_BODY} bytes"}) if length \
+                        else (400, {"error": "Content-Length must be a decimal number of bytes"})
+                else:
+                    body = self.rfile.read(length) if length else b""
+                    try:
+                        code, results = agent.handle(self.command, self.path, body)
+                    except Exception as e:      # a TPM failure: the verifier retries, the agent stays up
+                        log.warning("keylime agent: %s %s failed: %s", self.command, self.path, e)
+                        code, results = 500, {"error": str(e)}
                 status = "Success" if code == 200 else "Error"
                 data = json.dumps({"code": code, "status": status, "results": results}).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                if self.close_connection:
+                    self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -291,11 +310,9 @@ class Agent:
                 log.debug("keylime agent: " + format, *args)
 
         try:
-            server = ThreadingHTTPServer((self.config.ip, int(self.config.port)), Handler)
+            server = _Server((self.config.ip, int(self.config.port)), Handler, context)
         except OSError as e:
             raise ResourceError(f"keylime agent: cannot listen on {self.config.ip}:{self.config.port}: {e}") from None
-        server.daemon_threads = True
-        server.socket = context.wrap_socket(server.socket, server_side=True)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="keylime-agent", daemon=True)
         self._thread.start()
@@ -305,6 +322,96 @@ class Agent:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def _content_length(text: str | None) -> int | None:
+    """A request's Content-Length (0 when absent); None when it is not a decimal number (a negative one read
+    to the end of the stream, and held the connection's thread)."""
+    if text is None:
+        return 0
+    text = text.strip()
+    return int(text) if text.isdigit() and text.isascii() else None
+
+
+class _Server(ThreadingHTTPServer):
+    """HTTPS where no client can stop the others: each TLS handshake runs in the connection's own thread with a
+    deadline, and at most HANDSHAKES at once (a new connection cuts the oldest: a verifier's handshake takes
+    milliseconds, an idle peer's never ends); certified clients get CLIENTS threads at most.  With the listening
+    socket wrapped whole, accept() did the handshake in the one serving thread: a peer that connected and sent
+    nothing stopped the agent for every verifier.  A connection that fails is a log line, not a traceback."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: Any, context: ssl.SSLContext):
+        super().__init__(address, handler)
+        self.context = context
+        self._lock = threading.Lock()
+        self._handshaking: dict[int, ssl.SSLSocket] = {}   # in arrival order: the oldest first
+        self._clients = 0
+        self._failed, self._noted, self._last = 0, 0.0, ""
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            tls = self.context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError) as e:
+            self._note(client_address, e)
+            request.close()
+            return
+        with self._lock:
+            if len(self._handshaking) >= HANDSHAKES:
+                oldest = self._handshaking.pop(next(iter(self._handshaking)))
+                try:                # the base class's shutdown: SSLSocket.shutdown would drop its SSL object
+                    socket.socket.shutdown(oldest, socket.SHUT_RDWR)     # under its thread's feet
+                except OSError:
+                    pass            # (its thread closed it meanwhile)
+            self._handshaking[id(tls)] = tls
+        try:
+            super().process_request(tls, client_address)
+        except BaseException:       # no thread for it (the process is out of them): not left half-served
+            with self._lock:
+                self._handshaking.pop(id(tls), None)
+            tls.close()
+            raise
+
+    def get_request(self) -> tuple[Any, Any]:
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno in _SHORT_OF:    # no fd or memory for the connection: it stays queued and the listening
+                time.sleep(0.1)         # socket readable, so the serving loop would spin; wait for some
+            raise
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        try:
+            request.settimeout(HANDSHAKE_TIMEOUT)
+            request.do_handshake()
+        finally:
+            with self._lock:
+                self._handshaking.pop(id(request), None)
+        with self._lock:
+            if self._clients >= CLIENTS:
+                raise ResourceError(f"{CLIENTS} certified clients are served already")
+            self._clients += 1
+        try:
+            super().finish_request(request, client_address)
+        finally:
+            with self._lock:
+                self._clients -= 1
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        self._note(client_address, sys.exc_info()[1])
+
+    def _note(self, client_address: Any, error: BaseException | None) -> None:
+        """One log line per NOTE_EVERY s about the connections that failed (a flood must not flood the log)."""
+        with self._lock:
+            self._failed += 1
+            self._last = f"{client_address[0] if client_address else '?'}: {type(error).__name__}: {error}"
+            now = time.monotonic()
+            if now - self._noted < NOTE_EVERY:
+                return
+            failed, last, self._failed, self._noted = self._failed, self._last, 0, now
+        log.info("keylime agent: %d connection(s) failed or were cut (too slow, not certified, or past the "
+                 "limits); the last: %s", failed, last)
 
 
 def run_in_bmid(service: IntegrityService, config_path: str | None) -> Agent:
