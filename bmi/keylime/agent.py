@@ -51,8 +51,10 @@ API_VERSIONS = ["2.1", "2.2"]
 DATA_PCR = 16                 # Keylime binds the agent's public key here (config.TPM_DATA_PCR)
 DEFAULT_CONFIG = Path("/etc/bmi/keylime.toml")
 _NONCE = re.compile(r"[A-Za-z0-9]{1,64}")
+_VERSION = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}")
 _PATH = re.compile(r"/v(2\.\d+)/(quotes/identity|quotes/integrity|notifications/revocation|agent/info)/?")
 MAX_BODY = 64 * 1024          # bytes of a request's body (the API's only one: a revocation notice)
+MAX_REPLY = 1 << 20           # bytes of a registrar's reply (its challenge is a few hundred)
 HANDSHAKES = 16               # TLS handshakes under way at once; a new connection past it cuts the oldest
 HANDSHAKE_TIMEOUT = 5.0       # s a client has to finish TLS (its certificate) after connecting
 CLIENTS = 32                  # connections past TLS (certified clients) served at once; more are closed
@@ -159,23 +161,39 @@ class Agent:
 
     # -- registrar -----------------------------------------------------------------------------
     def _registrar(self, method: str, path: str, body: dict | None = None) -> dict:
+        """One call to the registrar: its reply, a JSON object of at most MAX_REPLY bytes (the registrar's port
+        is plain HTTP: whoever answers on it must not fill bmid's memory or raise past this)."""
         url = f"http://{self.config.registrar}{path}"
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
         request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=30) as reply:
-                return json.loads(reply.read() or b"{}")
+                text = reply.read(MAX_REPLY + 1)
         except urllib.error.HTTPError as e:
             raise IntegrityError(f"keylime agent {self.uuid}: registrar {method} {url}: HTTP {e.code} "
-                                 f"{e.read()[:300].decode(errors='replace')}") from None
+                                 f"{e.read(300).decode(errors='replace')}") from None
         except (urllib.error.URLError, OSError, ValueError) as e:
             raise ResourceError(f"keylime agent {self.uuid}: registrar {url} unreachable: {e}") from None
+        if len(text) > MAX_REPLY:
+            raise IntegrityError(f"keylime agent {self.uuid}: registrar {method} {url}: a reply of more than "
+                                 f"{MAX_REPLY} bytes; is that a Keylime registrar?")
+        try:
+            answer = json.loads(text or b"{}")
+        except (ValueError, RecursionError):
+            answer = None
+        if not isinstance(answer, dict) or not isinstance(answer.get("results", {}), dict):
+            raise IntegrityError(f"keylime agent {self.uuid}: registrar {method} {url}: the reply is not a JSON "
+                                 f"object with an object of results; is that a Keylime registrar?")
+        return answer
 
     def register(self) -> None:
         """Register EK, EK certificate and AK, then prove the AK with ActivateCredential."""
         cert, _ = self._tls_files()
         version = self._registrar("GET", "/version").get("results", {}).get("current_version", "2.1")
+        if not isinstance(version, str) or not _VERSION.fullmatch(version):
+            raise IntegrityError(f"keylime agent {self.uuid}: registrar {self.config.registrar}: API version "
+                                 f"{str(version)[:40]!r} is not major.minor")
         body = {"ek_tpm": base64.b64encode(_tpm2b(self.ak.ek_public_area)).decode(),
                 "aik_tpm": base64.b64encode(_tpm2b(self.ak.public_area)).decode(),
                 "ip": self.config.ip, "port": int(self.config.port), "mtls_cert": cert.read_text()}

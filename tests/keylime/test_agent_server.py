@@ -1,7 +1,9 @@
-"""The Keylime agent's HTTPS server under a hostile network: idle peers, floods, uncertified clients, bad bodies.
+"""The Keylime agent under a hostile network: idle peers, floods, uncertified clients, bad bodies, a registrar
+that is none.
 
 The agent runs inside bmid and listens where verifiers reach it, so anyone on that network can connect before
-TLS asks for a certificate.  Real swtpm, real TLS, real sockets on loopback.
+TLS asks for a certificate; and it registers over the registrar's plain HTTP port, so whoever answers there
+is heard.  Real swtpm, real TLS, real sockets on loopback.
 """
 from __future__ import annotations
 
@@ -12,13 +14,15 @@ import threading
 import time
 
 import pytest
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+import bmi
 from bmi.keylime import agent as agent_module
-from bmi.keylime.agent import HANDSHAKES, MAX_BODY, Agent, AgentConfig
+from bmi.keylime.agent import HANDSHAKES, MAX_BODY, MAX_REPLY, Agent, AgentConfig
 
 
 def _certificate(name: str, issuer: tuple | None = None) -> tuple:
@@ -224,3 +228,53 @@ def test_out_of_fds_the_agent_waits_instead_of_spinning(tmp_path):
             s.close()
         proc.stdin.close()
         proc.wait(10)
+
+
+class _FakeRegistrar:
+    """Whatever answers on the registrar's port: a canned reply body to each method."""
+
+    def __init__(self, replies: dict[str, bytes]):
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                data = replies[self.command]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            do_GET = do_POST = do_PUT = _answer
+
+            def log_message(self, *args) -> None:
+                pass
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.address = "127.0.0.1:%d" % self.server.server_address[1]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+_VERSION_OK = b'{"results": {"current_version": "2.2"}}'
+
+
+@pytest.mark.parametrize("replies, error", [
+    ({"GET": b"x" * (MAX_REPLY + 10)}, "more than"),          # read whole into bmid's memory before
+    ({"GET": b"[1, 2]"}, "not a JSON object"),                 # an AttributeError before
+    ({"GET": b'{"results": [1]}'}, "not a JSON object"),
+    ({"GET": b"[" * 100000}, "not a JSON object"),             # a RecursionError in the JSON parser
+    ({"GET": b'{"results": {"current_version": "2.2/../../x"}}'}, "not major.minor"),
+    ({"GET": b'{"results": {"current_version": 2}}'}, "not major.minor"),
+    ({"GET": _VERSION_OK, "POST": b'{"results": {"blob": "' + b"A" * (MAX_REPLY + 4) + b'"}}'}, "more than"),
+    ({"GET": _VERSION_OK, "POST": b'{"results": {"blob": "AAAA"}}'}, "challenge is malformed"),
+])
+def test_a_registrar_that_is_none_is_a_one_line_error(tmgr, tmp_path, replies, error):
+    registrar = _FakeRegistrar(replies)
+    try:
+        agent = Agent(tmgr.integrity_service(), AgentConfig(trusted_client_ca="unused", registrar=registrar.address,
+                                                            tls_dir=str(tmp_path / "tls")))
+        with pytest.raises(bmi.IntegrityError, match=error) as caught:
+            agent.register()
+        assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
+    finally:
+        registrar.close()
