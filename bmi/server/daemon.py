@@ -85,6 +85,8 @@ ACCEPT_WAKE = 1.0               # s: how long a pending SIGTERM may wait for the
 ACCEPT_BACKOFF = 0.1            # s serve_forever waits when accept() is short of fds or memory
 ACCEPT_BACKOFF_LOG = 10.0       # s between two log lines about it
 SUBSCRIBERS_MAX = 128           # event streams at once (a thread each, woken every EVENT_POLL s)
+SUBSCRIBER_QUEUE = 1000         # live events held for one stream; past that it reads them from the store
+SEND_TIMEOUT = 60.0             # s an event stream's client may leave its socket full before bmid drops it
 _SHORT_OF = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 TEST_PAUSE = "BMID_TEST_PAUSE"  # tests only: e.g. "commit:destroy exit" stops bmid there (see test_pause)
 _PAUSES = frozenset(os.environ.get(TEST_PAUSE, "").split())     # read once: test_pause runs on every change
@@ -285,8 +287,9 @@ class Daemon:
                                                    self.ledger))
         self._cache: dict[int, dict[str, Any]] = {}
         self._stored_next_id: int | None = None     # meta next_id as committed (None: not yet by this bmid)
-        self._subscribers: set[queue.SimpleQueue[Event]] = set()
+        self._subscribers: set[_Subscriber] = set()
         self._sub_lock = threading.Lock()
+        self._published = self.store.last_event()  # the newest event published (stored and durable)
         self._alloc_lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._accept_logged = 0.0                # when serve_forever last logged an accept() short of fds
@@ -611,37 +614,46 @@ class Daemon:
         if not events:
             return
         with self._sub_lock:
+            self._published = max(self._published, max(event.seq for event in events))
             subscribers = list(self._subscribers)
         for sub in subscribers:
             for event in events:
                 sub.put(event)
 
     def stream_events(self, conn: socket.socket, msg_id: Any, params: dict) -> None:
-        """Turn this connection into an event stream: backlog after `since`, then live events."""
+        """Turn this connection into an event stream: backlog after `since`, then live events.
+
+        A client that stops reading costs bmid at most SUBSCRIBER_QUEUE
+        events (then its stream catches up from the store) and its thread
+        for SEND_TIMEOUT (then it is dropped).
+        """
         since = params.get("since")
         if since is not None and (isinstance(since, bool) or not isinstance(since, int)):
             p.send(conn, p.error_from(msg_id, InvalidArgument("subscribe: since must be an event number")))
             return
-        sub: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        sub = _Subscriber()
         with self._sub_lock:
             full = len(self._subscribers) >= SUBSCRIBERS_MAX
             if not full:
                 self._subscribers.add(sub)
+            published = self._published
         if full:
             p.send(conn, p.error_from(msg_id, ResourceError(
                 f"subscribe: bmid streams events to {SUBSCRIBERS_MAX} subscribers at most; close one first")))
             return
+        conn.settimeout(SEND_TIMEOUT)
         try:
-            last = self.store.last_event() if since is None else since
+            # "from now" is the newest event published: one stored but not yet durable comes live
+            last = published if since is None else since
             p.send(conn, p.result(msg_id, {"last": last}))
+            behind = since is not None
             while not self._stopping.is_set():
-                backlog = self.store.events_since(last) if since is not None else []
-                since = None
-                for event in backlog:
-                    self._send_event(conn, event)
-                    last = event.seq
+                if behind or sub.behind:
+                    sub.behind = False      # (before reading the store: what is published meanwhile is queued)
+                    last = self._catch_up(conn, last)
+                    behind = False
                 try:
-                    event = sub.get(timeout=EVENT_POLL)
+                    event = sub.events.get(timeout=EVENT_POLL)
                 except queue.Empty:
                     if _peer_gone(conn):
                         return
@@ -649,11 +661,24 @@ class Daemon:
                 if event.seq > last:
                     self._send_event(conn, event)
                     last = event.seq
-        except OSError:
+        except OSError:         # the client went, or left its socket full for SEND_TIMEOUT
             return
         finally:
             with self._sub_lock:
                 self._subscribers.discard(sub)
+
+    def _catch_up(self, conn: socket.socket, last: int) -> int:
+        """Send the stored events after `last`, up to the newest published (later ones are not durable yet: they
+        come live), in batches; the seq of the last one sent."""
+        while True:
+            with self._sub_lock:
+                upto = self._published
+            backlog = [event for event in self.store.events_since(last) if event.seq <= upto]
+            for event in backlog:
+                self._send_event(conn, event)
+                last = event.seq
+            if not backlog or last >= upto:
+                return last
 
     @staticmethod
     def _send_event(conn: socket.socket, event: Event) -> None:
@@ -802,6 +827,23 @@ def _refuse_fresh_state_beside_leftovers(state_dir: str, earlier: list[int]) -> 
                      f"earlier bmid remain ({'; '.join(found)}); restore the database from a backup, or end those "
                      f"PDs first (kill the processes in those cgroups and remove the cgroups, and stop the keeper "
                      f"process `python -m bmi.server.keeper {sock}`)")
+
+
+class _Subscriber:
+    """One event stream's live events, at most SUBSCRIBER_QUEUE of them: past that it is `behind`, and its thread
+    reads what it missed from the store (events were queued without bound for a client that stopped reading)."""
+
+    __slots__ = ("events", "behind")
+
+    def __init__(self) -> None:
+        self.events: queue.Queue[Event] = queue.Queue(SUBSCRIBER_QUEUE)
+        self.behind = False
+
+    def put(self, event: Event) -> None:
+        try:
+            self.events.put_nowait(event)
+        except queue.Full:
+            self.behind = True
 
 
 @dataclass
