@@ -83,8 +83,15 @@ def _fail(error: BaseException, as_json: bool, status: int) -> int:
     else:
         if isinstance(error, UsageError):
             print(error.usage.rstrip(), file=sys.stderr)
-        print(f"bmi: {_error_type(error)}: {message}", file=sys.stderr, flush=True)
+        print(f"bmi: {_error_type(error)}: {_one_line(message)}", file=sys.stderr, flush=True)
     return status
+
+
+def _one_line(text: str) -> str:
+    """A message as one line of plain text: a newline, an ESC or a bidi control in it, escaped.  Messages carry
+    words from outside (a remote host's ssh stderr, a PD's values): they must not forge lines of output nor
+    drive the admin's terminal.  (--json keeps the text as it is: JSON escapes controls itself.)"""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -157,9 +157,9 @@ class Session:
 
     def stderr(self) -> str:
         """The last lines ssh (and the remote side) wrote on stderr, as one line."""
-        try:
-            self.errors.seek(0)
-            text = self.errors.read()[-2000:].decode(errors="replace")
+        try:           # its tail only: a host that writes gigabytes there must not fill this process's memory
+            self.errors.seek(max(0, self.errors.seek(0, os.SEEK_END) - 2000))
+            text = self.errors.read().decode(errors="replace")
         except (OSError, ValueError):
             return ""
         return "; ".join(line.strip() for line in text.splitlines() if line.strip())[-600:]

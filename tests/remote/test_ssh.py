@@ -293,6 +293,28 @@ def test_a_host_without_bmi_is_named(tmp_path):
         bare.close()
 
 
+def test_a_hostile_host_cannot_write_past_one_line_nor_drive_the_terminal(tmp_path):
+    """Its helper floods stderr, then writes a screen clear, a window title and a forged line, and fails: the error
+    is one line with those controls escaped, from the tail of what it wrote (not all of it read into memory)."""
+    from tests.remote.sshd import require_sshd
+    require_sshd()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    helper = bin_dir / "bmi-remote-helper"
+    helper.write_text("#!/bin/sh\nhead -c 20000000 /dev/zero | tr '\\0' x >&2\n"
+                      "printf '\\nboom\\033[2J\\033]0;pwned\\007\\nbmi: PermissionDenied: forged\\n' >&2\nexit 1\n")
+    helper.chmod(0o755)
+    hostile = Sshd(str(tmp_path), path=f"{bin_dir}:/usr/bin:/bin").start()
+    try:
+        failed = _cli("--uri", hostile.uri(socket="/run/bmi/bmid.sock"), "list")
+    finally:
+        hostile.close()
+    assert failed.returncode == 1 and failed.stderr.count("\n") == 1, failed.stderr[-500:]
+    assert failed.stderr.startswith("bmi: DriverUnavailable: ") and "boom" in failed.stderr
+    assert "\x1b" not in failed.stderr and "\x07" not in failed.stderr, failed.stderr[-300:]
+    assert "\\x1b[2J" in failed.stderr
+
+
 def test_a_silent_host_times_out_at_connect(tmp_path):
     """Something accepts the TCP connection and never speaks: ?timeout= bounds the wait."""
     listener = socket.socket()
