@@ -8,13 +8,16 @@ is heard.  Real swtpm, real TLS, real sockets on loopback.
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -200,9 +203,6 @@ sys.stdin.readline()
 def test_out_of_fds_the_agent_waits_instead_of_spinning(tmp_path):
     """accept() failing with EMFILE leaves the connection queued and the socket readable: the serving loop went
     round at once, a CPU at 100% for as long as the flood lasted."""
-    import os
-    import subprocess
-    import sys
     key, cert = _certificate("agent")
     (tmp_path / "agent.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "agent.key").write_bytes(key.private_bytes(
