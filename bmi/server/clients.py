@@ -57,6 +57,7 @@ TAKE_MORE = 4                   # rounds of requests that came meanwhile a commi
 CLIENTS_MAX = 1024              # connections served at once (fewer under a low fd limit, see client_limit)
 ROOT_EXTRA = 0.25               # root may have this much more: a flood of the read group never locks root out
 REFUSAL_LOG = 10.0              # s between two log lines about refused connections
+SEND_TIMEOUT = 60.0             # s a client may leave its socket full (a reply, progress, events) before it is dropped
 _READABLE = select.EPOLLIN | select.EPOLLRDHUP
 
 
@@ -340,14 +341,18 @@ class ClientLoop:
             finally:
                 self._drop(client)
             return
-        reply, out = self._answer(client, request)
+        client.conn.settimeout(SEND_TIMEOUT)    # its progress records too: a client that does not read them
+        reply, out = self._answer(client, request)     # stops the start it asked for (see _progress_to)
         self._reply(client, reply, out, blocking=True)
 
     def _reply(self, client: Client, reply: dict, out: int | None, *, blocking: bool = False) -> None:
         """Send a reply (and the fd `out`, closed then); the client's next request may be read.  The loop never
         waits for a client: a reply that does not fit its socket now (a client that does not read, a reply of
-        several records) is sent from a thread of its own."""
+        several records) is sent from a thread of its own, which drops a client that leaves its socket full for
+        SEND_TIMEOUT (it waited for good, and held the reply and the thread)."""
         data, fds = p.encode(reply), (out,) if out is not None else ()
+        if blocking:
+            client.conn.settimeout(SEND_TIMEOUT)
         try:
             if len(data) > p.MAX_MESSAGE and not blocking:
                 raise BlockingIOError
@@ -367,6 +372,8 @@ class ClientLoop:
         if not sent:
             self._drop(client)
             return
+        if blocking:
+            client.conn.settimeout(None)        # the loop's again: it reads and sends without waiting
         with self._lock:
             client.in_hand = False
             if client.parked and self._clients.get(client.conn.fileno()) is client:

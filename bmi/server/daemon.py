@@ -68,7 +68,7 @@ from ..errors import BMIError, InvalidArgument, PermissionDenied, ResourceError
 from ..store import DB_FILE, RESERVE_BYTES, Commit, Event, StateError, Store, private_dir, state_failure
 from ..system import LINUX_URI, default_socket
 from ..types import PDStatus
-from .clients import ClientLoop
+from .clients import SEND_TIMEOUT, ClientLoop
 from .connections import KeptConnections
 from .failstop import stop_unstored
 from .inflight import Ledger, Pending
@@ -86,7 +86,6 @@ ACCEPT_BACKOFF = 0.1            # s serve_forever waits when accept() is short o
 ACCEPT_BACKOFF_LOG = 10.0       # s between two log lines about it
 SUBSCRIBERS_MAX = 128           # event streams at once (a thread each, woken every EVENT_POLL s)
 SUBSCRIBER_QUEUE = 1000         # live events held for one stream; past that it reads them from the store
-SEND_TIMEOUT = 60.0             # s an event stream's client may leave its socket full before bmid drops it
 _SHORT_OF = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 TEST_PAUSE = "BMID_TEST_PAUSE"  # tests only: e.g. "commit:destroy exit" stops bmid there (see test_pause)
 _PAUSES = frozenset(os.environ.get(TEST_PAUSE, "").split())     # read once: test_pause runs on every change

@@ -342,3 +342,31 @@ def test_event_streams_are_capped_and_a_closed_one_frees_its_place(daemon):
     finally:
         for s in streams:
             s.close()
+
+
+def test_a_client_that_leaves_its_socket_full_is_dropped_and_frees_its_thread(daemon):
+    """Replies a thread sends (here read_console's, 32 KiB of hex each) and event streams waited for good in
+    send() for a client that never reads: a thread of bmid and what it was sending, held for as long as the
+    client kept its connection.  Past SEND_TIMEOUT such a client is dropped (its thread ends with it)."""
+    from bmi.server.clients import SEND_TIMEOUT
+
+    with daemon.open() as mgr:
+        pd = _run(mgr, "yes hello | head -c 100000")
+        pd.wait(10)
+        hog, watcher = _connect(daemon), _connect(daemon)
+        try:
+            for n in range(40):                 # 1.3 MB of replies: far more than its socket holds
+                _ask(hog, n, "read_console", pd=pd.get_pd_id())
+            _ask(watcher, 1, "subscribe")
+            for _ in range(150):                # 300 events: more than the watcher's socket holds
+                mgr.allocate_pd(bmi.PDDescription(mem=16 << 20)).destroy()
+            time.sleep(SEND_TIMEOUT + 10)
+            for sock in (hog, watcher):         # what its socket held, then the end bmid closed (a reset
+                sock.settimeout(5)              # when bmid had requests of it unread); before, reading
+                with contextlib.suppress(ConnectionResetError):     # let bmid send on, and then it waited
+                    while sock.recv(p.MAX_MESSAGE + 1):
+                        pass
+            assert pd.get_current_status() is bmi.PDStatus.SHUTDOWN      # bmid serves on
+        finally:
+            hog.close()
+            watcher.close()
