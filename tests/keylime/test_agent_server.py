@@ -41,16 +41,21 @@ def _certificate(name: str, issuer: tuple | None = None) -> tuple:
     return key, builder.sign(issuer[0] if issuer else key, hashes.SHA256())
 
 
+def _files(tmp_path, name: str, pair: tuple) -> tuple[str, str]:
+    """A (key, certificate) pair written as PEM files: (certificate file, key file)."""
+    key, cert = pair
+    (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / f"{name}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key")
+
+
 def _client_context(tmp_path, name: str, ca: tuple | None) -> ssl.SSLContext:
     """A verifier's TLS context: a certificate of `ca` (None: no certificate at all)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     if ca is not None:
-        key, cert = _certificate(name, ca)
-        (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (tmp_path / f"{name}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        context.load_cert_chain(tmp_path / f"{name}.pem", tmp_path / f"{name}.key")
+        context.load_cert_chain(*_files(tmp_path, name, _certificate(name, ca)))
     return context
 
 
@@ -203,12 +208,8 @@ sys.stdin.readline()
 def test_out_of_fds_the_agent_waits_instead_of_spinning(tmp_path):
     """accept() failing with EMFILE leaves the connection queued and the socket readable: the serving loop went
     round at once, a CPU at 100% for as long as the flood lasted."""
-    key, cert = _certificate("agent")
-    (tmp_path / "agent.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "agent.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    proc = subprocess.Popen([sys.executable, "-c", _SHORT_OF_FDS, str(tmp_path / "agent.pem"),
-                             str(tmp_path / "agent.key")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _SHORT_OF_FDS, *_files(tmp_path, "agent", _certificate("agent"))],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     flood = []
     try:
         port = int(proc.stdout.readline())
