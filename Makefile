@@ -1,19 +1,24 @@
 # bmi: two commands do everything on a fresh Debian 12 machine (as root):
 #   make demo   - install what is missing, build, and show a measured PD run
 #   make test   - the same set-up, then the whole test suite
-PYTHON ?= python3
+# Debian's python3: the interpreter the python3-venv and python3-dev installed
+# below are for.  A python3 found first on PATH (pyenv, a local build) is one
+# this Makefile did not install, and was 18% slower on bmid's hot path here
+# (no PGO/LTO).  PYTHON=... picks another; the venv is made again for it.
+PYTHON ?= /usr/bin/python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 DEB_PACKAGES := gcc libc6-dev make pkg-config python3-venv python3-dev libssl-dev \
 	libtss2-dev swtpm swtpm-tools tpm2-tools busybox-static cpio bubblewrap openssl \
 	libxen-dev procps uidmap valgrind iproute2 openssh-client openssh-server
 STAMP  := $(VENV)/.installed
+VENV_PYTHON := $(VENV)/.python
 # libbmi (bmi/embed): the C library; bmi.pc goes where pkg-config looks (a
 # non-root user's into the venv, named by PKG_CONFIG_PATH for the demo).
 LIBBMI := bmi/embed/libbmi.python
 PKGCONFIG_DIR ?= $(if $(filter 0,$(shell id -u)),/usr/local/lib/pkgconfig,$(CURDIR)/$(VENV)/pkgconfig)
 
-.PHONY: all deps venv libbmi install-pc demo test bench clean
+.PHONY: all deps venv libbmi install-pc demo test bench clean FORCE
 
 all: venv
 
@@ -34,7 +39,14 @@ deps:
 			systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true; fi; \
 	fi
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*/*.c csrc/*/*.h bmi/_build/*.py) | deps
+# Which python made the venv: another one (PYTHON changed, or a venv older than
+# this file) has it made again, with everything in it.
+$(VENV_PYTHON): FORCE
+	@if [ "$$(cat $@ 2>/dev/null)" != "$(PYTHON)" ]; then \
+		if [ -e $(VENV) ]; then echo "making $(VENV) again with $(PYTHON)"; rm -rf $(VENV); fi; \
+		mkdir -p $(VENV) && echo "$(PYTHON)" > $@; fi
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*/*.c csrc/*/*.h bmi/_build/*.py) $(VENV_PYTHON) | deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=77"
 	$(PY) -m pip install -q -e '.[test]'
