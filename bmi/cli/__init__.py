@@ -13,14 +13,14 @@ import json
 import os
 import signal
 import sys
-from typing import Sequence
+from typing import Any, Sequence, TextIO
 from urllib.parse import urlsplit
 
 from .. import __version__, errors
 from ..drivers import DRIVERS
 from ..uri import is_session, resolve as resolve_uri
 from . import device, integrity, keylime, manage, run
-from .common import UsageError, _Parser
+from .common import UsageError, _Parser, printable
 
 __all__ = ["main", "program", "build_parser"]
 
@@ -91,7 +91,25 @@ def _one_line(text: str) -> str:
     """A message as one line of plain text: a newline, an ESC or a bidi control in it, escaped.  Messages carry
     words from outside (a remote host's ssh stderr, a PD's values): they must not forge lines of output nor
     drive the admin's terminal.  (--json keeps the text as it is: JSON escapes controls itself.)"""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return printable(text, keep="")
+
+
+class _PrintableStdout:
+    """sys.stdout while a command runs: its text goes out with every control and format character but newline
+    and tab escaped.  What commands print comes from outside too -- a config value or /owner a PD gave its
+    child, an exit reason, the event names of a report being verified, anything a remote bmid answers -- and
+    an ESC, a CR or a bidi override in it would drive the admin's terminal or make the output lie.  The PD's
+    own output (`bmi run`, `bmi console`) goes to .buffer as bytes, as the PD wrote it, as in any console."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(printable(text, keep="\n\t"))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -106,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run one command, and turn every failure into a message and an exit status (never a traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     as_json = _wants_json(argv)
+    stdout, sys.stdout = sys.stdout, _PrintableStdout(sys.stdout)    # type: ignore[assignment]
     try:
         return _run(build_parser().parse_args(argv))
     except KeyboardInterrupt:
@@ -122,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _fail(RuntimeError(f"internal error: {type(e).__name__}: {e} (BMI_DEBUG=1 shows where)"),
                      as_json, EXIT_FAILED)
+    finally:
+        sys.stdout = stdout
 
 
 def _silence_stdout() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import InvalidArgument
 from ..files import MAX_DOCUMENT, read_bytes, read_text, sha256_of
 from ..types import ConnectionIntegrityPolicy, ConnectionType, IntegrityPolicy
+from .common import printable
 
 POLICY_HELP = """\
 POLICY.json:
@@ -138,7 +139,7 @@ def cmd_eventlog(args: argparse.Namespace) -> int:
         for r in records:
             b = r["bmi"]
             pcr = "-" if r["pcr"] is None else r["pcr"]
-            print(f"{r['recnum']:>4} pcr {pcr:>2} {b['event']:<3} {b['measurement']} {b['name']}")
+            print(f"{r['recnum']:>4} pcr {pcr:>2} {b['event']:<3} {b['measurement']} {printable(str(b['name']))}")
     return 0
 
 

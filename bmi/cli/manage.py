@@ -24,7 +24,7 @@ from ..types import PDStatus
 from ..uri import open as bmi_open
 from .integrity import _pinned_key
 from .common import (NAME_PARAM, add_pd_options, connection_rows, describe, held_interrupts,
-                     prepare_pd, resolve, start_pd)
+                     prepare_pd, printable, resolve, start_pd)
 
 STATUS_VERBS = {"start": PDStatus.RUNNING, "pause": PDStatus.PAUSED, "resume": PDStatus.RUNNING,
                 "shutdown": PDStatus.SHUTDOWN, "restart": PDStatus.RESTARTING, "destroy": PDStatus.DESTROYED}
@@ -48,8 +48,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'ID':>5}  {'NAME':<16} {'STATUS':<10} {'SHA256':<16}" + ("  OWNER" if args.owner else ""))
     for r in rows:
-        owner = (f"  {r['owner'] or '-'}" + (" (gone)" if r["owner_gone"] else "")) if args.owner else ""
-        print(f"{r['pd']:>5}  {r.get('name', ''):<16} {r['status']:<10} {r.get('sha256', '')[:16]:<16}{owner}")
+        owner = (f"  {printable(r['owner']) or '-'}" + (" (gone)" if r["owner_gone"] else "")) if args.owner else ""
+        print(f"{r['pd']:>5}  {printable(r.get('name', '')):<16} {r['status']:<10} {r.get('sha256', '')[:16]:<16}{owner}")
     return 0
 
 
@@ -147,7 +147,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     rows += [("", f"{c['conn']} {c['direction']} PD {c['peer']} {c['type']} {c['mode']}"
                   f"{' pending' if c['pending'] else ''}") for c in info["connections"]]
     for key, value in rows:
-        print(f"{key + ':' if key else '':<20} {value}")
+        print(f"{key + ':' if key else '':<20} {printable(str(value))}")
     return 0
 
 
@@ -264,8 +264,8 @@ def cmd_events(args: argparse.Namespace) -> int:
             for event in stream:
                 row = {"seq": event.seq, "time": event.time, "pd": event.pd_id, "name": event.name,
                        "status": event.status.name, "reason": event.reason}
-                _out(args, row, f"{event.seq:>6}  PD {event.pd_id:<5} {event.name or '-':<12} "
-                                f"{event.status.name:<10} {event.reason}")
+                _out(args, row, f"{event.seq:>6}  PD {event.pd_id:<5} {printable(event.name) or '-':<12} "
+                                f"{event.status.name:<10} {printable(event.reason)}")
                 sys.stdout.flush()
     return 0
 

@@ -13,8 +13,8 @@ from ..clientlib import pd_client_dir
 from ..errors import NotSupported
 from ..types import ConnectionPolicy, ConnectionType, PDStatus
 from ..uri import open as bmi_open
-from .common import (add_pd_options, connection_rows, held_interrupts, parse_hex, prepare_pd, progress, resolve,
-                     start_pd)
+from .common import (add_pd_options, connection_rows, held_interrupts, parse_hex, prepare_pd, printable, progress,
+                     resolve, start_pd)
 
 EPILOG_RUN = """\
 examples:
@@ -39,7 +39,7 @@ def _print(data: dict[str, Any], as_json: bool) -> None:
             flat[key] = value
     width = max(len(k) for k in flat)
     for key, value in flat.items():
-        print(f"{key:<{width}}  {value}")
+        print(f"{key:<{width}}  {printable(str(value))}")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(summary, sort_keys=True))
         else:
-            print(f"bmi: PD {pid} {status.name}: {reason}", file=sys.stderr)
+            print(f"bmi: PD {pid} {status.name}: {printable(str(reason))}", file=sys.stderr)
         return _exit_code(status, exit_status, reason)
 
 

@@ -1,6 +1,7 @@
 """`bmi` as an unprivileged host user, and on a terminal (progress bars on stderr, off with --quiet)."""
 from __future__ import annotations
 
+import json
 import os
 import pty
 import shutil
@@ -12,7 +13,7 @@ import time
 import pytest
 
 import bmi
-from tests.cli.conftest import BMI
+from tests.cli.conftest import BMI, bmi_command
 from tests.helpers import busybox_path
 from tests.images import newc
 
@@ -141,3 +142,30 @@ def test_create_shows_its_upload_and_bundle_its_archive(daemon, big_image, tmp_p
     assert status == 0 and "measuring" not in seen and "%" not in seen, seen
     status, seen = on_a_terminal("bundle", "-q", "/bin/sh", "-o", str(tmp_path / "sh.cpio"))
     assert status == 0 and "bundling" not in seen and "%" not in seen, seen
+
+
+HOSTILE = "ok\x1b]0;owned\x07\x1b[2J\r\u202eevil\nforged line"
+
+
+def test_text_from_outside_cannot_drive_the_admins_terminal(daemon):
+    """A value a PD (or a remote bmid) chose -- here a child's /owner and a config value holding an OSC title,
+    a screen clear, a CR, a bidi override and a newline -- reaches `bmi list --owner`, `bmi config get` and
+    `bmi show` with every control escaped, and in a table cell on its own line; --json keeps it exact."""
+    with daemon.open() as mgr:
+        pd = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
+        pd.set_config_param("/owner", HOSTILE)
+        pd.set_config_param("/note", HOSTILE)
+        pid = str(pd.get_pd_id())
+    outputs = {args: bmi_command(*args, uri=daemon.uri) for args in
+               (("list", "--owner"), ("config", "get", pid, "/note"), ("show", pid))}
+    for args, done in outputs.items():
+        assert done.returncode == 0, (args, done.stderr)
+        for char in ("\x1b", "\x07", "\r", "\u202e"):
+            assert char not in done.stdout, (args, done.stdout)
+    listed = [line for line in outputs["list", "--owner"].stdout.splitlines() if line.split()[0] == pid]
+    assert len(listed) == 1 and "\\x1b]0;owned\\x07" in listed[0] and "\\nforged line" in listed[0], listed
+    assert "forged line" not in outputs["list", "--owner"].stdout.replace("\\nforged line", "")
+    got = outputs["config", "get", pid, "/note"].stdout
+    assert got == "ok\\x1b]0;owned\\x07\\x1b[2J\\r\\u202eevil\nforged line\n", repr(got)
+    exact = bmi_command("config", "get", pid, "/note", "--json", uri=daemon.uri)
+    assert json.loads(exact.stdout)["value"] == HOSTILE
