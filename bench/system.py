@@ -41,7 +41,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bmi  # noqa: E402
-from bench.floor import BareCommit, round_trip_us  # noqa: E402
+from bench.floor import BareCommit, GroupCommitFloor, round_trip_us  # noqa: E402
 from bench.host import cgroups_line  # noqa: E402
 from tests.server.bmid import Bmid  # noqa: E402
 
@@ -155,18 +155,31 @@ def changers(daemon: Bmid, mgr, clients: int, changes: int) -> Run:
 
 
 def group_commit_rounds(daemon: Bmid, mgr, clients: int, changes: int, rounds: int) -> str:
-    """`rounds` pairs of runs, 1 client then `clients`, alternating (a shared machine's load drifts): the report
-    of the pair whose ratio is the median, then the medians and ranges of all."""
-    pairs = [(changers(daemon, mgr, 1, changes), changers(daemon, mgr, clients, changes)) for _ in range(rounds)]
-    pairs.sort(key=lambda pair: pair[1].seconds / pair[0].seconds)
-    one, many = pairs[len(pairs) // 2]
+    """`rounds` pairs of runs, 1 client then `clients`, alternating (a shared machine's load drifts) with the
+    same pair on the least group-commit server (bench/floor.py) on the same filesystem: the report of the pair
+    whose ratio is the median, then the medians and ranges of all, and the least server's beside them."""
+    floor = GroupCommitFloor(daemon.state_dir)
+    try:
+        pairs, floors = [], []
+        for _ in range(rounds):
+            floors.append((floor.seconds(1, changes), floor.seconds(clients, changes)))
+            pairs.append((changers(daemon, mgr, 1, changes), changers(daemon, mgr, clients, changes)))
+    finally:
+        floor.close()
+    ordered = sorted(pairs, key=lambda pair: pair[1].seconds / pair[0].seconds)
+    one, many = ordered[len(ordered) // 2]
     report = group_commit_report(one, many, clients, changes)
-    if rounds > 1:
-        def spread(values: list[float], unit: str) -> str:
-            return f"{statistics.median(values):.2f}{unit} ({min(values):.2f}-{max(values):.2f})"
-        report += (f"\n  over {rounds} rounds, median (range): 1 client {spread([a.seconds for a, _ in pairs], ' s')}, "
-                   f"{clients} clients {spread([b.seconds for _, b in pairs], ' s')}, "
-                   f"ratio {spread([b.seconds / a.seconds for a, b in pairs], 'x')}")
+
+    def spread(values: list[float], unit: str) -> str:
+        return f"{statistics.median(values):.2f}{unit} ({min(values):.2f}-{max(values):.2f})"
+    report += (f"\n  over {rounds} rounds, median (range): 1 client {spread([a.seconds for a, _ in pairs], ' s')}, "
+               f"{clients} clients {spread([b.seconds for _, b in pairs], ' s')}, "
+               f"ratio {spread([b.seconds / a.seconds for a, b in pairs], 'x')}\n"
+               f"  the least group-commit server in the same rounds (bench/floor.py: JSON, one fdatasync a round, "
+               f"nothing else): 1 client {spread([a for a, _ in floors], ' s')}, {clients} clients "
+               f"{spread([b for _, b in floors], ' s')}, ratio {spread([b / a for a, b in floors], 'x')}; "
+               f"bmid's time / its: 1 client {spread([p[0].seconds / f[0] for p, f in zip(pairs, floors)], 'x')}, "
+               f"{clients} clients {spread([p[1].seconds / f[1] for p, f in zip(pairs, floors)], 'x')}")
     return report
 
 
