@@ -12,13 +12,15 @@ each in < 50 ms (read from bmid's status board; the same done with one
 request per PD is printed next to it).
 
 Every per-call figure is printed beside the floors of bench/floor.py,
-measured in the same run: a JSON-RPC round trip between two Python
-processes, and a bare synchronous=FULL SQLite commit in the state's
-directory (goals: reads <= 2x the round trip, changes <= 3x it plus one
-commit).  Then group commit: CLIENTS client processes, each on a PD of its
-own, each doing --changes set_priority calls, against one client doing the
-same (goal: <= 2x the time), --rounds pairs alternating (the pair with the
-median ratio is shown, then medians and ranges), what the rest of the
+measured between its own calls (one of each after each call): a JSON-RPC
+round trip between two Python processes, and a bare synchronous=FULL
+SQLite commit in the state's directory (goals: reads <= 2x the round trip,
+changes <= 3x it plus one commit).  Then group commit: CLIENTS client
+processes, each on a PD of its own, each doing --changes set_priority
+calls, against one client doing the same (goal: <= 2x the time), --rounds
+pairs alternating (the pair with the median ratio is shown, then medians
+and ranges, and the same pairs on the least group-commit server of
+bench/floor.py, which no server can beat), what the rest of the
 machine used meanwhile, and beside that ratio the least one the CPU
 allows: what bmid and the clients spent in that run (bmid from /proc, the
 clients from getrusage) spread over the machine's cores, or the time bmid's
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bmi  # noqa: E402
-from bench.floor import BareCommit, GroupCommitFloor, round_trip_us  # noqa: E402
+from bench.floor import BareCommit, Echo, GroupCommitFloor, echo_ns  # noqa: E402
 from bench.host import cgroups_line  # noqa: E402
 from tests.server.bmid import Bmid  # noqa: E402
 
@@ -205,11 +207,13 @@ def group_commit_report(one: Run, many: Run, clients: int, changes: int) -> str:
             f"/ 1 client's {one.seconds:.2f} s)")
 
 
-def per_call(mgr, calls: int, bare: BareCommit | None = None) -> dict[str, float]:
+def per_call(mgr, calls: int, bare: BareCommit | None = None, echo: Echo | None = None) -> dict[str, float]:
     """Median microseconds of a read, a parameter read, and a stored change (set_priority).
 
     With `bare`: a bare commit after each call too, its median as "commit" (a disk's fsync time drifts: this
-    measures it while the calls run)."""
+    measures it while the calls run).  With `echo`: a floor round trip after each call too, its median beside
+    the call's as "<name> floor" (this VM's figures drift 2-5x between minutes: a floor measured before the
+    calls is not theirs)."""
     pd = mgr.allocate_pd(bmi.PDDescription(mem=16 << 20))
     out = {}
     priorities = itertools.cycle((1, 2))    # a new value each time: a change to store (the same one is not)
@@ -221,14 +225,18 @@ def per_call(mgr, calls: int, bare: BareCommit | None = None) -> dict[str, float
                          lambda: mgr._channel.value("get_current_status", pd=pd.get_pd_id())))
     commits = []
     for name, fn in todo:
-        times = []
-        for _ in range(calls):
+        times, floors = [], []
+        for i in range(calls):
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
             if bare is not None and name.startswith("set_"):
                 commits.append(bare.once_ns() / 1e9)
+            if echo is not None:
+                floors.append(echo_ns(echo.sock, i) / 1e9)
         out[name] = statistics.median(times) * 1e6
+        if floors:
+            out[name + " floor"] = statistics.median(floors) * 1e6
     if commits:
         out["commit"] = statistics.median(commits) * 1e6
     pd.destroy()
@@ -323,14 +331,20 @@ def main() -> None:
                     s_ms, y_ms = setup_pair(session, system, args.image_mib, tmp)
                     print(f"setup_pd {args.image_mib} MiB FileImage: session {s_ms:.0f} ms, system {y_ms:.0f} ms, "
                           f"ratio {y_ms / s_ms:.2f}x  (goal <= 1.25x)")
-                floor, bare = round_trip_us(args.calls), BareCommit(daemon.state_dir)
-                a, b = per_call(session, args.calls), per_call(system, args.calls, bare)
-                bare.close()
+                bare, echo = BareCommit(daemon.state_dir), Echo()
+                try:
+                    a, b = per_call(session, args.calls), per_call(system, args.calls, bare, echo)
+                finally:
+                    bare.close()
+                    echo.close()
                 commit = b.pop("commit")
-                print(f"floors: JSON-RPC round trip {floor:.1f} us, synchronous=FULL commit {commit:.1f} us "
+                floors = {name: b.pop(name + " floor") for name in list(b) if name + " floor" in b}
+                print(f"floors: JSON-RPC round trip {statistics.median(floors.values()):.1f} us (median; each call "
+                      f"is held to the round trips made between its own), synchronous=FULL commit {commit:.1f} us "
                       f"(one after each set_priority, same filesystem)")
                 print(f"per call (median of {args.calls}, us)      session    system   ratio  floor  goal")
                 for name in b:
+                    floor = floors[name]
                     change = name.startswith("set_")
                     goal = f"{(3 * floor + commit) / floor:5.1f}x ((3 x floor + commit) / floor)" if change \
                         else "  2.0x"

@@ -45,6 +45,30 @@ def test_every_readable_parameter_reads_as_text_and_every_other_refuses(pd):
     assert "/capability/isolation/proc-mem" in {c.name for c in leaves}
 
 
+@pytest.mark.session_only
+def test_a_parameter_every_pd_has_is_the_whole_trees_own_when_made_alone(mgr):
+    """A get or set of a parameter every PD has makes that leaf alone (api._PD_PARAMS, for speed): it must read,
+    write and list as the whole tree's does, and no driver parameter nor later entry may stand in its place."""
+    from bmi import api
+    from bmi.params import Leaf, read
+    pd = mgr.allocate_pd(bmi.PDDescription(mem=64 << 20, cpu=1, performance=50))
+    pd.set_config_param("/net/eth0", "veth:none")
+    whole = pd._tree().leaves
+    record = mgr._pds[pd.get_pd_id()]
+    assert not set(api._PD_PARAMS) & set(mgr._driver.extra_params(record.handle, record.config))
+    for path in api._PD_PARAMS:
+        alone = pd._tree(path).leaves
+        assert list(alone) == [path] and path in whole, path
+        assert type(alone[path]) is type(whole[path]), path
+        if isinstance(whole[path], Leaf):
+            assert (alone[path].get is None, alone[path].set is None) == \
+                (whole[path].get is None, whole[path].set is None), path
+        assert pd.get_runtime_param(path) == read(whole[path]), path
+    pd.set_runtime_param("/system/cpu/performance", "30")
+    assert read(pd._tree().leaves["/system/cpu/performance"]) == "30"
+    assert pd.get_runtime_param("/interfaces/network") == "eth0 veth:none"
+
+
 def test_required_parameters_exist_with_values(pd):
     assert pd.get_runtime_param("/system/memory/max") == str(64 << 20)
     assert pd.get_runtime_param("/system/memory/current") == str(64 << 20)
