@@ -20,7 +20,8 @@ from .. import __version__, errors
 from ..drivers import DRIVERS
 from ..uri import is_session, resolve as resolve_uri
 from . import device, integrity, keylime, manage, run
-from .common import UsageError, _Parser, printable
+from ..text import printable
+from .common import UsageError, _Parser
 
 __all__ = ["main", "program", "build_parser"]
 

@@ -20,17 +20,6 @@ PROGRESS_THRESHOLD = 64 * 1024 * 1024
 NAME_PARAM = "/name"
 
 
-def printable(text: str, keep: str = "") -> str:
-    """text with every character that is not printable (controls, ESC, CR, bidi overrides) but those in `keep`
-    written as its Python escape (ESC -> \\x1b): text from outside shown as it is, unable to drive a terminal."""
-    plain = text
-    for char in keep:
-        plain = plain.replace(char, "")
-    if plain.isprintable():         # (the usual case, at C speed)
-        return text
-    return "".join(c if c.isprintable() or c in keep else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
 class UsageError(errors.InvalidArgument):
     """The command line itself is wrong: exit status 2, like argparse's own errors."""
 

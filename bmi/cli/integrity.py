@@ -14,8 +14,8 @@ from typing import Any
 
 from ..errors import InvalidArgument
 from ..files import MAX_DOCUMENT, read_bytes, read_text, sha256_of
+from ..text import printable
 from ..types import ConnectionIntegrityPolicy, ConnectionType, IntegrityPolicy
-from .common import printable
 
 POLICY_HELP = """\
 POLICY.json:

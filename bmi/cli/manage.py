@@ -20,11 +20,12 @@ from typing import Any
 
 from ..errors import InvalidArgument, NotSupported
 from ..params import normalize
+from ..text import printable
 from ..types import PDStatus
 from ..uri import open as bmi_open
 from .integrity import _pinned_key
 from .common import (NAME_PARAM, add_pd_options, connection_rows, describe, held_interrupts,
-                     prepare_pd, printable, resolve, start_pd)
+                     prepare_pd, resolve, start_pd)
 
 STATUS_VERBS = {"start": PDStatus.RUNNING, "pause": PDStatus.PAUSED, "resume": PDStatus.RUNNING,
                 "shutdown": PDStatus.SHUTDOWN, "restart": PDStatus.RESTARTING, "destroy": PDStatus.DESTROYED}

@@ -11,10 +11,11 @@ from typing import Any, Callable
 
 from ..clientlib import pd_client_dir
 from ..errors import NotSupported
+from ..text import printable
 from ..types import ConnectionPolicy, ConnectionType, PDStatus
 from ..uri import open as bmi_open
-from .common import (add_pd_options, connection_rows, held_interrupts, parse_hex, prepare_pd, printable, progress,
-                     resolve, start_pd)
+from .common import (add_pd_options, connection_rows, held_interrupts, parse_hex, prepare_pd, progress, resolve,
+                     start_pd)
 
 EPILOG_RUN = """\
 examples:

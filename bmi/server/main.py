@@ -13,6 +13,7 @@ from ..errors import BMIError
 from ..store import DEFAULT_STATE_DIR, StateError
 from ..drivers import BMIDS
 from ..system import LINUX_URI, default_socket
+from ..text import printable
 from .daemon import Daemon
 
 EXIT_STATE = 78     # EX_CONFIG: the state cannot be used until the operator acts (the message says how)
@@ -42,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="bmid: %(levelname)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineFormatter("bmid: %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     if os.geteuid() != 0:
         print("bmid: must run as root (it creates namespaces and cgroups for other users' PDs)", file=sys.stderr)
         return 1
@@ -87,6 +89,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     daemon.ledger.close()
     daemon.board.close()
     os._exit(0)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Each record one line of printable text, a traceback included.  Messages carry words from outside (a
+    client's request id, a Keylime peer's path, a registrar's reply, a state path) and bmid's stderr is its
+    journal, read a line at a time: a newline in them would forge a record of bmid's, an ESC drive the terminal
+    of whoever reads it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def _one_line(e: BaseException) -> str:

@@ -347,3 +347,26 @@ def test_a_kept_image_that_lost_its_measurement_is_dropped_not_fatal(daemon):
         assert mgr.get_controller(other.get_pd_id()).get_current_status() is bmi.PDStatus.READY
         pd.setup_pd(bmi.FileImage(busybox_path()))
         assert pd.get_current_status() is bmi.PDStatus.READY
+
+
+def test_bmids_log_is_one_line_of_printable_text_per_record(tmp_path):
+    """bmid's stderr is its journal, read a line at a time, and its records carry words from outside (here a
+    state path with a newline and a screen clear in it): each record stays one line, escaped, never two."""
+    require_root()
+    directory = tmp_path / "x\n\x1b[2J"
+    directory.mkdir()
+    d = Bmid(str(directory), socket_dir=str(tmp_path)).start()
+    try:
+        with d.open() as mgr:
+            assert mgr.list_pd() == [0]
+    finally:
+        d.proc.terminate()
+        d.proc.wait(timeout=30)
+        log = d.proc.stderr.read().decode()
+        d.proc.stderr.close()
+        d.proc = None
+    lines = log.splitlines()
+    assert lines and all(line.startswith("bmid: ") for line in lines), log
+    assert "\x1b" not in log
+    serving = [line for line in lines if line.startswith("bmid: INFO serving")]
+    assert len(serving) == 1 and "x\\n\\x1b[2J" in serving[0], log
