@@ -18,9 +18,9 @@ from urllib.parse import urlsplit
 
 from .. import __version__, errors
 from ..drivers import DRIVERS
+from ..text import printable
 from ..uri import is_session, resolve as resolve_uri
 from . import device, integrity, keylime, manage, run
-from ..text import printable
 from .common import UsageError, _Parser
 
 __all__ = ["main", "program", "build_parser"]
