@@ -343,7 +343,20 @@ class ClientLoop:
             return
         client.conn.settimeout(SEND_TIMEOUT)    # its progress records too: a client that does not read them
         reply, out = self._answer(client, request)     # stops the start it asked for (see _progress_to)
+        self._durable_before_reply()
         self._reply(client, reply, out, blocking=True)
+
+    def _durable_before_reply(self) -> None:
+        """A call in a thread may have read what another committed and has not synced yet -- `wait` returning
+        the exit the exit watcher is storing -- so its reply waits until every commit made so far is durable,
+        as the loop's replies do: no reply tells of a state the store could still lose, or that the status
+        board (updated once durable) does not show yet (a client saw CRASHED from wait, then RUNNING)."""
+        if self._store.durable() >= self._store.committed():
+            return
+        try:
+            self._store.sync()
+        except BMIError as e:
+            stop_unstored("a call's reply", e)
 
     def _reply(self, client: Client, reply: dict, out: int | None, *, blocking: bool = False) -> None:
         """Send a reply (and the fd `out`, closed then); the client's next request may be read.  The loop never

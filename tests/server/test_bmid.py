@@ -370,3 +370,22 @@ def test_bmids_log_is_one_line_of_printable_text_per_record(tmp_path):
     assert "\x1b" not in log
     serving = [line for line in lines if line.startswith("bmid: INFO serving")]
     assert len(serving) == 1 and "x\\n\\x1b[2J" in serving[0], log
+
+
+def test_the_status_wait_returned_is_the_boards_at_once(daemon):
+    """wait runs in a thread of bmid and read an exit the exit watcher had committed but not yet synced; its
+    reply went out before the sync that shows the exit on the status board, so get_current_status (the board)
+    still said RUNNING (about 7 in 1000 runs here).  A thread's reply now waits for what was committed."""
+    with daemon.open() as mgr:
+        wrong = []
+        for _ in range(300):
+            pd = mgr.allocate_pd(bmi.PDDescription(mem=32 << 20))
+            pd.setup_pd(bmi.FileImage(busybox_path()))
+            pd.set_config_param("/boot/cmdline", "busybox sh -c 'kill -SEGV $$'")
+            pd.request_status_change(bmi.PDStatus.RUNNING)
+            waited = pd.wait(20)
+            seen = pd.get_current_status()
+            if seen is not waited:
+                wrong.append((waited.name, seen.name))
+            pd.destroy()
+        assert not wrong, wrong
