@@ -92,7 +92,7 @@ def _one_line(text: str) -> str:
     """A message as one line of plain text: a newline, an ESC or a bidi control in it, escaped.  Messages carry
     words from outside (a remote host's ssh stderr, a PD's values): they must not forge lines of output nor
     drive the admin's terminal.  (--json keeps the text as it is: JSON escapes controls itself.)"""
-    return printable(text, keep="")
+    return printable(text)
 
 
 class _PrintableStdout:

@@ -356,7 +356,7 @@ class ClientLoop:
         try:
             self._store.sync()
         except BMIError as e:
-            stop_unstored("a call's reply", e)
+            stop_unstored("what a call's reply reports", e)
 
     def _reply(self, client: Client, reply: dict, out: int | None, *, blocking: bool = False) -> None:
         """Send a reply (and the fd `out`, closed then); the client's next request may be read.  The loop never

@@ -73,8 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_one_line(e), file=sys.stderr)
         return 1
     except Exception as e:          # never a traceback: one line saying what, where and what to do
-        print(f"bmid: start in {state_dir}: unexpected {type(e).__name__}: {e}; run `bmid -v` for details and "
-              f"report it", file=sys.stderr)
+        print(_one_line(f"bmid: start in {state_dir}: unexpected {type(e).__name__}: {e}; run `bmid -v` for "
+                        f"details and report it"), file=sys.stderr)
         logging.getLogger("bmi.bmid").debug("start failed", exc_info=True)
         return 1
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
@@ -101,9 +101,10 @@ class OneLineFormatter(logging.Formatter):
         return printable(super().format(record))
 
 
-def _one_line(e: BaseException) -> str:
-    """`bmid: <what> <where>: <why>; <what to do>` (messages from deeper down may already start with bmid:)."""
-    text = " ".join(str(e).split())
+def _one_line(e: BaseException | str) -> str:
+    """`bmid: <what> <where>: <why>; <what to do>` (messages from deeper down may already start with bmid:), as
+    one line of printable text: a state path or a driver's words in it cannot drive the admin's terminal."""
+    text = printable(" ".join(str(e).split()))
     return text if text.startswith("bmid: ") else f"bmid: {text}"
 
 

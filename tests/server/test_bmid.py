@@ -370,6 +370,11 @@ def test_bmids_log_is_one_line_of_printable_text_per_record(tmp_path):
     assert "\x1b" not in log
     serving = [line for line in lines if line.startswith("bmid: INFO serving")]
     assert len(serving) == 1 and "x\\n\\x1b[2J" in serving[0], log
+    unusable = tmp_path / "y\x1b[2J"         # a state "directory" that is a file: bmid refuses in one line
+    unusable.mkdir()
+    (unusable / "state").write_text("")
+    refusal = Bmid(str(unusable), socket_dir=str(tmp_path)).refused()
+    assert "\x1b" not in refusal and "y\\x1b[2J" in refusal, refusal
 
 
 def test_the_status_wait_returned_is_the_boards_at_once(daemon):
